@@ -1,0 +1,86 @@
+"""The attention seam: every self-attention call of a generation goes through a policy.
+
+At step k of next-scale prediction the queries are the n_k tokens of scale k and the keys and
+values are views of the static KV cache holding scales 0..k. A policy decides how to attend
+(dense, or a sparse plan) and may keep state across the scales of one generation; the pipeline
+calls `reset()` before each generation.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sparvar.errors import SparvarError
+from sparvar.schedules import Schedule
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a policy is told about one self-attention call besides the tensors."""
+
+    layer: int
+    scale: int
+    num_layers: int
+    schedule: Schedule
+    softmax_scale: float  # 1.0 for cosine attention, where q is pre-scaled
+
+    @property
+    def q_offset(self) -> int:
+        """Sequence index of the first query token (the first token of this scale)."""
+        return self.schedule.offsets[self.scale]
+
+    @property
+    def kv_length(self) -> int:
+        return self.schedule.kv_length(self.scale)
+
+
+class AttentionPolicy:
+    """Base of all policies. q: (B, H, n_k, D); k, v: (B, H, N_k, D); returns (B, H, n_k, D)."""
+
+    name = "base"
+
+    def reset(self) -> None:
+        """Forget per-generation state; called once before every generation."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def _sdpa_context(backend: str):
+    if backend == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[backend]
+    )
+
+
+class DenseAttention(AttentionPolicy):
+    """Full attention through torch's scaled_dot_product_attention.
+
+    `backend` pins one SDPA kernel ("flash", "cudnn", ...); "auto" lets torch choose.
+    """
+
+    name = "dense"
+
+    def __init__(self, backend: str = "auto"):
+        if backend not in _SDPA_BACKENDS:
+            raise SparvarError(f"unknown SDPA backend {backend!r}; choose one of {', '.join(_SDPA_BACKENDS)}")
+        self.backend = backend
+
+    def __call__(self, q, k, v, call):
+        with _sdpa_context(self.backend):
+            return F.scaled_dot_product_attention(q, k, v, scale=call.softmax_scale)
