@@ -1,0 +1,383 @@
+"""The Infinity transformer (bitwise next-scale prediction), readable top to bottom.
+
+Parameter names and shapes follow the official checkpoints (block_chunks.{c}.module.{j}.*), so
+their state dicts load strictly. The residual stream is kept in float32 and the matrix products
+run in the model's dtype (bf16 on GPU), as the official code does under autocast.
+
+Two ways to run it share every block:
+- `forward_scale`: one step of generation; keys/values go into a static KV cache and
+  self-attention goes through the attention policy (the seam SparVAR plugs into);
+- `forward_full`: teacher forcing over the whole sequence with the block-causal mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparvar.attention.policy import AttentionCall, AttentionPolicy
+from sparvar.kv_cache import KVCache
+from sparvar.schedules import Schedule
+
+# attend(layer, q, k, v) -> out, all (B, H, L, D)
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InfinityConfig:
+    depth: int
+    width: int
+    heads: int
+    vae_channels: int  # channels of the VAE latent (32, or 14 for the 8B's VAE)
+    patchify: bool = False  # 8B: 2x2 pixel-unshuffle of the latent, so 4 * 14 = 56 bits per token
+    text_width: int = 2048  # 0: class-conditional (no cross-attention)
+    text_max_len: int = 512
+    num_classes: int = 0
+    block_chunks: int = 8
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    cfg: float = 3.0  # default guidance and temperature of this model
+    tau: float = 0.5
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def bits(self) -> int:
+        """Bits per transformer token: the latent channels, times 4 when patchified."""
+        return self.vae_channels * (4 if self.patchify else 1)
+
+    @property
+    def ffn_hidden(self) -> int:
+        return round(self.width * self.mlp_ratio / 256) * 256
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.text_width > 0
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def adaptive_norm(x, scale, shift, eps, dtype):
+    """LayerNorm without affine, modulated by the condition; returned in the matmul dtype."""
+    return (layer_norm(x, eps) * (1 + scale) + shift).to(dtype)
+
+
+class RopeTable:
+    """2D rotary embedding of one schedule: cos/sin (total_tokens, head_dim / 2) in float32.
+
+    Pairs (2i, 2i+1) of a head rotate: the first half of the pairs with the row position,
+    the second half with the column position (positions from `Schedule.positions`).
+    """
+
+    def __init__(self, schedule: Schedule, head_dim: int, device, base: float = 10000.0):
+        half = head_dim // 2
+        inv_freq = 1.0 / base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half)
+        rows, cols = zip(*(schedule.positions(k) for k in range(len(schedule))))
+        rows, cols = torch.cat(rows), torch.cat(cols)
+        angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)
+        self.cos = angles.cos().to(device)
+        self.sin = angles.sin().to(device)
+
+    def slice(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, H, L, D) by the angles whose cos/sin are (L, D/2)."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        """Float32 result, as the text features it normalises are float32."""
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+class SelfAttention(nn.Module):
+    """Cosine attention: q, k L2-normalised, q scaled per head by exp(min(s, log 100))."""
+
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        c = cfg.width
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.mat_qkv = nn.Linear(c, 3 * c, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(c))
+        self.v_bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("zero_k_bias", torch.zeros(c))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, cfg.heads, 1, 1), math.log(4.0)))
+        self.proj = nn.Linear(c, c)
+
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """q, k, v (B, H, L, D) in x's dtype, normalised and rotated."""
+        b, n, _ = x.shape
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scale = self.scale_mul_1H11.float().clamp_max(math.log(100.0)).exp()
+        q = apply_rope(F.normalize(q.float(), dim=-1) * scale, *rope)
+        k = apply_rope(F.normalize(k.float(), dim=-1), *rope)
+        return q.to(x.dtype), k.to(x.dtype), v
+
+    def forward(self, x, rope, attend: Attend, layer: int):
+        q, k, v = self.qkv(x, rope)
+        out = attend(layer, q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens (or one learned query, for pooling) to padded text tokens."""
+
+    def __init__(self, width: int, text_width: int, heads: int, pooled: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        if pooled:
+            self.mat_q = nn.Parameter(torch.zeros(1, heads, self.head_dim))
+        else:
+            self.mat_q = nn.Linear(width, width)
+        self.mat_kv = nn.Linear(text_width, 2 * width, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+
+    def text_kv(self, text: torch.Tensor):
+        """Keys and values (B, H, T, D) of the text; computed once per generation."""
+        b, t, _ = text.shape
+        kv = F.linear(text, self.mat_kv.weight, torch.cat([self.zero_k_bias, self.v_bias]))
+        k, v = kv.view(b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor | None, kv, text_mask: torch.Tensor) -> torch.Tensor:
+        k, v = kv
+        b = k.shape[0]
+        if x is None:  # pooling: one learned query per head
+            q = self.mat_q.to(k.dtype)[:, :, None].expand(b, -1, 1, -1)
+        else:
+            q = self.mat_q(x).view(b, x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class FFN(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TextPool(nn.Module):
+    """Attentive pooling of the text into one vector: the start token and the condition."""
+
+    def __init__(self, width: int, text_width: int):
+        super().__init__()
+        heads = max(1, text_width // (64 if width > 4096 else 128))  # 16 for T5-XL features
+        self.ca = CrossAttention(width, text_width, heads, pooled=True)
+
+    def forward(self, text, mask):
+        return self.ca(None, self.ca.text_kv(text), mask).squeeze(1)
+
+
+class HeadNorm(nn.Module):
+    """adaLN before the head, driven by the condition vector."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, cond):
+        dtype = self.ada_lin[1].weight.dtype
+        scale, shift = self.ada_lin(cond.to(dtype)).float().view(-1, 1, 2, x.shape[-1]).unbind(2)
+        return adaptive_norm(x, scale, shift, self.eps, dtype)
+
+
+class Block(nn.Module):
+    """x += SA(adaLN(x)) * g1; x += CA(LN(x), text); x += FFN(adaLN(x)) * g2."""
+
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.sa = SelfAttention(cfg)
+        if cfg.text_conditioned:
+            self.ca = CrossAttention(cfg.width, cfg.width, cfg.heads)
+            self.ca_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        else:
+            self.ca = None
+        self.ffn = FFN(cfg.width, cfg.ffn_hidden)
+        self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.width))
+
+    def forward(self, x, gss, text, rope, attend: Attend, layer: int):
+        dtype = self.ffn.fc1.weight.dtype
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + gss).unbind(2)
+        x = x + self.sa(adaptive_norm(x, scale1, shift1, self.eps, dtype), rope, attend, layer) * gamma1
+        if self.ca is not None:
+            kv, mask = text[layer]
+            normed = F.layer_norm(x, x.shape[-1:], self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
+            x = x + self.ca(normed.to(dtype), kv, mask)
+        return x + self.ffn(adaptive_norm(x, scale2, shift2, self.eps, dtype)) * gamma2
+
+
+class BlockChunk(nn.Module):
+    """Only there so parameter names match the official checkpoints (block_chunks.c.module.j)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.module = nn.ModuleList(blocks)
+
+
+@dataclass
+class Prepared:
+    """Per-generation tensors that depend only on the condition (batch already CFG-doubled)."""
+
+    start: torch.Tensor  # (B, 1, C) input of scale 0
+    cond: torch.Tensor  # (B, C) condition vector (adaLN of the head)
+    gss: torch.Tensor  # (B, 1, 6, C) shared adaLN output, float32
+    text: list | None  # per layer ((k, v), mask) of the cross-attention, or None
+
+
+class InfinityTransformer(nn.Module):
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.width
+        if cfg.text_conditioned:
+            self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_max_len, cfg.text_width))
+            self.text_norm = RMSNorm(cfg.text_width, cfg.norm_eps)
+            self.text_proj_for_sos = TextPool(c, cfg.text_width)
+            self.text_proj_for_ca = nn.Sequential(
+                nn.Linear(cfg.text_width, c), nn.GELU(approximate="tanh"), nn.Linear(c, c)
+            )
+        else:
+            self.class_emb = nn.Embedding(cfg.num_classes + 1, c)  # last row: unconditional
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, c))
+        self.lvl_embed = nn.Embedding(15, c)
+        self.word_embed = nn.Linear(cfg.bits, c)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+        per_chunk = cfg.depth // cfg.block_chunks
+        if per_chunk * cfg.block_chunks != cfg.depth:
+            raise ValueError(f"depth {cfg.depth} is not a multiple of block_chunks {cfg.block_chunks}")
+        self.block_chunks = nn.ModuleList(
+            BlockChunk([Block(cfg) for _ in range(per_chunk)]) for _ in range(cfg.block_chunks)
+        )
+        self.head_nm = HeadNorm(c, cfg.norm_eps)
+        self.head = nn.Linear(c, 2 * cfg.bits)
+        self._ropes: dict = {}
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [b for chunk in self.block_chunks for b in chunk.module]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    def init_weights(self, seed: int = 0) -> "InfinityTransformer":
+        """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
+        gen = torch.Generator(self.head.weight.device).manual_seed(seed)
+        std = math.sqrt(1 / self.cfg.width / 3)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("scale_mul_1H11"):
+                    p.fill_(math.log(4.0))
+                elif name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=gen)
+            for name, b in self.named_buffers():
+                b.zero_()  # the zero k biases
+        return self
+
+    # ---- conditioning -------------------------------------------------------------------
+    def prepare(self, condition, guidance: bool) -> Prepared:
+        """Condition tensors for one generation; with guidance the batch is [cond; uncond].
+
+        condition: (text features (B, T, Ct5) float, mask (B, T) bool) for text models,
+        or class labels (B,) for class-conditional ones.
+        """
+        dtype = self.dtype
+        if self.cfg.text_conditioned:
+            feats, mask = condition
+            if guidance:
+                uncond = self.cfg_uncond[: feats.shape[1]].to(feats.dtype).expand_as(feats)
+                feats, mask = torch.cat([feats, uncond]), torch.cat([mask, mask])
+            feats = self.text_norm(feats).to(dtype)
+            cond = self.text_proj_for_sos(feats, mask).float()
+            text_tokens = self.text_proj_for_ca(feats)
+            text = [(b.ca.text_kv(text_tokens), mask) for b in self.blocks]
+        else:
+            labels = condition
+            if guidance:
+                labels = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)])
+            cond = self.class_emb(labels).float()
+            text = None
+        gss = self.shared_ada_lin(cond.to(dtype)).float().view(-1, 1, 6, self.cfg.width)
+        start = cond[:, None] + self.pos_start.float()
+        return Prepared(start=start, cond=cond, gss=gss, text=text)
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Next-scale input (B, n, bits) -> token embeddings (B, n, C), float32."""
+        return self.word_embed(codes.to(self.dtype)).float()
+
+    def rope(self, schedule: Schedule) -> RopeTable:
+        key = (schedule, self.head.weight.device)
+        if key not in self._ropes:
+            with torch.inference_mode(False):  # a cached table must also serve training
+                self._ropes[key] = RopeTable(schedule, self.cfg.head_dim, self.head.weight.device)
+        return self._ropes[key]
+
+    # ---- the transformer ----------------------------------------------------------------
+    def _blocks(self, x, prep: Prepared, rope, attend: Attend) -> torch.Tensor:
+        for layer, block in enumerate(self.blocks):
+            x = block(x, prep.gss, prep.text, rope, attend, layer)
+        return x
+
+    def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Bit logits (B, L, bits, 2) of hidden states x (B, L, C)."""
+        return self.head(self.head_nm(x, cond)).float().unflatten(-1, (self.cfg.bits, 2))
+
+    def forward_scale(
+        self, x: torch.Tensor, scale: int, schedule: Schedule, prep: Prepared, cache: KVCache, policy: AttentionPolicy
+    ) -> torch.Tensor:
+        """One generation step: inputs of scale `scale` (B, n, C) -> bit logits (B, n, bits, 2)."""
+        start, n = schedule.offsets[scale], schedule.lengths[scale]
+        x = x + self.lvl_embed.weight[scale].float()
+
+        def attend(layer, q, k, v):
+            keys, values = cache.write(layer, start, k, v)
+            call = AttentionCall(layer, scale, self.cfg.depth, schedule, softmax_scale=1.0)
+            return policy(q, keys, values, call)
+
+        x = self._blocks(x, prep, self.rope(schedule).slice(start, n), attend)
+        return self.logits(x, prep.cond)
+
+    def forward_full(self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared) -> torch.Tensor:
+        """Teacher forcing: inputs of scales 1.. (each (B, n_k, bits)) -> logits of all tokens."""
+        x = torch.cat([prep.start] + [self.embed_codes(c) for c in inputs], dim=1)
+        scale_of_token = torch.repeat_interleave(torch.arange(len(schedule)), torch.tensor(schedule.lengths))
+        x = x + self.lvl_embed.weight[scale_of_token.to(x.device)].float()
+        mask = (scale_of_token[:, None] >= scale_of_token[None, :]).to(x.device)
+
+        def attend(layer, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+        x = self._blocks(x, prep, self.rope(schedule).slice(0, schedule.total), attend)
+        return self.logits(x, prep.cond)

@@ -1,0 +1,111 @@
+"""Named model configurations and the files each needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparvar.errors import SparvarError
+from sparvar.models.infinity.text import T5_XL
+from sparvar.models.infinity.transformer import InfinityConfig, InfinityTransformer
+from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    about: str
+    transformer: InfinityConfig
+    vae: VAEConfig
+    text: dict | None  # T5 architecture of the text encoder; None for class-conditional models
+    files: dict[str, str] = field(default_factory=dict)  # CLI option -> the official file it takes
+    resolution: int = 1024  # default pixel budget of Infinity's schedule tables
+    classes: tuple[str, ...] = ()  # label names of class-conditional models
+
+    @property
+    def family(self) -> str:
+        return "infinity"
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "infinity-2b",
+            "Infinity-2B text-to-image, 1024x1024, d32 BSQ-VAE at patch 16",
+            InfinityConfig(depth=32, width=2048, heads=16, vae_channels=32, cfg=3.0, tau=0.5),
+            VAEConfig(channels=32, ch_mult=(1, 2, 4, 4, 4)),
+            T5_XL,
+            files={
+                "--weights": "infinity_2b_reg.pth",
+                "--vae": "infinity_vae_d32reg.pth",
+                "--text-encoder": "folder of google/flan-t5-xl (config.json, weights, tokenizer)",
+            },
+        ),
+        ModelSpec(
+            "infinity-8b",
+            "Infinity-8B text-to-image, 1024x1024, 14-channel BSQ-VAE at patch 8, 2x2 patchified tokens",
+            InfinityConfig(depth=40, width=3584, heads=28, vae_channels=14, patchify=True, cfg=3.0, tau=1.0),
+            VAEConfig(channels=14, ch_mult=(1, 2, 4, 4)),
+            T5_XL,
+            files={
+                "--weights": "infinity_8b_weights/ (folder of shards with an index json)",
+                "--vae": "infinity_vae_d56_f8_14_patchify.pth",
+                "--text-encoder": "folder of google/flan-t5-xl (config.json, weights, tokenizer)",
+            },
+        ),
+        ModelSpec(
+            "infinity-demo",
+            "small class-conditional Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 128 px); "
+            "RANDOM weights until the trained demo model ships",
+            InfinityConfig(
+                depth=4, width=128, heads=2, vae_channels=16, text_width=0, num_classes=10, block_chunks=1,
+                cfg=3.0, tau=1.0,
+            ),
+            VAEConfig(channels=16, ch_mult=(1, 2), base=32),
+            None,
+            classes=tuple(f"class-{i}" for i in range(10)),
+        ),
+        ModelSpec(
+            "infinity-tiny",
+            "tiny text-conditioned Infinity for tests (random weights, byte tokenizer)",
+            InfinityConfig(depth=4, width=64, heads=2, vae_channels=4, text_width=32, text_max_len=16, block_chunks=2),
+            VAEConfig(channels=4, ch_mult=(1, 2), base=32),
+            dict(T5_XL, d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=300),
+        ),
+    ]
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise SparvarError(f"unknown model {name!r}; known models: {', '.join(MODELS)} (see `sparvar models`)")
+    return MODELS[name]
+
+
+def create_model(name: str, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> InfinityTransformer:
+    """The transformer of a named config; random weights (from `seed`) unless built on meta."""
+    spec = get_spec(name)
+    with torch.device("meta"):
+        model = InfinityTransformer(spec.transformer)
+    if torch.device(device).type == "meta":
+        return model.to(dtype) if dtype else model
+    return model.to(dtype or torch.float32).to_empty(device=device).init_weights(seed).eval()
+
+
+def create_vae(spec: ModelSpec, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> InfinityVAE:
+    with torch.device("meta"):
+        vae = InfinityVAE(spec.vae)
+    if torch.device(device).type == "meta":
+        return vae
+    return vae.to(dtype or torch.float32).to_empty(device=device).init_weights(seed).eval()
+
+
+def guess_model(state: dict[str, torch.Tensor]) -> str | None:
+    """The registered transformer whose layout matches `state` exactly, if any."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name in MODELS:
+        if {k: tuple(v.shape) for k, v in create_model(name, device="meta").state_dict().items()} == shapes:
+            return name
+    return None

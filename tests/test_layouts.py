@@ -1,0 +1,41 @@
+"""The modules' state dicts have exactly the official checkpoints' names and shapes."""
+
+import re
+
+import pytest
+import torch
+
+from sparvar import create_model
+from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
+from sparvar.models.registry import MODELS
+
+
+@pytest.mark.parametrize(
+    "name,elements", [("infinity-2b", 2_204_697_152), ("infinity-8b", 8_376_082_128)]
+)
+def test_transformer_layout_and_element_count(name, elements, official_layouts):
+    model = create_model(name, device="meta")
+    mine = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert mine == official_layouts[name]
+    assert sum(v.numel() for v in model.state_dict().values()) == elements
+
+
+@pytest.mark.parametrize(
+    "name,model", [("infinity-vae-d32", "infinity-2b"), ("infinity-vae-d14-patchify", "infinity-8b")]
+)
+def test_vae_decoder_layout(name, model, official_layouts):
+    with torch.device("meta"):
+        vae = InfinityVAE(MODELS[model].vae)
+    mine = {k: list(v.shape) for k, v in vae.state_dict().items()}
+    # official module names wrap convs and norms (decoder.conv_in.conv.weight); files drop that
+    official = {
+        re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", k): v
+        for k, v in official_layouts[name].items()
+        if k.startswith("decoder.")
+    }
+    assert mine == official
+
+
+def test_vae_patch_sizes():
+    assert MODELS["infinity-2b"].vae.patch == 16 and MODELS["infinity-8b"].vae.patch == 8
+    assert VAEConfig(4, (1, 2), base=32).patch == 2
