@@ -1,0 +1,24 @@
+"""A static KV cache: one preallocated buffer per generation, written in place scale by scale.
+
+Growing the cache by concatenation (what the official code does) copies it at every scale;
+here scale k writes its keys/values at [offset_k, offset_k + n_k) and attention reads views of
+[0, offset_k + n_k). Shapes per scale are fixed, which also lets a scale be captured in a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int, dtype, device):
+        # (layer, k|v, B, H, N, D): a layer's keys are one contiguous (B, H, N, D) block
+        self.buffer = torch.empty(layers, 2, batch, heads, capacity, head_dim, dtype=dtype, device=device)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, n, D) at [start, start + n) and return views of [0, start + n)."""
+        end = start + k.shape[2]
+        keys, values = self.buffer[layer, 0], self.buffer[layer, 1]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]

@@ -1,0 +1,260 @@
+"""The sampler loop: condition -> scales 0..K-1 through the transformer -> tokenizer decoder -> images.
+
+    pipe = sparvar.load_pipeline("infinity-2b", weights=..., vae=..., text_encoder=...)
+    out = pipe(["a red fox in the snow"], seed=0)          # out.images: list of PIL images
+
+Every self-attention call goes through the attention policy (`attention=`), the seam SparVAR fills.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.checkpoint import load_strict, read_state_dict
+from sparvar.errors import SparvarError
+from sparvar.kv_cache import KVCache
+from sparvar.models.infinity.bitwise import BitwiseCodes
+from sparvar.models.infinity.text import TextEncoder
+from sparvar.models.infinity.vae import decoder_state
+from sparvar.models.registry import ModelSpec, create_model, create_vae, get_spec, guess_model
+from sparvar.sampling import sample
+from sparvar.schedules import Schedule, infinity_schedule
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparvarError("CUDA was asked for but this machine has no usable CUDA GPU; use --device cpu")
+    return device
+
+
+def resolve_policy(attention: AttentionPolicy | str | None) -> AttentionPolicy:
+    if attention is None or attention == "dense":
+        return DenseAttention()
+    if isinstance(attention, AttentionPolicy):
+        return attention
+    from sparvar.sparsity import make_policy
+
+    return make_policy(attention)
+
+
+class StageTimer:
+    """Wall time between marks; CUDA events on the GPU, so timing adds no host synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def seconds(self) -> list[tuple[str, float]]:
+        """(name, seconds since the previous mark) for every mark after the first."""
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+            gap = lambda a, b: a.elapsed_time(b) / 1000  # noqa: E731
+        else:
+            gap = lambda a, b: b - a  # noqa: E731
+        return [(n, gap(self.marks[i][1], t)) for i, (n, t) in enumerate(self.marks[1:])]
+
+
+@dataclass
+class GenerationOutput:
+    images: list[Image.Image]
+    schedule: Schedule
+    tokens: list[torch.Tensor]  # sampled tokens per scale, (B, n_k, bits)
+    scale_seconds: list[float]  # transformer + sampling time of each scale
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # condition, transformer, decode, total
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+class Pipeline:
+    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder: TextEncoder | None = None):
+        self.spec = spec
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.codes = BitwiseCodes(spec.transformer.vae_channels, spec.transformer.patchify)
+        self._cache: tuple[tuple, KVCache] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.head.weight.device
+
+    def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
+        return infinity_schedule(aspect, resolution or self.spec.resolution)
+
+    def encode(self, conditions: Sequence) -> object:
+        """Prompts -> text features and mask, or class labels/names -> label tensor."""
+        if self.spec.transformer.text_conditioned:
+            if not all(isinstance(c, str) for c in conditions):
+                raise SparvarError(f"{self.spec.name} is text-conditioned: give prompts (strings)")
+            return self.text_encoder(list(conditions))
+        labels = []
+        for c in conditions:
+            if isinstance(c, str) and c in self.spec.classes:
+                c = self.spec.classes.index(c)
+            if isinstance(c, str) and c.isdigit():
+                c = int(c)
+            if not isinstance(c, int) or not 0 <= c < self.spec.transformer.num_classes:
+                raise SparvarError(
+                    f"{self.spec.name} is class-conditional: give class indices 0..{self.spec.transformer.num_classes - 1}"
+                    + (f" or names ({', '.join(self.spec.classes)})" if self.spec.classes else "")
+                    + f", not {c!r}"
+                )
+            labels.append(c)
+        return torch.tensor(labels, device=self.device)
+
+    def _kv_cache(self, batch: int, capacity: int) -> KVCache:
+        cfg = self.spec.transformer
+        key = (batch, capacity)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # free the old buffer before allocating the new one
+            cache = KVCache(cfg.depth, batch, cfg.heads, capacity, cfg.head_dim, self.transformer.dtype, self.device)
+            self._cache = (key, cache)
+        return self._cache[1]
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        conditions: Sequence,
+        seed: int | Sequence[int] = 0,
+        cfg: float | None = None,
+        tau: float | None = None,
+        top_k: int = 0,
+        top_p: float = 0.97,
+        aspect: str = "1:1",
+        resolution: int | None = None,
+        schedule: Schedule | None = None,
+        attention: AttentionPolicy | str | None = None,
+        progress: bool = True,
+        on_scale: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> GenerationOutput:
+        """Generate one image per condition.
+
+        seed: an int gives item i the seed `seed + i` (so an image does not depend on its batch);
+        a list gives each item its own. cfg/tau default to the model's. `on_scale(k, logits, tokens)`
+        sees each scale's guided logits and sampled tokens.
+        """
+        if isinstance(conditions, (str, int)):
+            conditions = [conditions]
+        if not conditions:
+            raise SparvarError("nothing to generate: give at least one prompt or class")
+        cfg = self.spec.transformer.cfg if cfg is None else cfg
+        tau = self.spec.transformer.tau if tau is None else tau
+        if tau <= 0:
+            raise SparvarError(f"tau must be positive, got {tau}")
+        schedule = schedule or self.schedule(aspect, resolution)
+        seeds = [seed + i for i in range(len(conditions))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(conditions):
+            raise SparvarError(f"{len(seeds)} seeds for {len(conditions)} conditions")
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        policy = resolve_policy(attention)
+        policy.reset()
+        guidance = cfg != 1
+
+        timer = StageTimer(self.device)
+        timer.mark("start")
+        prep = self.transformer.prepare(self.encode(conditions), guidance)
+        timer.mark("condition")
+        cache = self._kv_cache(prep.start.shape[0], schedule.total)
+        x, summed, tokens = prep.start, None, []
+        for k in tqdm(range(len(schedule)), desc="scales", disable=not progress, leave=False):
+            logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy)
+            if guidance:
+                cond, uncond = logits.chunk(2)
+                logits = cond + (cfg - 1) * (cond - uncond)
+            bits = sample(logits / tau, generators, top_k, top_p)
+            if on_scale is not None:
+                on_scale(k, logits, bits)
+            tokens.append(bits)
+            summed = self.codes.accumulate(summed, self.codes.to_codes(bits, k, schedule), k, schedule)
+            if k + 1 < len(schedule):
+                x = self.transformer.embed_codes(self.codes.next_input(summed, k + 1, schedule))
+                x = torch.cat([x, x]) if guidance else x
+            timer.mark(f"scale {k}")
+        images = self.vae.decode(summed)
+        timer.mark("decode")
+
+        seconds = timer.seconds()
+        scale_seconds = [s for name, s in seconds if name.startswith("scale")]
+        stages = {
+            "condition": seconds[0][1],
+            "transformer": sum(scale_seconds),
+            "decode": seconds[-1][1],
+        }
+        stages["total"] = sum(stages.values())
+        return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages)
+
+
+def load_pipeline(
+    model: str = "infinity-demo",
+    weights: str | None = None,
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+) -> Pipeline:
+    """A ready pipeline for a named model.
+
+    Official checkpoints load from local paths (`sparvar models` lists which file goes where);
+    models that need no files build the parts not given with random weights (seeded).
+    `random_weights=True` builds every part with random weights (benchmarks, tests).
+    bf16 on GPU, float32 on CPU unless `dtype` says otherwise.
+    """
+    spec = get_spec(model)
+    device = resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not random_weights:
+        given = {"--weights": weights, "--vae": vae, "--text-encoder": text_encoder}
+        missing = [opt for opt in spec.files if given[opt] is None]
+        if missing:
+            raise SparvarError(f"{spec.name} needs " + ", ".join(f"{opt} ({spec.files[opt]})" for opt in missing))
+
+    if weights is None or random_weights:
+        transformer = create_model(spec.name, device, dtype, seed)
+    else:
+        transformer = create_model(spec.name, "meta", dtype)
+        state = read_state_dict(weights)
+        other = guess_model(state)
+        hint = f"It looks like a checkpoint of {other}; pass --model {other}." if other and other != spec.name else ""
+        load_strict(transformer, state, f"{spec.name}'s transformer ({weights})", hint)
+        transformer = transformer.to(device=device, dtype=dtype).eval()
+
+    if vae is None or random_weights:
+        decoder = create_vae(spec, device, dtype, seed)
+    else:
+        decoder = create_vae(spec, "meta")
+        load_strict(decoder, decoder_state(read_state_dict(vae)), f"{spec.name}'s VAE decoder ({vae})")
+        decoder = decoder.to(device=device, dtype=dtype).eval()
+
+    encoder = None
+    if spec.text is not None:
+        if text_encoder is None or random_weights:
+            encoder = TextEncoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
+        else:
+            encoder = TextEncoder.from_folder(text_encoder, device, dtype, spec.transformer.text_max_len)
+    return Pipeline(spec, transformer, decoder, encoder)
+

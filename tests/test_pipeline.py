@@ -1,0 +1,129 @@
+"""The sampler loop: seeds, guidance, the static KV cache and the attention seam."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import tiny_pipeline
+from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.errors import SparvarError
+from sparvar.schedules import Schedule, parse_schedule
+
+SCHEDULE = parse_schedule("1,2,3x4,4,6x5")
+
+
+def _pixels(out):
+    return [np.asarray(im) for im in out.images]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def test_same_seed_same_image_other_seed_other_image(pipe):
+    a = pipe(["a boat"], seed=4, schedule=SCHEDULE, progress=False)
+    b = pipe(["a boat"], seed=4, schedule=SCHEDULE, progress=False)
+    c = pipe(["a boat"], seed=5, schedule=SCHEDULE, progress=False)
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(b)))
+    assert not all(torch.equal(x, y) for x, y in zip(a.tokens, c.tokens))
+    size = pipe.spec.vae.patch * 6, pipe.spec.vae.patch * 5
+    assert a.images[0].size == (size[1], size[0])  # PIL gives (width, height)
+
+
+def test_item_seeds_do_not_depend_on_the_batch(pipe):
+    batch = pipe(["a boat", "a tree"], seed=10, schedule=SCHEDULE, progress=False)
+    alone = pipe(["a tree"], seed=[11], schedule=SCHEDULE, progress=False)
+    assert torch.equal(batch.tokens[0][1:], alone.tokens[0])  # first scale: same draw
+    assert len(batch.scale_seconds) == len(SCHEDULE)
+    assert set(batch.stage_seconds) == {"condition", "transformer", "decode", "total"}
+
+
+def test_guidance_one_runs_without_the_unconditional_half(pipe):
+    calls = []
+
+    class Recorder(DenseAttention):
+        def __call__(self, q, k, v, call):
+            calls.append(q.shape[0])
+            return super().__call__(q, k, v, call)
+
+    pipe(["a boat"], cfg=1.0, schedule=SCHEDULE, attention=Recorder(), progress=False)
+    pipe(["a boat"], cfg=3.0, schedule=SCHEDULE, attention=Recorder(), progress=False)
+    n = len(SCHEDULE) * pipe.spec.transformer.depth
+    assert calls == [1] * n + [2] * n
+
+
+def test_every_self_attention_call_goes_through_the_policy(pipe):
+    class Recorder(AttentionPolicy):
+        def __init__(self):
+            self.calls, self.resets = [], 0
+
+        def reset(self):
+            self.resets += 1
+            self.calls.clear()
+
+        def __call__(self, q, k, v, call):
+            self.calls.append((call.layer, call.scale, q.shape[2], k.shape[2], call.kv_length, call.q_offset))
+            return F.scaled_dot_product_attention(q, k, v, scale=call.softmax_scale)
+
+    policy = Recorder()
+    schedule = Schedule(((1, 1), (2, 3), (4, 4)))
+    dense = pipe(["x"], seed=1, schedule=schedule, progress=False)
+    out = pipe(["x"], seed=1, schedule=schedule, attention=policy, progress=False)
+    depth = pipe.spec.transformer.depth
+    expected = [
+        (layer, k, schedule.lengths[k], schedule.kv_length(k), schedule.kv_length(k), schedule.offsets[k])
+        for k in range(3) for layer in range(depth)
+    ]
+    assert policy.calls == expected and policy.resets == 1
+    assert all(torch.equal(a, b) for a, b in zip(dense.tokens, out.tokens))
+    pipe(["x"], seed=1, schedule=schedule, attention=policy, progress=False)
+    assert policy.resets == 2 and len(policy.calls) == len(expected)
+
+
+def test_policy_output_changes_the_image(pipe):
+    class Zero(AttentionPolicy):
+        def __call__(self, q, k, v, call):
+            return torch.zeros_like(q)
+
+    dense = pipe(["x"], seed=1, schedule=SCHEDULE, progress=False)
+    zero = pipe(["x"], seed=1, schedule=SCHEDULE, attention=Zero(), progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(dense.tokens, zero.tokens))
+
+
+def test_kv_cache_is_static_and_reused(pipe):
+    views = []
+
+    class Recorder(DenseAttention):
+        def __call__(self, q, k, v, call):
+            views.append((k.data_ptr(), k.shape[2]))
+            return super().__call__(q, k, v, call)
+
+    pipe(["a"], schedule=SCHEDULE, attention=Recorder(), progress=False)
+    buffer = pipe._cache[1].buffer
+    pipe(["b"], schedule=SCHEDULE, attention=Recorder(), progress=False)
+    assert pipe._cache[1].buffer is buffer  # same shape: no new allocation
+    # every scale of a layer reads the same storage, growing in length: written in place
+    depth = pipe.spec.transformer.depth
+    layer0 = views[: len(SCHEDULE) * depth : depth]
+    assert len({ptr for ptr, _ in layer0}) == 1
+    assert [n for _, n in layer0] == [SCHEDULE.kv_length(k) for k in range(len(SCHEDULE))]
+
+
+def test_class_conditional_labels_and_errors():
+    pipe = tiny_pipeline(text_width=0, num_classes=4)
+    out = pipe([0, "c3"], schedule=SCHEDULE, progress=False)
+    assert len(out.images) == 2
+    for bad in ([4], ["dog"], [-1]):
+        with pytest.raises(SparvarError, match="class-conditional"):
+            pipe(bad, schedule=SCHEDULE, progress=False)
+
+
+def test_text_model_rejects_labels_and_bad_arguments(pipe):
+    with pytest.raises(SparvarError, match="text-conditioned"):
+        pipe([3], schedule=SCHEDULE, progress=False)
+    with pytest.raises(SparvarError, match="seeds"):
+        pipe(["a", "b"], seed=[1], schedule=SCHEDULE, progress=False)
+    with pytest.raises(SparvarError, match="tau"):
+        pipe(["a"], tau=0, schedule=SCHEDULE, progress=False)
