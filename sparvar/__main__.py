@@ -1,0 +1,7 @@
+"""`python -m sparvar ...` (also what torchrun runs)."""
+
+import sys
+
+from sparvar.cli import main
+
+sys.exit(main())

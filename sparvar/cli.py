@@ -1,0 +1,129 @@
+"""The `sparvar` command: generate images, list models.
+
+Errors the user can fix (missing files, wrong checkpoint, bad option values, no GPU) end in one
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from sparvar.errors import SparvarError
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")[:40] or "image"
+
+
+def _conditions(args) -> list:
+    conditions = list(args.prompt or []) + list(args.label or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise SparvarError(f"prompts file not found: {path}")
+        conditions += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return conditions
+
+
+def _output_paths(out: str, conditions: list) -> list[Path]:
+    target = Path(out)
+    if target.suffix.lower() == ".png":
+        if len(conditions) != 1:
+            raise SparvarError(f"--out {out} names one file but there are {len(conditions)} images; give a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return [target]
+    target.mkdir(parents=True, exist_ok=True)
+    return [target / f"{i:03d}_{_slug(c)}.png" for i, c in enumerate(conditions)]
+
+
+def cmd_generate(args) -> None:
+    from sparvar.models.registry import get_spec
+    from sparvar.pipeline import load_pipeline
+    from sparvar.schedules import infinity_schedule, parse_schedule
+
+    spec = get_spec(args.model)
+    conditions = _conditions(args)
+    if not conditions:
+        conditions = [0] if not spec.transformer.text_conditioned else []
+    if not conditions:
+        raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
+    if args.schedule:
+        schedule = parse_schedule(args.schedule)
+    else:
+        schedule = infinity_schedule(args.aspect, args.resolution or spec.resolution)
+    paths = _output_paths(args.out, conditions)
+    pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=args.device)
+    out = pipe(
+        conditions, seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
+        schedule=schedule, attention=args.attention, progress=not args.quiet,
+    )
+    for path, image in zip(paths, out.images):
+        image.save(path)
+        print(f"wrote {path}")
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
+    print(f"{spec.name} on {pipe.device}, {len(schedule)} scales ({schedule.describe()}): {stages}")
+
+
+def cmd_models(args) -> None:
+    from sparvar.models.registry import MODELS
+    from sparvar.schedules import INFINITY_ASPECTS, INFINITY_RESOLUTIONS
+
+    for spec in MODELS.values():
+        print(f"{spec.name}\n  {spec.about}")
+        if spec.files:
+            for option, file in spec.files.items():
+                print(f"  {option:15s} {file}")
+        else:
+            print("  needs no files")
+        if spec.classes:
+            print(f"  classes: {', '.join(spec.classes)}")
+    print(f"aspect ratios (--aspect W:H): {', '.join(INFINITY_ASPECTS)}")
+    print(f"resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparvar", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images (default: the demo model)")
+    gen.add_argument("--model", default="infinity-demo", help="model name, see `sparvar models`")
+    gen.add_argument("--weights", help="transformer checkpoint (file or sharded folder)")
+    gen.add_argument("--vae", help="VAE checkpoint (.pth)")
+    gen.add_argument("--text-encoder", help="local folder of the T5 text encoder")
+    gen.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
+    gen.add_argument("--prompts", help="file with one prompt per line")
+    gen.add_argument("--class", dest="label", action="append", help="class index or name (repeatable)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    gen.add_argument("--cfg", type=float, help="classifier-free guidance (default: the model's)")
+    gen.add_argument("--tau", type=float, help="sampling temperature (default: the model's)")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=0.97)
+    gen.add_argument("--aspect", default="1:1", help="width:height, one of Infinity's ratios (see `sparvar models`)")
+    gen.add_argument("--resolution", type=int, help="pixel budget: 256, 512, 768 or 1024")
+    gen.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3"')
+    gen.add_argument("--attention", default="dense", help="attention policy (dense, paper, default)")
+    gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    gen.add_argument("--out", default="out", help="output folder, or a .png path for one image")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="list the model configs and the files each needs")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SparvarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The command line: the default job, the listing, and one-line errors with exit status 2."""
+
+import pytest
+import torch
+from PIL import Image
+
+from sparvar import create_model
+from sparvar.cli import main
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_generate_writes_images(tmp_path, capsys):
+    argv = ["generate", "--model", "infinity-tiny", "--prompt", "a cat", "--prompt", "a dog",
+            "--schedule", "1,2,4", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == ["000_a-cat.png", "001_a-dog.png"]
+    assert Image.open(files[0]).size == (8, 8)
+    assert "infinity-tiny on cpu, 3 scales" in capsys.readouterr().out
+
+
+def test_generate_one_png_path(tmp_path):
+    target = tmp_path / "sub" / "img.png"
+    argv = ["generate", "--model", "infinity-demo", "--class", "class-2", "--schedule", "1,2",
+            "--out", str(target), "--quiet"]
+    assert main(argv) == 0 and target.is_file()
+
+
+def test_models_lists_configs_and_files(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("infinity-2b", "infinity-8b", "infinity-demo", "infinity-tiny"):
+        assert name in out
+    assert "infinity_2b_reg.pth" in out and "infinity_vae_d56_f8_14_patchify.pth" in out
+
+
+def test_missing_files(tmp_path, capsys):
+    err = _error(capsys, ["generate", "--model", "infinity-2b", "--prompt", "x"])
+    assert "needs --weights (infinity_2b_reg.pth)" in err
+    err = _error(capsys, ["generate", "--model", "infinity-2b", "--prompt", "x", "--weights", str(tmp_path / "w.pth"),
+                          "--vae", "v.pth", "--text-encoder", "t5"])
+    assert "checkpoint not found" in err
+    assert "prompts file not found" in _error(capsys, ["generate", "--prompts", str(tmp_path / "p.txt")])
+
+
+def test_checkpoint_of_another_model(tmp_path, capsys):
+    torch.save(create_model("infinity-tiny").state_dict(), tmp_path / "tiny.pth")
+    err = _error(capsys, ["generate", "--model", "infinity-2b", "--prompt", "x", "--weights", str(tmp_path / "tiny.pth"),
+                          "--vae", "v.pth", "--text-encoder", "t5"])
+    assert "does not fit infinity-2b" in err and "looks like a checkpoint of infinity-tiny" in err
+
+
+def test_bad_values(tmp_path, capsys):
+    assert "unknown aspect ratio '16:9'" in _error(capsys, ["generate", "--aspect", "16:9", "--out", str(tmp_path)])
+    assert "unknown model" in _error(capsys, ["generate", "--model", "infinity-3b"])
+    assert "class-conditional" in _error(capsys, ["generate", "--class", "dog", "--out", str(tmp_path)])
+    assert "names one file" in _error(capsys, ["generate", "--class", "1", "--class", "2", "--out", str(tmp_path / "a.png")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent(capsys):
+    assert "no usable CUDA GPU" in _error(capsys, ["generate", "--device", "cuda"])
