@@ -1,4 +1,4 @@
-"""The `sparvar` command: generate images, list models.
+"""The `sparvar` command: generate images, list models, run benchmarks.
 
 Errors the user can fix (missing files, wrong checkpoint, bad option values, no GPU) end in one
 line on stderr and exit status 2.
@@ -84,6 +84,12 @@ def cmd_models(args) -> None:
     print(f"resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
 
 
+def cmd_bench(args) -> None:
+    from sparvar.bench import e2e
+
+    {"baseline": e2e.main}[args.what](args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparvar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the model configs and the files each needs")
     models.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
+    bench.add_argument("what", choices=["baseline"], help="baseline: dense generation time of 2B and 8B")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
