@@ -47,7 +47,7 @@ def cmd_generate(args) -> None:
     spec = get_spec(args.model)
     conditions = _conditions(args)
     if not conditions:
-        conditions = [0] if not spec.transformer.text_conditioned else []
+        conditions = [0] if not spec.text_conditioned else []
     if not conditions:
         raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
     if args.schedule:

@@ -21,12 +21,10 @@ from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.checkpoint import load_strict, read_state_dict
 from sparvar.errors import SparvarError
 from sparvar.kv_cache import KVCache
-from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.text import TextEncoder
-from sparvar.models.infinity.vae import decoder_state
-from sparvar.models.registry import ModelSpec, create_model, create_vae, get_spec, guess_model
+from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.sampling import sample
-from sparvar.schedules import Schedule, infinity_schedule
+from sparvar.schedules import Schedule
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -89,24 +87,26 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 class Pipeline:
+    """The model-independent sampler loop over a family's parts (registry.Family says what they do)."""
+
     def __init__(self, spec: ModelSpec, transformer, vae, text_encoder: TextEncoder | None = None):
         self.spec = spec
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
-        self.codes = BitwiseCodes(spec.transformer.vae_channels, spec.transformer.patchify)
+        self.codes = FAMILIES[spec.family].codes(spec, vae)
         self._cache: tuple[tuple, KVCache] | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.head.weight.device
+        return self.transformer.device
 
     def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
-        return infinity_schedule(aspect, resolution or self.spec.resolution)
+        return self.spec.schedule(aspect, resolution)
 
     def encode(self, conditions: Sequence) -> object:
         """Prompts -> text features and mask, or class labels/names -> label tensor."""
-        if self.spec.transformer.text_conditioned:
+        if self.spec.text_conditioned:
             if not all(isinstance(c, str) for c in conditions):
                 raise SparvarError(f"{self.spec.name} is text-conditioned: give prompts (strings)")
             return self.text_encoder(list(conditions))
@@ -116,9 +116,9 @@ class Pipeline:
                 c = self.spec.classes.index(c)
             if isinstance(c, str) and c.isdigit():
                 c = int(c)
-            if not isinstance(c, int) or not 0 <= c < self.spec.transformer.num_classes:
+            if not isinstance(c, int) or not 0 <= c < self.spec.num_classes:
                 raise SparvarError(
-                    f"{self.spec.name} is class-conditional: give class indices 0..{self.spec.transformer.num_classes - 1}"
+                    f"{self.spec.name} is class-conditional: give class indices 0..{self.spec.num_classes - 1}"
                     + (f" or names ({', '.join(self.spec.classes)})" if self.spec.classes else "")
                     + f", not {c!r}"
                 )
@@ -126,12 +126,10 @@ class Pipeline:
         return torch.tensor(labels, device=self.device)
 
     def _kv_cache(self, batch: int, capacity: int) -> KVCache:
-        cfg = self.spec.transformer
         key = (batch, capacity)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the old buffer before allocating the new one
-            cache = KVCache(cfg.depth, batch, cfg.heads, capacity, cfg.head_dim, self.transformer.dtype, self.device)
-            self._cache = (key, cache)
+            self._cache = (key, self.transformer.new_kv_cache(batch, capacity))
         return self._cache[1]
 
     @torch.inference_mode()
@@ -183,7 +181,7 @@ class Pipeline:
             logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy)
             if guidance:
                 cond, uncond = logits.chunk(2)
-                logits = cond + (cfg - 1) * (cond - uncond)
+                logits = cond + self.transformer.guidance_weight(k, len(schedule), cfg) * (cond - uncond)
             bits = sample(logits / tau, generators, top_k, top_p)
             if on_scale is not None:
                 on_scale(k, logits, bits)
@@ -247,11 +245,12 @@ def load_pipeline(
         decoder = create_vae(spec, device, dtype, seed)
     else:
         decoder = create_vae(spec, "meta")
-        load_strict(decoder, decoder_state(read_state_dict(vae)), f"{spec.name}'s VAE decoder ({vae})")
+        state = decoder.checkpoint_state(read_state_dict(vae))
+        load_strict(decoder, state, f"{spec.name}'s VAE decoder ({vae})")
         decoder = decoder.to(device=device, dtype=dtype).eval()
 
     encoder = None
-    if spec.text is not None:
+    if spec.text_conditioned:
         if text_encoder is None or random_weights:
             encoder = TextEncoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
         else:

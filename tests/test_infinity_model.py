@@ -38,7 +38,7 @@ def _teacher_forced_logits(pipe, conditions, schedule, tokens, cfg):
 def test_kv_cache_generation_equals_teacher_forcing(schedule, overrides):
     torch.manual_seed(1)
     pipe = tiny_pipeline(**overrides)
-    conditions = ["a small red house", "sea"] if pipe.spec.transformer.text_conditioned else [0, 2]
+    conditions = ["a small red house", "sea"] if pipe.spec.text_conditioned else [0, 2]
     seen = []
     cfg = 2.5
     out = pipe(conditions, seed=3, cfg=cfg, tau=1.0, schedule=schedule, progress=False,

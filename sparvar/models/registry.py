@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from sparvar.errors import SparvarError
+from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.text import T5_XL
 from sparvar.models.infinity.transformer import InfinityConfig, InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
+from sparvar.schedules import Schedule, infinity_schedule
+
+
+@dataclass(frozen=True)
+class Family:
+    """The model-specific parts the sampler loop drives (see pipeline.py for how it uses them).
+
+    transformer: built from spec.transformer; prepare / forward_scale / embed_codes / guidance_weight.
+    decoder: built from spec.vae; decode(latent) -> images, init_weights(seed), checkpoint_state(file state).
+    codes: (spec, decoder) -> tokens <-> latent logic: to_codes / accumulate / next_input.
+    """
+
+    transformer: type
+    decoder: type
+    codes: Callable[["ModelSpec", nn.Module], object]
+
+
+FAMILIES: dict[str, Family] = {
+    "infinity": Family(
+        InfinityTransformer,
+        InfinityVAE,
+        lambda spec, decoder: BitwiseCodes(spec.transformer.vae_channels, spec.transformer.patchify),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -22,10 +49,19 @@ class ModelSpec:
     files: dict[str, str] = field(default_factory=dict)  # CLI option -> the official file it takes
     resolution: int = 1024  # default pixel budget of Infinity's schedule tables
     classes: tuple[str, ...] = ()  # label names of class-conditional models
+    family: str = "infinity"
 
     @property
-    def family(self) -> str:
-        return "infinity"
+    def text_conditioned(self) -> bool:
+        return self.text is not None
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.num_classes
+
+    def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
+        """The scale schedule of an aspect ratio (width:height) and pixel budget."""
+        return infinity_schedule(aspect, resolution or self.resolution)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -84,19 +120,20 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def create_model(name: str, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> InfinityTransformer:
+def create_model(name: str, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
     """The transformer of a named config; random weights (from `seed`) unless built on meta."""
     spec = get_spec(name)
     with torch.device("meta"):
-        model = InfinityTransformer(spec.transformer)
+        model = FAMILIES[spec.family].transformer(spec.transformer)
     if torch.device(device).type == "meta":
         return model.to(dtype) if dtype else model
     return model.to(dtype or torch.float32).to_empty(device=device).init_weights(seed).eval()
 
 
-def create_vae(spec: ModelSpec, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> InfinityVAE:
+def create_vae(spec: ModelSpec, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+    """The image decoder of a model; random weights (from `seed`) unless built on meta."""
     with torch.device("meta"):
-        vae = InfinityVAE(spec.vae)
+        vae = FAMILIES[spec.family].decoder(spec.vae)
     if torch.device(device).type == "meta":
         return vae
     return vae.to(dtype or torch.float32).to_empty(device=device).init_weights(seed).eval()

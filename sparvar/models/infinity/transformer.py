@@ -288,9 +288,22 @@ class InfinityTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @staticmethod
+    def guidance_weight(scale: int, num_scales: int, cfg: float) -> float:
+        """w in l = l_c + w (l_c - l_u): Infinity mixes cfg * l_c + (1 - cfg) * l_u at every scale."""
+        return cfg - 1
+
+    def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.depth, batch, c.heads, capacity, c.head_dim, self.dtype, self.device)
+
     def init_weights(self, seed: int = 0) -> "InfinityTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
-        gen = torch.Generator(self.head.weight.device).manual_seed(seed)
+        gen = torch.Generator(self.device).manual_seed(seed)
         std = math.sqrt(1 / self.cfg.width / 3)
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -338,10 +351,10 @@ class InfinityTransformer(nn.Module):
         return self.word_embed(codes.to(self.dtype)).float()
 
     def rope(self, schedule: Schedule) -> RopeTable:
-        key = (schedule, self.head.weight.device)
+        key = (schedule, self.device)
         if key not in self._ropes:
             with torch.inference_mode(False):  # a cached table must also serve training
-                self._ropes[key] = RopeTable(schedule, self.cfg.head_dim, self.head.weight.device)
+                self._ropes[key] = RopeTable(schedule, self.cfg.head_dim, self.device)
         return self._ropes[key]
 
     # ---- the transformer ----------------------------------------------------------------

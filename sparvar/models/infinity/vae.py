@@ -120,18 +120,19 @@ class InfinityVAE(nn.Module):
                     p.normal_(0.0, math.sqrt(2.0 / p[0].numel()), generator=gen)
         return self
 
+    @staticmethod
+    def checkpoint_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The decoder's tensors of an official VAE file, in this module's names.
+
+        The encoder and quantizer buffers are dropped (generation only decodes); names saved by
+        the official module classes (decoder.conv_in.conv.weight) lose their wrapper segment.
+        """
+        decoder = {k: v for k, v in state.items() if k.startswith("decoder.")}
+        if "decoder.conv_in.conv.weight" in decoder:
+            decoder = {re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", k): v for k, v in decoder.items()}
+        return decoder
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         dtype = self.decoder.conv_in.weight.dtype
         return self.decoder(z.to(dtype)).float().clamp(-1, 1)
 
-
-def decoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The decoder's tensors of an official VAE file, in this module's names.
-
-    The encoder and quantizer buffers are dropped (generation only decodes); names saved by the
-    official module classes (decoder.conv_in.conv.weight) lose their wrapper segment.
-    """
-    decoder = {k: v for k, v in state.items() if k.startswith("decoder.")}
-    if "decoder.conv_in.conv.weight" in decoder:
-        decoder = {re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", k): v for k, v in decoder.items()}
-    return decoder
