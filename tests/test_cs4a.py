@@ -10,6 +10,7 @@ from sparvar.sparsity import cs4a
 def test_topk_budget_rounds_to_multiples_of_112():
     assert cs4a.topk_budget(4121, 0.2, 112) == 784  # Infinity 1024, decision scale 10
     assert cs4a.topk_budget(4121, 1.0, 112) == 4121
+    assert cs4a.topk_budget(119, 1.0, 112) == 119
     assert cs4a.topk_budget(255, 0.2, 112) == 48  # short sequences fall back to multiples of 16
 
 

@@ -32,6 +32,8 @@ def topk_budget(kv_len: int, fraction: float, multiple: int) -> int:
     forced to keep a large share.
     """
     want = fraction * kv_len
+    if want >= kv_len:
+        return kv_len
     step = multiple if want >= multiple else 16
     return int(min(kv_len, max(step, step * round(want / step))))
 
