@@ -56,6 +56,13 @@ def group_map(schedule: Schedule, src: int, dst: int, group: int, device="cpu") 
 
 
 @lru_cache(maxsize=64)
+def sink_keys(schedule: Schedule, sink_scales: int, device="cpu"):
+    """Every token of the first `sink_scales` scales, as an (indices, valid) part of a key list."""
+    idx = torch.arange(schedule.offsets[sink_scales], device=device)
+    return idx, torch.ones_like(idx, dtype=torch.bool)
+
+
+@lru_cache(maxsize=64)
 def local_keys(schedule: Schedule, scale: int, group: int, side: int, device="cpu"):
     """Keys of scale `scale` inside the `side` x `side` window of any query of each group.
 

@@ -31,7 +31,7 @@ def plan_report(
     overrides = {k: v for k, v in (("q_block", q_block), ("key_block", key_block)) if v is not None}
     config = get_config(preset, **overrides)
     plan = make_plan(config, num_layers, schedule)
-    sink_tokens = schedule.kv_length(plan.sink_scales - 1)
+    sink_tokens = schedule.offsets[plan.sink_scales] if plan.sink_scales < len(schedule) else schedule.total
     layers, dense_pairs, planned_pairs = [], 0, 0.0
     for layer, modes in enumerate(plan.modes):
         scales = []

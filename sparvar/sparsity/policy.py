@@ -57,11 +57,6 @@ class SparVARPolicy(AttentionPolicy):
     def _sparse(self, q, k, v, table, call):
         return sparse_attention(q, k, v, table, call.softmax_scale, self.backend)
 
-    def _sinks(self, call, plan, device):
-        n = call.schedule.offsets[plan.sink_scales]
-        idx = torch.arange(n, device=device)
-        return idx, torch.ones(n, dtype=torch.bool, device=device)
-
     def _decide(self, q, k, v, call, plan, record):
         cfg = self.config
         out, colsum = attention_with_colsum(q, k, v, cfg.group, call.softmax_scale)
@@ -69,7 +64,8 @@ class SparVARPolicy(AttentionPolicy):
         self._selected[call.layer] = selected
         if cfg.residual:
             b, h, n, _ = q.shape
-            table = cs4a.key_table([self._sinks(call, plan, q.device), selected], b, h, n, cfg.group, k.shape[2])
+            sinks = cs4a.sink_keys(call.schedule, plan.sink_scales, q.device)
+            table = cs4a.key_table([sinks, selected], b, h, n, cfg.group, k.shape[2])
             record["pairs"] = table_pairs(table)
             self._residual[call.layer] = out - self._sparse(q, k, v, table, call)
         return out
@@ -88,7 +84,8 @@ class SparVARPolicy(AttentionPolicy):
             idx = cs4a.key_remap(call.schedule, S, scale, plan.sink_scales, q.device)[idx]
         local = cs4a.local_keys(call.schedule, scale, cfg.group, plan.local_windows[scale], q.device)
         b, h, n, _ = q.shape
-        table = cs4a.key_table([self._sinks(call, plan, q.device), (idx, valid), local], b, h, n, cfg.group, k.shape[2])
+        sinks = cs4a.sink_keys(call.schedule, plan.sink_scales, q.device)
+        table = cs4a.key_table([sinks, (idx, valid), local], b, h, n, cfg.group, k.shape[2])
         record["pairs"] = table_pairs(table)  # a tiny device tensor; the table itself is let go
         out = self._sparse(q, k, v, table, call)
         if cfg.residual:

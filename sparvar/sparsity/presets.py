@@ -125,11 +125,9 @@ class Plan:
 
 
 def _csla_windows(config: SparVARConfig, schedule: Schedule, sinks: int) -> tuple[int | None, ...]:
-    out = []
-    for i in range(len(schedule)):
-        back = len(schedule) - 1 - i
-        out.append(None if i < sinks else (config.csla_windows_from_end[back] if back < len(config.csla_windows_from_end) else 0))
-    return tuple(out)
+    from_end = config.csla_windows_from_end
+    back = [len(schedule) - 1 - i for i in range(len(schedule))]
+    return tuple(None if i < sinks else (from_end[b] if b < len(from_end) else 0) for i, b in enumerate(back))
 
 
 def cs4a_budget_density(schedule: Schedule, scale: int, sink_tokens: int, topk: int, group: int, side: int) -> float:
