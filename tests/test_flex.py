@@ -41,9 +41,10 @@ def test_flex_refuses_gathered_tables():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention is checked on the GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_flex_on_cuda_matches_the_reference_for_the_paper_table(dtype):
+@pytest.mark.parametrize("blocks", [(128, 128), (64, 128)])
+def test_compiled_flex_on_cuda_matches_the_reference_for_the_paper_table(dtype, blocks):
     s = infinity_schedule()
-    table = csla_block_table(s, 11, PAPER_CSLA_WINDOWS, device="cuda")
+    table = csla_block_table(s, 11, PAPER_CSLA_WINDOWS, *blocks, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 4, s.lengths[11], 128, device="cuda", generator=g).to(dtype)
     cache = torch.randn(2, 2, 4, s.total, 128, device="cuda", generator=g).to(dtype)

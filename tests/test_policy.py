@@ -169,6 +169,17 @@ def test_bfloat16_generation_stays_close_to_float32_where_plans_are_static():
     assert checked == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast backends run on CUDA")
+def test_cuda_backends_agree_with_the_reference_over_an_infinity_1024_generation():
+    schedule = infinity_schedule()
+    runs = {}
+    for backend in ("auto", "reference"):  # auto: flex for CSLA, gather for CS4A
+        policy = make_policy("paper", backend=backend)
+        runs[backend] = simulate(policy, schedule, num_layers=3, heads=2, dim=128, device="cuda")
+    for key, (*_, out) in runs["auto"].items():
+        assert _rel(out, runs["reference"][key][3]) < 1e-3, key
+
+
 def test_paper_plan_report_at_infinity_1024():
     for layers in (32, 40):  # Infinity-2B and -8B
         report = plan_report(layers, infinity_schedule(), "paper")

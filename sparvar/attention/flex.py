@@ -33,9 +33,9 @@ def block_mask(table: BlockTable):
     """The BlockMask of `table` (cached while the table lives)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if table.key_block < 16:
+    if table.key_block % 16 or table.q_block % 16:
         raise SparvarError(
-            f"FlexAttention needs key blocks of at least 16 tokens, got {table.key_block}; "
+            f"FlexAttention needs blocks of a multiple of 16 tokens, got {table.q_block} x {table.key_block}; "
             "use the 'gather' or 'reference' backend for gathered key lists"
         )
     cached = _block_masks.get(id(table))
@@ -65,6 +65,13 @@ def block_mask(table: BlockTable):
     return mask
 
 
+def _kernel_options(table: BlockTable) -> dict | None:
+    """Kernel tiles must divide the table's blocks; torch's default tiles suit 128 x 128 blocks."""
+    if (table.q_block, table.key_block) == (128, 128):
+        return None
+    return {"BLOCK_M": min(128, table.q_block & -table.q_block), "BLOCK_N": min(64, table.key_block & -table.key_block)}
+
+
 def _flex():
     global _compiled
     if _compiled is None:
@@ -86,7 +93,7 @@ def flex_attention(
         compile = q.is_cuda
     mask = block_mask(table)
     if compile:
-        return _flex()(q, k, v, block_mask=mask, scale=scale)
+        return _flex()(q, k, v, block_mask=mask, scale=scale, kernel_options=_kernel_options(table))
     import warnings
 
     from torch.nn.attention.flex_attention import flex_attention as eager
