@@ -31,6 +31,7 @@ def test_block_mask_matches_the_reference_on_awkward_lengths(b, h):
     ref = reference_sparse_attention(q, k, v, table, 0.25)
     assert (out - ref).norm() / ref.norm() < 1e-5
     assert flex.block_mask(table) is flex.block_mask(table)  # cached per table
+    assert torch.equal(flex.block_mask(table).to_dense(), flex.block_mask(table, eager=True).to_dense())
 
 
 def test_flex_refuses_gathered_tables():

@@ -2,9 +2,10 @@
 
 A BlockTable maps one to one onto FlexAttention's BlockMask: every listed block is passed as a
 "full" block, so the compiled kernel skips the unlisted ones and applies no mask inside the
-listed ones. The mask_mod that comes with it says the same thing per token (a lookup in the
-dense block matrix); only unfused paths (CPU, eager) evaluate it. BlockMasks are cached per
-table, and flex_attention is compiled once per process (torch.compile is what makes it fast).
+listed ones; it needs no mask_mod (the default one keeps every graph the same for all tables, so
+nothing recompiles per table). The unfused eager path ignores the block lists and evaluates
+only the mask_mod, so it gets one that looks up the dense block matrix. BlockMasks are cached
+per table, and flex_attention is compiled once per process (torch.compile makes it fast).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from sparvar.attention.tables import BlockTable
 from sparvar.errors import SparvarError
 
-_block_masks: dict[int, object] = {}  # id(table) -> BlockMask, dropped when the table dies
+_block_masks: dict[tuple[int, bool], object] = {}  # (id(table), eager) -> BlockMask, dropped with the table
 _compiled = None
 
 
@@ -29,8 +30,8 @@ def _dense_blocks(table: BlockTable) -> torch.Tensor:
     return dense.scatter_(-1, idx, True)[..., : table.num_kv_units]
 
 
-def block_mask(table: BlockTable):
-    """The BlockMask of `table` (cached while the table lives)."""
+def block_mask(table: BlockTable, eager: bool = False):
+    """The BlockMask of `table` (cached while the table lives); `eager` adds the per-token mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask
 
     if table.key_block % 16 or table.q_block % 16:
@@ -38,15 +39,18 @@ def block_mask(table: BlockTable):
             f"FlexAttention needs blocks of a multiple of 16 tokens, got {table.q_block} x {table.key_block}; "
             "use the 'gather' or 'reference' backend for gathered key lists"
         )
-    cached = _block_masks.get(id(table))
+    key = (id(table), eager)
+    cached = _block_masks.get(key)
     if cached is not None:
         return cached
-    dense = _dense_blocks(table)
     kb, qb, nk = table.key_block, table.q_block, table.num_kv_units
-    per_b, per_h = int(dense.shape[0] > 1), int(dense.shape[1] > 1)  # 0 broadcasts
+    mask_mod = None
+    if eager:
+        dense = _dense_blocks(table)
+        per_b, per_h = int(dense.shape[0] > 1), int(dense.shape[1] > 1)  # 0 broadcasts
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return dense[b * per_b, h * per_h, q_idx // qb, kv_idx // kb]
+        def mask_mod(b, h, q_idx, kv_idx):
+            return dense[b * per_b, h * per_h, q_idx // qb, kv_idx // kb]
 
     # FlexAttention reads the index lists' last dim as the number of key blocks: pad to it
     indices = torch.nn.functional.pad(table.indices, (0, nk - table.indices.shape[-1])).contiguous()
@@ -60,8 +64,8 @@ def block_mask(table: BlockTable):
         mask_mod=mask_mod,
         seq_lengths=(table.q_len, table.kv_len),
     )
-    _block_masks[id(table)] = mask
-    weakref.finalize(table, _block_masks.pop, id(table), None)
+    _block_masks[key] = mask
+    weakref.finalize(table, _block_masks.pop, key, None)
     return mask
 
 
@@ -91,7 +95,7 @@ def flex_attention(
     """
     if compile is None:
         compile = q.is_cuda
-    mask = block_mask(table)
+    mask = block_mask(table, eager=not compile)
     if compile:
         return _flex()(q, k, v, block_mask=mask, scale=scale, kernel_options=_kernel_options(table))
     import warnings
