@@ -7,7 +7,7 @@ import torch
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "flex", "gather")
 
 
 def sparse_attention(
@@ -16,4 +16,14 @@ def sparse_attention(
     """Attention of q (B, H, Lq, D) over the keys `table` lists for each query block."""
     if backend not in BACKENDS:
         raise SparvarError(f"unknown sparse attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":  # gathered lists: gather anywhere; blocks: flex on CUDA, else the reference
+        backend = "gather" if table.key_block == 1 else ("flex" if q.is_cuda else "reference")
+    if backend == "flex":
+        from sparvar.attention.flex import flex_attention
+
+        return flex_attention(q, k, v, table, scale)
+    if backend == "gather":
+        from sparvar.attention.gather import gather_attention
+
+        return gather_attention(q, k, v, table, scale)
     return reference_sparse_attention(q, k, v, table, scale)

@@ -1,0 +1,95 @@
+"""Where the tokens of a schedule live: sequence offsets, (y, x) grid cells, and blocks.
+
+The sequence is scale 0, then scale 1, ..., each scale row-major. Sparse plans speak of three
+things this module defines once: a token's cell (y, x) on its own scale's grid, the projection of
+a cell onto another scale's grid (the cell at the same relative place), and the partition of a
+run of tokens into blocks of consecutive indices (the unit a block-sparse kernel skips).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from sparvar.schedules import Schedule
+
+
+def scale_of_tokens(schedule: Schedule, scale: int, device="cpu") -> torch.Tensor:
+    """Scale index of every token of scales 0..scale (int64, length kv_length(scale))."""
+    lengths = torch.tensor(schedule.lengths[: scale + 1], device=device)
+    return torch.repeat_interleave(torch.arange(scale + 1, device=device), lengths)
+
+
+def cells(schedule: Schedule, scale: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x) grid cell of every token of `scale`, row-major, as int64 tensors of length n."""
+    h, w = schedule.sizes[scale]
+    y = torch.arange(h, device=device).repeat_interleave(w)
+    x = torch.arange(w, device=device).repeat(h)
+    return y, x
+
+
+def project(
+    schedule: Schedule, src: int, dst: int, y: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells of scale `src` projected onto scale `dst`: (round(y*h_dst/h_src), round(x*w_dst/w_src)).
+
+    Rounding is half-to-even (torch.round), computed exactly in float64; results are clamped onto
+    the destination grid, which matters when a coarse grid has fewer than two cells per side.
+    """
+    (hs, ws), (hd, wd) = schedule.sizes[src], schedule.sizes[dst]
+    py = torch.round(y.double() * hd / hs).long().clamp_(0, hd - 1)
+    px = torch.round(x.double() * wd / ws).long().clamp_(0, wd - 1)
+    return py, px
+
+
+def axis_window(centre: torch.Tensor, size: int, side: int) -> torch.Tensor:
+    """(n, size) bool: cells 0..size-1 of one axis inside the window of `side` around each centre.
+
+    Odd sides are centred; even ones lean down/right. Windows are clipped at the border.
+    """
+    lo, hi = (side - 1) // 2, side // 2
+    d = torch.arange(size, device=centre.device)[None, :] - centre[:, None]
+    return (d >= -lo) & (d <= hi)
+
+
+def window_mask(schedule: Schedule, q_scale: int, key_scale: int, side: int | None, device="cpu") -> torch.Tensor:
+    """(n_q, n_key) bool: tokens of `key_scale` in the `side` x `side` window around each query's
+    projection; side None = every token, 0 = none."""
+    n_q, n_key = schedule.lengths[q_scale], schedule.lengths[key_scale]
+    if side is None or side <= 0:
+        return torch.full((n_q, n_key), side is None, dtype=torch.bool, device=device)
+    h, w = schedule.sizes[key_scale]
+    py, px = project(schedule, q_scale, key_scale, *cells(schedule, q_scale, device))
+    return (axis_window(py, h, side)[:, :, None] & axis_window(px, w, side)[:, None, :]).view(n_q, n_key)
+
+
+def num_blocks(length: int, block: int) -> int:
+    return -(-length // block)
+
+
+def block_ids(length: int, block: int, device="cpu") -> torch.Tensor:
+    """Block index of each of `length` consecutive tokens (the last block may be short)."""
+    return torch.arange(length, device=device) // block
+
+
+def block_sizes(length: int, block: int, device="cpu") -> torch.Tensor:
+    """Number of tokens in each block (int64, length num_blocks)."""
+    starts = torch.arange(0, length, block, device=device)
+    return (length - starts).clamp(max=block)
+
+
+@lru_cache(maxsize=None)
+def default_sink_scales(schedule: Schedule, budget: int = 128) -> int:
+    """How many first scales are sinks by default: the longest prefix of at most `budget` tokens.
+
+    The paper keeps scales 0-4 of Infinity 1024 (121 tokens); with a 128-token budget the sinks
+    fill at most one 128-key block, whatever the schedule. At least scale 0 is a sink.
+    """
+    count, total = 0, 0
+    for n in schedule.lengths:
+        if total + n > budget:
+            break
+        total += n
+        count += 1
+    return max(count, 1)

@@ -1,0 +1,32 @@
+"""SparVAR: training-free sparse attention for next-scale prediction (arXiv 2602.04361).
+
+`make_policy(name)` gives an attention policy for the pipeline; `PRESETS` lists the names with
+a one-line description; `plan_report` shows what a preset does to a model without weights.
+"""
+
+from sparvar.sparsity.csla import PAPER_CSLA_WINDOWS, csla_block_table
+from sparvar.sparsity.plan import plan_report
+from sparvar.sparsity.policy import SparVARPolicy
+from sparvar.sparsity.presets import PRESETS, SparVARConfig, get_config, make_plan
+
+
+def make_policy(name: str, backend: str = "auto", sdpa_backend: str = "auto", **overrides) -> SparVARPolicy:
+    """The policy of preset `name` ("dense", "paper", "default", ...), some settings replaced.
+
+    `backend` picks the sparse kernel ("auto": the fast one on CUDA, the reference elsewhere);
+    `sdpa_backend` pins torch's kernel for the dense calls ("auto", "flash", "cudnn", ...).
+    """
+    return SparVARPolicy(get_config(name, **overrides), name=name, backend=backend, sdpa_backend=sdpa_backend)
+
+
+__all__ = [
+    "PAPER_CSLA_WINDOWS",
+    "PRESETS",
+    "SparVARConfig",
+    "SparVARPolicy",
+    "csla_block_table",
+    "get_config",
+    "make_plan",
+    "make_policy",
+    "plan_report",
+]

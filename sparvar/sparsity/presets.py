@@ -1,0 +1,173 @@
+"""SparVAR settings, the named presets, and the rules that turn settings into a plan.
+
+A plan says, for every (layer, scale) of a model depth and a schedule, which mode runs:
+"dense", "decision" (CS4A's dense pass that picks keys), "cs4a" (CS4A's sparse pass) or
+"csla". Rules are written relative to the end of the schedule, so the paper's Infinity
+1024x1024 settings carry over to any schedule (other aspect ratios, 512x512, VAR):
+- sinks: the longest prefix of scales with at most 128 tokens (Infinity 1024: scales 0-4);
+- CS4A in the first 11 layers (a shallower model than 32 layers keeps the share 11/32),
+  deciding at the third-last scale (Infinity 1024: 10), sparse at the scales after it;
+- CSLA in the other layers at the last 3 query scales, window side by key scale counted from
+  the last one: 7, 5, 3, 1, 1, then none (Infinity 1024: scales 12..8), sinks whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+from sparvar import layout
+from sparvar.errors import SparvarError
+from sparvar.schedules import Schedule
+from sparvar.sparsity import cs4a
+from sparvar.sparsity.csla import csla_block_table
+from sparvar.sparsity.stats import table_density
+
+MODES = ("dense", "decision", "cs4a", "csla")
+_PAPER_DEPTH = 32  # Infinity-2B's depth; the paper runs CS4A in layers 0-10 of 2B and 8B
+
+
+@dataclass(frozen=True)
+class SparVARConfig:
+    """Knobs of the SparVAR policy; defaults are the paper's Infinity 1024x1024 settings."""
+
+    sink_scales: int | None = None  # None: longest prefix of scales with <= 128 tokens
+    # CS4A, in the early layers
+    cs4a: bool = True
+    cs4a_layers: int = 11
+    decision_from_end: int = 3  # decision scale = number of scales - 3
+    group: int = 192  # queries sharing one key list
+    topk: float = 0.2  # share of the keys kept per group (the cap when `mass` is set)
+    topk_multiple: int = 112
+    mass: float | None = None  # per-group budgets: keep keys up to this share of attention mass
+    local_windows: tuple[int, ...] = (7, 9)  # own-scale window at decision+1, +2, ... (last repeats)
+    residual: bool = True
+    key_mapping: str = "decision"  # "decision": keys as picked (authors' code); "remap": the paper's
+    # CSLA, in the later layers
+    csla: bool = True
+    csla_scales: int = 3  # last query scales that use CSLA
+    csla_windows_from_end: tuple[int, ...] = (7, 5, 3, 1, 1)  # key scale K-1, K-2, ...; older: none
+    q_block: int = 128
+    key_block: int = 128
+    # a sparse scale whose planned block density exceeds this runs dense instead
+    max_density: float = 1.0
+
+    def __post_init__(self):
+        if self.key_mapping not in cs4a.KEY_MAPPINGS:
+            raise SparvarError(f"key_mapping must be one of {', '.join(cs4a.KEY_MAPPINGS)}, got {self.key_mapping!r}")
+        if not 0 < self.topk <= 1 or (self.mass is not None and not 0 < self.mass <= 1):
+            raise SparvarError("topk and mass are shares of the keys / of the attention mass, in (0, 1]")
+        if min(self.group, self.q_block, self.key_block, self.topk_multiple) < 1 or not self.local_windows:
+            raise SparvarError("group, block sizes and topk_multiple must be positive; give at least one local window")
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    config: SparVARConfig
+
+
+PRESETS: dict[str, Preset] = {
+    "dense": Preset("full attention everywhere (torch SDPA)", SparVARConfig(cs4a=False, csla=False)),
+    "paper": Preset(
+        "published SparVAR settings: Infinity 1024 CS4A in layers 0-10 (decide at scale 10, top 20%, "
+        "local 7/9, residual), CSLA at scales 10-12, sinks 0-4; same rules on other schedules",
+        SparVARConfig(),
+    ),
+    "default": Preset(
+        "paper, except a scale whose plan keeps over 40% of the blocks runs dense "
+        "(block-sparse kernels only beat cuDNN below that, REFERENCE.md section 7)",
+        SparVARConfig(max_density=0.4),
+    ),
+    "paper-remap": Preset(
+        "paper, with CS4A keys re-mapped into the matching finer scales (the paper's formula)",
+        SparVARConfig(key_mapping="remap"),
+    ),
+    "cs4a": Preset("ablation: CS4A with residual cache, later layers dense", SparVARConfig(csla=False)),
+    "cs4a-nores": Preset("ablation: CS4A alone, no residual cache, later layers dense",
+                         SparVARConfig(csla=False, residual=False)),
+    "csla": Preset("ablation: CSLA in the later layers, early layers dense", SparVARConfig(cs4a=False)),
+    "mass": Preset(
+        "experimental: paper, but CS4A keeps per (sample, head, group) the keys holding 95% of the "
+        "attention mass, at most 30% of the keys",
+        SparVARConfig(mass=0.95, topk=0.3),
+    ),
+}
+
+
+def get_config(preset: str | SparVARConfig, **overrides) -> SparVARConfig:
+    """A preset's settings (by name) with some fields replaced."""
+    if isinstance(preset, SparVARConfig):
+        config = preset
+    elif preset in PRESETS:
+        config = PRESETS[preset].config
+    else:
+        raise SparvarError(f"unknown attention preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in fields(SparVARConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise SparvarError(f"unknown SparVAR setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    return SparVARConfig(**{**asdict(config), **overrides})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What runs where, for one (config, depth, schedule)."""
+
+    modes: tuple[tuple[str, ...], ...]  # modes[layer][scale]
+    cs4a_layers: int  # layers 0..cs4a_layers-1 are the early (CS4A) layers
+    sink_scales: int
+    decision_scale: int | None
+    topk: int  # keys kept per group at the decision scale (the cap when mass budgets are on)
+    local_windows: tuple[int, ...]  # own-scale CS4A window per scale (0 where unused)
+    csla_windows: tuple[int | None, ...]  # per key scale: None = all tokens, 0 = none
+    density: dict  # (mode, scale) -> planned block density; CS4A: an upper bound of its budget
+
+
+def _csla_windows(config: SparVARConfig, schedule: Schedule, sinks: int) -> tuple[int | None, ...]:
+    from_end = config.csla_windows_from_end
+    back = [len(schedule) - 1 - i for i in range(len(schedule))]
+    return tuple(None if i < sinks else (from_end[b] if b < len(from_end) else 0) for i, b in enumerate(back))
+
+
+def cs4a_budget_density(schedule: Schedule, scale: int, sink_tokens: int, topk: int, group: int, side: int) -> float:
+    """Upper bound of CS4A's density at a later scale: (sinks + top-k + own window) / keys."""
+    _, valid = cs4a.local_keys(schedule, scale, group, side)
+    window = float(valid.sum(dim=1).float().mean())
+    return min(1.0, (sink_tokens + topk + window) / schedule.kv_length(scale))
+
+
+@lru_cache(maxsize=64)
+def make_plan(config: SparVARConfig, num_layers: int, schedule: Schedule) -> Plan:
+    """Apply the rules (module docstring) to one model depth and schedule."""
+    K = len(schedule)
+    sinks = min(K, config.sink_scales if config.sink_scales is not None else layout.default_sink_scales(schedule))
+    windows = _csla_windows(config, schedule, sinks)
+    n_cs4a = min(config.cs4a_layers, round(num_layers * config.cs4a_layers / _PAPER_DEPTH))
+
+    density = {}
+    if config.csla:
+        for k in range(max(sinks, K - config.csla_scales), K):
+            d = float(table_density(csla_block_table(schedule, k, windows, config.q_block, config.key_block)).max())
+            if d <= config.max_density:
+                density["csla", k] = d
+
+    S = K - config.decision_from_end
+    local, topk = [0] * K, 0
+    if config.cs4a and sinks <= S < K - 1:
+        topk = cs4a.topk_budget(schedule.kv_length(S), config.topk, config.topk_multiple)
+        for k in range(S + 1, K):
+            side = config.local_windows[min(k - S - 1, len(config.local_windows) - 1)]
+            d = cs4a_budget_density(schedule, k, schedule.offsets[sinks], topk, config.group, side)
+            if d <= config.max_density:
+                density["cs4a", k], local[k] = d, side
+    decision = S if any(m == "cs4a" for m, _ in density) else None
+    if decision is not None:
+        density["decision", S] = 1.0
+
+    def mode(layer: int, k: int) -> str:
+        wanted = ("decision", "cs4a") if layer < n_cs4a else ("csla",)
+        return next((m for m in wanted if (m, k) in density), "dense")
+
+    modes = tuple(tuple(mode(layer, k) for k in range(K)) for layer in range(num_layers))
+    return Plan(modes, n_cs4a, sinks, decision, topk, tuple(local), windows, density)
