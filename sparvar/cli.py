@@ -1,4 +1,4 @@
-"""The `sparvar` command: generate images, list models, run benchmarks.
+"""The `sparvar` command: generate images, list models and presets, show plans, run benchmarks.
 
 Errors the user can fix (missing files, wrong checkpoint, bad option values, no GPU) end in one
 line on stderr and exit status 2.
@@ -42,7 +42,6 @@ def _output_paths(out: str, conditions: list) -> list[Path]:
 def cmd_generate(args) -> None:
     from sparvar.models.registry import get_spec
     from sparvar.pipeline import load_pipeline
-    from sparvar.schedules import infinity_schedule, parse_schedule
 
     spec = get_spec(args.model)
     conditions = _conditions(args)
@@ -50,10 +49,7 @@ def cmd_generate(args) -> None:
         conditions = [0] if not spec.text_conditioned else []
     if not conditions:
         raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
-    if args.schedule:
-        schedule = parse_schedule(args.schedule)
-    else:
-        schedule = infinity_schedule(args.aspect, args.resolution or spec.resolution)
+    schedule = _schedule(args, spec)
     paths = _output_paths(args.out, conditions)
     pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=args.device)
     out = pipe(
@@ -84,10 +80,63 @@ def cmd_models(args) -> None:
     print(f"resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
 
 
+def _schedule(args, spec):
+    from sparvar.schedules import parse_schedule
+
+    return parse_schedule(args.schedule) if args.schedule else spec.schedule(args.aspect, args.resolution)
+
+
+def cmd_presets(args) -> None:
+    from sparvar.sparsity import PRESETS
+
+    for name, preset in PRESETS.items():
+        print(f"{name:12s} {preset.description}")
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(out)
+
+
+def cmd_plan(args) -> None:
+    import json
+
+    from sparvar.models.registry import get_spec
+    from sparvar.sparsity import plan_report
+
+    spec = get_spec(args.model)
+    report = plan_report(spec.transformer.depth, _schedule(args, spec), args.attention)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"{spec.name}, preset {report['preset']}: {report['description']}")
+    for k, size in enumerate(report["schedule"]["sizes"]):
+        groups: dict[tuple, list[int]] = {}
+        for layer in report["layers"]:
+            entry = layer["scales"][k]
+            groups.setdefault((entry["mode"], entry["block_density"], entry["exact"]), []).append(layer["layer"])
+        parts = [
+            f"{mode} {density:.1%}{'' if exact else ' (budget)'} in layers {_ranges(layers)}"
+            for (mode, density, exact), layers in groups.items()
+        ]
+        print(f"  scale {k:2d} ({size[0]}x{size[1]}): " + "; ".join(parts))
+    print(f"attention pairs saved: {report['pairs']['saved_fraction']:.1%}")
+
+
 def cmd_bench(args) -> None:
     from sparvar.bench import e2e
 
     {"baseline": e2e.main}[args.what](args.rest)
+
+
+def _add_schedule_options(parser) -> None:
+    parser.add_argument("--aspect", default="1:1", help="width:height, one of Infinity's ratios (see `sparvar models`)")
+    parser.add_argument("--resolution", type=int, help="pixel budget: 256, 512, 768 or 1024")
+    parser.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3"')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,10 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tau", type=float, help="sampling temperature (default: the model's)")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=0.97)
-    gen.add_argument("--aspect", default="1:1", help="width:height, one of Infinity's ratios (see `sparvar models`)")
-    gen.add_argument("--resolution", type=int, help="pixel budget: 256, 512, 768 or 1024")
-    gen.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3"')
-    gen.add_argument("--attention", default="dense", help="attention policy (dense, paper, default)")
+    _add_schedule_options(gen)
+    gen.add_argument("--attention", default="dense", help="attention preset (see `sparvar presets`)")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--out", default="out", help="output folder, or a .png path for one image")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -118,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the model configs and the files each needs")
     models.set_defaults(func=cmd_models)
+
+    presets = sub.add_parser("presets", help="list the attention presets")
+    presets.set_defaults(func=cmd_presets)
+
+    plan = sub.add_parser("plan", help="what an attention preset does to a model, per layer and scale (no weights)")
+    plan.add_argument("--model", default="infinity-demo")
+    plan.add_argument("--attention", default="default", help="attention preset (see `sparvar presets`)")
+    _add_schedule_options(plan)
+    plan.add_argument("--json", action="store_true", help="the whole plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
     bench.add_argument("what", choices=["baseline"], help="baseline: dense generation time of 2B and 8B")

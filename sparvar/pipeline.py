@@ -37,7 +37,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_policy(attention: AttentionPolicy | str | None) -> AttentionPolicy:
-    if attention is None or attention == "dense":
+    """None: plain dense SDPA; a preset name: that SparVAR policy (with stats); a policy: itself."""
+    if attention is None:
         return DenseAttention()
     if isinstance(attention, AttentionPolicy):
         return attention
@@ -78,6 +79,7 @@ class GenerationOutput:
     tokens: list[torch.Tensor]  # sampled tokens per scale, (B, n_k, bits)
     scale_seconds: list[float]  # transformer + sampling time of each scale
     stage_seconds: dict[str, float] = field(default_factory=dict)  # condition, transformer, decode, total
+    policy: AttentionPolicy | None = None  # the attention policy that ran (sparse ones have stats())
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -202,7 +204,7 @@ class Pipeline:
             "decode": seconds[-1][1],
         }
         stages["total"] = sum(stages.values())
-        return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages)
+        return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy)
 
 
 def load_pipeline(

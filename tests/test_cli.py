@@ -66,3 +66,23 @@ def test_bad_values(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_but_absent(capsys):
     assert "no usable CUDA GPU" in _error(capsys, ["generate", "--device", "cuda"])
+
+
+def test_plan_json_without_weights(capsys):
+    import json
+
+    assert main(["plan", "--model", "infinity-8b", "--attention", "paper", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_layers"] == 40 and report["decision_scale"] == 10
+    modes = [[s["mode"] for s in layer["scales"]] for layer in report["layers"]]
+    assert modes[0][10:] == ["decision", "cs4a", "cs4a"] and modes[11][10:] == ["csla"] * 3
+    assert abs(report["layers"][20]["scales"][12]["block_density"] - 0.165) < 0.005
+
+
+def test_plan_text_and_presets(capsys):
+    assert main(["plan", "--model", "infinity-2b", "--attention", "default", "--aspect", "3:4"]) == 0
+    out = capsys.readouterr().out
+    assert "scale 12 (72x54)" in out and "csla" in out and "attention pairs saved" in out
+    assert main(["presets"]) == 0
+    assert "paper" in capsys.readouterr().out
+    assert "unknown attention preset" in _error(capsys, ["plan", "--attention", "fastest"])

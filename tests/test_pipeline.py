@@ -127,3 +127,24 @@ def test_text_model_rejects_labels_and_bad_arguments(pipe):
         pipe(["a", "b"], seed=[1], schedule=SCHEDULE, progress=False)
     with pytest.raises(SparvarError, match="tau"):
         pipe(["a"], tau=0, schedule=SCHEDULE, progress=False)
+
+
+@pytest.mark.parametrize("preset", ["dense", "paper", "default", "paper-remap", "cs4a", "csla", "mass"])
+def test_a_small_model_generates_with_each_preset(pipe, preset):
+    from sparvar.schedules import infinity_schedule
+
+    schedule = infinity_schedule("4:3", 512)  # 10 scales, not square
+    last = {}
+    dense = pipe(["a boat"], seed=2, schedule=schedule, progress=False,
+                 on_scale=lambda k, logits, bits: last.update(dense=logits))
+    out = pipe(["a boat"], seed=2, schedule=schedule, attention=preset, progress=False,
+               on_scale=lambda k, logits, bits: last.update(sparse=logits))
+    assert out.images[0].size == dense.images[0].size
+    stats = out.policy.stats()
+    plan = out.policy.plan(pipe.spec.transformer.depth, schedule)
+    assert {e["mode"] for e in stats["entries"]} == {m for row in plan.modes for m in row}
+    assert torch.isfinite(last["sparse"]).all()
+    if preset == "dense":
+        assert stats["total"]["saved_fraction"] == 0 and torch.equal(last["sparse"], last["dense"])
+    else:
+        assert stats["total"]["saved_fraction"] > 0.05 and not torch.equal(last["sparse"], last["dense"])
