@@ -75,16 +75,16 @@ def markdown(result: dict) -> str:
     header = "| model | " + " | ".join(f"{h}x{w}" for h, w in result["rows"][0]["scales"]) + " |"
     lines += [header, "|---" * (len(result["rows"][0]["scales"]) + 1) + "|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | " + " | ".join(f"{t * 1000:.1f}" for t in r["scale_s"]) + " |")
+        lines.append(f"| {r['model']} {r['attention']} | " + " | ".join(f"{t * 1000:.1f}" for t in r["scale_s"]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def run(models: list[str], repeats: int, out_dir: str, name: str, command: str) -> dict:
+def run(models: list[str], attentions: list[str], repeats: int, out_dir: str, name: str, command: str) -> dict:
     if not torch.cuda.is_available():
         raise SparvarError("the end-to-end benchmark needs a CUDA GPU")
-    rows = [bench_model(m, repeats=repeats) for m in models]
+    rows = [bench_model(m, attention=a, repeats=repeats) for m in models for a in attentions]
     result = {
-        "title": "Dense generation baseline: random weights, 1024x1024, batch 1 with CFG, bf16",
+        "title": "Generation time: random weights, 1024x1024, batch 1 with CFG, bf16",
         "card": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "command": command,
@@ -102,11 +102,13 @@ def run(models: list[str], repeats: int, out_dir: str, name: str, command: str) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sparvar bench baseline", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"])
+    parser.add_argument("--attention", nargs="+", default=["dense"], help="attention presets to time")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks")
+    parser.add_argument("--name", default="baseline", help="file name of the results (JSON and markdown)")
     args = parser.parse_args(argv)
     command = "sparvar bench baseline " + " ".join(argv if argv is not None else sys.argv[1:])
-    run(args.models, args.repeats, args.out, "baseline", command.strip())
+    run(args.models, args.attention, args.repeats, args.out, args.name, command.strip())
 
 
 if __name__ == "__main__":
