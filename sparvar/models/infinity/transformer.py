@@ -383,14 +383,24 @@ class InfinityTransformer(nn.Module):
         return self.logits(x, prep.cond)
 
     def forward_full(self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared) -> torch.Tensor:
-        """Teacher forcing: inputs of scales 1.. (each (B, n_k, bits)) -> logits of all tokens."""
+        """Teacher forcing: inputs of scales 1.. (each (B, n_k, bits)) -> logits of all tokens.
+
+        The block-causal mask is applied as one unmasked attention per scale (its queries over the
+        prefix of keys up to its end): the same result, without an L x L mask, so training can use
+        flash kernels and skips the masked half.
+        """
         x = torch.cat([prep.start] + [self.embed_codes(c) for c in inputs], dim=1)
         scale_of_token = torch.repeat_interleave(torch.arange(len(schedule)), torch.tensor(schedule.lengths))
         x = x + self.lvl_embed.weight[scale_of_token.to(x.device)].float()
-        mask = (scale_of_token[:, None] >= scale_of_token[None, :]).to(x.device)
 
         def attend(layer, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+            v = v.to(q.dtype)
+            ends = [start + n for start, n in zip(schedule.offsets, schedule.lengths)]
+            outs = [
+                F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=1.0)
+                for start, end in zip(schedule.offsets, ends)
+            ]
+            return torch.cat(outs, dim=2)
 
         x = self._blocks(x, prep, self.rope(schedule).slice(0, schedule.total), attend)
         return self.logits(x, prep.cond)
