@@ -4,7 +4,8 @@ CS4A gives every group of queries its own list of keys. Gathering those keys and
 group and running SDPA over the (batch, head, group) batch keeps memory at
 O(groups x list length) instead of the O(q_len x kv_len) of a masked dense reference, so it
 runs on any device at full model sizes. The result is exact for the table (rows with an empty
-list give zeros).
+list give zeros). Block tables (CSLA's) are first expanded into their key tokens, so on the CPU
+only the kept blocks are computed (the masked reference computes all of them, then masks).
 """
 
 from __future__ import annotations
@@ -13,13 +14,26 @@ import torch
 import torch.nn.functional as F
 
 from sparvar.attention.tables import BlockTable
-from sparvar.errors import SparvarError
+
+
+def expand_blocks(table: BlockTable) -> BlockTable:
+    """The same sparsity as a gathered table: every token of each kept key block, in order."""
+    kb, (b, h, g, m) = table.key_block, table.indices.shape
+    dev = table.indices.device
+    tokens = (table.indices.long()[..., None] * kb + torch.arange(kb, device=dev)).flatten(-2)
+    kept = (torch.arange(m, device=dev) < table.counts[..., None])[..., None].expand(b, h, g, m, kb).flatten(-2)
+    kept = kept & (tokens < table.kv_len)  # the last block may be short
+    order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)  # kept tokens first
+    tokens = torch.gather(torch.where(kept, tokens, 0), -1, order)
+    counts = kept.sum(dim=-1)
+    width = max(1, int(counts.max()))
+    return BlockTable(counts.int(), tokens[..., :width].int().contiguous(), table.q_block, 1, table.q_len, table.kv_len)
 
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: BlockTable, scale: float) -> torch.Tensor:
     """q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D) attending to the keys `table` lists."""
     if table.key_block != 1:
-        raise SparvarError(f"gather attention needs a gathered table (key_block 1), got key_block {table.key_block}")
+        table = expand_blocks(table)
     b, h, lq, d = q.shape
     g, m, qb = table.num_q_blocks, table.indices.shape[-1], table.q_block
     idx = table.indices.expand(b, h, g, m).reshape(b, h, g * m, 1).long()

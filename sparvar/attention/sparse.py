@@ -16,8 +16,8 @@ def sparse_attention(
     """Attention of q (B, H, Lq, D) over the keys `table` lists for each query block."""
     if backend not in BACKENDS:
         raise SparvarError(f"unknown sparse attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":  # gathered lists: gather anywhere; blocks: flex on CUDA, else the reference
-        backend = "gather" if table.key_block == 1 else ("flex" if q.is_cuda else "reference")
+    if backend == "auto":  # blocks on CUDA: flex; gathered lists anywhere, and blocks on the CPU: gather
+        backend = "flex" if q.is_cuda and table.key_block > 1 else "gather"
     if backend == "flex":
         from sparvar.attention.flex import flex_attention
 
