@@ -207,6 +207,14 @@ class Pipeline:
         return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy)
 
 
+def _bundled(spec: ModelSpec, option: str) -> str | None:
+    """The weights shipped in the package for `option`, if the model has any."""
+    path = spec.bundled_path(option)
+    if path is not None and not path.is_file():
+        raise SparvarError(f"{spec.name}'s bundled weights {path} are missing: reinstall sparvar")
+    return None if path is None else str(path)
+
+
 def load_pipeline(
     model: str = "infinity-demo",
     weights: str | None = None,
@@ -220,7 +228,8 @@ def load_pipeline(
     """A ready pipeline for a named model.
 
     Official checkpoints load from local paths (`sparvar models` lists which file goes where);
-    models that need no files build the parts not given with random weights (seeded).
+    the demo model loads the weights shipped in the package unless others are given; models
+    that need no files build the parts not given with random weights (seeded).
     `random_weights=True` builds every part with random weights (benchmarks, tests).
     bf16 on GPU, float32 on CPU unless `dtype` says otherwise.
     """
@@ -228,6 +237,8 @@ def load_pipeline(
     device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not random_weights:
+        weights = weights or _bundled(spec, "--weights")
+        vae = vae or _bundled(spec, "--vae")
         given = {"--weights": weights, "--vae": vae, "--text-encoder": text_encoder}
         missing = [opt for opt in spec.files if given[opt] is None]
         if missing:

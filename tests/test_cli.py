@@ -27,7 +27,7 @@ def test_generate_writes_images(tmp_path, capsys):
 
 def test_generate_one_png_path(tmp_path):
     target = tmp_path / "sub" / "img.png"
-    argv = ["generate", "--model", "infinity-demo", "--class", "class-2", "--schedule", "1,2",
+    argv = ["generate", "--model", "infinity-demo", "--class", "trouser", "--schedule", "1,2",
             "--out", str(target), "--quiet"]
     assert main(argv) == 0 and target.is_file()
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from sparvar.demo.data import FASHION_MNIST_CLASSES
 from sparvar.errors import SparvarError
 from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.text import T5_XL
 from sparvar.models.infinity.transformer import InfinityConfig, InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
 from sparvar.schedules import Schedule, infinity_schedule
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class ModelSpec:
     resolution: int = 1024  # default pixel budget of Infinity's schedule tables
     classes: tuple[str, ...] = ()  # label names of class-conditional models
     family: str = "infinity"
+    bundled: dict[str, str] = field(default_factory=dict)  # CLI option -> weights file in sparvar/assets
+
+    def bundled_path(self, option: str) -> Path | None:
+        """The weights file shipped in the package for `option` (--weights, --vae), if any."""
+        return ASSETS / self.bundled[option] if option in self.bundled else None
 
     @property
     def text_conditioned(self) -> bool:
@@ -93,15 +102,17 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "infinity-demo",
-            "small class-conditional Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 128 px); "
-            "RANDOM weights until the trained demo model ships",
+            "small class-conditional Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 64x64 px), "
+            "trained on Fashion-MNIST (sparvar train-demo, benchmarks/demo_training.json); weights ship "
+            "with the package",
             InfinityConfig(
-                depth=4, width=128, heads=2, vae_channels=16, text_width=0, num_classes=10, block_chunks=1,
+                depth=6, width=128, heads=2, vae_channels=8, text_width=0, num_classes=10, block_chunks=1,
                 cfg=3.0, tau=1.0,
             ),
-            VAEConfig(channels=16, ch_mult=(1, 2), base=32),
+            VAEConfig(channels=8, ch_mult=(1,), base=64),
             None,
-            classes=tuple(f"class-{i}" for i in range(10)),
+            classes=FASHION_MNIST_CLASSES,
+            bundled={"--weights": "infinity_demo.safetensors", "--vae": "infinity_demo_vae.safetensors"},
         ),
         ModelSpec(
             "infinity-tiny",

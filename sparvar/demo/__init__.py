@@ -1,0 +1,1 @@
+"""The demo model: its data set (Fashion-MNIST from an installed package), tokenizer and training."""
