@@ -394,7 +394,7 @@ class InfinityTransformer(nn.Module):
         x = x + self.lvl_embed.weight[scale_of_token.to(x.device)].float()
 
         def attend(layer, q, k, v):
-            v = v.to(q.dtype)
+            q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast v is already in the low precision
             ends = [start + n for start, n in zip(schedule.offsets, schedule.lengths)]
             outs = [
                 F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=1.0)
