@@ -45,22 +45,62 @@ def cmd_generate(args) -> None:
 
     spec = get_spec(args.model)
     conditions = _conditions(args)
-    if not conditions:
-        conditions = [0] if not spec.text_conditioned else []
+    if not conditions and not spec.text_conditioned:
+        conditions = [spec.classes[0] if spec.classes else 0]
     if not conditions:
         raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
+    presets = [p.strip() for p in args.attention.split(",") if p.strip()]
+    if not presets:
+        raise SparvarError("--attention names no preset; see `sparvar presets`")
     schedule = _schedule(args, spec)
     paths = _output_paths(args.out, conditions)
     pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=args.device)
-    out = pipe(
-        conditions, seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
-        schedule=schedule, attention=args.attention, progress=not args.quiet,
-    )
-    for path, image in zip(paths, out.images):
-        image.save(path)
-        print(f"wrote {path}")
-    stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
-    print(f"{spec.name} on {pipe.device}, {len(schedule)} scales ({schedule.describe()}): {stages}")
+    print(f"{spec.name} on {pipe.device}, {len(schedule)} scales ({schedule.describe()})")
+    runs = {}
+    for name in presets:
+        out = pipe(
+            conditions, seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
+            schedule=schedule, attention=name, progress=not args.quiet,
+        )
+        runs[name] = out
+        stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
+        print(f"  {name}: {stages}; attention density {_density(out.policy):.1%}")
+    if len(presets) == 1:
+        for path, image in zip(paths, runs[presets[0]].images):
+            image.save(path)
+            print(f"wrote {path}")
+        return
+    for i, path in enumerate(paths):
+        for name, out in runs.items():
+            out.images[i].save(path.with_name(f"{path.stem}_{name}.png"))
+        target = path.with_name(f"{path.stem}_compare.png")
+        _comparison(runs, i).save(target)
+        print(f"wrote {target} and one image per preset beside it")
+
+
+def _density(policy) -> float:
+    from sparvar.eval.quality import attention_density
+
+    return attention_density(policy)
+
+
+def _comparison(runs: dict, item: int):
+    """Every preset's image, then the difference of each to the first, captioned with time,
+    attention density and PSNR."""
+    from sparvar.eval.draw import difference_map, side_by_side
+    from sparvar.eval.metrics import psnr, to_tensor
+
+    names = list(runs)
+    first = runs[names[0]].images[item]
+    panels = [
+        (out.images[item], f"{name}\n{out.stage_seconds['total']:.2f} s, density {_density(out.policy):.1%}")
+        for name, out in runs.items()
+    ]
+    for name in names[1:]:
+        image = runs[name].images[item]
+        db = float(psnr(to_tensor([image]), to_tensor([first]))[0])
+        panels.append((difference_map(first, image), f"|{names[0]} - {name}| x4\nPSNR {db:.1f} dB"))
+    return side_by_side(panels)
 
 
 def cmd_models(args) -> None:
@@ -157,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=0.97)
     _add_schedule_options(gen)
-    gen.add_argument("--attention", default="dense", help="attention preset (see `sparvar presets`)")
+    gen.add_argument(
+        "--attention", default="dense,default",
+        help="attention preset, or several separated by commas: each runs with the same seeds, and a "
+        "side-by-side with difference maps is written (see `sparvar presets`)",
+    )
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--out", default="out", help="output folder, or a .png path for one image")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -135,6 +136,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -167,7 +169,7 @@ def main(argv=None) -> dict:
         return torch.where(mirror[:, None, None, None], x.flip(-1), x), labels[idx]
 
     log = {
-        "command": "sparvar train-demo " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "sparvar train-demo " + " ".join(argv),
         "args": vars(args),
         "model": args.model,
         "transformer_config": asdict(cfg),

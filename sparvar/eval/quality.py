@@ -1,0 +1,216 @@
+"""`sparvar eval`: what sparse attention costs in quality, against dense, with the same seeds.
+
+For N seeds x conditions (class labels, or prompts for text models) every preset generates the
+same items as dense attention. Per preset: PSNR and SSIM of its images against the dense ones
+(LPIPS when its weights are on disk), the relative error of every attention output against
+dense attention on the same inputs, per (layer, scale), the share of attention FLOPs computed
+(density), and the time per image. Results go to JSON and markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.errors import SparvarError
+from sparvar.eval.metrics import lpips_distance, lpips_model, psnr, ssim, to_tensor
+
+
+def attention_density(policy: AttentionPolicy) -> float:
+    """Share of dense attention FLOPs the last generation computed (1.0 for policies without stats)."""
+    if not hasattr(policy, "stats"):
+        return 1.0
+    total = policy.stats()["total"]
+    return total["flops"] / total["flops_dense"] if total["flops_dense"] else 1.0
+
+
+class ErrorProbe(AttentionPolicy):
+    """Runs `inner` and returns its output; also runs dense attention on the same q, k, v and
+    keeps ||out - dense|| / ||dense|| per (layer, scale), summed over generations."""
+
+    def __init__(self, inner: AttentionPolicy):
+        self.inner, self.dense = inner, DenseAttention()
+        self.sums: dict[tuple[int, int], float] = defaultdict(float)
+        self.counts: dict[tuple[int, int], int] = defaultdict(int)
+        self.name = getattr(inner, "name", type(inner).__name__)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def stats(self) -> dict:
+        return self.inner.stats()
+
+    def __call__(self, q, k, v, call):
+        out = self.inner(q, k, v, call)
+        ref = self.dense(q, k, v, call).float()
+        key = (call.layer, call.scale)
+        self.sums[key] += float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        self.counts[key] += 1
+        return out
+
+    def errors(self, num_layers: int, num_scales: int) -> list[list[float]]:
+        """Mean relative error as [layer][scale]."""
+        return [[self.sums[i, k] / self.counts[i, k] for k in range(num_scales)] for i in range(num_layers)]
+
+
+def _presets(names: list[str]) -> dict[str, AttentionPolicy]:
+    from sparvar.sparsity import make_policy
+
+    return {name: make_policy(name) for name in names}
+
+
+def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch: int = 10,
+             cfg: float | None = None, tau: float | None = None, progress: bool = True) -> dict:
+    """Run every preset on the same (condition, seed) items; metrics against the first preset."""
+    from tqdm.auto import tqdm
+
+    items = [(c, s) for c in conditions for s in seeds]
+    batches = [items[i : i + batch] for i in range(0, len(items), batch)]
+    schedule = pipe.schedule()
+    depth = pipe.spec.transformer.depth
+    lpips, lpips_note = lpips_model(pipe.device)
+    images, rows = {}, {}
+    for name, policy in _presets(presets).items():
+        probe, out_images, densities = ErrorProbe(policy), [], []
+        for chunk in tqdm(batches, desc=name, disable=not progress):
+            out = pipe([c for c, _ in chunk], seed=[s for _, s in chunk], cfg=cfg, tau=tau, attention=probe,
+                       progress=False)
+            out_images += out.images
+            densities.append(attention_density(probe))
+        # timed apart from the probe (which adds a dense pass), after the run above warmed up
+        first = batches[0]
+        timed = pipe([c for c, _ in first], seed=[s for _, s in first], cfg=cfg, tau=tau, attention=policy,
+                     progress=False)
+        images[name] = to_tensor(out_images)
+        rows[name] = {
+            "description": _description(name),
+            "density": sum(densities) / len(densities),
+            "seconds_per_image": timed.stage_seconds["total"] / len(first),
+            "attention_rel_error": probe.errors(depth, len(schedule)),
+        }
+    reference = presets[0]
+    for name, row in rows.items():
+        row["speedup"] = rows[reference]["seconds_per_image"] / row["seconds_per_image"]
+        errors = [e for layer in row["attention_rel_error"] for e in layer]
+        row["attention_rel_error_mean"] = sum(errors) / len(errors)
+        row["attention_rel_error_max"] = max(errors)
+        if name == reference:
+            continue
+        p = psnr(images[name], images[reference])
+        row["identical_images"] = int(torch.isinf(p).sum())
+        row["psnr"] = float(p.clamp(max=100).mean())  # an identical image counts as 100 dB
+        row["ssim"] = float(ssim(images[name], images[reference]).mean())
+        if lpips is not None:
+            row["lpips"] = float(lpips_distance(lpips, images[name], images[reference]).mean())
+    return {
+        "model": pipe.spec.name,
+        "device": str(pipe.device),
+        "schedule": schedule.describe(),
+        "samples": len(items),
+        "conditions": [str(c) for c in conditions],
+        "seeds": seeds,
+        "cfg": cfg if cfg is not None else pipe.spec.transformer.cfg,
+        "tau": tau if tau is not None else pipe.spec.transformer.tau,
+        "reference": reference,
+        "lpips": lpips_note,
+        "presets": rows,
+    }
+
+
+def _description(name: str) -> str:
+    from sparvar.sparsity import PRESETS
+
+    return PRESETS[name].description if name in PRESETS else ""
+
+
+def summary(results: dict) -> dict:
+    """The headline numbers: PSNR and density of `default` and `paper` (where evaluated)."""
+    out = {}
+    for name in ("default", "paper"):
+        if name in results["presets"]:
+            row = results["presets"][name]
+            out[f"{name}_psnr"] = row.get("psnr")
+            out[f"{name}_ssim"] = row.get("ssim")
+            out[f"{name}_density"] = row["density"]
+    return out
+
+
+def to_markdown(results: dict) -> str:
+    cols = ["preset", "PSNR (dB)", "SSIM", "LPIPS", "attn rel. error (mean / max)", "density", "s / image", "speed-up"]
+    lines = [
+        f"# Quality of sparse attention: {results['model']}",
+        "",
+        f"{results['samples']} samples ({len(results['conditions'])} conditions x {len(results['seeds'])} seeds), "
+        f"cfg {results['cfg']}, tau {results['tau']}, on {results['device']}; schedule {results['schedule']}. "
+        f"Images and attention outputs are compared with `{results['reference']}` on the same seeds; "
+        "density = share of dense attention FLOPs computed. " + results["lpips"] + ".",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for name, row in results["presets"].items():
+        fmt = lambda key, spec: format(row[key], spec) if key in row else "-"  # noqa: E731
+        lines.append(
+            f"| {name} | {fmt('psnr', '.2f')} | {fmt('ssim', '.4f')} | {fmt('lpips', '.4f')} | "
+            f"{row['attention_rel_error_mean']:.4f} / {row['attention_rel_error_max']:.4f} | {row['density']:.1%} | "
+            f"{row['seconds_per_image']:.3f} | {row['speedup']:.2f}x |"
+        )
+    lines += ["", "Presets:", ""] + [f"- `{n}`: {r['description']}" for n, r in results["presets"].items()]
+    if "summary" in results:
+        lines += ["", "Summary: " + ", ".join(f"{k} {v:.4g}" for k, v in results["summary"].items() if v is not None)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sparvar eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="infinity-demo")
+    p.add_argument("--weights", help="transformer checkpoint (default: the demo model's shipped weights)")
+    p.add_argument("--vae")
+    p.add_argument("--text-encoder")
+    p.add_argument("--presets", default="dense,paper,default", help="comma-separated; the first is the reference")
+    p.add_argument("--seeds", type=int, default=7, help="seeds per condition")
+    p.add_argument("--labels", help="comma-separated class indices or names (default: every class)")
+    p.add_argument("--prompts", help="file with one prompt per line (text models)")
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--tau", type=float)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="out/quality", help="writes OUT.json and OUT.md")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from sparvar.pipeline import load_pipeline
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
+    if pipe.spec.text_conditioned:
+        if not args.prompts or not Path(args.prompts).is_file():
+            raise SparvarError(f"{pipe.spec.name} is text-conditioned: give --prompts FILE (one prompt a line)")
+        conditions = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    elif args.labels:
+        conditions = [c.strip() for c in args.labels.split(",")]
+    else:
+        conditions = list(pipe.spec.classes or range(pipe.spec.num_classes))
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    results = evaluate(pipe, conditions, list(range(args.seeds)), presets, args.batch, args.cfg, args.tau,
+                       progress=not args.quiet)
+    results["summary"] = summary(results)
+    results["command"] = "sparvar eval " + " ".join(argv)
+    results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    out.with_suffix(".md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return results
