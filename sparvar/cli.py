@@ -167,6 +167,24 @@ def cmd_plan(args) -> None:
     print(f"attention pairs saved: {report['pairs']['saved_fraction']:.1%}")
 
 
+def cmd_eval(args) -> None:
+    from sparvar.eval import quality
+
+    quality.main(args.rest)
+
+
+def cmd_analyze(args) -> None:
+    from sparvar.eval import analyze
+
+    analyze.main(args.rest)
+
+
+def cmd_train_demo(args) -> None:
+    from sparvar.demo import train
+
+    train.main(args.rest)
+
+
 def cmd_bench(args) -> None:
     from sparvar.bench import e2e
 
@@ -177,6 +195,9 @@ def _add_schedule_options(parser) -> None:
     parser.add_argument("--aspect", default="1:1", help="width:height, one of Infinity's ratios (see `sparvar models`)")
     parser.add_argument("--resolution", type=int, help="pixel budget: 256, 512, 768 or 1024")
     parser.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3"')
+
+
+_PASS_THROUGH = {"eval": cmd_eval, "analyze": cmd_analyze, "train-demo": cmd_train_demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="the whole plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
+    for name, text in (
+        ("eval", "image and attention fidelity of presets against dense, same seeds (JSON + markdown)"),
+        ("analyze", "attention sinks, cross-scale similarity, locality, block tables (JSON + pictures)"),
+        ("train-demo", "train the demo model (Fashion-MNIST, tokenizer + transformer)"),
+    ):
+        sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
+
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
     bench.add_argument("what", choices=["baseline"], help="baseline: dense generation time of 2B and 8B")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
@@ -228,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv and argv[0] in _PASS_THROUGH:  # their own parsers take every option, --help included
+        args = argparse.Namespace(func=_PASS_THROUGH[argv[0]], rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.func(args)
     except SparvarError as err:

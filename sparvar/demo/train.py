@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sparvar.demo.data import FASHION_MNIST_DIR, load_images, to_pixels
 from sparvar.demo.tokenizer import Encoder, Tokenizer, quantize
@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--flip", type=float, default=0.2, help="max share of bits flipped per sample (self-correction)")
     p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--scale-lr", type=float, default=10.0,
+                   help="learning-rate factor of the attention temperatures (log-scale, start at 4): lets "
+                   "attention sharpen within a short run")
+    p.add_argument("--tokenizer", help="folder with encoder.safetensors and vae.safetensors: skip phase 1")
     p.add_argument("--save-every", type=float, default=60.0, help="seconds between checkpoints")
     p.add_argument("--model", default="infinity-demo", help="registry config to train")
     p.add_argument("--schedule", help="other scales than the model's (small test runs)")
@@ -86,12 +90,13 @@ def scale_weights(schedule, device) -> torch.Tensor:
 
 
 class Phase:
-    """One optimiser over `params`, a step budget (fixed, or fitted to seconds), history, saving."""
+    """One optimiser over parameter groups (a group's "lr_scale" multiplies the schedule's rate),
+    a step budget (fixed, or fitted to seconds), history, saving."""
 
-    def __init__(self, name, params, lr, steps, seconds, save, save_every, device):
+    def __init__(self, name, groups, lr, steps, seconds, save, save_every, device):
         self.name, self.peak, self.steps, self.seconds = name, lr, steps, seconds
         self.save, self.save_every, self.device = save, save_every, device
-        self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
         self.params = [p for group in self.opt.param_groups for p in group["params"]]
         self.history: list[dict] = []
 
@@ -107,7 +112,7 @@ class Phase:
                 print(f"[{self.name}] {per_step * 1000:.0f} ms/step: {total} steps fit {self.seconds:.0f} s", flush=True)
             lr = lr_at(step, total or 10**9, self.peak)
             for group in self.opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             metrics = step_fn()
             self.opt.zero_grad(set_to_none=True)
             metrics["loss"].backward()
@@ -199,9 +204,15 @@ def main(argv=None) -> dict:
         commit = F.mse_loss(z, quantised)
         return {"loss": mse + 0.25 * commit, "mse": mse.detach(), "commit": commit.detach()}
 
-    phase = Phase("tokenizer", tokenizer.parameters(), args.tokenizer_lr, args.tokenizer_steps,
-                  args.tokenizer_seconds, save_tokenizer, args.save_every, device)
-    log["tokenizer"] = phase.run(tokenizer_step)
+    if args.tokenizer:  # a tokenizer trained before (same seed and data): its files, not a new run
+        source = Path(args.tokenizer)
+        encoder.load_state_dict(load_file(str(source / "encoder.safetensors")))
+        decoder.load_state_dict(load_file(str(source / "vae.safetensors")))
+        log["tokenizer"] = {"loaded_from": str(source)}
+    else:
+        phase = Phase("tokenizer", [{"params": list(tokenizer.parameters())}], args.tokenizer_lr,
+                      args.tokenizer_steps, args.tokenizer_seconds, save_tokenizer, args.save_every, device)
+        log["tokenizer"] = phase.run(tokenizer_step)
     tokenizer.eval()
     save_tokenizer()
     with torch.no_grad(), autocast:
@@ -235,7 +246,10 @@ def main(argv=None) -> dict:
             metrics[f"acc{k}"] = correct[bounds[k] : bounds[k + 1]].mean()
         return metrics
 
-    phase = Phase("transformer", model.parameters(), args.lr, args.steps, args.seconds, save_transformer,
+    temperatures = [p for n, p in model.named_parameters() if n.endswith("scale_mul_1H11")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("scale_mul_1H11")]
+    groups = [{"params": others}, {"params": temperatures, "lr_scale": args.scale_lr, "weight_decay": 0.0}]
+    phase = Phase("transformer", groups, args.lr, args.steps, args.seconds, save_transformer,
                   args.save_every, device)
     log["transformer"] = phase.run(transformer_step)
     save_transformer()

@@ -1,0 +1,199 @@
+"""`sparvar analyze`: the three attention properties SparVAR relies on, measured on a model.
+
+One dense generation; at every query scale from --from-scale on, each layer's attention
+probabilities (the conditional sample, mean over heads) give:
+- sink mass: the share of attention on the sink scales (SparVAR keeps them whole);
+- cross-scale similarity: for each key scale i >= 1, the cosine similarity between the map of
+  query scale k onto key scale i and the map of scale k-1 onto i-1 resized to it (bilinear on
+  both grids); averaged over i (CS4A reuses the coarser scale's choice);
+- locality: the share of the attention on non-sink key scales that lies within Chebyshev radius
+  r of the query's projected position on each key scale (what CSLA's windows keep).
+Then a generation with the chosen preset records its block tables and draws them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparvar import layout
+from sparvar.attention.policy import DenseAttention
+from sparvar.eval.draw import heatmap, mask_picture
+from sparvar.schedules import Schedule
+
+
+def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax probabilities of one sample (H, n, D) x (H, N, D), averaged over heads: (n, N) float32."""
+    out = torch.zeros(q.shape[1], k.shape[1], device=q.device)
+    for h in range(q.shape[0]):  # one head at a time keeps memory at one n x N map
+        out += torch.softmax(q[h].float() @ k[h].float().T * scale, dim=-1)
+    return out / q.shape[0]
+
+
+def resize_map(m: torch.Tensor, src_q: tuple, src_k: tuple, dst_q: tuple, dst_k: tuple) -> torch.Tensor:
+    """An attention map (n_q, n_k) between two grids, resized bilinearly on both to (dst_q, dst_k)."""
+    x = m.reshape(-1, 1, *src_k)
+    x = F.interpolate(x, size=dst_k, mode="bilinear") if tuple(src_k) != tuple(dst_k) else x
+    x = x.reshape(*src_q, -1).permute(2, 0, 1)[:, None]  # (n_k', 1, hq, wq)
+    x = F.interpolate(x, size=dst_q, mode="bilinear") if tuple(src_q) != tuple(dst_q) else x
+    return x.reshape(x.shape[0], -1).T  # (n_q', n_k')
+
+
+def locality(p: torch.Tensor, schedule: Schedule, scale: int, sinks: int, radius: int) -> float:
+    """Share of the attention on key scales sinks..scale within `radius` of the projected position."""
+    near = total = 0.0
+    for i in range(sinks, scale + 1):
+        start, n = schedule.offsets[i], schedule.lengths[i]
+        block = p[:, start : start + n]
+        window = layout.window_mask(schedule, scale, i, 2 * radius + 1, p.device)
+        near += float((block * window).sum())
+        total += float(block.sum())
+    return near / total if total > 0 else float("nan")
+
+
+class PropertyProbe(DenseAttention):
+    """Dense attention that measures the properties on sample 0 at query scales >= from_scale."""
+
+    name = "dense+probe"
+
+    def __init__(self, from_scale: int, radii: list[int], sinks: int):
+        super().__init__()
+        self.from_scale, self.radii, self.sinks = from_scale, radii, sinks
+        self.sink_mass, self.cross, self.local = {}, {}, defaultdict(dict)
+        self._previous: dict[int, torch.Tensor] = {}  # layer -> head-mean map of the previous scale
+
+    def __call__(self, q, k, v, call):
+        out = super().__call__(q, k, v, call)
+        s, k_scale, layer = call.schedule, call.scale, call.layer
+        if k_scale >= self.from_scale - 1:
+            p = head_mean_probs(q[0], k[0], call.softmax_scale)
+            key = (layer, k_scale)
+            if k_scale >= self.from_scale:
+                self.sink_mass[key] = float(p[:, : s.offsets[self.sinks]].sum(1).mean())
+                for r in self.radii:
+                    self.local[r][key] = locality(p, s, k_scale, self.sinks, r)
+                self.cross[key] = self._cross_similarity(p, self._previous[layer], s, k_scale)
+            self._previous[layer] = p
+        return out
+
+    @staticmethod
+    def _cross_similarity(p, prev, s: Schedule, k: int) -> float:
+        sims = []
+        for i in range(1, k + 1):
+            now = p[:, s.offsets[i] : s.offsets[i] + s.lengths[i]]
+            before = prev[:, s.offsets[i - 1] : s.offsets[i - 1] + s.lengths[i - 1]]
+            before = resize_map(before, s.sizes[k - 1], s.sizes[i - 1], s.sizes[k], s.sizes[i])
+            sims.append(float(F.cosine_similarity(now.flatten(), before.flatten(), dim=0)))
+        return sum(sims) / len(sims)
+
+
+def _grid(values: dict, layers: int, scales: list[int]) -> np.ndarray:
+    return np.array([[values.get((layer, k), np.nan) for k in scales] for layer in range(layers)])
+
+
+class TableRecorder:
+    """Wraps a SparVAR policy's sparse step to keep the last table of every (layer, scale)."""
+
+    def __init__(self, policy):
+        self.policy, self.tables = policy, {}
+        inner = policy._sparse
+
+        def record(q, k, v, table, call):
+            self.tables.setdefault((call.layer, call.scale), table)
+            return inner(q, k, v, table, call)
+
+        policy._sparse = record
+
+
+def draw_tables(tables: dict, modes, schedule: Schedule, out: Path) -> list[str]:
+    """One picture per sparse (layer, scale): token mask of sample 0, head 0; red lines at scale starts."""
+    files = []
+    for (layer, scale), table in sorted(tables.items()):
+        mask = table.to_mask()[0, 0]
+        mode = modes[layer][scale]
+        title = f"layer {layer}, scale {scale} ({mode}): {mask.float().mean():.1%} of pairs"
+        name = f"table_layer{layer}_scale{scale}_{mode}.png"
+        mask_picture(mask.cpu(), list(schedule.offsets[1 : scale + 1]), title).save(out / name)
+        files.append(name)
+    return files
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="infinity-demo")
+    p.add_argument("--weights")
+    p.add_argument("--vae")
+    p.add_argument("--text-encoder")
+    p.add_argument("--condition", help="class index or name, or a prompt (default: the first class)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-scale", type=int, help="first query scale measured (default: the first after the sinks)")
+    p.add_argument("--radii", default="1,2,4", help="locality radii in cells of each key scale")
+    p.add_argument("--attention", default="default", help="preset whose block tables are drawn")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="out/analyze", help="folder for analyze.json and the pictures")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from sparvar.pipeline import load_pipeline
+    from sparvar.sparsity import make_policy
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
+    spec, schedule = pipe.spec, pipe.schedule()
+    condition = args.condition or (spec.classes[0] if spec.classes else 0)
+    if spec.text_conditioned and not args.condition:
+        condition = "a photo of a cat"
+    sinks = layout.default_sink_scales(schedule)
+    from_scale = args.from_scale if args.from_scale is not None else sinks
+    radii = [int(r) for r in args.radii.split(",")]
+    probe = PropertyProbe(max(from_scale, 1), radii, sinks)
+    pipe([condition], seed=args.seed, attention=probe, progress=False)
+
+    policy = make_policy(args.attention)
+    recorder = TableRecorder(policy)
+    pipe([condition], seed=args.seed, attention=policy, progress=False)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers, scales = spec.transformer.depth, list(range(probe.from_scale, len(schedule)))
+    rows, cols = [f"layer {i}" for i in range(layers)], [str(k) for k in scales]
+    grids = {
+        "sink_mass": _grid(probe.sink_mass, layers, scales),
+        "cross_scale_similarity": _grid(probe.cross, layers, scales),
+        **{f"locality_r{r}": _grid(probe.local[r], layers, scales) for r in radii},
+    }
+    titles = {
+        "sink_mass": f"attention mass on the sink scales 0-{sinks - 1}, by layer and query scale",
+        "cross_scale_similarity": "cosine similarity of scale k's maps to scale k-1's (resized)",
+        **{f"locality_r{r}": f"share of non-sink attention within radius {r} of the projected position" for r in radii},
+    }
+    for name, grid in grids.items():
+        heatmap(grid, rows, cols, titles[name]).save(out / f"{name}.png")
+    table_files = draw_tables(recorder.tables, policy.plan(layers, schedule).modes, schedule, out)
+    report = {
+        "model": spec.name,
+        "condition": str(condition),
+        "seed": args.seed,
+        "schedule": schedule.describe(),
+        "sink_scales": sinks,
+        "query_scales": scales,
+        "preset": args.attention,
+        "command": "sparvar analyze " + " ".join(argv),
+        "layers": {name: [[None if np.isnan(v) else float(v) for v in row] for row in grid] for name, grid in grids.items()},
+        "means_per_scale": {name: [float(np.nanmean(grid[:, j])) for j in range(len(scales))] for name, grid in grids.items()},
+        "pictures": [f"{name}.png" for name in grids] + table_files,
+    }
+    (out / "analyze.json").write_text(json.dumps(report, indent=1))
+    for name, means in report["means_per_scale"].items():
+        print(f"{name:24s} " + " ".join(f"{k}:{m:.2f}" for k, m in zip(scales, means)))
+    print(f"wrote {out}/analyze.json and {len(report['pictures'])} pictures")
+    return report
