@@ -112,6 +112,10 @@ def cmd_models(args) -> None:
         if spec.files:
             for option, file in spec.files.items():
                 print(f"  {option:15s} {file}")
+        elif spec.bundled:
+            print("  needs no files; its weights ship with the package:")
+            for option in spec.bundled:
+                print(f"  {option:15s} {spec.bundled_path(option)}")
         else:
             print("  needs no files")
         if spec.classes:

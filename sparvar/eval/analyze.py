@@ -133,6 +133,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--text-encoder")
     p.add_argument("--condition", help="class index or name, or a prompt (default: the first class)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, help="pixel budget of the schedule (default: the model's)")
     p.add_argument("--from-scale", type=int, help="first query scale measured (default: the first after the sinks)")
     p.add_argument("--radii", default="1,2,4", help="locality radii in cells of each key scale")
     p.add_argument("--attention", default="default", help="preset whose block tables are drawn")
@@ -148,7 +149,7 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
-    spec, schedule = pipe.spec, pipe.schedule()
+    spec, schedule = pipe.spec, pipe.schedule(resolution=args.resolution)
     condition = args.condition or (spec.classes[0] if spec.classes else 0)
     if spec.text_conditioned and not args.condition:
         condition = "a photo of a cat"
@@ -156,11 +157,11 @@ def main(argv=None) -> dict:
     from_scale = args.from_scale if args.from_scale is not None else sinks
     radii = [int(r) for r in args.radii.split(",")]
     probe = PropertyProbe(max(from_scale, 1), radii, sinks)
-    pipe([condition], seed=args.seed, attention=probe, progress=False)
+    pipe([condition], seed=args.seed, schedule=schedule, attention=probe, progress=False)
 
     policy = make_policy(args.attention)
     recorder = TableRecorder(policy)
-    pipe([condition], seed=args.seed, attention=policy, progress=False)
+    pipe([condition], seed=args.seed, schedule=schedule, attention=policy, progress=False)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,122 @@
+"""sparvar eval and analyze: metrics, the attention-error probe, property measurements, outputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import tiny_pipeline
+from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.cli import main
+from sparvar.eval.analyze import PropertyProbe, TableRecorder, draw_tables, head_mean_probs, locality, resize_map
+from sparvar.eval.metrics import lpips_model, psnr, ssim, to_tensor
+from sparvar.eval.quality import ErrorProbe, evaluate, summary, to_markdown
+from sparvar.schedules import parse_schedule
+from sparvar.sparsity import make_policy
+
+SCHEDULE = parse_schedule("1,2,3,4,6,8,12,16")  # sinks 0-4, CS4A decides at 5, CSLA at 5-7
+
+
+def test_psnr_and_ssim_on_known_images():
+    a = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.isinf(psnr(a, a)).all() and torch.allclose(ssim(a, a), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(psnr(a, a + 0.1), torch.full((2,), 20.0, dtype=torch.float64))  # MSE 0.01
+    noisy = (a + 0.2 * torch.randn(a.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    s = ssim(a, noisy)
+    assert (s < 0.9).all() and torch.allclose(s, ssim(noisy, a))
+    image = Image.fromarray(np.full((4, 4, 3), 255, dtype=np.uint8))
+    assert to_tensor([image]).shape == (1, 3, 4, 4) and to_tensor([image]).max() == 1.0
+
+
+def test_lpips_says_why_it_is_skipped():
+    model, note = lpips_model("cpu")
+    assert model is not None or note.startswith("LPIPS skipped")
+
+
+def test_error_probe_returns_the_inner_output_and_measures_its_error():
+    class Zero(AttentionPolicy):
+        def __call__(self, q, k, v, call):
+            return torch.zeros_like(q)
+
+    pipe = tiny_pipeline(text_width=0, num_classes=3)
+    zero, dense = ErrorProbe(Zero()), ErrorProbe(DenseAttention())
+    pipe([1], schedule=SCHEDULE, attention=zero, progress=False)
+    pipe([1], schedule=SCHEDULE, attention=dense, progress=False)
+    depth = pipe.spec.transformer.depth
+    assert np.allclose(zero.errors(depth, len(SCHEDULE)), 1.0)
+    assert np.allclose(dense.errors(depth, len(SCHEDULE)), 0.0)
+
+
+def test_evaluate_compares_presets_on_the_same_seeds():
+    pipe = tiny_pipeline(text_width=0, num_classes=3)
+    results = evaluate(pipe, [0, 2], [0, 1], ["dense", "paper"], batch=3, schedule=SCHEDULE, progress=False)
+    dense, paper = results["presets"]["dense"], results["presets"]["paper"]
+    assert results["samples"] == 4 and dense["density"] == 1.0 and dense["attention_rel_error_max"] == 0.0
+    assert 0 < paper["density"] < 1 and paper["attention_rel_error_max"] > 0
+    assert paper["psnr"] > 0 and -1 <= paper["ssim"] <= 1
+    errors = np.array(paper["attention_rel_error"])
+    assert errors.shape == (pipe.spec.transformer.depth, len(SCHEDULE)) and (errors[:, :5] == 0).all()
+    results["summary"] = summary(results)
+    assert results["summary"]["paper_density"] == paper["density"]
+    text = to_markdown(results)
+    assert "| dense |" in text and "| paper |" in text and "paper_psnr" in text
+
+
+def test_eval_command_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "q"
+    argv = ["eval", "--seeds", "1", "--labels", "0,sneaker", "--presets", "dense,default", "--resolution", "512",
+            "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["samples"] == 2 and results["conditions"] == ["0", "sneaker"]
+    assert set(results["summary"]) == {"default_psnr", "default_ssim", "default_density"}
+    assert results["presets"]["default"]["density"] < 1
+    assert "| default |" in out.with_suffix(".md").read_text()
+
+
+def test_attention_maps_resize_and_locality():
+    s = parse_schedule("2,4")
+    m = torch.rand(4, 4)
+    assert torch.allclose(resize_map(m, (2, 2), (2, 2), (2, 2), (2, 2)), m)
+    const = resize_map(torch.full((4, 4), 0.25), (2, 2), (2, 2), (4, 4), (4, 4))
+    assert const.shape == (16, 16) and torch.allclose(const, torch.full((16, 16), 0.25))
+    # all mass on each query's own cell of its own scale: fully local at any radius
+    p = torch.cat([torch.zeros(16, 4), torch.eye(16)], dim=1)
+    assert locality(p, s, 1, 0, 0) == pytest.approx(1.0)
+    spread = torch.full((16, 20), 1 / 20)
+    assert locality(spread, s, 1, 1, 0) == pytest.approx(1 / 16)
+    q, k = torch.randn(3, 5, 8), torch.randn(3, 7, 8)
+    assert torch.allclose(head_mean_probs(q, k, 0.5).sum(-1), torch.ones(5))
+
+
+def test_property_probe_and_table_pictures(tmp_path):
+    pipe = tiny_pipeline(text_width=0, num_classes=3)
+    probe = PropertyProbe(5, [1, 2], sinks=5)
+    pipe([1], schedule=SCHEDULE, attention=probe, progress=False)
+    depth = pipe.spec.transformer.depth
+    keys = {(layer, k) for layer in range(depth) for k in range(5, len(SCHEDULE))}
+    assert set(probe.sink_mass) == set(probe.cross) == set(probe.local[1]) == keys
+    for values in (probe.sink_mass, probe.cross, probe.local[1], probe.local[2]):
+        assert all(-1e-6 <= v <= 1 + 1e-6 for v in values.values())
+    assert all(probe.local[1][key] <= probe.local[2][key] + 1e-9 for key in keys)  # wider window, more mass
+
+    policy = make_policy("paper")
+    recorder = TableRecorder(policy)
+    pipe([1], schedule=SCHEDULE, attention=policy, progress=False)
+    modes = policy.plan(depth, SCHEDULE).modes
+    sparse = {(layer, k) for layer in range(depth) for k in range(len(SCHEDULE)) if modes[layer][k] in ("cs4a", "csla")}
+    assert sparse and sparse <= set(recorder.tables)
+    files = draw_tables({key: recorder.tables[key] for key in sparse}, modes, SCHEDULE, tmp_path)
+    assert len(files) == len(sparse) and all((tmp_path / f).is_file() for f in files)
+
+
+def test_analyze_command_writes_measurements_and_pictures(tmp_path):
+    argv = ["analyze", "--resolution", "512", "--out", str(tmp_path), "--device", "cpu", "--radii", "1,3"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "analyze.json").read_text())
+    assert report["sink_scales"] == 5 and report["query_scales"] == [5, 6, 7, 8, 9]
+    assert set(report["layers"]) == {"sink_mass", "cross_scale_similarity", "locality_r1", "locality_r3"}
+    assert all((tmp_path / name).is_file() for name in report["pictures"])
+    assert any(name.startswith("table_") for name in report["pictures"])
