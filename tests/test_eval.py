@@ -109,7 +109,8 @@ def test_property_probe_and_table_pictures(tmp_path):
     sparse = {(layer, k) for layer in range(depth) for k in range(len(SCHEDULE)) if modes[layer][k] in ("cs4a", "csla")}
     assert sparse and sparse <= set(recorder.tables)
     files = draw_tables({key: recorder.tables[key] for key in sparse}, modes, SCHEDULE, tmp_path)
-    assert len(files) == len(sparse) and all((tmp_path / f).is_file() for f in files)
+    distinct = {id(recorder.tables[key]) for key in sparse}  # CSLA's tables are shared by its layers
+    assert len(files) == len(distinct) < len(sparse) and all((tmp_path / f).is_file() for f in files)
 
 
 def test_analyze_command_writes_measurements_and_pictures(tmp_path):

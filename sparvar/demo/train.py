@@ -6,7 +6,8 @@ Two phases on one device, from one seed:
    the sampler's mistakes;
 2. the transformer (the `infinity-demo` config of the registry) by teacher forcing on the frozen
    encoder's bits: cross-entropy per bit, random bit flips for self-correction, labels dropped
-   to the unconditional row for classifier-free guidance.
+   to the unconditional row for classifier-free guidance, the attention temperatures learning
+   faster than the rest (`--scale-lr`). `--tokenizer DIR` takes phase 1's files from an earlier run.
 
 Each phase runs a fixed number of steps, or as many as fit in a time budget (measured after a few
 steps, then fixed and recorded, so `--tokenizer-steps/--steps` replay the run). Writes
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-flip", type=float, default=0.05, help="max share of bits flipped per sample")
     p.add_argument("--encoder-width", type=int, default=64)
     p.add_argument("--steps", type=int, help="transformer steps (default: what fits --seconds)")
-    p.add_argument("--seconds", type=float, default=330.0)
+    p.add_argument("--seconds", type=float, default=420.0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--flip", type=float, default=0.2, help="max share of bits flipped per sample (self-correction)")

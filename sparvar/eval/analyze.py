@@ -113,9 +113,13 @@ class TableRecorder:
 
 
 def draw_tables(tables: dict, modes, schedule: Schedule, out: Path) -> list[str]:
-    """One picture per sparse (layer, scale): token mask of sample 0, head 0; red lines at scale starts."""
-    files = []
+    """One picture per sparse (layer, scale): token mask of sample 0, head 0; red lines at scale
+    starts. A table shared by several layers (CSLA's are cached per scale) is drawn once."""
+    files, drawn = [], set()
     for (layer, scale), table in sorted(tables.items()):
+        if id(table) in drawn:
+            continue
+        drawn.add(id(table))
         mask = table.to_mask()[0, 0]
         mode = modes[layer][scale]
         title = f"layer {layer}, scale {scale} ({mode}): {mask.float().mean():.1%} of pairs"
