@@ -17,7 +17,7 @@ def _error(capsys, argv) -> str:
 
 def test_generate_writes_images(tmp_path, capsys):
     argv = ["generate", "--model", "infinity-tiny", "--prompt", "a cat", "--prompt", "a dog",
-            "--schedule", "1,2,4", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+            "--schedule", "1,2,4", "--attention", "dense", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
     assert main(argv) == 0
     files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == ["000_a-cat.png", "001_a-dog.png"]
@@ -28,8 +28,14 @@ def test_generate_writes_images(tmp_path, capsys):
 def test_generate_one_png_path(tmp_path):
     target = tmp_path / "sub" / "img.png"
     argv = ["generate", "--model", "infinity-demo", "--class", "trouser", "--schedule", "1,2",
-            "--out", str(target), "--quiet"]
+            "--attention", "dense", "--out", str(target), "--quiet"]
     assert main(argv) == 0 and target.is_file()
+    argv[argv.index("dense")] = "dense,paper,csla"  # several presets: one image each and a comparison
+    assert main(argv) == 0
+    names = {"img_dense.png", "img_paper.png", "img_csla.png", "img_compare.png"}
+    assert names <= {p.name for p in target.parent.iterdir()}
+    compare = Image.open(target.parent / "img_compare.png")
+    assert compare.width > 5 * Image.open(target).width  # 3 images and 2 difference maps
 
 
 def test_models_lists_configs_and_files(capsys):
