@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.checkpoint import load_strict, read_state_dict
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache
+from sparvar.graphs import ScaleGraphs
+from sparvar.kv_cache import ConcatKVCache, KVCache
 from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.sampling import sample
@@ -98,6 +99,9 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.codes = FAMILIES[spec.family].codes(spec, vae)
         self._cache: tuple[tuple, KVCache] | None = None
+        self._policies: dict[str, AttentionPolicy] = {}  # named policies kept for graph replays
+        self._graphs: tuple[tuple, ScaleGraphs] | None = None
+        self._warm: tuple | None = None  # key of the last eager run that a capture may follow
 
     @property
     def device(self) -> torch.device:
@@ -127,6 +131,18 @@ class Pipeline:
             labels.append(c)
         return torch.tensor(labels, device=self.device)
 
+    def _graph_runner(self, key: tuple, prep, cache, policy, schedule, num_scales) -> ScaleGraphs | None:
+        """Graphs for this generation's shapes: none on the first (eager, warm-up) run of a
+        shape, captured during the second, replayed from then on."""
+        if self._graphs is not None and self._graphs[0] == key:
+            return self._graphs[1]
+        if self._warm != key:
+            self._warm = key
+            return None
+        self._graphs = None  # release the old graphs' memory first
+        self._graphs = (key, ScaleGraphs(self.transformer, schedule, num_scales, prep, cache, policy))
+        return self._graphs[1]
+
     def _kv_cache(self, batch: int, capacity: int) -> KVCache:
         key = (batch, capacity)
         if self._cache is None or self._cache[0] != key:
@@ -147,6 +163,9 @@ class Pipeline:
         resolution: int | None = None,
         schedule: Schedule | None = None,
         attention: AttentionPolicy | str | None = None,
+        skip_last: int = 0,
+        cuda_graphs: bool = False,
+        kv_cache: str = "static",
         progress: bool = True,
         on_scale: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> GenerationOutput:
@@ -155,6 +174,11 @@ class Pipeline:
         seed: an int gives item i the seed `seed + i` (so an image does not depend on its batch);
         a list gives each item its own. cfg/tau default to the model's. `on_scale(k, logits, tokens)`
         sees each scale's guided logits and sampled tokens.
+        skip_last: stop that many scales early and decode the codes summed so far (full size).
+        cuda_graphs: replay each scale as a CUDA graph (GPU only); the first generation of a
+        shape runs eagerly, the second captures, later ones replay.
+        kv_cache: "static" (one buffer written in place) or "concat" (the official code's
+        growing cache, for comparison).
         """
         if isinstance(conditions, (str, int)):
             conditions = [conditions]
@@ -168,19 +192,41 @@ class Pipeline:
         seeds = [seed + i for i in range(len(conditions))] if isinstance(seed, int) else list(seed)
         if len(seeds) != len(conditions):
             raise SparvarError(f"{len(seeds)} seeds for {len(conditions)} conditions")
+        if not 0 <= skip_last < len(schedule):
+            raise SparvarError(f"skip_last must be in 0..{len(schedule) - 1} for {len(schedule)} scales, got {skip_last}")
+        if kv_cache not in ("static", "concat"):
+            raise SparvarError(f"kv_cache must be 'static' or 'concat', got {kv_cache!r}")
+        if cuda_graphs and (self.device.type != "cuda" or kv_cache != "static"):
+            raise SparvarError("cuda_graphs needs a CUDA device and the static KV cache")
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        if isinstance(attention, str) and cuda_graphs:  # graphs capture one policy object
+            attention = self._policies.setdefault(attention, resolve_policy(attention))
         policy = resolve_policy(attention)
-        policy.reset()
         guidance = cfg != 1
 
         timer = StageTimer(self.device)
         timer.mark("start")
         prep = self.transformer.prepare(self.encode(conditions), guidance)
         timer.mark("condition")
-        cache = self._kv_cache(prep.start.shape[0], schedule.total)
+        if kv_cache == "static":
+            cache = self._kv_cache(prep.start.shape[0], schedule.total)
+        else:
+            cache = ConcatKVCache()
+        graphs, num_scales = None, len(schedule) - skip_last
+        if cuda_graphs:
+            shapes = tuple(t.shape for t in (prep.start, *(m for _, m in prep.text or [])))
+            key = (schedule, num_scales, shapes, id(policy))
+            graphs = self._graph_runner(key, prep, cache, policy, schedule, num_scales)
+        if graphs is None or not graphs.captured:
+            policy.reset()  # replays re-run the captured policy; its Python state stays as captured
+        if graphs is not None:
+            graphs.load(prep)
         x, summed, tokens = prep.start, None, []
-        for k in tqdm(range(len(schedule)), desc="scales", disable=not progress, leave=False):
-            logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy)
+        for k in tqdm(range(num_scales), desc="scales", disable=not progress, leave=False):
+            if graphs is not None:
+                logits = graphs.run(k, x)
+            else:
+                logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy)
             if guidance:
                 cond, uncond = logits.chunk(2)
                 logits = cond + self.transformer.guidance_weight(k, len(schedule), cfg) * (cond - uncond)
@@ -189,7 +235,7 @@ class Pipeline:
                 on_scale(k, logits, bits)
             tokens.append(bits)
             summed = self.codes.accumulate(summed, self.codes.to_codes(bits, k, schedule), k, schedule)
-            if k + 1 < len(schedule):
+            if k + 1 < num_scales:
                 x = self.transformer.embed_codes(self.codes.next_input(summed, k + 1, schedule))
                 x = torch.cat([x, x]) if guidance else x
             timer.mark(f"scale {k}")

@@ -148,3 +148,26 @@ def test_a_small_model_generates_with_each_preset(pipe, preset):
         assert stats["total"]["saved_fraction"] == 0 and torch.equal(last["sparse"], last["dense"])
     else:
         assert stats["total"]["saved_fraction"] > 0.05 and not torch.equal(last["sparse"], last["dense"])
+
+
+def test_concat_cache_gives_the_same_generation(pipe):
+    static = pipe(["a boat"], seed=3, schedule=SCHEDULE, progress=False)
+    concat = pipe(["a boat"], seed=3, schedule=SCHEDULE, kv_cache="concat", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(static.tokens, concat.tokens))
+
+
+def test_skip_last_stops_early_and_decodes_at_full_size(pipe):
+    full = pipe(["a boat"], seed=3, schedule=SCHEDULE, progress=False)
+    short = pipe(["a boat"], seed=3, schedule=SCHEDULE, skip_last=2, progress=False)
+    assert len(short.tokens) == len(SCHEDULE) - 2 and len(short.scale_seconds) == len(SCHEDULE) - 2
+    assert all(torch.equal(a, b) for a, b in zip(short.tokens, full.tokens))
+    assert short.images[0].size == full.images[0].size
+    assert not np.array_equal(np.asarray(short.images[0]), np.asarray(full.images[0]))
+    with pytest.raises(SparvarError, match="skip_last"):
+        pipe(["a boat"], schedule=SCHEDULE, skip_last=len(SCHEDULE), progress=False)
+
+
+def test_cuda_graphs_need_a_gpu(pipe):
+    if pipe.device.type == "cpu":
+        with pytest.raises(SparvarError, match="cuda_graphs needs a CUDA device"):
+            pipe(["a boat"], schedule=SCHEDULE, cuda_graphs=True, progress=False)
