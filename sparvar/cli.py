@@ -42,7 +42,7 @@ def _output_paths(out: str, conditions: list) -> list[Path]:
 def cmd_generate(args) -> None:
     from sparvar.models.registry import get_spec
     from sparvar.pipeline import load_pipeline
-    from sparvar.schedules import infinity_schedule, parse_schedule
+    from sparvar.schedules import parse_schedule
 
     spec = get_spec(args.model)
     conditions = _conditions(args)
@@ -50,10 +50,7 @@ def cmd_generate(args) -> None:
         conditions = [0] if not spec.text_conditioned else []
     if not conditions:
         raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
-    if args.schedule:
-        schedule = parse_schedule(args.schedule)
-    else:
-        schedule = infinity_schedule(args.aspect, args.resolution or spec.resolution)
+    schedule = parse_schedule(args.schedule) if args.schedule else spec.schedule(args.aspect, args.resolution)
     paths = _output_paths(args.out, conditions)
     pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=args.device)
     out = pipe(
@@ -80,8 +77,11 @@ def cmd_models(args) -> None:
             print("  needs no files")
         if spec.classes:
             print(f"  classes: {', '.join(spec.classes)}")
-    print(f"aspect ratios (--aspect W:H): {', '.join(INFINITY_ASPECTS)}")
-    print(f"resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
+        elif not spec.text_conditioned:
+            print(f"  classes: indices 0..{spec.num_classes - 1} (--class)")
+    print(f"Infinity aspect ratios (--aspect W:H): {', '.join(INFINITY_ASPECTS)}")
+    print(f"Infinity resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
+    print("VAR models generate 1:1 images at their own resolution and scales only")
 
 
 def cmd_bench(args) -> None:
@@ -105,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     gen.add_argument("--cfg", type=float, help="classifier-free guidance (default: the model's)")
     gen.add_argument("--tau", type=float, help="sampling temperature (default: the model's)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=0.97)
+    gen.add_argument("--top-k", type=int, help="keep the k likeliest tokens, 0: all (default: the model's)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass, 0: off (default: the model's)")
     gen.add_argument("--aspect", default="1:1", help="width:height, one of Infinity's ratios (see `sparvar models`)")
-    gen.add_argument("--resolution", type=int, help="pixel budget: 256, 512, 768 or 1024")
+    gen.add_argument("--resolution", type=int, help="Infinity's pixel budget: 256, 512, 768 or 1024")
     gen.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3"')
     gen.add_argument("--attention", default="dense", help="attention policy (dense, paper, default)")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
