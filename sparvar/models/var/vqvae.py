@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
-from sparvar.models.infinity.vae import ResBlock, Upsample, group_norm
+from sparvar.models.infinity.vae import ResBlock, Upsample, group_norm  # the same LDM-style pieces
 from sparvar.models.var.quant import ResidualQuantizer
 from sparvar.schedules import Schedule
 
