@@ -77,7 +77,7 @@ class StageTimer:
 class GenerationOutput:
     images: list[Image.Image]
     schedule: Schedule
-    tokens: list[torch.Tensor]  # sampled tokens per scale, (B, n_k, bits)
+    tokens: list[torch.Tensor]  # sampled tokens per scale: (B, n_k, bits) for Infinity, (B, n_k) for VAR
     scale_seconds: list[float]  # transformer + sampling time of each scale
     stage_seconds: dict[str, float] = field(default_factory=dict)  # condition, transformer, decode, total
     policy: AttentionPolicy | None = None  # the attention policy that ran (sparse ones have stats())
@@ -157,8 +157,8 @@ class Pipeline:
         seed: int | Sequence[int] = 0,
         cfg: float | None = None,
         tau: float | None = None,
-        top_k: int = 0,
-        top_p: float = 0.97,
+        top_k: int | None = None,
+        top_p: float | None = None,
         aspect: str = "1:1",
         resolution: int | None = None,
         schedule: Schedule | None = None,
@@ -172,8 +172,9 @@ class Pipeline:
         """Generate one image per condition.
 
         seed: an int gives item i the seed `seed + i` (so an image does not depend on its batch);
-        a list gives each item its own. cfg/tau default to the model's. `on_scale(k, logits, tokens)`
-        sees each scale's guided logits and sampled tokens.
+        a list gives each item its own. cfg/tau/top_k/top_p default to the model's (top_k 0 and
+        top_p 0 or 1 filter nothing). `on_scale(k, logits, tokens)` sees each scale's guided logits
+        and sampled tokens.
         skip_last: stop that many scales early and decode the codes summed so far (full size).
         cuda_graphs: replay each scale as a CUDA graph (GPU only); the first generation of a
         shape runs eagerly, the second captures, later ones replay.
@@ -186,6 +187,8 @@ class Pipeline:
             raise SparvarError("nothing to generate: give at least one prompt or class")
         cfg = self.spec.transformer.cfg if cfg is None else cfg
         tau = self.spec.transformer.tau if tau is None else tau
+        top_k = self.spec.transformer.top_k if top_k is None else top_k
+        top_p = self.spec.transformer.top_p if top_p is None else top_p
         if tau <= 0:
             raise SparvarError(f"tau must be positive, got {tau}")
         schedule = schedule or self.schedule(aspect, resolution)
@@ -200,9 +203,13 @@ class Pipeline:
             raise SparvarError("cuda_graphs needs a CUDA device and the static KV cache")
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         if isinstance(attention, str) and cuda_graphs:  # graphs capture one policy object
-            attention = self._policies.setdefault(attention, resolve_policy(attention))
+            if attention not in self._policies:
+                self._policies[attention] = resolve_policy(attention)
+            attention = self._policies[attention]
         policy = resolve_policy(attention)
-        guidance = cfg != 1
+        # the unconditional half runs only when some scale mixes it in (Infinity: cfg != 1, VAR: cfg != 0)
+        weights = [self.transformer.guidance_weight(k, len(schedule), cfg) for k in range(len(schedule))]
+        guidance = any(w != 0 for w in weights)
 
         timer = StageTimer(self.device)
         timer.mark("start")
@@ -229,12 +236,12 @@ class Pipeline:
                 logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy)
             if guidance:
                 cond, uncond = logits.chunk(2)
-                logits = cond + self.transformer.guidance_weight(k, len(schedule), cfg) * (cond - uncond)
-            bits = sample(logits / tau, generators, top_k, top_p)
+                logits = cond + weights[k] * (cond - uncond)
+            drawn = sample(logits / tau, generators, top_k, top_p)
             if on_scale is not None:
-                on_scale(k, logits, bits)
-            tokens.append(bits)
-            summed = self.codes.accumulate(summed, self.codes.to_codes(bits, k, schedule), k, schedule)
+                on_scale(k, logits, drawn)
+            tokens.append(drawn)
+            summed = self.codes.accumulate(summed, self.codes.to_codes(drawn, k, schedule), k, schedule)
             if k + 1 < num_scales:
                 x = self.transformer.embed_codes(self.codes.next_input(summed, k + 1, schedule))
                 x = torch.cat([x, x]) if guidance else x
@@ -294,7 +301,7 @@ def load_pipeline(
     else:
         decoder = create_vae(spec, "meta")
         state = decoder.checkpoint_state(read_state_dict(vae))
-        load_strict(decoder, state, f"{spec.name}'s VAE decoder ({vae})")
+        load_strict(decoder, state, f"{spec.name}'s VAE ({vae})")
         decoder = decoder.to(device=device, dtype=dtype).eval()
 
     encoder = None
