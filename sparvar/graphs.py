@@ -31,6 +31,17 @@ def _copy_into(static, value):
             _copy_into(getattr(static, name), getattr(value, name))
 
 
+def shapes(value) -> tuple:
+    """Shapes of every tensor in a structure: what a captured graph depends on."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape),)
+    if isinstance(value, (list, tuple)):
+        return tuple(s for v in value for s in shapes(v))
+    if value is None:
+        return ()
+    return tuple(s for v in vars(value).values() for s in shapes(v))
+
+
 def _clone(value):
     if isinstance(value, torch.Tensor):
         return value.clone()

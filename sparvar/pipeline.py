@@ -21,6 +21,7 @@ from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.checkpoint import load_strict, read_state_dict
 from sparvar.errors import SparvarError
 from sparvar.graphs import ScaleGraphs
+from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
 from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
@@ -221,8 +222,7 @@ class Pipeline:
             cache = ConcatKVCache()
         graphs, num_scales = None, len(schedule) - skip_last
         if cuda_graphs:
-            shapes = tuple(t.shape for t in (prep.start, *(m for _, m in prep.text or [])))
-            key = (schedule, num_scales, shapes, id(policy))
+            key = (schedule, num_scales, graph_shapes(prep), id(policy))
             graphs = self._graph_runner(key, prep, cache, policy, schedule, num_scales)
         if graphs is None or not graphs.captured:
             policy.reset()  # replays re-run the captured policy; its Python state stays as captured
