@@ -133,7 +133,7 @@ def cmd_plan(args) -> None:
 def cmd_bench(args) -> None:
     from sparvar.bench import e2e
 
-    {"baseline": e2e.main}[args.what](args.rest)
+    e2e.main(args.rest, which=args.what)
 
 
 def _add_schedule_options(parser) -> None:
@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
-    bench.add_argument("what", choices=["baseline"], help="baseline: dense generation time of 2B and 8B")
+    bench.add_argument("what", choices=["baseline", "e2e"],
+                       help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser
