@@ -1,0 +1,113 @@
+"""Dense attention plus per-group column sums of its probabilities, as one Triton kernel.
+
+Each program owns BLOCK_M query rows, which lie inside one query group (BLOCK_M divides the
+group). It sweeps the keys twice: first for the row max and sum of the softmax, then for the
+exact probabilities, which give the output (no rescaling needed) and the column sums of its
+rows. Programs write their column sums as per-block partials; a group with several blocks is
+summed afterwards, which keeps the result deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparvar.attention.triton_sparse import LOG2E
+from sparvar.errors import SparvarError
+
+
+@triton.jit
+def _attention_colsum_kernel(
+    Q, K, V, O, PART,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_pb, stride_ph, stride_pm,
+    H, q_len, kv_len, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+
+    # sweep 1: row max and row sum, in log2 units
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, kv_len, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < kv_len
+        k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(key_ok, 0.0, float("-inf"))[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+
+    # sweep 2: exact probabilities; rows past q_len get shift +inf so they add nothing
+    shift = tl.where(row_ok, m_i + tl.math.log2(l_i), float("inf"))
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    part_row = PART + b * stride_pb + h * stride_ph + pid * stride_pm
+    for n0 in range(0, kv_len, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < kv_len
+        k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(key_ok, 0.0, float("-inf"))[None, :]
+        p = tl.math.exp2(s - shift[:, None])
+        v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        tl.store(part_row + offs_n, tl.sum(p, 0), mask=key_ok)
+
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def triton_attention_colsum(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float, *, block_n: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of q (B, H, Lq, D) over k, v (B, H, Lk, D) and column sums per group.
+
+    Returns (out (B, H, Lq, D) in q's dtype, colsum (B, H, ceil(Lq / group), Lk) float32), where
+    colsum[..., g, j] sums softmax probabilities of key j over queries g*group .. g*group+group-1.
+    group must be a multiple of 16. k, v may be strided views with a contiguous last dim.
+    """
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise SparvarError(f"triton attention needs fp16 or bf16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[3] != d or d not in (64, 128):
+        raise SparvarError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need one head dim of 64 or 128")
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        raise SparvarError("triton attention needs the head dim of q, k and v to be contiguous")
+    block_m = min(group & -group, 128)
+    if block_m < 16:
+        raise SparvarError(f"query group must be a multiple of 16, got {group}")
+    subs = group // block_m  # program blocks per group
+    groups = -(-lq // group)
+
+    out = torch.empty_like(q)
+    # blocks past the last query stay zero in the partials
+    alloc = torch.zeros if groups * subs * block_m - lq >= block_m else torch.empty
+    part = alloc((b, h, groups * subs, lk), device=q.device, dtype=torch.float32)
+    grid = (-(-lq // block_m), b * h)
+    _attention_colsum_kernel[grid](
+        q, k, v, out, part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        part.stride(0), part.stride(1), part.stride(2),
+        h, lq, lk, float(scale) * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
+        num_warps=8 if block_m == 128 else 4, num_stages=2,
+    )
+    colsum = part if subs == 1 else part.view(b, h, groups, subs, lk).sum(dim=3)
+    return out, colsum
