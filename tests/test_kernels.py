@@ -100,7 +100,7 @@ def random_table(tb, th, lq, lk, q_block, key_block, max_entries=None, device="c
     """Distinct random entries per row, random counts, row 0 empty, garbage past the count."""
     nq, units = -(-lq // q_block), -(-lk // key_block)
     m = min(units, max_entries or units)
-    counts = torch.randint(0, m + 1, (tb, th, nq))
+    counts = torch.randint(1, m + 1, (tb, th, nq))
     counts[..., 0] = 0
     indices = torch.full((tb, th, nq, m), units + 1000, dtype=torch.int32)
     for i, c in enumerate(counts.view(-1).tolist()):
