@@ -18,6 +18,20 @@ from sparvar.errors import SparvarError
 
 
 @triton.jit
+def _colsum_tile(q, k_base, v_base, part_row, n0, stride_kn, stride_vn, kv_len, qk_scale, shift, acc,
+                 BLOCK_N: tl.constexpr):
+    """One key tile of sweep 2: probabilities, their column sums (stored), and acc + P @ V."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < kv_len
+    k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(key_ok, 0.0, float("-inf"))[None, :]
+    p = tl.math.exp2(s - shift[:, None])
+    v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
+    tl.store(part_row + offs_n, tl.sum(p, 0), mask=key_ok)
+    return tl.dot(p.to(v.dtype), v, acc)
+
+
+@triton.jit
 def _attention_colsum_kernel(
     Q, K, V, O, PART,
     stride_qb, stride_qh, stride_qm,
@@ -52,32 +66,35 @@ def _attention_colsum_kernel(
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
 
-    # sweep 2: exact probabilities; rows past q_len get shift +inf so they add nothing
+    # sweep 2: exact probabilities; rows past q_len get shift +inf so they add nothing.
+    # The first tile is peeled so the accumulator starts as a wgmma result: a zero-filled one
+    # makes ptxas serialise every wgmma of the kernel (warning C7515).
     shift = tl.where(row_ok, m_i + tl.math.log2(l_i), float("inf"))
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     part_row = PART + b * stride_pb + h * stride_ph + pid * stride_pm
-    for n0 in range(0, kv_len, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < kv_len
-        k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(key_ok, 0.0, float("-inf"))[None, :]
-        p = tl.math.exp2(s - shift[:, None])
-        v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        tl.store(part_row + offs_n, tl.sum(p, 0), mask=key_ok)
+    acc = _colsum_tile(q, k_base, v_base, part_row, 0, stride_kn, stride_vn, kv_len, qk_scale, shift, None, BLOCK_N)
+    for n0 in range(BLOCK_N, kv_len, BLOCK_N):
+        acc = _colsum_tile(q, k_base, v_base, part_row, n0, stride_kn, stride_vn, kv_len, qk_scale, shift, acc, BLOCK_N)
 
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 def triton_attention_colsum(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float, *, block_n: int = 128
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: int,
+    scale: float,
+    *,
+    block_n: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of q (B, H, Lq, D) over k, v (B, H, Lk, D) and column sums per group.
 
     Returns (out (B, H, Lq, D) in q's dtype, colsum (B, H, ceil(Lq / group), Lk) float32), where
     colsum[..., g, j] sums softmax probabilities of key j over queries g*group .. g*group+group-1.
     group must be a multiple of 16. k, v may be strided views with a contiguous last dim.
+    block_n and num_stages are tuning knobs for the benchmark.
     """
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise SparvarError(f"triton attention needs fp16 or bf16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -90,6 +107,8 @@ def triton_attention_colsum(
     block_m = min(group & -group, 128)
     if block_m < 16:
         raise SparvarError(f"query group must be a multiple of 16, got {group}")
+    block_n = block_n or block_m
+    num_stages = num_stages or (2 if block_m * block_n > 64 * 64 else 3)  # shared memory bound
     subs = group // block_m  # program blocks per group
     groups = -(-lq // group)
 
@@ -107,7 +126,7 @@ def triton_attention_colsum(
         part.stride(0), part.stride(1), part.stride(2),
         h, lq, lk, float(scale) * LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
-        num_warps=8 if block_m == 128 else 4, num_stages=2,
+        num_warps=8 if block_m == 128 else 4, num_stages=num_stages,
     )
     colsum = part if subs == 1 else part.view(b, h, groups, subs, lk).sum(dim=3)
     return out, colsum

@@ -138,8 +138,8 @@ def triton_sparse_attention(
     return_lse: bool = False,
     *,
     balance: bool = True,
-    block_n: int = 128,
-    num_stages: int = 2,
+    block_n: int | None = None,
+    num_stages: int = 3,
 ):
     """Attention of q (B, H, Lq, D) over the keys `table` lists per query block; no host sync.
 
@@ -153,6 +153,7 @@ def triton_sparse_attention(
     block_m = _pow2_divisor(table.q_block, 128)
     if block_m < 16:
         raise SparvarError(f"q_block must be a multiple of 16, got {table.q_block}")
+    block_n = block_n or block_m  # 128x128 tiles, or 64x64 with one warpgroup
     kb = table.key_block
     if max(kb, block_n) % min(kb, block_n):  # tiles must split key blocks, or blocks tiles
         block_n = _pow2_divisor(kb, block_n)
