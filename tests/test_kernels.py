@@ -48,12 +48,15 @@ interp_decision = _load_interpreted("triton_decision")
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_fixes():
-    """Two interpreter gaps, patched for this module only:
+    """Interpreter gaps, patched for this module only:
     - Triton's own library functions (tl.sum, tl.max) are compiled-mode when triton was imported
       without TRITON_INTERPRET (as here, or by any earlier test); run them interpreted too.
     - tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584, unsupported upstream);
-      upcast bf16 operands to float32 first, which the tensor cores compute exactly."""
+      upcast bf16 operands to float32 first, which the tensor cores compute exactly.
+    - triton 3.6 turns a loaded scalar into an index with int() of a 1-element array, which
+      numpy 2 refuses (later versions squeeze it first)."""
     import triton.language as tl
+    from triton.runtime import interpreter
     from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
     from triton.runtime.jit import JITFunction
 
@@ -66,8 +69,15 @@ def _interpreter_fixes():
             b = self.cast_impl(b, tl.float32)
         return real_dot(self, a, b, *args, **kwargs)
 
+    real_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor(tensor, scope):
+        real_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(InterpreterBuilder, "create_dot", dot)
+        mp.setattr(interpreter, "_patch_lang_tensor", patch_tensor)
         mp.setattr(JITFunction, "__call__", lambda self, *a, **kw: InterpretedFunction(self.fn)(*a, **kw))
         yield
 
