@@ -137,26 +137,29 @@ def test_sparse_matches_reference(poisoned, b, h, tdims, lq, lk, d, q_block, key
     table = random_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
     scale = 1 / math.sqrt(d)
     ref, ref_lse = reference_sparse_attention(q, k, v, table, scale, return_lse=True)
-    out, lse = interp_sparse.triton_sparse_attention(q, k, v, table, scale, return_lse=True)
+    # block mode runs through TMA descriptors and through pointer loads; gather mode has one path
+    for tma in (True, False) if key_block >= 64 else (False,):
+        out, lse = interp_sparse.triton_sparse_attention(q, k, v, table, scale, return_lse=True, tma=tma)
 
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert torch.isfinite(out).all()
-    assert rel_err(out, ref) < BF16_TOL
-    empty = torch.isinf(ref_lse)
-    assert empty.any() and not empty.all()  # the case has both kinds of rows
-    assert (out[empty.expand_as(out[..., 0])] == 0).all()
-    assert torch.equal(torch.isinf(lse), empty.expand_as(lse)) and (lse[torch.isinf(lse)] < 0).all()
-    assert torch.allclose(lse[~torch.isinf(lse)], ref_lse.expand_as(lse)[~torch.isinf(lse)], atol=1e-3)
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < BF16_TOL
+        empty = torch.isinf(ref_lse)
+        assert empty.any() and not empty.all()  # the case has both kinds of rows
+        assert (out[empty.expand_as(out[..., 0])] == 0).all()
+        assert torch.equal(torch.isinf(lse), empty.expand_as(lse)) and (lse[torch.isinf(lse)] < 0).all()
+        assert torch.allclose(lse[~torch.isinf(lse)], ref_lse.expand_as(lse)[~torch.isinf(lse)], atol=1e-3)
 
 
-def test_sparse_unbalanced_launch_gives_same_result():
-    q = torch.randn(1, 2, 200, 64, dtype=torch.float16)
-    k, v = cache_views(1, 2, 333, 64, torch.float16)
-    table = random_table(1, 2, 200, 333, 64, 64)
-    a = interp_sparse.triton_sparse_attention(q, k, v, table, 0.125, balance=True)
-    c = interp_sparse.triton_sparse_attention(q, k, v, table, 0.125, balance=False)
-    assert torch.equal(a, c)
-    assert rel_err(a, reference_sparse_attention(q, k, v, table, 0.125)) < BF16_TOL
+def test_block_mode_uses_tma_only_where_the_views_allow():
+    k = torch.randn(1, 2, 100, 64, dtype=torch.float16)
+    assert interp_sparse.tma_ready(k) and interp_sparse.tma_ready(k[:, :, 3:])
+    odd = torch.randn(1, 2, 100, 68, dtype=torch.float16)[..., :64]  # rows 136 bytes apart
+    assert not interp_sparse.tma_ready(odd)
+    q = torch.randn(1, 2, 130, 64, dtype=torch.float16)
+    table = random_table(1, 1, 130, 100, 64, 64)
+    out = interp_sparse.triton_sparse_attention(q, odd, odd, table, 0.125)  # falls back to pointer loads
+    assert rel_err(out, reference_sparse_attention(q, odd, odd, table, 0.125)) < BF16_TOL
 
 
 def test_sparse_entries_past_kv_len_add_nothing():
@@ -174,18 +177,21 @@ def test_sparse_entries_past_kv_len_add_nothing():
 
 
 @pytest.mark.parametrize(
-    "b,h,lq,lk,d,group,dtype",
+    "b,h,lq,lk,d,group,dtype,tma",
     [
-        pytest.param(1, 2, 200, 333, 64, 192, torch.bfloat16, id="group192-padded"),
-        pytest.param(2, 1, 256, 300, 128, 128, torch.float16, id="group128-exact"),
-        pytest.param(1, 1, 100, 260, 64, 256, torch.bfloat16, id="group256-one-partial"),
+        pytest.param(1, 2, 200, 333, 64, 192, torch.bfloat16, True, id="group192-padded"),
+        pytest.param(2, 1, 256, 300, 128, 128, torch.float16, True, id="group128-exact"),
+        pytest.param(1, 1, 100, 260, 64, 256, torch.bfloat16, True, id="group256-one-partial"),
+        pytest.param(1, 2, 200, 192, 64, 192, torch.float16, False, id="group192-pointers-tiles-exact"),
+        pytest.param(1, 1, 130, 100, 64, 128, torch.bfloat16, True, id="keys-fewer-than-a-tile"),
+        pytest.param(1, 1, 128, 200, 64, 128, torch.float16, True, id="one-full-tile-then-tail"),
     ],
 )
-def test_colsum_matches_reference(poisoned, b, h, lq, lk, d, group, dtype):
+def test_colsum_matches_reference(poisoned, b, h, lq, lk, d, group, dtype, tma):
     q = torch.randn(b, h, lq, d, dtype=dtype)
     k, v = cache_views(b, h, lk, d, dtype)
     ref_out, ref_cs = reference_attention_colsum(q, k, v, group, 0.1)
-    out, cs = interp_decision.triton_attention_colsum(q, k, v, group, 0.1)
+    out, cs = interp_decision.triton_attention_colsum(q, k, v, group, 0.1, tma=tma)
 
     assert cs.shape == (b, h, -(-lq // group), lk) and cs.dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(cs).all()

@@ -65,31 +65,29 @@ def main() -> None:
             tables[f"{d:.0%}"] = _to(random_table(q_len, kv_len, d), "cuda")
         for name, table in tables.items():
             pairs = covered_pairs(table)
-            ref = triton_sparse_attention(q, k, v, table, sm, block_n=128, num_stages=2, balance=False)
-            configs = [("bn128 st3", {}), ("bn128 st2", dict(num_stages=2)), ("bn64 st3", dict(block_n=64)),
-                       ("bn64 st4", dict(block_n=64, num_stages=4)), ("bn128 st3 unbalanced", dict(balance=False))]
-            for label, kw in configs:
-                fn = lambda: triton_sparse_attention(q, k, v, table, sm, **kw)  # noqa: E731
-                ms = time_ms(fn)
-                record(scale=scale, table=name, variant=label, ms=ms, tflops=tflops(pairs, heads, ms),
-                       err=rel_err(fn(), ref))
+            ref = triton_sparse_attention(q, k, v, table, sm, tma=False)
             t64 = _split_rows(table, 64)
-            for label, kw in [("q64 bn64 st3", {}), ("q64 bn128 st2", dict(block_n=128, num_stages=2))]:
-                fn = lambda: triton_sparse_attention(q, k, v, t64, sm, **kw)  # noqa: E731
+            configs = [
+                ("pointers bn128 st3", table, dict(tma=False)),
+                ("tma bn128 st3", table, {}),
+                ("tma bn128 st2", table, dict(num_stages=2)),
+                ("tma bn64 st2 maxnreg128 (2 CTA/SM)", table, dict(block_n=64, num_stages=2, maxnreg=128)),
+                ("tma bn64 st3 maxnreg128", table, dict(block_n=64, maxnreg=128)),
+                ("q64 tma bn64 st3", t64, {}),
+                ("q64 tma bn64 st2", t64, dict(num_stages=2)),
+            ]
+            for label, tab, kw in configs:
+                fn = lambda: triton_sparse_attention(q, k, v, tab, sm, **kw)  # noqa: E731
                 ms = time_ms(fn)
                 record(scale=scale, table=name, variant=label, ms=ms, tflops=tflops(pairs, heads, ms),
                        err=rel_err(fn(), ref))
-        # launch-order cost alone: the device argsort the balanced launch adds
-        counts = tables["paper"].counts
-        record(scale=scale, variant="argsort only", ms=time_ms(lambda: torch.argsort(counts, dim=-1, descending=True)))
 
     # column-sparse (gather) mode, CS4A-like: 192-query groups, ~20% of key tokens
     q_len, kv_len = sched.lengths[12], sched.kv_length(12)
     q, k, v = make_inputs(heads, q_len, kv_len)
     gt = _to(gather_table(q_len, kv_len, 192, 2128), "cuda")
     pairs = q_len * 2128
-    for label, kw in [("gather bn64 st3", {}), ("gather bn128 st2", dict(block_n=128, num_stages=2)),
-                      ("gather bn64 st4", dict(num_stages=4))]:
+    for label, kw in [("gather bn64 st3", {}), ("gather bn64 st2", dict(num_stages=2))]:
         ms = time_ms(lambda: triton_sparse_attention(q, k, v, gt, sm, **kw))
         record(scale=12, table="gather 2128 tok / 192 q", variant=label, ms=ms, tflops=tflops(pairs, heads, ms))
 
@@ -99,8 +97,10 @@ def main() -> None:
     dense = _to(random_table(q_len, kv_len, 1.0), "cuda")
     ms = time_ms(lambda: triton_sparse_attention(q, k, v, dense, sm))
     record(scale=10, variant="dense sparse-kernel (no colsum)", ms=ms)
-    for group, kw in [(192, {}), (192, dict(block_n=128, num_stages=2)), (192, dict(num_stages=2)),
-                      (128, {}), (128, dict(block_n=64, num_stages=3)), (256, {})]:
+    runs = [(192, {}), (192, dict(num_stages=2)), (192, dict(tma=False)), (192, dict(colsum=False)),
+            (192, dict(num_stages=2, colsum=False)), (128, {}), (128, dict(block_n=64, num_stages=3)),
+            (128, dict(colsum=False))]
+    for group, kw in runs:
         ms = time_ms(lambda: triton_attention_colsum(q, k, v, group, sm, **kw))
         record(scale=10, variant=f"decision group{group} {kw}", ms=ms)
     out.close()
