@@ -188,7 +188,8 @@ def triton_sparse_attention(
     scale: float,
     return_lse: bool = False,
     *,
-    block_n: int | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
     num_stages: int = 3,
     tma: bool = True,
     maxnreg: int | None = None,
@@ -197,15 +198,15 @@ def triton_sparse_attention(
 
     k, v: (B, H, Lk, D), any strides with a contiguous last dim. Returns out (B, H, Lq, D) in
     q's dtype and, with return_lse, lse (B, H, Lq) float32 (-inf on rows that see no key).
-    block_n, num_stages, maxnreg and tma (block mode through TMA where the views allow) are
-    tuning knobs.
+    block_m x block_n is the tile (clipped to what the table's blocks allow; 64 x 64 with one
+    warpgroup measured fastest on H200, benchmarks/kernels_notes.md); num_stages, maxnreg and tma
+    (block mode through TMA where the views allow) are tuning knobs too.
     """
     _check_inputs(q, k, v, table, scale)
     b, h, lq, d = q.shape
-    block_m = _pow2_divisor(table.q_block, 128)
+    block_m = _pow2_divisor(table.q_block, block_m)  # programs split a query block, never span two
     if block_m < 16:
         raise SparvarError(f"q_block must be a multiple of 16, got {table.q_block}")
-    block_n = block_n or block_m  # 128x128 tiles, or 64x64 with one warpgroup
     kb = table.key_block
     if max(kb, block_n) % min(kb, block_n):  # tiles must split key blocks, or blocks tiles
         block_n = _pow2_divisor(kb, block_n)

@@ -61,23 +61,20 @@ def main() -> None:
             flash = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sm))
         record(scale=scale, variant="sdpa_flash", ms=flash, tflops=tflops(q_len * kv_len, heads, flash))
         tables = {"paper": _to(paper_csla_table(scale, "cpu")[0], "cuda")}
-        for d in (0.10, 0.50, 1.0):
+        for d in (0.10, 0.25, 0.50, 1.0):
             tables[f"{d:.0%}"] = _to(random_table(q_len, kv_len, d), "cuda")
         for name, table in tables.items():
             pairs = covered_pairs(table)
             ref = triton_sparse_attention(q, k, v, table, sm, tma=False)
-            t64 = _split_rows(table, 64)
             configs = [
-                ("pointers bn128 st3", table, dict(tma=False)),
-                ("tma bn128 st3", table, {}),
-                ("tma bn128 st2", table, dict(num_stages=2)),
-                ("tma bn64 st2 maxnreg128 (2 CTA/SM)", table, dict(block_n=64, num_stages=2, maxnreg=128)),
-                ("tma bn64 st3 maxnreg128", table, dict(block_n=64, maxnreg=128)),
-                ("q64 tma bn64 st3", t64, {}),
-                ("q64 tma bn64 st2", t64, dict(num_stages=2)),
+                ("bm64 bn64 st3 (default)", {}),
+                ("bm64 bn64 st4", dict(num_stages=4)),
+                ("bm64 bn64 st3 pointers", dict(tma=False)),
+                ("bm128 bn64 st2 maxnreg128", dict(block_m=128, num_stages=2, maxnreg=128)),
+                ("bm128 bn128 st3", dict(block_m=128, block_n=128)),
             ]
-            for label, tab, kw in configs:
-                fn = lambda: triton_sparse_attention(q, k, v, tab, sm, **kw)  # noqa: E731
+            for label, kw in configs:
+                fn = lambda: triton_sparse_attention(q, k, v, table, sm, **kw)  # noqa: E731
                 ms = time_ms(fn)
                 record(scale=scale, table=name, variant=label, ms=ms, tflops=tflops(pairs, heads, ms),
                        err=rel_err(fn(), ref))
@@ -87,22 +84,27 @@ def main() -> None:
     q, k, v = make_inputs(heads, q_len, kv_len)
     gt = _to(gather_table(q_len, kv_len, 192, 2128), "cuda")
     pairs = q_len * 2128
-    for label, kw in [("gather bn64 st3", {}), ("gather bn64 st2", dict(num_stages=2))]:
+    for label, kw in [("gather bm64 bn64 st3 (default)", {}), ("gather bn64 st2", dict(num_stages=2)),
+                      ("gather bn128 st2", dict(block_n=128, num_stages=2))]:
         ms = time_ms(lambda: triton_sparse_attention(q, k, v, gt, sm, **kw))
         record(scale=12, table="gather 2128 tok / 192 q", variant=label, ms=ms, tflops=tflops(pairs, heads, ms))
 
-    # decision kernel at scale 10: groups and tiles; dense attention alone isolates the colsum cost
+    # decision call at scale 10: its dense part alone, then the whole call with column-sum tiles
+    from sparvar.attention.triton_decision import dense_table
+
     q_len, kv_len = sched.lengths[10], sched.kv_length(10)
     q, k, v = make_inputs(heads, q_len, kv_len)
-    dense = _to(random_table(q_len, kv_len, 1.0), "cuda")
-    ms = time_ms(lambda: triton_sparse_attention(q, k, v, dense, sm))
-    record(scale=10, variant="dense sparse-kernel (no colsum)", ms=ms)
-    runs = [(192, {}), (192, dict(num_stages=2)), (192, dict(tma=False)), (192, dict(colsum=False)),
-            (192, dict(num_stages=2, colsum=False)), (128, {}), (128, dict(block_n=64, num_stages=3)),
-            (128, dict(colsum=False))]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sm))
+    record(scale=10, variant="decision: sdpa_flash", ms=flash)
+    dense = dense_table(q_len, kv_len, 64, q.device)
+    ms = time_ms(lambda: triton_sparse_attention(q, k, v, dense, sm, return_lse=True))
+    record(scale=10, variant="decision: dense part alone (out + lse)", ms=ms, over_flash=ms / flash)
+    runs = [(192, {}), (192, dict(num_warps=8)), (192, dict(num_stages=2)), (192, dict(key_tile=64)),
+            (192, dict(tma=False)), (128, {}), (128, dict(num_warps=8, num_stages=2))]
     for group, kw in runs:
         ms = time_ms(lambda: triton_attention_colsum(q, k, v, group, sm, **kw))
-        record(scale=10, variant=f"decision group{group} {kw}", ms=ms)
+        record(scale=10, variant=f"decision group{group} {kw}", ms=ms, over_flash=ms / flash)
     out.close()
 
 
