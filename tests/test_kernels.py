@@ -246,7 +246,7 @@ def test_rejects_unsupported_shapes():
 def test_dispatch():
     q = torch.randn(1, 1, 70, 64)
     k, v = torch.randn(1, 1, 90, 64), torch.randn(1, 1, 90, 64)
-    table = random_table(1, 1, 70, 90, 64, 64)
+    table = random_table(1, 1, 70, 90, 64, 64, device="cpu")
     assert resolve_backend("auto", q) == "reference"  # CPU tensors
     assert resolve_backend("triton", q) == "triton"
     with pytest.raises(SparvarError, match="unknown attention backend"):
