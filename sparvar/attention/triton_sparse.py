@@ -7,8 +7,9 @@ side when key_block < BLOCK_N (gather mode; key_block == 1 is the column-sparse 
 kv_len are masked, so k and v may be views of a larger, uninitialised cache.
 
 Block mode reads K and V tiles with the tensor-memory accelerator (TMA descriptors over the
-strided views; rows past kv_len arrive as zeros and only the tile holding kv_len is masked).
-Gather mode, and block mode where TMA is off, use pointer loads.
+strided views; rows past kv_len arrive as zeros). Gather mode, and block mode where TMA is off,
+use pointer loads. Every tile is masked (one select per score): a branch for the one tile that
+holds kv_len would stop Triton's pipeliner from prefetching.
 """
 
 from __future__ import annotations
@@ -29,15 +30,13 @@ except ImportError:  # triton without host-side TMA descriptors
 
 
 @triton.jit
-def _attend_tile(q, k, v, m_i, l_i, acc, qk_scale, key_ok, MASKED: tl.constexpr):
+def _attend_tile(q, k, v, m_i, l_i, acc, qk_scale, key_ok):
     """Online-softmax update of (m_i, l_i, acc) with one key tile; m_i is in log2 units.
 
-    qk_scale > 0, so the row max can be taken before scaling; masked keys get -inf scores and a
+    qk_scale > 0, so the row max can be taken before scaling; keys not ok get -inf scores and a
     row that has seen no key yet keeps max -inf without producing NaN.
     """
-    qk = tl.dot(q, tl.trans(k))
-    if MASKED:
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    qk = tl.where(key_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(qk * qk_scale - m_use[:, None])
@@ -121,9 +120,8 @@ def _sparse_attention_kernel(
             n0 = tl.load(idx_row + t // TILES) * KEY_BLOCK + (t % TILES) * BLOCK_N
             k = _load_rows(K, k_base, b, h, n0, stride_kn, kv_len, BLOCK_N, HEAD_DIM, USE_TMA)
             v = _load_rows(V, v_base, b, h, n0, stride_vn, kv_len, BLOCK_N, HEAD_DIM, USE_TMA)
-            # masking every tile keeps the loop branch-free, which the pipeliner needs
             key_ok = n0 + tl.arange(0, BLOCK_N) < kv_len
-            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, qk_scale, key_ok, True)
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, qk_scale, key_ok)
     else:  # gather mode: each tile is PER_TILE listed key blocks (or tokens) side by side
         PER_TILE: tl.constexpr = BLOCK_N // KEY_BLOCK
         for t in range(0, (count + PER_TILE - 1) // PER_TILE):
@@ -134,7 +132,7 @@ def _sparse_attention_kernel(
             key_ok = listed & (offs_n < kv_len)
             k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
-            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, qk_scale, key_ok, True)
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, qk_scale, key_ok)
 
     o_rows = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om
     _store_rows(O, LSE, bh, o_rows, offs_m, offs_d, q_len, m_i, l_i, acc, RETURN_LSE)
