@@ -38,7 +38,7 @@ def test_kv_cache_generation_equals_teacher_forcing(schedule, overrides):
 def test_rope_angles_follow_row_then_column_recipe():
     s = infinity_schedule("1:1", 1024)
     table = RopeTable(s, head_dim=128, device="cpu")
-    k, off = 9, s.offsets[9]  # the 32x32 scale, stretched onto the 64-grid
+    off = s.offsets[9]  # the 32x32 scale, stretched onto the 64-grid
     token = 5 * 32 + 7
     row, col = round(5 * 64 / 32), round(7 * 64 / 32)
     inv = [10000 ** (-2 * i / 64) for i in range(32)]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import tiny_pipeline
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
-from sparvar.schedules import Schedule, parse_schedule
+from sparvar.schedules import Schedule, infinity_schedule, parse_schedule
 
 SCHEDULE = parse_schedule("1,2,3x4,4,6x5")
 
@@ -129,25 +129,32 @@ def test_text_model_rejects_labels_and_bad_arguments(pipe):
         pipe(["a"], tau=0, schedule=SCHEDULE, progress=False)
 
 
-@pytest.mark.parametrize("preset", ["dense", "paper", "default", "paper-remap", "cs4a", "csla", "mass"])
-def test_a_small_model_generates_with_each_preset(pipe, preset):
-    from sparvar.schedules import infinity_schedule
+PRESET_SCHEDULE = infinity_schedule("4:3", 512)  # 10 scales, not square: every preset has sparse scales
 
-    schedule = infinity_schedule("4:3", 512)  # 10 scales, not square
+
+@pytest.fixture(scope="module")
+def dense_last_logits(pipe):
     last = {}
-    dense = pipe(["a boat"], seed=2, schedule=schedule, progress=False,
-                 on_scale=lambda k, logits, bits: last.update(dense=logits))
-    out = pipe(["a boat"], seed=2, schedule=schedule, attention=preset, progress=False,
-               on_scale=lambda k, logits, bits: last.update(sparse=logits))
-    assert out.images[0].size == dense.images[0].size
+    pipe(["a boat"], seed=2, schedule=PRESET_SCHEDULE, progress=False,
+         on_scale=lambda k, logits, bits: last.update(logits=logits))
+    return last["logits"]
+
+
+@pytest.mark.parametrize("preset", ["dense", "paper", "default", "paper-remap", "cs4a", "csla", "mass"])
+def test_a_small_model_generates_with_each_preset(pipe, dense_last_logits, preset):
+    last = {}
+    out = pipe(["a boat"], seed=2, schedule=PRESET_SCHEDULE, attention=preset, progress=False,
+               on_scale=lambda k, logits, bits: last.update(logits=logits))
+    h, w = PRESET_SCHEDULE.sizes[-1]
+    assert out.images[0].size == (w * pipe.spec.vae.patch, h * pipe.spec.vae.patch)
     stats = out.policy.stats()
-    plan = out.policy.plan(pipe.spec.transformer.depth, schedule)
+    plan = out.policy.plan(pipe.spec.transformer.depth, PRESET_SCHEDULE)
     assert {e["mode"] for e in stats["entries"]} == {m for row in plan.modes for m in row}
-    assert torch.isfinite(last["sparse"]).all()
+    assert torch.isfinite(last["logits"]).all()
     if preset == "dense":
-        assert stats["total"]["saved_fraction"] == 0 and torch.equal(last["sparse"], last["dense"])
+        assert stats["total"]["saved_fraction"] == 0 and torch.equal(last["logits"], dense_last_logits)
     else:
-        assert stats["total"]["saved_fraction"] > 0.05 and not torch.equal(last["sparse"], last["dense"])
+        assert stats["total"]["saved_fraction"] > 0.05 and not torch.equal(last["logits"], dense_last_logits)
 
 
 def test_concat_cache_gives_the_same_generation(pipe):

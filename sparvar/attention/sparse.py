@@ -1,23 +1,66 @@
-"""One entry for block-sparse attention over a BlockTable; picks a backend by device."""
+"""One entry for sparse attention over a BlockTable; picks a backend by device and table form.
+
+Backends: "triton" (our kernels, CUDA), "flex" (FlexAttention for block tables, CUDA; gathered
+key lists go to "gather"), "gather" (per query block, SDPA over the gathered keys; any device),
+"reference" (masked float32 attention; the definition, for tests). "auto" takes triton on CUDA
+and gather elsewhere for key lists, the reference for block tables.
+"""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
-BACKENDS = ("auto", "reference", "flex", "gather")
+BACKENDS = ("auto", "reference", "triton", "flex", "gather")
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, q: torch.Tensor, table: BlockTable | None = None) -> str:
+    """The backend that will run: 'auto' becomes triton on CUDA (when triton imports)."""
+    if backend not in BACKENDS:
+        raise SparvarError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    gathered = table is not None and table.key_block == 1
+    if backend == "auto":
+        if q.is_cuda and triton_available():
+            return "triton"
+        return "gather" if gathered else "reference"
+    if backend == "flex" and gathered:
+        return "gather"
+    return backend
 
 
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: BlockTable, scale: float, backend: str = "auto"
-) -> torch.Tensor:
-    """Attention of q (B, H, Lq, D) over the keys `table` lists for each query block."""
-    if backend not in BACKENDS:
-        raise SparvarError(f"unknown sparse attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":  # gathered lists: gather anywhere; blocks: flex on CUDA, else the reference
-        backend = "gather" if table.key_block == 1 else ("flex" if q.is_cuda else "reference")
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: BlockTable,
+    scale: float,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Attention of q (B, H, Lq, D) over the keys `table` lists for each query block.
+
+    Returns out, or (out, lse (B, H, Lq) float32) with return_lse (triton and reference only).
+    """
+    backend = resolve_backend(backend, q, table)
+    if backend == "triton":
+        from sparvar.attention.triton_sparse import triton_sparse_attention
+
+        return triton_sparse_attention(q, k, v, table, scale, return_lse)
+    if return_lse and backend != "reference":
+        raise SparvarError(f"the {backend} backend does not return the log-sum-exp; use triton or reference")
     if backend == "flex":
         from sparvar.attention.flex import flex_attention
 
@@ -26,4 +69,4 @@ def sparse_attention(
         from sparvar.attention.gather import gather_attention
 
         return gather_attention(q, k, v, table, scale)
-    return reference_sparse_attention(q, k, v, table, scale)
+    return reference_sparse_attention(q, k, v, table, scale, return_lse)
