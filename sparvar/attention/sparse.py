@@ -2,8 +2,8 @@
 
 Backends: "triton" (our kernels, CUDA), "flex" (FlexAttention for block tables, CUDA; gathered
 key lists go to "gather"), "gather" (per query block, SDPA over the gathered keys; any device),
-"reference" (masked float32 attention; the definition, for tests). "auto" takes triton on CUDA
-and gather elsewhere for key lists, the reference for block tables.
+"reference" (masked float32 attention; the definition, for tests). "auto" takes triton for
+fp16/bf16 on CUDA, and elsewhere gather for key lists and the reference for block tables.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, q: torch.Tensor, table: BlockTable | None = None) -> str:
-    """The backend that will run: 'auto' becomes triton on CUDA (when triton imports)."""
+    """The backend that will run: 'auto' becomes triton for fp16/bf16 on CUDA (when triton imports)."""
     if backend not in BACKENDS:
         raise SparvarError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     gathered = table is not None and table.key_block == 1
     if backend == "auto":
-        if q.is_cuda and triton_available():
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available():
             return "triton"
         return "gather" if gathered else "reference"
     if backend == "flex" and gathered:
