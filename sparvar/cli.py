@@ -131,9 +131,14 @@ def cmd_plan(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from sparvar.bench import e2e
+    if args.what == "kernels":
+        from sparvar.bench import kernels
 
-    e2e.main(args.rest, which=args.what)
+        kernels.main(args.rest, prog="sparvar bench kernels")
+    else:
+        from sparvar.bench import e2e
+
+        e2e.main(args.rest, which=args.what)
 
 
 def _add_schedule_options(parser) -> None:
@@ -180,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
-    bench.add_argument("what", choices=["baseline", "e2e"],
-                       help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side")
+    bench.add_argument("what", choices=["baseline", "e2e", "kernels"],
+                       help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
+                       "kernels: attention kernels on the 1024x1024 shapes")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -4,7 +4,7 @@ Our Triton block-sparse kernel runs random block tables (5-100% density) and the
 table; on each table it races FlexAttention, and the dense SDPA flash and cuDNN backends set the
 baseline. The decision-scale kernel (dense attention + column sums) races SDPA flash at scale 10.
 Effective TFLOP/s count only the (query, key) pairs of computed blocks.
-Run: python -m sparvar.bench.kernels [--out-dir benchmarks]
+Run: sparvar bench kernels [--out-dir benchmarks]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sparvar.attention.tables import BlockTable
+from sparvar.errors import SparvarError
 from sparvar.schedules import infinity_schedule
 
 BATCH, HEAD_DIM, BLOCK = 2, 128, 128
@@ -316,10 +317,10 @@ def to_markdown(result: dict) -> str:
 
 def run_kernel_bench(out_dir: str = "benchmarks", command: str = "python -m sparvar.bench.kernels") -> dict:
     """Run every comparison, write kernels.json and kernels.md under out_dir, return the result."""
+    if not torch.cuda.is_available():
+        raise SparvarError("the kernel benchmark needs a CUDA GPU")
     import triton
 
-    if not torch.cuda.is_available():
-        raise SystemExit("the kernel benchmark needs a CUDA GPU")
     torch.manual_seed(0)
     flex = _Flex()
     rows = []
@@ -344,11 +345,12 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "python -m spar
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m sparvar.bench.kernels") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="benchmarks")
     args = parser.parse_args(argv)
-    result = run_kernel_bench(args.out_dir, command=" ".join(["python -m sparvar.bench.kernels", *(argv or sys.argv[1:])]))
+    argv = sys.argv[1:] if argv is None else argv
+    result = run_kernel_bench(args.out_dir, command=" ".join([prog, *argv]))
     print(to_markdown(result))
 
 
