@@ -30,4 +30,4 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: B
     queries = F.pad(q, (0, 0, 0, g * qb - lq)).reshape(b, h * g, qb, d)  # q may be a strided view
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     out = torch.where(counts > 0, out, 0.0)
-    return out.view(b, h, g * qb, -1)[:, :, :lq]
+    return out.reshape(b, h, g * qb, -1)[:, :, :lq]  # SDPA may return a transposed layout
