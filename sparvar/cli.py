@@ -120,8 +120,11 @@ def cmd_models(args) -> None:
             print("  needs no files")
         if spec.classes:
             print(f"  classes: {', '.join(spec.classes)}")
-    print(f"aspect ratios (--aspect W:H): {', '.join(INFINITY_ASPECTS)}")
-    print(f"resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
+        elif not spec.text_conditioned:
+            print(f"  classes: indices 0..{spec.num_classes - 1} (--class)")
+    print(f"Infinity aspect ratios (--aspect W:H): {', '.join(INFINITY_ASPECTS)}")
+    print(f"Infinity resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
+    print("VAR models generate 1:1 images at their own resolution and scales only")
 
 
 def _schedule(args, spec):
@@ -190,14 +193,19 @@ def cmd_train_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from sparvar.bench import e2e
+    if args.what == "kernels":
+        from sparvar.bench import kernels
 
-    {"baseline": e2e.main}[args.what](args.rest)
+        kernels.main(args.rest, prog="sparvar bench kernels")
+    else:
+        from sparvar.bench import e2e
+
+        e2e.main(args.rest, which=args.what)
 
 
 def _add_schedule_options(parser) -> None:
     parser.add_argument("--aspect", default="1:1", help="width:height, one of Infinity's ratios (see `sparvar models`)")
-    parser.add_argument("--resolution", type=int, help="pixel budget: 256, 512, 768 or 1024")
+    parser.add_argument("--resolution", type=int, help="Infinity's pixel budget: 256, 512, 768 or 1024")
     parser.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3"')
 
 
@@ -219,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     gen.add_argument("--cfg", type=float, help="classifier-free guidance (default: the model's)")
     gen.add_argument("--tau", type=float, help="sampling temperature (default: the model's)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=0.97)
+    gen.add_argument("--top-k", type=int, help="keep the k likeliest tokens, 0: all (default: the model's)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass, 0: off (default: the model's)")
     _add_schedule_options(gen)
     gen.add_argument(
         "--attention", default="dense,default",
@@ -253,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
-    bench.add_argument("what", choices=["baseline"], help="baseline: dense generation time of 2B and 8B")
+    bench.add_argument("what", choices=["baseline", "e2e", "kernels"],
+                       help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
+                       "kernels: attention kernels on the 1024x1024 shapes")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

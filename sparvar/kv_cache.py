@@ -22,3 +22,22 @@ class KVCache:
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
         return keys[:, :, :end], values[:, :, :end]
+
+
+class ConcatKVCache:
+    """The cache as the official code keeps it: keys/values concatenated scale after scale.
+
+    Each write copies everything cached so far; kept only to measure what the static cache saves.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        if start == 0:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.checkpoint import load_strict, read_state_dict
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache
+from sparvar.graphs import ScaleGraphs
+from sparvar.graphs import shapes as graph_shapes
+from sparvar.kv_cache import ConcatKVCache, KVCache
 from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.sampling import sample
@@ -76,7 +78,7 @@ class StageTimer:
 class GenerationOutput:
     images: list[Image.Image]
     schedule: Schedule
-    tokens: list[torch.Tensor]  # sampled tokens per scale, (B, n_k, bits)
+    tokens: list[torch.Tensor]  # sampled tokens per scale: (B, n_k, bits) for Infinity, (B, n_k) for VAR
     scale_seconds: list[float]  # transformer + sampling time of each scale
     stage_seconds: dict[str, float] = field(default_factory=dict)  # condition, transformer, decode, total
     policy: AttentionPolicy | None = None  # the attention policy that ran (sparse ones have stats())
@@ -98,6 +100,9 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.codes = FAMILIES[spec.family].codes(spec, vae)
         self._cache: tuple[tuple, KVCache] | None = None
+        self._policies: dict[str, AttentionPolicy] = {}  # named policies kept for graph replays
+        self._graphs: tuple[tuple, ScaleGraphs] | None = None
+        self._warm: tuple | None = None  # key of the last eager run that a capture may follow
 
     @property
     def device(self) -> torch.device:
@@ -127,6 +132,18 @@ class Pipeline:
             labels.append(c)
         return torch.tensor(labels, device=self.device)
 
+    def _graph_runner(self, key: tuple, prep, cache, policy, schedule, num_scales) -> ScaleGraphs | None:
+        """Graphs for this generation's shapes: none on the first (eager, warm-up) run of a
+        shape, captured during the second, replayed from then on."""
+        if self._graphs is not None and self._graphs[0] == key:
+            return self._graphs[1]
+        if self._warm != key:
+            self._warm = key
+            return None
+        self._graphs = None  # release the old graphs' memory first
+        self._graphs = (key, ScaleGraphs(self.transformer, schedule, num_scales, prep, cache, policy))
+        return self._graphs[1]
+
     def _kv_cache(self, batch: int, capacity: int) -> KVCache:
         key = (batch, capacity)
         if self._cache is None or self._cache[0] != key:
@@ -141,20 +158,29 @@ class Pipeline:
         seed: int | Sequence[int] = 0,
         cfg: float | None = None,
         tau: float | None = None,
-        top_k: int = 0,
-        top_p: float = 0.97,
+        top_k: int | None = None,
+        top_p: float | None = None,
         aspect: str = "1:1",
         resolution: int | None = None,
         schedule: Schedule | None = None,
         attention: AttentionPolicy | str | None = None,
+        skip_last: int = 0,
+        cuda_graphs: bool = False,
+        kv_cache: str = "static",
         progress: bool = True,
         on_scale: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> GenerationOutput:
         """Generate one image per condition.
 
         seed: an int gives item i the seed `seed + i` (so an image does not depend on its batch);
-        a list gives each item its own. cfg/tau default to the model's. `on_scale(k, logits, tokens)`
-        sees each scale's guided logits and sampled tokens.
+        a list gives each item its own. cfg/tau/top_k/top_p default to the model's (top_k 0 and
+        top_p 0 or 1 filter nothing). `on_scale(k, logits, tokens)` sees each scale's guided logits
+        and sampled tokens.
+        skip_last: stop that many scales early and decode the codes summed so far (full size).
+        cuda_graphs: replay each scale as a CUDA graph (GPU only); the first generation of a
+        shape runs eagerly, the second captures, later ones replay.
+        kv_cache: "static" (one buffer written in place) or "concat" (the official code's
+        growing cache, for comparison).
         """
         if isinstance(conditions, (str, int)):
             conditions = [conditions]
@@ -162,34 +188,61 @@ class Pipeline:
             raise SparvarError("nothing to generate: give at least one prompt or class")
         cfg = self.spec.transformer.cfg if cfg is None else cfg
         tau = self.spec.transformer.tau if tau is None else tau
+        top_k = self.spec.transformer.top_k if top_k is None else top_k
+        top_p = self.spec.transformer.top_p if top_p is None else top_p
         if tau <= 0:
             raise SparvarError(f"tau must be positive, got {tau}")
         schedule = schedule or self.schedule(aspect, resolution)
         seeds = [seed + i for i in range(len(conditions))] if isinstance(seed, int) else list(seed)
         if len(seeds) != len(conditions):
             raise SparvarError(f"{len(seeds)} seeds for {len(conditions)} conditions")
+        if not 0 <= skip_last < len(schedule):
+            raise SparvarError(f"skip_last must be in 0..{len(schedule) - 1} for {len(schedule)} scales, got {skip_last}")
+        if kv_cache not in ("static", "concat"):
+            raise SparvarError(f"kv_cache must be 'static' or 'concat', got {kv_cache!r}")
+        if cuda_graphs and (self.device.type != "cuda" or kv_cache != "static"):
+            raise SparvarError("cuda_graphs needs a CUDA device and the static KV cache")
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        if isinstance(attention, str) and cuda_graphs:  # graphs capture one policy object
+            if attention not in self._policies:
+                self._policies[attention] = resolve_policy(attention)
+            attention = self._policies[attention]
         policy = resolve_policy(attention)
-        policy.reset()
-        guidance = cfg != 1
+        # the unconditional half runs only when some scale mixes it in (Infinity: cfg != 1, VAR: cfg != 0)
+        weights = [self.transformer.guidance_weight(k, len(schedule), cfg) for k in range(len(schedule))]
+        guidance = any(w != 0 for w in weights)
 
         timer = StageTimer(self.device)
         timer.mark("start")
         prep = self.transformer.prepare(self.encode(conditions), guidance)
         timer.mark("condition")
-        cache = self._kv_cache(prep.start.shape[0], schedule.total)
+        if kv_cache == "static":
+            cache = self._kv_cache(prep.start.shape[0], schedule.total)
+        else:
+            cache = ConcatKVCache()
+        graphs, num_scales = None, len(schedule) - skip_last
+        if cuda_graphs:
+            key = (schedule, num_scales, graph_shapes(prep), id(policy))
+            graphs = self._graph_runner(key, prep, cache, policy, schedule, num_scales)
+        if graphs is None or not graphs.captured:
+            policy.reset()  # replays re-run the captured policy; its Python state stays as captured
+        if graphs is not None:
+            graphs.load(prep)
         x, summed, tokens = prep.start, None, []
-        for k in tqdm(range(len(schedule)), desc="scales", disable=not progress, leave=False):
-            logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy)
+        for k in tqdm(range(num_scales), desc="scales", disable=not progress, leave=False):
+            if graphs is not None:
+                logits = graphs.run(k, x)
+            else:
+                logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy)
             if guidance:
                 cond, uncond = logits.chunk(2)
-                logits = cond + self.transformer.guidance_weight(k, len(schedule), cfg) * (cond - uncond)
-            bits = sample(logits / tau, generators, top_k, top_p)
+                logits = cond + weights[k] * (cond - uncond)
+            drawn = sample(logits / tau, generators, top_k, top_p)
             if on_scale is not None:
-                on_scale(k, logits, bits)
-            tokens.append(bits)
-            summed = self.codes.accumulate(summed, self.codes.to_codes(bits, k, schedule), k, schedule)
-            if k + 1 < len(schedule):
+                on_scale(k, logits, drawn)
+            tokens.append(drawn)
+            summed = self.codes.accumulate(summed, self.codes.to_codes(drawn, k, schedule), k, schedule)
+            if k + 1 < num_scales:
                 x = self.transformer.embed_codes(self.codes.next_input(summed, k + 1, schedule))
                 x = torch.cat([x, x]) if guidance else x
             timer.mark(f"scale {k}")
@@ -259,7 +312,7 @@ def load_pipeline(
     else:
         decoder = create_vae(spec, "meta")
         state = decoder.checkpoint_state(read_state_dict(vae))
-        load_strict(decoder, state, f"{spec.name}'s VAE decoder ({vae})")
+        load_strict(decoder, state, f"{spec.name}'s VAE ({vae})")
         decoder = decoder.to(device=device, dtype=dtype).eval()
 
     encoder = None

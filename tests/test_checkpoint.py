@@ -1,14 +1,19 @@
 """Official-layout checkpoints load strictly (file, sharded folder, VAE container) or fail readably."""
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from sparvar import create_model, load_pipeline
+from sparvar import Pipeline, create_model, load_pipeline
+from sparvar.checkpoint import load_strict, read_state_dict
 from sparvar.errors import SparvarError
 from sparvar.models.registry import MODELS, create_vae
+from sparvar.models.var.transformer import VARTransformer
+from sparvar.models.var.vqvae import VQVAE
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -102,3 +107,73 @@ def test_missing_text_encoder_folder_is_not_downloaded(tmp_path):
 
     with pytest.raises(SparvarError, match="T5 text encoder folder not found"):
         TextEncoder.from_folder(tmp_path / "flan-t5-xl", "cpu", torch.float32)
+
+
+def _official_var_state(official_layouts: dict, name: str, cfg, gen: torch.Generator) -> dict:
+    """A state dict for the small config `cfg`: the key names of the released model `name` (from the
+    official layout, blocks cut to cfg.depth), the shapes by the official formulas, random values,
+    and the two buffers holding each token's scale and the block-causal mask."""
+    c, total, levels = cfg.width, cfg.schedule.total, len(cfg.schedule)
+    shapes = {
+        "pos_start": (1, 1, c), "pos_1LC": (1, total, c), "lvl_1L": (1, total),
+        "attn_bias_for_masking": (1, 1, total, total), "word_embed.weight": (c, cfg.vae_channels),
+        "word_embed.bias": (c,), "class_emb.weight": (cfg.num_classes + 1, c), "lvl_embed.weight": (levels, c),
+        "shared_ada_lin.1.weight": (6 * c, c), "shared_ada_lin.1.bias": (6 * c,),
+        "head_nm.ada_lin.1.weight": (2 * c, c), "head_nm.ada_lin.1.bias": (2 * c,),
+        "head.weight": (cfg.vocab, c), "head.bias": (cfg.vocab,),
+    }
+    block = {
+        "ada_gss": (1, 1, 6, c), "ada_lin.1.weight": (6 * c, c), "ada_lin.1.bias": (6 * c,),
+        "attn.scale_mul_1H11": (1, cfg.heads, 1, 1), "attn.q_bias": (c,), "attn.v_bias": (c,),
+        "attn.zero_k_bias": (c,), "attn.mat_qkv.weight": (3 * c, c), "attn.proj.weight": (c, c),
+        "attn.proj.bias": (c,), "ffn.fc1.weight": (4 * c, c), "ffn.fc1.bias": (4 * c,),
+        "ffn.fc2.weight": (c, 4 * c), "ffn.fc2.bias": (c,),
+    }
+    state = {}
+    for key in official_layouts[name]:
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            if int(i) < cfg.depth:
+                state[key] = torch.randn(block[rest], generator=gen) * 0.1
+        else:
+            state[key] = torch.randn(shapes[key], generator=gen) * 0.1
+    level = torch.repeat_interleave(torch.arange(levels), torch.tensor(cfg.schedule.lengths))
+    state["lvl_1L"] = level[None]
+    state["attn_bias_for_masking"] = torch.where(level[:, None] >= level[None, :], 0.0, -math.inf)[None, None]
+    return state
+
+
+@pytest.mark.parametrize("released", ["var-d16", "var-d36"])
+def test_official_layout_var_checkpoint_loads_strictly(tmp_path, official_layouts, released):
+    spec = MODELS["var-tiny"]
+    if released == "var-d36":  # the shared-AdaLN layout
+        spec = replace(spec, transformer=replace(spec.transformer, shared_aln=True))
+    state = _official_var_state(official_layouts, released, spec.transformer, torch.Generator().manual_seed(0))
+    vae_state = create_vae(spec, seed=5).state_dict()
+    torch.save(state, tmp_path / "var.pth")
+    torch.save(vae_state, tmp_path / "vae.pth")
+    with torch.device("meta"):
+        transformer, vae = VARTransformer(spec.transformer), VQVAE(spec.vae)
+    load_strict(transformer, read_state_dict(tmp_path / "var.pth"), "the transformer")
+    load_strict(vae, read_state_dict(tmp_path / "vae.pth"), "the VQVAE")
+    assert _states_equal(transformer.state_dict(), state) and _states_equal(vae.state_dict(), vae_state)
+    pipe = Pipeline(spec, transformer.eval(), vae.eval())
+    assert pipe([4], seed=0, progress=False).images[0].size == (32, 32)
+
+
+def test_var_files_through_load_pipeline(tmp_path):
+    torch.save(create_model("var-tiny", seed=3).state_dict(), tmp_path / "var.pth")
+    pipe = load_pipeline("var-tiny", weights=str(tmp_path / "var.pth"), device="cpu")
+    assert _states_equal(pipe.transformer.state_dict(), create_model("var-tiny", seed=3).state_dict())
+    with pytest.raises(SparvarError, match="looks like a checkpoint of var-tiny; pass --model var-tiny"):
+        load_pipeline("var-d16", weights=str(tmp_path / "var.pth"), vae="v.pth", device="cpu")
+    with pytest.raises(SparvarError, match=r"needs --weights \(var_d30.pth\), --vae \(vae_ch160v4096z32.pth\)"):
+        load_pipeline("var-d30", device="cpu")
+    assert load_pipeline("var-tiny", random_weights=True, device="cpu", seed=1).vae.cfg.patch == 2
+
+
+def test_var_vae_file_without_the_encoder_is_refused(tmp_path):
+    state = {k: v for k, v in create_vae(MODELS["var-tiny"]).state_dict().items() if not k.startswith("encoder.")}
+    torch.save(state, tmp_path / "vae.pth")
+    with pytest.raises(SparvarError, match=r"does not fit var-tiny's VAE .* missing \(encoder\.conv_in"):
+        load_pipeline("var-tiny", vae=str(tmp_path / "vae.pth"), device="cpu")

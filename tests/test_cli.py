@@ -1,5 +1,6 @@
 """The command line: the default job, the listing, and one-line errors with exit status 2."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -92,3 +93,33 @@ def test_plan_text_and_presets(capsys):
     assert main(["presets"]) == 0
     assert "paper" in capsys.readouterr().out
     assert "unknown attention preset" in _error(capsys, ["plan", "--attention", "fastest"])
+
+
+def test_generate_var(tmp_path, capsys):
+    argv = ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--seed", "0",
+            "--attention", "dense", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == ["000_3.png", "001_7.png"] and Image.open(files[0]).size == (32, 32)
+    assert "var-tiny on cpu, 10 scales (1 2 3 4 5 6 8 10 13 16)" in capsys.readouterr().out
+    first = [np.asarray(Image.open(f)) for f in files]
+    assert main(argv + ["--top-k", "900", "--top-p", "0.95", "--cfg", "4"]) == 0  # the model's defaults
+    assert all(np.array_equal(a, np.asarray(Image.open(f))) for a, f in zip(first, files))
+
+
+def test_models_lists_var_configs_and_files(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for depth in (16, 20, 24, 30, 36):
+        assert f"var-d{depth}\n" in out and f"var_d{depth}.pth" in out
+    assert "vae_ch160v4096z32.pth" in out and "512x512" in out and "680 tokens" in out
+
+
+def test_var_errors(tmp_path, capsys):
+    assert "needs --weights (var_d30.pth), --vae (vae_ch160v4096z32.pth)" in _error(
+        capsys, ["generate", "--model", "var-d30", "--class", "207"])
+    assert "only 1:1 images at 32x32, not 4:3" in _error(capsys, ["generate", "--model", "var-tiny", "--aspect", "4:3"])
+    assert "class indices 0..9, not 10" in _error(
+        capsys, ["generate", "--model", "var-tiny", "--class", "10", "--out", str(tmp_path), "--device", "cpu"])
+    assert "only its own scales" in _error(
+        capsys, ["generate", "--model", "var-tiny", "--schedule", "1,2", "--out", str(tmp_path), "--device", "cpu", "--quiet"])

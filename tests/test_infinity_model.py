@@ -5,26 +5,10 @@ import math
 import pytest
 import torch
 
-from helpers import tiny_pipeline
+from helpers import teacher_forced_logits, tiny_pipeline
 from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.transformer import RopeTable, apply_rope
 from sparvar.schedules import Schedule, infinity_schedule
-
-
-def _teacher_forced_logits(pipe, conditions, schedule, tokens, cfg):
-    """Logits of a full forward pass over the sequence rebuilt from the sampled tokens."""
-    codes, summed, inputs = pipe.codes, None, []
-    for k, bits in enumerate(tokens):
-        summed = codes.accumulate(summed, codes.to_codes(bits, k, schedule), k, schedule)
-        if k + 1 < len(schedule):
-            x = codes.next_input(summed, k + 1, schedule)
-            inputs.append(torch.cat([x, x]) if cfg != 1 else x)
-    prep = pipe.transformer.prepare(pipe.encode(conditions), cfg != 1)
-    logits = pipe.transformer.forward_full(inputs, schedule, prep)
-    if cfg != 1:
-        cond, uncond = logits.chunk(2)
-        logits = cond + (cfg - 1) * (cond - uncond)
-    return logits
 
 
 @pytest.mark.parametrize(
@@ -44,7 +28,7 @@ def test_kv_cache_generation_equals_teacher_forcing(schedule, overrides):
     out = pipe(conditions, seed=3, cfg=cfg, tau=1.0, schedule=schedule, progress=False,
                on_scale=lambda k, logits, bits: seen.append(logits))
     assert len(seen) == len(schedule) >= 10
-    full = _teacher_forced_logits(pipe, conditions, schedule, out.tokens, cfg)
+    full = teacher_forced_logits(pipe, conditions, schedule, out.tokens, cfg)
     step = torch.cat(seen, dim=1)
     assert full.shape == step.shape
     err = (full - step).norm() / full.norm()
@@ -54,7 +38,7 @@ def test_kv_cache_generation_equals_teacher_forcing(schedule, overrides):
 def test_rope_angles_follow_row_then_column_recipe():
     s = infinity_schedule("1:1", 1024)
     table = RopeTable(s, head_dim=128, device="cpu")
-    k, off = 9, s.offsets[9]  # the 32x32 scale, stretched onto the 64-grid
+    off = s.offsets[9]  # the 32x32 scale, stretched onto the 64-grid
     token = 5 * 32 + 7
     row, col = round(5 * 64 / 32), round(7 * 64 / 32)
     inv = [10000 ** (-2 * i / 64) for i in range(32)]

@@ -35,7 +35,8 @@ def test_projection_onto_finer_scale_and_self():
         (hs, ws), (hd, wd) = s.sizes[src], s.sizes[dst]
         assert py.max() < hd and px.max() < wd
         want_y = torch.tensor([min(hd - 1, round(v * hd / hs)) for v in y.tolist()])
-        assert torch.equal(py, want_y)
+        want_x = torch.tensor([min(wd - 1, round(v * wd / ws)) for v in x.tolist()])
+        assert torch.equal(py, want_y) and torch.equal(px, want_x)
     y, x = layout.cells(s, 9)
     assert all(torch.equal(a, b) for a, b in zip(layout.project(s, 9, 9, y, x), (y, x)))
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import tiny_pipeline
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
-from sparvar.schedules import Schedule, parse_schedule
+from sparvar.schedules import Schedule, infinity_schedule, parse_schedule
 
 SCHEDULE = parse_schedule("1,2,3x4,4,6x5")
 
@@ -129,22 +129,52 @@ def test_text_model_rejects_labels_and_bad_arguments(pipe):
         pipe(["a"], tau=0, schedule=SCHEDULE, progress=False)
 
 
-@pytest.mark.parametrize("preset", ["dense", "paper", "default", "paper-remap", "cs4a", "csla", "mass"])
-def test_a_small_model_generates_with_each_preset(pipe, preset):
-    from sparvar.schedules import infinity_schedule
+PRESET_SCHEDULE = infinity_schedule("4:3", 512)  # 10 scales, not square: every preset has sparse scales
 
-    schedule = infinity_schedule("4:3", 512)  # 10 scales, not square
+
+@pytest.fixture(scope="module")
+def dense_last_logits(pipe):
     last = {}
-    dense = pipe(["a boat"], seed=2, schedule=schedule, progress=False,
-                 on_scale=lambda k, logits, bits: last.update(dense=logits))
-    out = pipe(["a boat"], seed=2, schedule=schedule, attention=preset, progress=False,
-               on_scale=lambda k, logits, bits: last.update(sparse=logits))
-    assert out.images[0].size == dense.images[0].size
+    pipe(["a boat"], seed=2, schedule=PRESET_SCHEDULE, progress=False,
+         on_scale=lambda k, logits, bits: last.update(logits=logits))
+    return last["logits"]
+
+
+@pytest.mark.parametrize("preset", ["dense", "paper", "default", "paper-remap", "cs4a", "csla", "mass"])
+def test_a_small_model_generates_with_each_preset(pipe, dense_last_logits, preset):
+    last = {}
+    out = pipe(["a boat"], seed=2, schedule=PRESET_SCHEDULE, attention=preset, progress=False,
+               on_scale=lambda k, logits, bits: last.update(logits=logits))
+    h, w = PRESET_SCHEDULE.sizes[-1]
+    assert out.images[0].size == (w * pipe.spec.vae.patch, h * pipe.spec.vae.patch)
     stats = out.policy.stats()
-    plan = out.policy.plan(pipe.spec.transformer.depth, schedule)
+    plan = out.policy.plan(pipe.spec.transformer.depth, PRESET_SCHEDULE)
     assert {e["mode"] for e in stats["entries"]} == {m for row in plan.modes for m in row}
-    assert torch.isfinite(last["sparse"]).all()
+    assert torch.isfinite(last["logits"]).all()
     if preset == "dense":
-        assert stats["total"]["saved_fraction"] == 0 and torch.equal(last["sparse"], last["dense"])
+        assert stats["total"]["saved_fraction"] == 0 and torch.equal(last["logits"], dense_last_logits)
     else:
-        assert stats["total"]["saved_fraction"] > 0.05 and not torch.equal(last["sparse"], last["dense"])
+        assert stats["total"]["saved_fraction"] > 0.05 and not torch.equal(last["logits"], dense_last_logits)
+
+
+def test_concat_cache_gives_the_same_generation(pipe):
+    static = pipe(["a boat"], seed=3, schedule=SCHEDULE, progress=False)
+    concat = pipe(["a boat"], seed=3, schedule=SCHEDULE, kv_cache="concat", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(static.tokens, concat.tokens))
+
+
+def test_skip_last_stops_early_and_decodes_at_full_size(pipe):
+    full = pipe(["a boat"], seed=3, schedule=SCHEDULE, progress=False)
+    short = pipe(["a boat"], seed=3, schedule=SCHEDULE, skip_last=2, progress=False)
+    assert len(short.tokens) == len(SCHEDULE) - 2 and len(short.scale_seconds) == len(SCHEDULE) - 2
+    assert all(torch.equal(a, b) for a, b in zip(short.tokens, full.tokens))
+    assert short.images[0].size == full.images[0].size
+    assert not np.array_equal(np.asarray(short.images[0]), np.asarray(full.images[0]))
+    with pytest.raises(SparvarError, match="skip_last"):
+        pipe(["a boat"], schedule=SCHEDULE, skip_last=len(SCHEDULE), progress=False)
+
+
+def test_cuda_graphs_need_a_gpu(pipe):
+    if pipe.device.type == "cpu":
+        with pytest.raises(SparvarError, match="cuda_graphs needs a CUDA device"):
+            pipe(["a boat"], schedule=SCHEDULE, cuda_graphs=True, progress=False)

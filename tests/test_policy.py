@@ -223,3 +223,15 @@ def test_presets_are_listed_and_bad_names_fail_clearly():
         make_policy("paper", top_k=0.1)
     with pytest.raises(SparvarError, match="key_mapping"):
         make_policy("paper", key_mapping="nearest")
+
+
+def test_gather_takes_strided_queries_whose_length_fills_the_groups():
+    from sparvar.attention.gather import gather_attention
+    from sparvar.attention.tables import BlockTable, reference_sparse_attention
+
+    qkv = torch.randn(2, 64, 3, 2, 16).permute(2, 0, 3, 1, 4)  # q as the model makes it: a strided view
+    q, k, v = qkv.unbind(0)
+    idx = torch.stack([torch.randperm(64)[:20].sort().values for _ in range(4)]).int()
+    table = BlockTable(torch.full((1, 1, 4), 20, dtype=torch.int32), idx[None, None], 16, 1, 64, 64)
+    assert not q.is_contiguous()
+    assert _rel(gather_attention(q, k, v, table, 0.5), reference_sparse_attention(q, k, v, table, 0.5)) < 1e-5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sparvar.attention.sparse import resolve_backend
 from sparvar.attention.tables import reference_attention
 
 
@@ -25,4 +26,8 @@ def reference_attention_colsum(
 
 def attention_with_colsum(q, k, v, group: int, scale: float, backend: str = "auto"):
     """Dense attention and per-group column sums of its probabilities in one call."""
+    if resolve_backend(backend, q) == "triton":
+        from sparvar.attention.triton_decision import triton_attention_colsum
+
+        return triton_attention_colsum(q, k, v, group, scale)
     return reference_attention_colsum(q, k, v, group, scale)

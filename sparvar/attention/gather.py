@@ -41,7 +41,7 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: B
     values = torch.gather(v, 2, idx.expand(b, h, g * m, v.shape[-1])).view(b, h * g, m, v.shape[-1])
     counts = table.counts.expand(b, h, g).reshape(b, h * g, 1, 1)
     mask = torch.arange(m, device=q.device) < counts
-    queries = F.pad(q, (0, 0, 0, g * qb - lq)).view(b, h * g, qb, d)
+    queries = F.pad(q, (0, 0, 0, g * qb - lq)).reshape(b, h * g, qb, d)  # q may be a strided view
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     out = torch.where(counts > 0, out, 0.0)
-    return out.view(b, h, g * qb, -1)[:, :, :lq]
+    return out.reshape(b, h, g * qb, -1)[:, :, :lq]  # SDPA may return a transposed layout

@@ -54,24 +54,25 @@ _SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 def _sdpa_context(backend: str):
+    """Prefer one SDPA kernel; the others stay allowed, in torch's order, for inputs it refuses."""
     if backend == "auto":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(
-        {
-            "flash": SDPBackend.FLASH_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "math": SDPBackend.MATH,
-        }[backend]
-    )
+    kernels = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    preferred = kernels[backend]
+    return sdpa_kernel([preferred] + [k for k in kernels.values() if k != preferred], set_priority=True)
 
 
 class DenseAttention(AttentionPolicy):
     """Full attention through torch's scaled_dot_product_attention.
 
-    `backend` pins one SDPA kernel ("flash", "cudnn", ...); "auto" lets torch choose.
+    `backend` puts one SDPA kernel first ("cudnn", "flash", ...); "auto" keeps torch's choice.
     """
 
     name = "dense"

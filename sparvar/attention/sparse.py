@@ -1,23 +1,67 @@
-"""One entry for block-sparse attention over a BlockTable; picks a backend by device."""
+"""One entry for sparse attention over a BlockTable; picks a backend by device and table form.
+
+Backends: "triton" (our kernels, CUDA), "flex" (FlexAttention for block tables, CUDA; gathered
+key lists go to "gather"), "gather" (per query block, SDPA over the gathered keys; any device),
+"reference" (masked float32 attention; the definition, for tests). "auto" takes triton for
+fp16/bf16 on CUDA, and elsewhere gather (block tables expanded into their keys, so only kept
+blocks are computed), or the reference where the log-sum-exp is asked for.
+"""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
-BACKENDS = ("auto", "reference", "flex", "gather")
+BACKENDS = ("auto", "reference", "triton", "flex", "gather")
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, q: torch.Tensor, table: BlockTable | None = None, lse: bool = False) -> str:
+    """The backend that will run: 'auto' becomes triton for fp16/bf16 on CUDA (when triton imports)."""
+    if backend not in BACKENDS:
+        raise SparvarError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    gathered = table is not None and table.key_block == 1
+    if backend == "auto":
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available():
+            return "triton"
+        return "gather" if table is not None and not lse else "reference"
+    if backend == "flex" and gathered:
+        return "gather"
+    return backend
 
 
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: BlockTable, scale: float, backend: str = "auto"
-) -> torch.Tensor:
-    """Attention of q (B, H, Lq, D) over the keys `table` lists for each query block."""
-    if backend not in BACKENDS:
-        raise SparvarError(f"unknown sparse attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":  # blocks on CUDA: flex; gathered lists anywhere, and blocks on the CPU: gather
-        backend = "flex" if q.is_cuda and table.key_block > 1 else "gather"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: BlockTable,
+    scale: float,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Attention of q (B, H, Lq, D) over the keys `table` lists for each query block.
+
+    Returns out, or (out, lse (B, H, Lq) float32) with return_lse (triton and reference only).
+    """
+    backend = resolve_backend(backend, q, table, return_lse)
+    if backend == "triton":
+        from sparvar.attention.triton_sparse import triton_sparse_attention
+
+        return triton_sparse_attention(q, k, v, table, scale, return_lse)
+    if return_lse and backend != "reference":
+        raise SparvarError(f"the {backend} backend does not return the log-sum-exp; use triton or reference")
     if backend == "flex":
         from sparvar.attention.flex import flex_attention
 
@@ -26,4 +70,4 @@ def sparse_attention(
         from sparvar.attention.gather import gather_attention
 
         return gather_attention(q, k, v, table, scale)
-    return reference_sparse_attention(q, k, v, table, scale)
+    return reference_sparse_attention(q, k, v, table, scale, return_lse)

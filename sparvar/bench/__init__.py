@@ -1,0 +1,1 @@
+"""Benchmarks that write their numbers, card and command under benchmarks/."""

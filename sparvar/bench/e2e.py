@@ -1,8 +1,16 @@
-"""End-to-end generation timing on the GPU: random weights, 1024x1024, batch 1 with CFG.
+"""End-to-end generation timing on the GPU: random weights, 1024x1024, batch 1 with CFG, bf16.
 
-Every number is the median over `repeats` timed generations after a warm-up; per-scale and
-per-stage times come from CUDA events recorded by the pipeline, the latency from the host clock
-around the whole call (image conversion included). Results go to JSON and a markdown table.
+`sparvar bench baseline` times the plain dense pipeline (issue 2's reference point);
+`sparvar bench e2e` times the modes below side by side, in one run on one card:
+  a  as users run Infinity today: SDPA's default backend, a KV cache grown by concatenation
+  b  our best dense path: static KV cache, SDPA's cuDNN kernel, CUDA graphs per scale
+  c  SparVAR `paper` preset with CSLA on FlexAttention tables (how the paper ran it)
+  d  SparVAR `default` preset on our Triton kernels
+  e  (d) with the last two scales skipped
+Every number is the median over `repeats` timed generations after warm-up (which also captures
+the graphs). Per-scale and per-stage times come from CUDA events recorded by the pipeline; the
+latency is the host clock around the whole call (image conversion included); the attention
+share comes from one extra eager generation with CUDA events around every attention call.
 """
 
 from __future__ import annotations
@@ -13,46 +21,141 @@ import json
 import statistics
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
 
 PROMPT = "a photo of a red fox sitting in fresh snow at dawn, highly detailed"
 
 
-def bench_model(model: str, attention="dense", repeats: int = 5, seed: int = 0) -> dict:
-    """Time one model with one attention policy; the model's weights are random (fixed seed)."""
-    from sparvar.pipeline import load_pipeline
+@dataclass(frozen=True)
+class Mode:
+    about: str
+    attention: Callable[[], AttentionPolicy]
+    cuda_graphs: bool = False
+    kv_cache: str = "static"
+    skip_last: int = 0
 
-    pipe = load_pipeline(model, device="cuda", random_weights=True, seed=seed)
+
+def _preset(name: str, **kw) -> Callable[[], AttentionPolicy]:
+    def make():
+        from sparvar.sparsity import make_policy
+
+        return make_policy(name, **kw)
+
+    return make
+
+
+BASELINE_MODES = {"dense": Mode("static KV cache, SDPA default backend, no graphs", DenseAttention)}
+E2E_MODES = {
+    "a": Mode("official-style: SDPA default backend, concatenated KV cache, no graphs", DenseAttention,
+              kv_cache="concat"),
+    "b": Mode("best dense: static KV cache, SDPA cuDNN, CUDA graphs", _preset("dense", sdpa_backend="cudnn"),
+              cuda_graphs=True),
+    "c": Mode("SparVAR paper preset, CSLA on FlexAttention, CUDA graphs",
+              _preset("paper", backend="flex", sdpa_backend="cudnn"), cuda_graphs=True),
+    "d": Mode("SparVAR default preset, Triton kernels, CUDA graphs", _preset("default", sdpa_backend="cudnn"),
+              cuda_graphs=True),
+    "e": Mode("(d) skipping the last 2 scales", _preset("default", sdpa_backend="cudnn"), cuda_graphs=True,
+              skip_last=2),
+}
+
+
+class TimedAttention(AttentionPolicy):
+    """Wraps a policy and records CUDA events around each call, to measure the attention share."""
+
+    def __init__(self, inner: AttentionPolicy):
+        self.inner, self.events = inner, []
+
+    def reset(self):
+        self.inner.reset()
+        self.events = []
+
+    def __call__(self, q, k, v, call):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.inner(q, k, v, call)
+        end.record()
+        self.events.append((call.scale, start, end))
+        return out
+
+    def seconds_per_scale(self, num_scales: int) -> list[float]:
+        torch.cuda.synchronize()
+        out = [0.0] * num_scales
+        for scale, start, end in self.events:
+            out[scale] += start.elapsed_time(end) / 1000
+        return out
+
+
+def time_mode(pipe, mode: Mode, repeats: int, seed: int = 0) -> dict:
+    """Median latency, stages, per-scale times, attention share and peak memory of one mode."""
     schedule = pipe.schedule("1:1", 1024)
-    pipe([PROMPT], seed=seed, schedule=schedule, attention=attention, progress=False)  # warm-up
+    policy = mode.attention()
+    run = lambda s, p: pipe([PROMPT], seed=s, schedule=schedule, attention=p, cuda_graphs=mode.cuda_graphs,  # noqa: E731
+                            kv_cache=mode.kv_cache, skip_last=mode.skip_last, progress=False)
+    timed = TimedAttention(mode.attention())  # eager: events need the Python code to run
+    eager = pipe([PROMPT], seed=seed, schedule=schedule, attention=timed, kv_cache=mode.kv_cache,
+                 skip_last=mode.skip_last, progress=False)
+    attention_s = timed.seconds_per_scale(len(eager.scale_seconds))
+    for s in range(3 if mode.cuda_graphs else 1):  # graphs: eager warm-up, capture, first replay
+        run(seed + s, policy)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     runs = []
     for i in range(repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = pipe([PROMPT], seed=seed + i, schedule=schedule, attention=attention, progress=False)
+        out = run(seed + i, policy)
         torch.cuda.synchronize()
         runs.append((time.perf_counter() - start, out))
-    latencies = [t for t, _ in runs]
-    median = lambda xs: statistics.median(xs)  # noqa: E731
-    row = {
-        "model": model,
-        "attention": attention if isinstance(attention, str) else type(attention).__name__,
-        "latency_s": median(latencies),
-        "latencies_s": latencies,
+    median = statistics.median
+    scale_s = [median([o.scale_seconds[k] for _, o in runs]) for k in range(len(runs[0][1].scale_seconds))]
+    stats = policy.stats() if hasattr(policy, "stats") else None
+    return {
+        "latency_s": median([t for t, _ in runs]),
+        "latencies_s": [t for t, _ in runs],
         "stages_s": {k: median([o.stage_seconds[k] for _, o in runs]) for k in runs[0][1].stage_seconds},
-        "scale_s": [median([o.scale_seconds[k] for _, o in runs]) for k in range(len(schedule))],
-        "scales": [list(s) for s in schedule.sizes],
+        "scale_s": scale_s,
+        "attention_scale_s_eager": attention_s,
+        "attention_share_eager": sum(attention_s) / eager.stage_seconds["transformer"],
+        "attention_flops_saved": stats["total"]["saved_fraction"] if stats else 0.0,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
-    del pipe
-    torch.cuda.empty_cache()
-    return row
+
+
+def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0) -> list[dict]:
+    from sparvar.pipeline import load_pipeline
+
+    rows = []
+    for model in models:
+        pipe = load_pipeline(model, device="cuda", random_weights=True, seed=seed)
+        for name, mode in modes.items():
+            row = {"model": model, "mode": name, "about": mode.about,
+                   "scales": [list(s) for s in pipe.schedule("1:1", 1024).sizes]}
+            try:
+                row.update(time_mode(pipe, mode, repeats, seed))
+            except Exception as err:  # one failing mode must not lose the others' numbers
+                row["error"] = f"{type(err).__name__}: {err}"
+                traceback.print_exc()
+            pipe._graphs, pipe._policies, pipe._warm = None, {}, None  # free this mode's graphs
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"{model} {name}: " + (f"{row['latency_s']:.3f} s" if "latency_s" in row else row["error"]),
+                  flush=True)
+        del pipe
+        torch.cuda.empty_cache()
+    for row in rows:  # speed-ups over (a) and (b) of the same model
+        for ref in ("a", "b"):
+            base = next((r for r in rows if r["model"] == row["model"] and r["mode"] == ref and "latency_s" in r), None)
+            if base and "latency_s" in row:
+                row[f"speedup_over_{ref}"] = base["latency_s"] / row["latency_s"]
+    return rows
 
 
 def markdown(result: dict) -> str:
@@ -62,53 +165,108 @@ def markdown(result: dict) -> str:
         f"Card: {result['card']}; date: {result['date']}; torch {result['torch']}.",
         f"Command: `{result['command']}`",
         "",
-        "| model | attention | latency (s) | condition | transformer | decode | peak GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | mode | latency (s) | vs a | vs b | condition | transformer | decode | attention share (eager) | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | failed: {r['error'][:80]} |||||||| ")
+            continue
         s = r["stages_s"]
+        vs = [f"{r[k]:.2f}x" if k in r else "" for k in ("speedup_over_a", "speedup_over_b")]
         lines.append(
-            f"| {r['model']} | {r['attention']} | {r['latency_s']:.3f} | {s['condition']:.3f} | "
-            f"{s['transformer']:.3f} | {s['decode']:.3f} | {r['peak_gib']:.1f} |"
+            f"| {r['model']} | {r['mode']} | {r['latency_s']:.3f} | {vs[0]} | {vs[1]} | {s['condition']:.3f} | "
+            f"{s['transformer']:.3f} | {s['decode']:.3f} | {r['attention_share_eager']:.0%} | {r['peak_gib']:.1f} |"
         )
-    lines += ["", "Per scale (transformer + sampling, ms):", ""]
-    header = "| model | " + " | ".join(f"{h}x{w}" for h, w in result["rows"][0]["scales"]) + " |"
-    lines += [header, "|---" * (len(result["rows"][0]["scales"]) + 1) + "|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['model']} {r['attention']} | " + " | ".join(f"{t * 1000:.1f}" for t in r["scale_s"]) + " |")
+    lines += ["", "Modes:", ""] + [f"- {k}: {v}" for k, v in result["modes"].items()]
+    ok = [r for r in result["rows"] if "scale_s" in r]
+    if ok:
+        lines += ["", "Per scale (transformer + sampling, ms):", ""]
+        lines += ["| model mode | " + " | ".join(f"{h}x{w}" for h, w in ok[0]["scales"]) + " |",
+                  "|---" * (len(ok[0]["scales"]) + 1) + "|"]
+        for r in ok:
+            lines.append(f"| {r['model']} {r['mode']} | " + " | ".join(f"{t * 1000:.1f}" for t in r["scale_s"]) + " |")
+    if result.get("summary"):
+        lines += ["", "Summary: " + ", ".join(f"{k} = {v:.3f}" for k, v in result["summary"].items())]
     return "\n".join(lines) + "\n"
 
 
-def run(models: list[str], attentions: list[str], repeats: int, out_dir: str, name: str, command: str) -> dict:
+def _summary(rows: list[dict]) -> dict:
+    def get(model, mode, key):
+        row = next((r for r in rows if r["model"] == model and r["mode"] == mode), {})
+        return row.get(key)
+
+    pairs = {
+        "8b_d_over_a": ("infinity-8b", "d", "speedup_over_a"),
+        "8b_d_over_b": ("infinity-8b", "d", "speedup_over_b"),
+        "8b_e_over_a": ("infinity-8b", "e", "speedup_over_a"),
+        "8b_d_latency_s": ("infinity-8b", "d", "latency_s"),
+        "8b_d_peak_gib": ("infinity-8b", "d", "peak_gib"),
+        "8b_b_peak_gib": ("infinity-8b", "b", "peak_gib"),
+    }
+    return {k: v for k, args in pairs.items() if (v := get(*args)) is not None}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Latency per mode and model, as a bar chart (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    rows = [r for r in result["rows"] if "latency_s" in r]
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        ax.bar([r["mode"] for r in mine], [r["latency_s"] for r in mine], color="tab:blue")
+        for i, r in enumerate(mine):
+            ax.text(i, r["latency_s"], f"{r['latency_s']:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{model}, 1024x1024, {result['card']}")
+        ax.set_ylabel("seconds per image")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, title: str, command: str) -> dict:
     if not torch.cuda.is_available():
         raise SparvarError("the end-to-end benchmark needs a CUDA GPU")
-    rows = [bench_model(m, attention=a, repeats=repeats) for m in models for a in attentions]
+    rows = bench(models, modes, repeats)
     result = {
-        "title": "Generation time: random weights, 1024x1024, batch 1 with CFG, bf16",
+        "title": title,
         "card": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "command": command,
         "torch": torch.__version__,
+        "modes": {k: m.about for k, m in modes.items()},
         "rows": rows,
+        "summary": _summary(rows),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown(result))
+    if len(modes) > 1:
+        plot(result, out / f"{name}.png")
     print(markdown(result))
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench baseline", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, which: str = "e2e") -> None:
+    table = E2E_MODES if which == "e2e" else BASELINE_MODES
+    parser = argparse.ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"])
-    parser.add_argument("--attention", nargs="+", default=["dense"], help="attention presets to time")
+    parser.add_argument("--modes", nargs="+", default=list(table), choices=list(table))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks")
-    parser.add_argument("--name", default="baseline", help="file name of the results (JSON and markdown)")
     args = parser.parse_args(argv)
-    command = "sparvar bench baseline " + " ".join(argv if argv is not None else sys.argv[1:])
-    run(args.models, args.attention, args.repeats, args.out, args.name, command.strip())
+    command = f"sparvar bench {which} " + " ".join(argv if argv is not None else sys.argv[1:])
+    title = ("Dense generation baseline" if which == "baseline" else "End to end") + (
+        ": random weights, 1024x1024, batch 1 with CFG, bf16")
+    run(args.models, {k: table[k] for k in args.modes}, args.repeats, args.out, which, title, command.strip())
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ class Phase:
             if total is None and step == 3 + PROBE_STEPS:
                 per_step = (time.perf_counter() - probe_start) / PROBE_STEPS
                 total = max(step + 1, int((self.seconds - (probe_start - start)) / per_step))
-                print(f"[{self.name}] {per_step * 1000:.0f} ms/step: {total} steps fit {self.seconds:.0f} s", flush=True)
+                print(f"[{self.name}] {per_step * 1000:.0f} ms/step: {total} steps fit {self.seconds:.0f} s",
+                      flush=True)
             lr = lr_at(step, total or 10**9, self.peak)
             for group in self.opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -193,8 +193,8 @@ def main(argv=None) -> dict:
         "query_scales": scales,
         "preset": args.attention,
         "command": "sparvar analyze " + " ".join(argv),
-        "layers": {name: [[None if np.isnan(v) else float(v) for v in row] for row in grid] for name, grid in grids.items()},
-        "means_per_scale": {name: [float(np.nanmean(grid[:, j])) for j in range(len(scales))] for name, grid in grids.items()},
+        "layers": {name: [[float(v) for v in row] for row in grid] for name, grid in grids.items()},
+        "means_per_scale": {name: [float(grid[:, j].mean()) for j in range(len(scales))] for name, grid in grids.items()},
         "pictures": [f"{name}.png" for name in grids] + table_files,
     }
     (out / "analyze.json").write_text(json.dumps(report, indent=1))

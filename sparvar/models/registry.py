@@ -15,7 +15,9 @@ from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.text import T5_XL
 from sparvar.models.infinity.transformer import InfinityConfig, InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
-from sparvar.schedules import Schedule, infinity_schedule
+from sparvar.models.var.transformer import VARConfig, VARTransformer
+from sparvar.models.var.vqvae import VQVAE, VQVAEConfig
+from sparvar.schedules import VAR_256, VAR_512, Schedule, infinity_schedule
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -27,11 +29,23 @@ class Family:
     transformer: built from spec.transformer; prepare / forward_scale / embed_codes / guidance_weight.
     decoder: built from spec.vae; decode(latent) -> images, init_weights(seed), checkpoint_state(file state).
     codes: (spec, decoder) -> tokens <-> latent logic: to_codes / accumulate / next_input.
+    schedule: (spec, aspect, resolution or None) -> the scale schedule the model generates.
     """
 
     transformer: type
     decoder: type
     codes: Callable[["ModelSpec", nn.Module], object]
+    schedule: Callable[["ModelSpec", str, int | None], Schedule]
+
+
+def _var_schedule(spec: "ModelSpec", aspect: str, resolution: int | None) -> Schedule:
+    """VAR models generate square images at their own resolution only (pos_1LC fixes the scales)."""
+    if aspect != "1:1" or resolution not in (None, spec.resolution):
+        asked = f"{aspect} at {resolution}" if resolution else aspect
+        raise SparvarError(
+            f"{spec.name} generates only 1:1 images at {spec.resolution}x{spec.resolution}, not {asked}"
+        )
+    return spec.transformer.schedule
 
 
 FAMILIES: dict[str, Family] = {
@@ -39,7 +53,10 @@ FAMILIES: dict[str, Family] = {
         InfinityTransformer,
         InfinityVAE,
         lambda spec, decoder: BitwiseCodes(spec.transformer.vae_channels, spec.transformer.patchify),
+        lambda spec, aspect, resolution: infinity_schedule(aspect, resolution or spec.resolution),
     ),
+    # the VQVAE's residual quantiser turns token indices into the latent and the next input
+    "var": Family(VARTransformer, VQVAE, lambda spec, decoder: decoder.quantize, _var_schedule),
 }
 
 
@@ -47,11 +64,11 @@ FAMILIES: dict[str, Family] = {
 class ModelSpec:
     name: str
     about: str
-    transformer: InfinityConfig
-    vae: VAEConfig
+    transformer: InfinityConfig | VARConfig
+    vae: VAEConfig | VQVAEConfig
     text: dict | None  # T5 architecture of the text encoder; None for class-conditional models
     files: dict[str, str] = field(default_factory=dict)  # CLI option -> the official file it takes
-    resolution: int = 1024  # default pixel budget of Infinity's schedule tables
+    resolution: int = 1024  # default pixel budget (Infinity) or the one resolution (VAR)
     classes: tuple[str, ...] = ()  # label names of class-conditional models
     family: str = "infinity"
     bundled: dict[str, str] = field(default_factory=dict)  # CLI option -> weights file in sparvar/assets
@@ -70,7 +87,7 @@ class ModelSpec:
 
     def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
         """The scale schedule of an aspect ratio (width:height) and pixel budget."""
-        return infinity_schedule(aspect, resolution or self.resolution)
+        return FAMILIES[self.family].schedule(self, aspect, resolution)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -120,6 +137,40 @@ MODELS: dict[str, ModelSpec] = {
             InfinityConfig(depth=4, width=64, heads=2, vae_channels=4, text_width=32, text_max_len=16, block_chunks=2),
             VAEConfig(channels=4, ch_mult=(1, 2), base=32),
             dict(T5_XL, d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=300),
+        ),
+        *[
+            ModelSpec(
+                f"var-d{depth}",
+                f"VAR-d{depth} class-conditional ImageNet, 256x256, scales {VAR_256.describe()} "
+                f"({VAR_256.total} tokens)",
+                VARConfig(depth=depth, width=64 * depth, heads=depth),
+                VQVAEConfig(),
+                None,
+                files={"--weights": f"var_d{depth}.pth", "--vae": "vae_ch160v4096z32.pth"},
+                resolution=256,
+                family="var",
+            )
+            for depth in (16, 20, 24, 30)
+        ],
+        ModelSpec(
+            "var-d36",
+            f"VAR-d36 class-conditional ImageNet, 512x512, scales {VAR_512.describe()} ({VAR_512.total} tokens), "
+            "shared AdaLN",
+            VARConfig(depth=36, width=64 * 36, heads=36, schedule=VAR_512, shared_aln=True),
+            VQVAEConfig(),
+            None,
+            files={"--weights": "var_d36.pth", "--vae": "vae_ch160v4096z32.pth"},
+            resolution=512,
+            family="var",
+        ),
+        ModelSpec(
+            "var-tiny",
+            "tiny class-conditional VAR for tests (random weights), VAR's 10 scales at 32x32 pixels",
+            VARConfig(depth=2, width=64, heads=2, num_classes=10, vocab=32, vae_channels=8),
+            VQVAEConfig(vocab=32, channels=8, base=32, ch_mult=(1, 2)),
+            None,
+            resolution=32,
+            family="var",
         ),
     ]
 }

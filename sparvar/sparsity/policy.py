@@ -59,7 +59,7 @@ class SparVARPolicy(AttentionPolicy):
 
     def _decide(self, q, k, v, call, plan, record):
         cfg = self.config
-        out, colsum = attention_with_colsum(q, k, v, cfg.group, call.softmax_scale)
+        out, colsum = attention_with_colsum(q, k, v, cfg.group, call.softmax_scale, self.backend)
         selected = cs4a.select_keys(colsum, plan.topk, cfg.mass)
         self._selected[call.layer] = selected
         if cfg.residual:

@@ -41,8 +41,10 @@ class InfinityConfig:
     block_chunks: int = 8
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
-    cfg: float = 3.0  # default guidance and temperature of this model
+    cfg: float = 3.0  # default guidance, temperature and filtering of this model's sampling
     tau: float = 0.5
+    top_k: int = 0
+    top_p: float = 0.97
 
     @property
     def head_dim(self) -> int:
@@ -110,27 +112,32 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Cosine attention: q, k L2-normalised, q scaled per head by exp(min(s, log 100))."""
+    """Cosine attention: q, k L2-normalised, q scaled per head by exp(min(s, log 100)).
 
-    def __init__(self, cfg: InfinityConfig):
+    VAR's blocks use the same attention without RoPE (rope=None).
+    """
+
+    def __init__(self, width: int, heads: int):
         super().__init__()
-        c = cfg.width
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        c = width
+        self.heads, self.head_dim = heads, width // heads
         self.mat_qkv = nn.Linear(c, 3 * c, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(c))
         self.v_bias = nn.Parameter(torch.zeros(c))
         self.register_buffer("zero_k_bias", torch.zeros(c))
-        self.scale_mul_1H11 = nn.Parameter(torch.full((1, cfg.heads, 1, 1), math.log(4.0)))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(c, c)
 
-    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """q, k, v (B, H, L, D) in x's dtype, normalised and rotated."""
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """q, k, v (B, H, L, D) in x's dtype, normalised (and rotated, given RoPE angles)."""
         b, n, _ = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scale = self.scale_mul_1H11.float().clamp_max(math.log(100.0)).exp()
-        q = apply_rope(F.normalize(q.float(), dim=-1) * scale, *rope)
-        k = apply_rope(F.normalize(k.float(), dim=-1), *rope)
+        q = F.normalize(q.float(), dim=-1) * scale
+        k = F.normalize(k.float(), dim=-1)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q.to(x.dtype), k.to(x.dtype), v
 
     def forward(self, x, rope, attend: Attend, layer: int):
@@ -214,7 +221,7 @@ class Block(nn.Module):
     def __init__(self, cfg: InfinityConfig):
         super().__init__()
         self.eps = cfg.norm_eps
-        self.sa = SelfAttention(cfg)
+        self.sa = SelfAttention(cfg.width, cfg.heads)
         if cfg.text_conditioned:
             self.ca = CrossAttention(cfg.width, cfg.width, cfg.heads)
             self.ca_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)

@@ -1,0 +1,148 @@
+"""Tuning sweep for the Triton kernels: tile shapes, pipeline depth, load path, and variants that
+isolate one cost each. Prints one line per variant and appends JSON lines to --out; the numbers
+and what they showed are in benchmarks/kernels_notes.md.
+Run: python -m sparvar.bench.kernel_variants [--out variants.jsonl] [--sections sparse,probe,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from sparvar.attention.tables import BlockTable
+from sparvar.bench.kernels import (
+    HEAD_DIM, _to, covered_pairs, make_inputs, paper_csla_table, random_table, rel_err, tflops, time_ms,
+)
+from sparvar.schedules import infinity_schedule
+
+SECTIONS = ("sparse", "probe", "gather", "decision")
+SM = 1 / math.sqrt(HEAD_DIM)
+
+
+def gather_table(q_len: int, kv_len: int, group: int, tokens: int) -> BlockTable:
+    """CS4A-like column-sparse plan: per query group, `tokens` sorted random key tokens."""
+    n = -(-q_len // group)
+    idx = torch.stack([torch.randperm(kv_len)[:tokens].sort().values for _ in range(n)]).int()
+    return BlockTable(torch.full((1, 1, n), tokens, dtype=torch.int32), idx[None, None], group, 1, q_len, kv_len)
+
+
+def _sdpa_flash(q, k, v) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=SM))
+
+
+def sparse_configs(record, heads: int, scale: int) -> None:
+    """Tile shapes, pipeline depth and load path on random and CSLA tables."""
+    from sparvar.attention.triton_sparse import triton_sparse_attention
+
+    sched = infinity_schedule("1:1", 1024)
+    q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
+    q, k, v = make_inputs(heads, q_len, kv_len)
+    flash = _sdpa_flash(q, k, v)
+    record(scale=scale, variant="sdpa_flash", ms=flash, tflops=tflops(q_len * kv_len, heads, flash))
+    tables = {"paper": _to(paper_csla_table(scale, "cpu")[0], "cuda")}
+    for d in (0.10, 0.25, 0.50, 1.0):
+        tables[f"{d:.0%}"] = _to(random_table(q_len, kv_len, d), "cuda")
+    configs = [
+        ("bm64 bn64 st3 (default)", {}),
+        ("bm64 bn64 st4", dict(num_stages=4)),
+        ("bm64 bn64 st3 pointers", dict(tma=False)),
+        ("bm128 bn64 st2 maxnreg128", dict(block_m=128, num_stages=2, maxnreg=128)),
+        ("bm128 bn128 st3", dict(block_m=128, block_n=128)),
+    ]
+    for name, table in tables.items():
+        pairs = covered_pairs(table)
+        ref = triton_sparse_attention(q, k, v, table, SM, tma=False)
+        for label, kw in configs:
+            fn = lambda: triton_sparse_attention(q, k, v, table, SM, **kw)  # noqa: E731
+            ms = time_ms(fn)
+            record(scale=scale, table=name, variant=label, ms=ms, tflops=tflops(pairs, heads, ms), err=rel_err(fn(), ref))
+
+
+def overhead_probe(record, heads: int, scale: int) -> None:
+    """Tables of 1, 2 and 4 key blocks per query block: the time a block adds, and what a
+    program costs besides its blocks (load q, start the pipeline, store the output)."""
+    from sparvar.attention.triton_sparse import triton_sparse_attention
+
+    sched = infinity_schedule("1:1", 1024)
+    q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
+    q, k, v = make_inputs(heads, q_len, kv_len)
+    nk = -(-kv_len // 128)
+    times = {}
+    for blocks in (1, 2, 4):
+        table = _to(random_table(q_len, kv_len, blocks / nk), "cuda")
+        times[blocks] = time_ms(lambda: triton_sparse_attention(q, k, v, table, SM))
+        record(scale=scale, variant=f"probe {blocks} key blocks per row", ms=times[blocks],
+               tflops=tflops(covered_pairs(table), heads, times[blocks]))
+    per_block = (times[4] - times[1]) / 3
+    record(scale=scale, variant="probe: ms per key block (all rows)", ms=per_block,
+           fixed_ms=times[1] - per_block, fixed_share_at_4=(times[1] - per_block) / times[4])
+
+
+def gather_configs(record, heads: int) -> None:
+    """Column-sparse (gather) mode, CS4A-like: 192-query groups, ~20% of the key tokens."""
+    from sparvar.attention.triton_sparse import triton_sparse_attention
+
+    sched = infinity_schedule("1:1", 1024)
+    q_len, kv_len = sched.lengths[12], sched.kv_length(12)
+    q, k, v = make_inputs(heads, q_len, kv_len)
+    table = _to(gather_table(q_len, kv_len, 192, 2128), "cuda")
+    for label, kw in [("gather bm64 bn64 st3 (default)", {}), ("gather bn64 st2", dict(num_stages=2)),
+                      ("gather bn128 st2", dict(block_n=128, num_stages=2))]:
+        ms = time_ms(lambda: triton_sparse_attention(q, k, v, table, SM, **kw))
+        record(scale=12, table="gather 2128 tok / 192 q", variant=label, ms=ms, tflops=tflops(q_len * 2128, heads, ms))
+
+
+def decision_configs(record, heads: int) -> None:
+    """The decision call at scale 10: its dense part alone, then the whole call."""
+    from sparvar.attention.triton_decision import dense_table, triton_attention_colsum
+    from sparvar.attention.triton_sparse import triton_sparse_attention
+
+    sched = infinity_schedule("1:1", 1024)
+    q_len, kv_len = sched.lengths[10], sched.kv_length(10)
+    q, k, v = make_inputs(heads, q_len, kv_len)
+    flash = _sdpa_flash(q, k, v)
+    record(scale=10, variant="decision: sdpa_flash", ms=flash)
+    dense = dense_table(q_len, kv_len, 64, q.device)
+    ms = time_ms(lambda: triton_sparse_attention(q, k, v, dense, SM, return_lse=True))
+    record(scale=10, variant="decision: dense part alone (out + lse)", ms=ms, over_flash=ms / flash)
+    runs = [(192, {}), (192, dict(num_warps=8)), (192, dict(num_stages=2)), (192, dict(key_tile=64)),
+            (192, dict(tma=False)), (128, {}), (128, dict(num_warps=8, num_stages=2))]
+    for group, kw in runs:
+        ms = time_ms(lambda: triton_attention_colsum(q, k, v, group, SM, **kw))
+        record(scale=10, variant=f"decision group{group} {kw}", ms=ms, over_flash=ms / flash)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="variants.jsonl")
+    parser.add_argument("--heads", type=int, default=28)
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with open(args.out, "a") as out:
+
+        def record(**row):
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+        sections = args.sections.split(",")
+        for scale in (12, 10):
+            if "sparse" in sections:
+                sparse_configs(record, args.heads, scale)
+            if "probe" in sections:
+                overhead_probe(record, args.heads, scale)
+        if "gather" in sections:
+            gather_configs(record, args.heads)
+        if "decision" in sections:
+            decision_configs(record, args.heads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The VAR transformer (class-conditional next-scale prediction over VQ tokens).
+
+Parameter and buffer names follow the official checkpoints (var_d16.pth ... var_d36.pth), so
+they load strictly. A token's input is its embedding plus a learned absolute position (pos_1LC,
+one row per token of the model's own schedule) and its scale's level embedding; no RoPE. The
+blocks use the same cosine attention as Infinity (imported from there) and AdaLN from the class
+embedding: per block (ada_lin) or, for d36, one shared projection plus a learned per-block offset.
+As in the Infinity transformer, the residual stream stays in float32 and the products run in
+the model's dtype; `forward_scale` (KV cache + attention policy) and `forward_full` (teacher
+forcing with the block-causal mask) share every block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparvar.attention.policy import AttentionCall, AttentionPolicy
+from sparvar.errors import SparvarError
+from sparvar.kv_cache import KVCache
+from sparvar.models.infinity.transformer import FFN, Attend, HeadNorm, SelfAttention, adaptive_norm
+from sparvar.schedules import VAR_256, Schedule
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    depth: int
+    width: int  # 64 * depth for the official models
+    heads: int  # = depth for the official models (head_dim 64)
+    schedule: Schedule = VAR_256  # the only schedule the model generates: pos_1LC has one row per token
+    shared_aln: bool = False  # d36: one AdaLN projection for all blocks plus a learned per-block ada_gss
+    num_classes: int = 1000
+    vocab: int = 4096
+    vae_channels: int = 32
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    cfg: float = 4.0  # default guidance, temperature and filtering: the official demo's
+    tau: float = 1.0
+    top_k: int = 900
+    top_p: float = 0.95
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+
+class Block(nn.Module):
+    """x += attn(adaLN(x)) * g1; x += FFN(adaLN(x)) * g2, the AdaLN from the class condition."""
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.eps, self.width = cfg.norm_eps, cfg.width
+        self.attn = SelfAttention(cfg.width, cfg.heads)
+        self.ffn = FFN(cfg.width, cfg.ffn_hidden)
+        if cfg.shared_aln:
+            self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.width))
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
+
+    def modulation(self, cond: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1, 6, C) float32 gamma1, gamma2, scale1, scale2, shift1, shift2 of a condition;
+        `shared` is the shared projection's output (B, 1, 6, C) for shared-AdaLN models."""
+        if shared is not None:
+            return self.ada_gss.float() + shared
+        return self.ada_lin(cond.to(self.ada_lin[1].weight.dtype)).float().view(-1, 1, 6, self.width)
+
+    def forward(self, x, mod: torch.Tensor, attend: Attend, layer: int):
+        dtype = self.ffn.fc1.weight.dtype
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
+        x = x + self.attn(adaptive_norm(x, scale1, shift1, self.eps, dtype), None, attend, layer) * gamma1
+        return x + self.ffn(adaptive_norm(x, scale2, shift2, self.eps, dtype)) * gamma2
+
+
+@dataclass
+class Prepared:
+    """Per-generation tensors that depend only on the class labels (batch already CFG-doubled)."""
+
+    start: torch.Tensor  # (B, 1, C) class embedding + pos_start: input of scale 0, float32
+    cond: torch.Tensor  # (B, C) class embedding (AdaLN of the head)
+    mods: list[torch.Tensor]  # per block, its AdaLN modulation (B, 1, 6, C)
+
+
+class VARTransformer(nn.Module):
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, total = cfg.width, cfg.schedule.total
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, c))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, total, c))
+        # scale of every token and the block-causal additive mask: persistent in the official files
+        self.register_buffer("lvl_1L", torch.zeros(1, total, dtype=torch.long))
+        self.register_buffer("attn_bias_for_masking", torch.zeros(1, 1, total, total))
+        self.word_embed = nn.Linear(cfg.vae_channels, c)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, c)  # last row: unconditional
+        self.lvl_embed = nn.Embedding(len(cfg.schedule), c)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c)) if cfg.shared_aln else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.head_nm = HeadNorm(c, cfg.norm_eps)
+        self.head = nn.Linear(c, cfg.vocab)
+        self._fill_buffers()
+
+    def _fill_buffers(self) -> None:
+        lengths = self.cfg.schedule.lengths
+        device = self.lvl_1L.device
+        levels = torch.cat([torch.full((n,), k, dtype=torch.long, device=device) for k, n in enumerate(lengths)])
+        causal = levels[:, None] >= levels[None, :]
+        with torch.no_grad():
+            self.lvl_1L.copy_(levels[None])
+            self.attn_bias_for_masking.copy_(torch.zeros_like(causal, dtype=torch.float).masked_fill(~causal, -math.inf))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @staticmethod
+    def guidance_weight(scale: int, num_scales: int, cfg: float) -> float:
+        """w in l = l_c + w (l_c - l_u): VAR ramps t = cfg * k / (K - 1) from 0 at the first scale."""
+        return cfg * scale / max(num_scales - 1, 1)
+
+    def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.depth, batch, c.heads, capacity, c.head_dim, self.dtype, self.device)
+
+    def init_weights(self, seed: int = 0) -> "VARTransformer":
+        """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
+        gen = torch.Generator(self.device).manual_seed(seed)
+        std = math.sqrt(1 / self.cfg.width / 3)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("scale_mul_1H11"):
+                    p.fill_(math.log(4.0))
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=gen)
+            for block in self.blocks:
+                block.attn.zero_k_bias.zero_()
+        self._fill_buffers()
+        return self
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        if schedule != self.cfg.schedule:
+            raise SparvarError(
+                f"this VAR model generates only its own scales ({self.cfg.schedule.describe()}), "
+                f"not {schedule.describe()}"
+            )
+
+    # ---- conditioning -------------------------------------------------------------------
+    def prepare(self, labels: torch.Tensor, guidance: bool) -> Prepared:
+        """Condition tensors for class labels (B,); with guidance the batch is [labels; unconditional]."""
+        if guidance:
+            labels = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)])
+        cond = self.class_emb(labels).float()
+        shared = None
+        if self.shared_ada_lin is not None:
+            shared = self.shared_ada_lin(cond.to(self.dtype)).float().view(-1, 1, 6, self.cfg.width)
+        mods = [block.modulation(cond, shared) for block in self.blocks]
+        return Prepared(start=cond[:, None] + self.pos_start.float(), cond=cond, mods=mods)
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Next-scale input (B, n, Cvae) -> token embeddings (B, n, C), float32."""
+        return self.word_embed(codes.to(self.dtype)).float()
+
+    # ---- the transformer ----------------------------------------------------------------
+    def _blocks(self, x, prep: Prepared, attend: Attend) -> torch.Tensor:
+        for layer, block in enumerate(self.blocks):
+            x = block(x, prep.mods[layer], attend, layer)
+        return x
+
+    def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Token logits (B, L, vocab) of hidden states x (B, L, C)."""
+        return self.head(self.head_nm(x, cond)).float()
+
+    def forward_scale(
+        self, x: torch.Tensor, scale: int, schedule: Schedule, prep: Prepared, cache: KVCache, policy: AttentionPolicy
+    ) -> torch.Tensor:
+        """One generation step: inputs of scale `scale` (B, n, C) -> logits (B, n, vocab)."""
+        self.check_schedule(schedule)
+        start, n = schedule.offsets[scale], schedule.lengths[scale]
+        x = x + self.lvl_embed.weight[scale].float() + self.pos_1LC[0, start : start + n].float()
+
+        def attend(layer, q, k, v):
+            keys, values = cache.write(layer, start, k, v)
+            call = AttentionCall(layer, scale, self.cfg.depth, schedule, softmax_scale=1.0)
+            return policy(q, keys, values, call)
+
+        return self.logits(self._blocks(x, prep, attend), prep.cond)
+
+    def forward_full(self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared) -> torch.Tensor:
+        """Teacher forcing: inputs of scales 1.. (each (B, n_k, Cvae)) -> logits of all tokens."""
+        self.check_schedule(schedule)
+        x = torch.cat([prep.start] + [self.embed_codes(c) for c in inputs], dim=1)
+        x = x + self.lvl_embed(self.lvl_1L[0]).float() + self.pos_1LC[0].float()
+        mask = self.attn_bias_for_masking[0, 0]
+
+        def attend(layer, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=1.0)
+
+        return self.logits(self._blocks(x, prep, attend), prep.cond)
