@@ -74,6 +74,7 @@ def test_eval_command_writes_json_and_markdown(tmp_path):
     assert set(results["summary"]) == {"default_psnr", "default_ssim", "default_density"}
     assert results["presets"]["default"]["density"] < 1
     assert "| default |" in out.with_suffix(".md").read_text()
+    assert main(["eval", "--model", "var-tiny", "--out", str(out), "--quiet"]) == 2  # 1000 classes: name some
 
 
 def test_attention_maps_resize_and_locality():

@@ -207,8 +207,10 @@ def main(argv=None) -> dict:
         conditions = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     elif args.labels:
         conditions = [c.strip() for c in args.labels.split(",")]
+    elif pipe.spec.classes:
+        conditions = list(pipe.spec.classes)
     else:
-        conditions = list(pipe.spec.classes or range(pipe.spec.num_classes))
+        raise SparvarError(f"{pipe.spec.name} has {pipe.spec.num_classes} unnamed classes: pick some, --labels 1,2,3")
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     results = evaluate(pipe, conditions, list(range(args.seeds)), presets, args.batch, args.cfg, args.tau,
                        pipe.schedule(resolution=args.resolution), progress=not args.quiet)
