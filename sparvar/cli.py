@@ -49,6 +49,8 @@ def cmd_generate(args) -> None:
         conditions = [spec.classes[0] if spec.classes else 0]
     if not conditions:
         raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
+    if args.attention is None:  # the demo shows the comparison; official models run SparVAR
+        args.attention = "default" if spec.files else "dense,default"
     presets = [p.strip() for p in args.attention.split(",") if p.strip()]
     if not presets:
         raise SparvarError("--attention names no preset; see `sparvar presets`")
@@ -231,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, help="nucleus sampling mass, 0: off (default: the model's)")
     _add_schedule_options(gen)
     gen.add_argument(
-        "--attention", default="dense,default",
+        "--attention",
         help="attention preset, or several separated by commas: each runs with the same seeds, and a "
-        "side-by-side with difference maps is written (see `sparvar presets`)",
+        "side-by-side with difference maps is written (see `sparvar presets`); default: dense,default "
+        "for the demo model, default for official checkpoints",
     )
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--out", default="out", help="output folder, or a .png path for one image")

@@ -25,9 +25,8 @@ def expand_blocks(table: BlockTable) -> BlockTable:
     kept = kept & (tokens < table.kv_len)  # the last block may be short
     order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)  # kept tokens first
     tokens = torch.gather(torch.where(kept, tokens, 0), -1, order)
-    counts = kept.sum(dim=-1)
-    width = max(1, int(counts.max()))
-    return BlockTable(counts.int(), tokens[..., :width].int().contiguous(), table.q_block, 1, table.q_len, table.kv_len)
+    # width from the shapes, not the counts: no host sync, so it also runs inside CUDA graphs
+    return BlockTable(kept.sum(dim=-1).int(), tokens.int().contiguous(), table.q_block, 1, table.q_len, table.kv_len)
 
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: BlockTable, scale: float) -> torch.Tensor:
