@@ -199,6 +199,10 @@ def cmd_bench(args) -> None:
         from sparvar.bench import kernels
 
         kernels.main(args.rest, prog="sparvar bench kernels")
+    elif args.what == "profile":
+        from sparvar.bench import profile
+
+        profile.main(args.rest)
     else:
         from sparvar.bench import e2e
 
@@ -264,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
-    bench.add_argument("what", choices=["baseline", "e2e", "kernels"],
+    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile"],
                        help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
-                       "kernels: attention kernels on the 1024x1024 shapes")
+                       "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -21,4 +21,4 @@ def test_graph_replays_equal_eager_generations(model, condition, attention):
         for a, b in zip(e.tokens, g.tokens):
             assert (a != b).float().mean() < 1e-3  # kernels may differ in the last bits; tokens barely
     if attention != "dense":
-        assert graphed[-1].policy.stats()["total"]["saved_fraction"] > 0.3
+        assert graphed[-1].policy.stats()["total"]["saved_fraction"] > 0.1  # stats survive replays

@@ -1,0 +1,93 @@
+"""Where a generation's GPU time goes: kernel time by category, one generation under torch.profiler.
+
+Categories come from kernel names: matrix products (gemm), attention kernels (SDPA, Triton sparse,
+flex), normalisation, and the rest (elementwise, copies, sampling). Run after a warm-up, with the
+same settings as `sparvar bench e2e` mode d (or b with --attention dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from sparvar.bench.e2e import PROMPT
+from sparvar.errors import SparvarError
+
+CATEGORIES = (  # first match wins
+    ("attention", r"flash|fmha|attention|cudnn|_attn|sparse_attention|colsum|flex"),
+    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|wgmma"),
+    ("norm", r"layer_norm|norm|reduce"),
+    ("copy", r"copy|cat|memcpy|memset|fill"),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, pattern in CATEGORIES if re.search(pattern, low)), "elementwise/other")
+
+
+def profile(model: str, attention: str, sdpa_backend: str = "cudnn") -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from sparvar.pipeline import load_pipeline
+    from sparvar.sparsity import make_policy
+
+    pipe = load_pipeline(model, device="cuda", random_weights=True)
+    schedule = pipe.schedule("1:1", 1024)
+    policy = make_policy(attention, sdpa_backend=sdpa_backend)
+    pipe([PROMPT], schedule=schedule, attention=policy, progress=False)  # warm-up: compile, tables
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = pipe([PROMPT], schedule=schedule, attention=policy, progress=False)
+        torch.cuda.synchronize()
+    totals, kernels = defaultdict(float), defaultdict(float)
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us and event.key:
+            totals[category(event.key)] += us / 1e6
+            kernels[event.key] += us / 1e6
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "model": model,
+        "attention": attention,
+        "stages_s": out.stage_seconds,
+        "gpu_seconds_by_category": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+        "top_kernels_s": [{"kernel": k[:160], "category": category(k), "seconds": s} for k, s in top],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sparvar bench profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["infinity-8b"])
+    parser.add_argument("--attention", nargs="+", default=["dense", "default"])
+    parser.add_argument("--out", default="benchmarks")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SparvarError("profiling needs a CUDA GPU")
+    argv = sys.argv[1:] if argv is None else argv
+    result = {
+        "card": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["sparvar bench profile", *argv]),
+        "torch": torch.__version__,
+        "rows": [profile(m, a) for m in args.models for a in args.attention],
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    for row in result["rows"]:
+        print(f"{row['model']} {row['attention']}: transformer {row['stages_s']['transformer']:.3f} s; GPU time by kind: "
+              + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["gpu_seconds_by_category"].items()))
+        for k in row["top_kernels_s"][:8]:
+            print(f"   {k['seconds'] * 1000:7.1f} ms  {k['category']:18s} {k['kernel'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
