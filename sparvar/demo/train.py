@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from sparvar.demo.data import FASHION_MNIST_DIR, load_images, to_pixels
 from sparvar.demo.tokenizer import Encoder, Tokenizer, quantize
+from sparvar.eval.metrics import psnr
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
 from sparvar.models.registry import get_spec
@@ -136,12 +137,6 @@ def _state(module) -> dict:
     return {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean PSNR (dB) of images in [-1, 1]."""
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(4.0 / mse)).mean())
-
-
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -219,7 +214,7 @@ def main(argv=None) -> dict:
     save_tokenizer()
     with torch.no_grad(), autocast:
         recon = torch.cat([tokenizer(x)[0].float() for x in test_pixels.split(250)])
-    log["tokenizer"]["test_psnr"] = psnr(recon.clamp(-1, 1), test_pixels)
+    log["tokenizer"]["test_psnr"] = float(psnr((recon.clamp(-1, 1) + 1) / 2, (test_pixels + 1) / 2).mean())
     print(f"[tokenizer] held-out reconstruction PSNR {log['tokenizer']['test_psnr']:.2f} dB", flush=True)
 
     # ---- phase 2: transformer ----------------------------------------------------------
