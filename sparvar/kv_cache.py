@@ -15,12 +15,18 @@ class KVCache:
         # (layer, k|v, B, H, N, D): a layer's keys are one contiguous (B, H, N, D) block
         self.buffer = torch.empty(layers, 2, batch, heads, capacity, head_dim, dtype=dtype, device=device)
 
+    def slots(self, layer: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (B, H, n, D) of [start, start + n) for a layer's new keys and values: the qkv
+        kernel writes them there, and `write` then has nothing left to copy."""
+        return self.buffer[layer, 0, :, :, start : start + n], self.buffer[layer, 1, :, :, start : start + n]
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, n, D) at [start, start + n) and return views of [0, start + n)."""
         end = start + k.shape[2]
         keys, values = self.buffer[layer, 0], self.buffer[layer, 1]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
+        for new, cached in ((k, keys[:, :, start:end]), (v, values[:, :, start:end])):
+            if new.data_ptr() != cached.data_ptr():  # not written in place already
+                cached.copy_(new)
         return keys[:, :, :end], values[:, :, :end]
 
 
@@ -33,6 +39,9 @@ class ConcatKVCache:
     def __init__(self):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+
+    def slots(self, layer: int, start: int, n: int) -> None:
+        return None  # a growing cache has no place for new keys before they are concatenated
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         if start == 0:

@@ -21,6 +21,7 @@ import torch
 
 import sparvar.attention.triton_decision as compiled_decision
 import sparvar.attention.triton_sparse as compiled_sparse
+import sparvar.models.fused as compiled_fused
 from sparvar.attention.decision import attention_with_colsum, reference_attention_colsum
 from sparvar.attention.sparse import resolve_backend, sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
@@ -30,14 +31,15 @@ ATTENTION_DIR = Path(compiled_sparse.__file__).parent
 BF16_TOL = 1e-2  # relative error for bf16 operands (METHOD.md)
 
 
-def _load_interpreted(name: str, deps: dict | None = None):
-    """An interpreted copy of sparvar.attention.<name>, importing `deps` (module name -> copy)."""
+def _load_interpreted(name: str, deps: dict | None = None, folder: Path = ATTENTION_DIR):
+    """An interpreted copy of sparvar.attention.<name> (or of <folder>/<name>.py), importing
+    `deps` (module name -> copy)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     saved = {m: sys.modules.get(m) for m in deps or {}}
     sys.modules.update(deps or {})
     try:
-        spec = importlib.util.spec_from_file_location(f"_interpreted_{name}", ATTENTION_DIR / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"_interpreted_{name}", folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -52,9 +54,10 @@ def _load_interpreted(name: str, deps: dict | None = None):
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 if ON_GPU:
-    kernels_sparse, kernels_decision = compiled_sparse, compiled_decision
+    kernels_sparse, kernels_decision, kernels_fused = compiled_sparse, compiled_decision, compiled_fused
 else:
     kernels_sparse = _load_interpreted("triton_sparse")
+    kernels_fused = _load_interpreted("fused", folder=Path(compiled_fused.__file__).parent)
     kernels_decision = _load_interpreted("triton_decision", {"sparvar.attention.triton_sparse": kernels_sparse})
 
 
@@ -335,3 +338,133 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
         compiled_decision._colsum_kernel, dict(Q=q, K=kv, LSE="*fp32", PART="*fp32"),
         dict(BLOCK_N=128, BLOCK_M=64, HEAD_DIM=128, USE_TMA=tma), num_warps=4, num_stages=3)
     assert "wgmma.mma_async" in k.asm["ptx"]
+
+
+def test_fused_kernels_build_for_hopper():
+    """The blocks' elementwise kernels compile for sm_90 at Infinity-8B's width and heads."""
+    fp = "*fp32"
+    _compile_for_hopper(
+        compiled_fused._add_norm_kernel,
+        dict(X=fp, BRANCH="*bf16", GATE=fp, MUL=fp, ADD=fp, X_OUT=fp, OUT="*bf16", eps="fp32"),
+        dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, BLOCK=4096), num_warps=16)
+    _compile_for_hopper(
+        compiled_fused._qkv_heads_kernel,
+        dict(QKV="*bf16", LOG_SCALE="*bf16", COS=fp, SIN=fp, Q="*bf16", K="*bf16", V="*bf16"),
+        dict(HAS_ROPE=True, WRITE_V=True, D=128, BLOCK_H=32), num_warps=8)
+    _compile_for_hopper(
+        compiled_fused._channel_sums_kernel, dict(X="*bf16", PIVOT=fp, SUMS=fp), dict(CHUNK=256, BLOCK_P=32, BLOCK_C=128))
+    _compile_for_hopper(
+        compiled_fused._norm_silu_kernel, dict(X="*bf16", OUT="*bf16", MEAN=fp, RSTD=fp, WEIGHT=fp, BIAS=fp),
+        dict(BLOCK_P=32, BLOCK_C=128))
+
+
+# ---- the blocks' fused elementwise kernels (sparvar/models/fused.py) --------------------------
+def _vector(kind, b, c, gen):
+    """A gate/mul/add vector: per item (a float32 strided slice of a (B, 1, 6, C) tensor), or
+    shared (bf16, like a LayerNorm's weights in a bf16 model)."""
+    if kind == "item":
+        return torch.randn(b, 1, 6, c, generator=gen).unbind(2)[3].to(DEVICE)
+    return torch.randn(c, generator=gen).to(DEVICE, torch.bfloat16)
+
+
+@pytest.mark.parametrize("b,n,c", [(2, 5, 96), (1, 1, 130), (3, 7, 64)])
+@pytest.mark.parametrize("branch,gate,mul", [(False, None, "item"), (True, "item", "shared"), (True, None, "item")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_norm_matches_reference(poisoned, b, n, c, branch, gate, mul, dtype):
+    gen = torch.Generator().manual_seed(b * 1000 + n * 10 + c)
+    x = (torch.randn(b, n, c, generator=gen) * 3 + 1).to(DEVICE)
+    y = torch.randn(b, n, c, generator=gen).to(DEVICE, dtype) if branch else None
+    g = _vector(gate, b, c, gen) if gate else None
+    m, a = _vector(mul, b, c, gen), _vector(mul, b, c, gen)
+    new_x, out = kernels_fused.add_norm_triton(x, y, g, m, a, 1e-6, dtype)
+    ref_x, ref = kernels_fused.add_norm_reference(x, y, g, m, a, 1e-6, dtype)
+    assert out.dtype == dtype and new_x.dtype == torch.float32
+    torch.testing.assert_close(new_x, ref_x, rtol=1e-6, atol=1e-6)
+    assert rel_err(out, ref) < BF16_TOL
+    if not branch:
+        assert new_x is x or torch.equal(new_x, x)
+    else:
+        only_x, none = kernels_fused.add_norm_triton(x, y, g, None, None, 0.0, None)
+        assert none is None and torch.equal(only_x, new_x)
+
+
+@pytest.mark.parametrize("b,n,heads,d", [(2, 5, 3, 64), (1, 1, 1, 16), (2, 9, 5, 128)])
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qkv_heads_matches_reference(poisoned, b, n, heads, d, rope, dtype):
+    gen = torch.Generator().manual_seed(b * 100 + n * 10 + heads + d)
+    qkv = (torch.randn(b, n, 3 * heads * d, generator=gen) * 2).to(DEVICE, dtype)
+    scale = (torch.rand(heads, generator=gen) * 6 - 1).to(DEVICE)  # log temperatures, some past the cap
+    angles = torch.rand(n, d // 2, generator=gen) * 20
+    angles = (angles.cos().to(DEVICE), angles.sin().to(DEVICE)) if rope else None
+    ref_q, ref_k, ref_v = kernels_fused.qkv_heads_reference(qkv, heads, scale, angles)
+    q, k, v = kernels_fused.qkv_heads_triton(qkv, heads, scale, angles)
+    assert q.shape == k.shape == (b, heads, n, d) and q.dtype == k.dtype == dtype
+    assert q.transpose(1, 2).is_contiguous() and k.transpose(1, 2).is_contiguous()
+    assert rel_err(q, ref_q) < BF16_TOL and rel_err(k, ref_k) < BF16_TOL
+    assert torch.equal(v, ref_v)
+    cache = torch.full((2, b, heads, n + 7, d), float("nan"), dtype=dtype, device=DEVICE)  # slots inside a cache
+    slots = (cache[0, :, :, 3 : 3 + n], cache[1, :, :, 3 : 3 + n])
+    q2, k2, v2 = kernels_fused.qkv_heads_triton(qkv, heads, scale, angles, kv_out=slots)
+    assert k2.data_ptr() == slots[0].data_ptr() and torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
+    assert cache[:, :, :, :3].isnan().all() and cache[:, :, :, 3 + n :].isnan().all()
+    torch.testing.assert_close(k.float().norm(dim=-1), torch.ones(b, heads, n, device=DEVICE), rtol=1e-2, atol=1e-2)
+
+
+def test_fused_dispatch_keeps_autograd_and_cpu_on_the_reference():
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    new_x, out = compiled_fused.add_norm(x, torch.randn(2, 3, 8), None, torch.ones(8), torch.zeros(8), 1e-6,
+                                         torch.float32)
+    out.sum().backward()
+    assert x.grad is not None and new_x.shape == x.shape
+
+
+@pytest.mark.parametrize("n,c,h,w,groups,pixels", [(1, 64, 5, 7, 32, 256), (2, 96, 9, 3, 8, 4), (1, 32, 16, 16, 32, 16)])
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_matches_reference(poisoned, n, c, h, w, groups, pixels, offset, channels_last):
+    gen = torch.Generator().manual_seed(n + c + h + w)
+    norm = torch.nn.GroupNorm(groups, c, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+        norm.bias.normal_(generator=gen)
+    norm = norm.to(DEVICE, torch.bfloat16)
+    x = (torch.randn(n, c, h, w, generator=gen) + offset).to(DEVICE, torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = kernels_fused.group_norm_silu_triton(x, groups, norm.weight, norm.bias, norm.eps, pixels_per_program=pixels)
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), groups, norm.weight.float(),
+                                                                  norm.bias.float(), norm.eps))
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert rel_err(out, ref) < BF16_TOL
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@torch.inference_mode()
+def test_fused_kernels_match_their_reference_in_the_demo_model_cuda():
+    """The whole transformer (teacher forcing) and the decoder, kernels against their reference."""
+    from sparvar.models.fused import reference_only
+    from sparvar.pipeline import load_pipeline
+
+    pipe = load_pipeline("infinity-demo", device="cuda")
+    schedule, bits = pipe.schedule(), pipe.transformer.cfg.bits
+    gen = torch.Generator("cuda").manual_seed(0)
+    prep = pipe.transformer.prepare(pipe.encode([0, 7]), guidance=True)
+    inputs = [torch.randint(0, 2, (4, n, bits), generator=gen, device="cuda") * 2.0 - 1 for n in schedule.lengths[1:]]
+    z = torch.randn(2, pipe.vae.cfg.channels, 64, 64, generator=gen, device="cuda")
+    fast, image = pipe.transformer.forward_full(inputs, schedule, prep), pipe.vae.decode(z)
+    with reference_only():
+        slow, ref_image = pipe.transformer.forward_full(inputs, schedule, prep), pipe.vae.decode(z)
+    assert rel_err(fast, slow) < 2e-2
+    assert rel_err(image, ref_image) < 2e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_group_norm_silu_at_the_8b_decoders_largest_map_cuda():
+    """256 channels at 1024x1024: more pixel tiles than a grid's second axis allows."""
+    x = torch.randn(1, 256, 1024, 1024, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(256, device="cuda"), torch.randn(256, device="cuda")
+    out = compiled_fused.group_norm_silu_triton(x, 32, weight, bias, 1e-6)
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 32, weight, bias, 1e-6))
+    assert rel_err(out, ref) < BF16_TOL

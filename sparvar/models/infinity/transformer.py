@@ -22,10 +22,38 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionCall, AttentionPolicy
 from sparvar.kv_cache import KVCache
+from sparvar.models.fused import add_norm, gated_add, linear_gelu, qkv_heads
 from sparvar.schedules import Schedule
 
-# attend(layer, q, k, v) -> out, all (B, H, L, D)
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+class Attend:
+    """A layer's self-attention: attend(layer, q, k, v) -> out, all (B, H, L, D), from a function."""
+
+    def __init__(self, fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.fn = fn
+
+    def slots(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where this layer's n new keys and values are to be written, if somewhere already."""
+        return None
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.fn(layer, q, k, v)
+
+
+class CachedAttend(Attend):
+    """One generation step: the new keys and values go into the KV cache at the scale's offset
+    (written there by the qkv kernel, given the cache's slots), and attention over the cache
+    goes through the policy, the seam SparVAR plugs into."""
+
+    def __init__(self, cache: KVCache, policy: AttentionPolicy, scale: int, schedule: Schedule, depth: int):
+        self.cache, self.policy, self.scale, self.schedule, self.depth = cache, policy, scale, schedule, depth
+        self.start = schedule.offsets[scale]
+
+    def slots(self, layer, n):
+        return self.cache.slots(layer, self.start, n)
+
+    def __call__(self, layer, q, k, v):
+        keys, values = self.cache.write(layer, self.start, k, v)
+        return self.policy(q, keys, values, AttentionCall(layer, self.scale, self.depth, self.schedule, softmax_scale=1.0))
 
 
 @dataclass(frozen=True)
@@ -64,13 +92,9 @@ class InfinityConfig:
         return self.text_width > 0
 
 
-def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=eps)
-
-
 def adaptive_norm(x, scale, shift, eps, dtype):
     """LayerNorm without affine, modulated by the condition; returned in the matmul dtype."""
-    return (layer_norm(x, eps) * (1 + scale) + shift).to(dtype)
+    return add_norm(x, None, None, 1 + scale, shift, eps, dtype)[1]
 
 
 class RopeTable:
@@ -91,12 +115,6 @@ class RopeTable:
 
     def slice(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start : start + length], self.sin[start : start + length]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x (B, H, L, D) by the angles whose cos/sin are (L, D/2)."""
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
 
 
 class RMSNorm(nn.Module):
@@ -128,20 +146,14 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(c, c)
 
-    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
-        """q, k, v (B, H, L, D) in x's dtype, normalised (and rotated, given RoPE angles)."""
-        b, n, _ = x.shape
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv_out=None):
+        """q, k, v (B, H, L, D) in x's dtype, normalised (and rotated, given RoPE angles); k, v
+        possibly written into kv_out (see fused.qkv_heads)."""
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        scale = self.scale_mul_1H11.float().clamp_max(math.log(100.0)).exp()
-        q = F.normalize(q.float(), dim=-1) * scale
-        k = F.normalize(k.float(), dim=-1)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q.to(x.dtype), k.to(x.dtype), v
+        return qkv_heads(F.linear(x, self.mat_qkv.weight, bias), self.heads, self.scale_mul_1H11.flatten(), rope, kv_out)
 
     def forward(self, x, rope, attend: Attend, layer: int):
-        q, k, v = self.qkv(x, rope)
+        q, k, v = self.qkv(x, rope, attend.slots(layer, x.shape[1]))
         out = attend(layer, q, k, v)
         return self.proj(out.transpose(1, 2).flatten(2))
 
@@ -169,6 +181,7 @@ class CrossAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor | None, kv, text_mask: torch.Tensor) -> torch.Tensor:
+        """text_mask: (B, T) True at real tokens, or its additive form (B, T) (0 / -inf)."""
         k, v = kv
         b = k.shape[0]
         if x is None:  # pooling: one learned query per head
@@ -186,7 +199,7 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(linear_gelu(x, self.fc1))
 
 
 class TextPool(nn.Module):
@@ -230,15 +243,20 @@ class Block(nn.Module):
         self.ffn = FFN(cfg.width, cfg.ffn_hidden)
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.width))
 
-    def forward(self, x, gss, text, rope, attend: Attend, layer: int):
+    def forward(self, x, mod, text, rope, attend: Attend, layer: int):
+        """mod: this block's adaLN (Prepared.mods). Each residual add is fused with the norm that
+        follows it (models/fused.py)."""
         dtype = self.ffn.fc1.weight.dtype
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + gss).unbind(2)
-        x = x + self.sa(adaptive_norm(x, scale1, shift1, self.eps, dtype), rope, attend, layer) * gamma1
+        gamma1, gamma2, mul1, mul2, shift1, shift2 = mod.unbind(2)
+        _, normed = add_norm(x, None, None, mul1, shift1, self.eps, dtype)
+        attended = self.sa(normed, rope, attend, layer)
         if self.ca is not None:
+            x, normed = add_norm(x, attended, gamma1, self.ca_norm.weight, self.ca_norm.bias, self.eps, dtype)
             kv, mask = text[layer]
-            normed = F.layer_norm(x, x.shape[-1:], self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
-            x = x + self.ca(normed.to(dtype), kv, mask)
-        return x + self.ffn(adaptive_norm(x, scale2, shift2, self.eps, dtype)) * gamma2
+            x, normed = add_norm(x, self.ca(normed, kv, mask), None, mul2, shift2, self.eps, dtype)
+        else:
+            x, normed = add_norm(x, attended, gamma1, mul2, shift2, self.eps, dtype)
+        return gated_add(x, self.ffn(normed), gamma2)
 
 
 class BlockChunk(nn.Module):
@@ -255,8 +273,8 @@ class Prepared:
 
     start: torch.Tensor  # (B, 1, C) input of scale 0
     cond: torch.Tensor  # (B, C) condition vector (adaLN of the head)
-    gss: torch.Tensor  # (B, 1, 6, C) shared adaLN output, float32
-    text: list | None  # per layer ((k, v), mask) of the cross-attention, or None
+    mods: torch.Tensor  # (depth, B, 1, 6, C) float32 per block: gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2
+    text: list | None  # per layer ((k, v), additive mask (B, T)) of the cross-attention, or None
 
 
 class InfinityTransformer(nn.Module):
@@ -342,7 +360,9 @@ class InfinityTransformer(nn.Module):
             feats = self.text_norm(feats).to(dtype)
             cond = self.text_proj_for_sos(feats, mask).float()
             text_tokens = self.text_proj_for_ca(feats)
-            text = [(b.ca.text_kv(text_tokens), mask) for b in self.blocks]
+            # the mask in the additive form SDPA would otherwise make from it in every call
+            bias = torch.zeros(mask.shape, device=mask.device, dtype=dtype).masked_fill(~mask, float("-inf"))
+            text = [(b.ca.text_kv(text_tokens), bias) for b in self.blocks]
         else:
             labels = condition
             if guidance:
@@ -350,8 +370,11 @@ class InfinityTransformer(nn.Module):
             cond = self.class_emb(labels).float()
             text = None
         gss = self.shared_ada_lin(cond.to(dtype)).float().view(-1, 1, 6, self.cfg.width)
+        # every block's modulation once per generation, not at every scale (small scales are launch-bound)
+        mods = torch.stack([b.ada_gss[0] for b in self.blocks]).float()[:, None] + gss
+        mods = mods + torch.tensor([0, 0, 1, 1, 0, 0], device=mods.device, dtype=mods.dtype)[:, None]
         start = cond[:, None] + self.pos_start.float()
-        return Prepared(start=start, cond=cond, gss=gss, text=text)
+        return Prepared(start=start, cond=cond, mods=mods, text=text)
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Next-scale input (B, n, bits) -> token embeddings (B, n, C), float32."""
@@ -367,7 +390,7 @@ class InfinityTransformer(nn.Module):
     # ---- the transformer ----------------------------------------------------------------
     def _blocks(self, x, prep: Prepared, rope, attend: Attend) -> torch.Tensor:
         for layer, block in enumerate(self.blocks):
-            x = block(x, prep.gss, prep.text, rope, attend, layer)
+            x = block(x, prep.mods[layer], prep.text, rope, attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -381,11 +404,7 @@ class InfinityTransformer(nn.Module):
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float()
 
-        def attend(layer, q, k, v):
-            keys, values = cache.write(layer, start, k, v)
-            call = AttentionCall(layer, scale, self.cfg.depth, schedule, softmax_scale=1.0)
-            return policy(q, keys, values, call)
-
+        attend = CachedAttend(cache, policy, scale, schedule, self.cfg.depth)
         x = self._blocks(x, prep, self.rope(schedule).slice(start, n), attend)
         return self.logits(x, prep.cond)
 
@@ -409,5 +428,5 @@ class InfinityTransformer(nn.Module):
             ]
             return torch.cat(outs, dim=2)
 
-        x = self._blocks(x, prep, self.rope(schedule).slice(0, schedule.total), attend)
+        x = self._blocks(x, prep, self.rope(schedule).slice(0, schedule.total), Attend(attend))
         return self.logits(x, prep.cond)

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparvar.models.fused import channels_last_on_gpu, group_norm_silu
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -42,8 +44,8 @@ class ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(group_norm_silu(x, self.norm1))
+        h = self.conv2(group_norm_silu(h, self.norm2))
         return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
@@ -96,7 +98,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(group_norm_silu(x, self.norm_out))
 
 
 class InfinityVAE(nn.Module):
@@ -134,5 +136,5 @@ class InfinityVAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         dtype = self.decoder.conv_in.weight.dtype
-        return self.decoder(z.to(dtype)).float().clamp(-1, 1)
+        return self.decoder(channels_last_on_gpu(z.to(dtype))).float().clamp(-1, 1)
 

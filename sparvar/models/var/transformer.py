@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparvar.attention.policy import AttentionCall, AttentionPolicy
+from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kv_cache import KVCache
-from sparvar.models.infinity.transformer import FFN, Attend, HeadNorm, SelfAttention, adaptive_norm
+from sparvar.models.fused import add_norm, gated_add
+from sparvar.models.infinity.transformer import FFN, Attend, CachedAttend, HeadNorm, SelfAttention, adaptive_norm
 from sparvar.schedules import VAR_256, Schedule
 
 
@@ -75,8 +76,9 @@ class Block(nn.Module):
     def forward(self, x, mod: torch.Tensor, attend: Attend, layer: int):
         dtype = self.ffn.fc1.weight.dtype
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
-        x = x + self.attn(adaptive_norm(x, scale1, shift1, self.eps, dtype), None, attend, layer) * gamma1
-        return x + self.ffn(adaptive_norm(x, scale2, shift2, self.eps, dtype)) * gamma2
+        attended = self.attn(adaptive_norm(x, scale1, shift1, self.eps, dtype), None, attend, layer)
+        x, normed = add_norm(x, attended, gamma1, 1 + scale2, shift2, self.eps, dtype)  # one fused pass
+        return gated_add(x, self.ffn(normed), gamma2)
 
 
 @dataclass
@@ -191,11 +193,7 @@ class VARTransformer(nn.Module):
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float() + self.pos_1LC[0, start : start + n].float()
 
-        def attend(layer, q, k, v):
-            keys, values = cache.write(layer, start, k, v)
-            call = AttentionCall(layer, scale, self.cfg.depth, schedule, softmax_scale=1.0)
-            return policy(q, keys, values, call)
-
+        attend = CachedAttend(cache, policy, scale, schedule, self.cfg.depth)
         return self.logits(self._blocks(x, prep, attend), prep.cond)
 
     def forward_full(self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared) -> torch.Tensor:
@@ -208,4 +206,4 @@ class VARTransformer(nn.Module):
         def attend(layer, q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=1.0)
 
-        return self.logits(self._blocks(x, prep, attend), prep.cond)
+        return self.logits(self._blocks(x, prep, Attend(attend)), prep.cond)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
+from sparvar.models.fused import channels_last_on_gpu, group_norm_silu
 from sparvar.models.infinity.vae import ResBlock, Upsample, group_norm  # the same LDM-style pieces
 from sparvar.models.var.quant import ResidualQuantizer
 from sparvar.schedules import Schedule
@@ -48,7 +49,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, hw, C) each
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, hw, C) each
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C)
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
@@ -129,7 +130,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for level in self.down:
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.conv_out(group_norm_silu(self.mid(x), self.norm_out))
 
 
 class Decoder(nn.Module):
@@ -151,7 +152,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(group_norm_silu(x, self.norm_out))
 
 
 class VQVAE(nn.Module):
@@ -204,7 +205,7 @@ class VQVAE(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """f_hat (B, C, h, w) -> images (B, 3, 16h, 16w) in [-1, 1], float32."""
-        return self.decoder(self.post_quant_conv(latent.to(self.dtype))).float().clamp(-1, 1)
+        return self.decoder(self.post_quant_conv(channels_last_on_gpu(latent.to(self.dtype)))).float().clamp(-1, 1)
 
     def decode_indices(self, indices: list[torch.Tensor], schedule: Schedule) -> torch.Tensor:
         return self.decode(self.quantize.latent(indices, schedule))

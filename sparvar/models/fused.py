@@ -1,0 +1,310 @@
+"""The models' elementwise work in few passes over memory: Triton kernels on CUDA, PyTorch elsewhere.
+
+Besides its matrix products, an Infinity or VAR block runs a dozen elementwise steps over the
+float32 residual stream: LayerNorm, adaLN modulation, gated residual adds, casts, q/k
+normalisation and RoPE. As one PyTorch kernel each they took more GPU time than attention in
+an Infinity-8B generation at 1024x1024 (benchmarks/profile.json). Here each group is one kernel:
+
+- `add_norm`: x + branch * gate (the residual add), then LayerNorm(x) * mul + add, cast to the
+  matmul dtype (`gated_add`: the add alone);
+- `qkv_heads`: the qkv projection split into heads, q and k L2-normalised, q scaled per head,
+  both rotated by RoPE;
+- `group_norm_silu`: the VAE decoders' GroupNorm + SiLU, in NCHW or channels_last (PyTorch's
+  bf16 GroupNorm statistics kernel runs one thread block per group: 46 of the 84 ms of an 8B
+  decode at 1024x1024);
+- `linear_gelu`: the FFN's first projection with its tanh-GELU in the matmul's epilogue.
+
+The PyTorch versions are the reference: they run on the CPU, under autograd (training), inside
+`reference_only()` (the benchmark's official-style baseline), and in the tests against the
+kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs may lack triton; the reference path needs none
+    triton = None
+
+_REFERENCE_ONLY = False
+LOG_100 = math.log(100.0)  # cap of the attention's learned log temperature
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run the PyTorch reference even where the kernels could run (for comparisons)."""
+    global _REFERENCE_ONLY
+    old, _REFERENCE_ONLY = _REFERENCE_ONLY, True
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY = old
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled() and not _REFERENCE_ONLY
+
+
+def _per_batch(t: torch.Tensor, batch: int, width: int) -> tuple[torch.Tensor, int]:
+    """A (C,) or (B, 1, C) / (B, C) vector as (tensor, batch stride) for the kernels, which
+    read any float dtype (so no cast kernel runs here)."""
+    if t.dim() == 1:
+        return t.contiguous(), 0
+    if t.shape[0] not in (1, batch):
+        raise ValueError(f"a per-item vector of {t.shape[0]} items for a batch of {batch}")
+    t = t.reshape(t.shape[0], width)
+    if t.stride(1) != 1:
+        t = t.contiguous()
+    return t, (t.stride(0) if t.shape[0] == batch > 1 else 0)
+
+
+# ---- residual add + LayerNorm + modulation ---------------------------------------------------
+def add_norm_reference(x, branch, gate, mul, add, eps: float, dtype):
+    if branch is not None:
+        x = x + (branch * gate if gate is not None else branch.float())
+    normed = F.layer_norm(x, x.shape[-1:], eps=eps) * mul + add
+    return x, normed.to(dtype)
+
+
+def add_norm(x, branch, gate, mul, add, eps: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + branch * gate, (LayerNorm(x + branch * gate) * mul + add) in `dtype`).
+
+    x: (B, n, C) float32; branch: (B, n, C) or None (then x is returned as it is); gate, mul,
+    add: (B, 1, C) per item or (C,) for all; gate may be None (plain add).
+    """
+    if _use_kernels(x) and x.dim() == 3 and x.dtype == torch.float32:
+        return add_norm_triton(x, branch, gate, mul, add, eps, dtype)
+    return add_norm_reference(x, branch, gate, mul, add, eps, dtype)
+
+
+def add_norm_triton(x, branch, gate, mul, add, eps: float, dtype):
+    """Without mul (and add, dtype), only the residual add: (x + branch * gate, None)."""
+    b, n, c = x.shape
+    x = x.contiguous()
+    norm = mul is not None
+    out = torch.empty((b, n, c), device=x.device, dtype=dtype) if norm else None
+    new_x = x if branch is None else torch.empty_like(x)
+    mul, stride_mul = _per_batch(mul, b, c) if norm else (x, 0)
+    add, stride_add = _per_batch(add, b, c) if norm else (x, 0)
+    has_gate = gate is not None
+    gate, stride_gate = _per_batch(gate, b, c) if has_gate else (x, 0)
+    block = triton.next_power_of_2(c)
+    _add_norm_kernel[(b * n,)](
+        x, x if branch is None else branch.contiguous(), gate, mul, add, new_x, out if norm else x,
+        n, c, eps, stride_gate, stride_mul, stride_add,
+        HAS_BRANCH=branch is not None, HAS_GATE=has_gate, NORM=norm, BLOCK=block,
+        num_warps=min(max(block // 256, 1), 16),
+    )
+    return new_x, out
+
+
+def gated_add(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + branch * gate: a residual add not followed by a norm (the FFN's), in one pass."""
+    if _use_kernels(x) and x.dim() == 3 and x.dtype == torch.float32:
+        return add_norm_triton(x, branch, gate, None, None, 0.0, None)[0]
+    return x + branch * gate
+
+
+# ---- q, k, v heads with normalisation and RoPE -----------------------------------------------
+def qkv_heads_reference(qkv, heads: int, q_log_scale, rope):
+    b, n, _ = qkv.shape
+    q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q_scale = q_log_scale.float().clamp_max(LOG_100).exp()
+    q = F.normalize(q.float(), dim=-1) * q_scale.view(1, heads, 1, 1)
+    k = F.normalize(k.float(), dim=-1)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q.to(qkv.dtype), k.to(qkv.dtype), v
+
+
+def qkv_heads(qkv: torch.Tensor, heads: int, q_log_scale: torch.Tensor, rope, kv_out=None) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, n, D) of the qkv projection (B, n, 3C).
+
+    q and k are L2-normalised over D, q is multiplied by exp(min(q_log_scale, log 100)) (one per
+    head: the cosine attention's learned temperature), and with rope=(cos, sin)
+    ((n, D/2) float32 each) adjacent pairs of both are rotated. kv_out: (B, H, n, D) views (the
+    KV cache's slots) the kernel writes k and v into, saving their copy; the reference returns
+    new tensors. The kernel puts q in (B, n, H, D) memory, so attention outputs of that layout
+    reach the out projection without a copy.
+    """
+    d = qkv.shape[-1] // 3 // heads
+    if _use_kernels(qkv) and d >= 16 and not d & (d - 1):
+        return qkv_heads_triton(qkv, heads, q_log_scale, rope, kv_out)
+    return qkv_heads_reference(qkv, heads, q_log_scale, rope)
+
+
+def qkv_heads_triton(qkv, heads: int, q_log_scale, rope, kv_out=None):
+    b, n, width3 = qkv.shape
+    d = width3 // 3 // heads
+    qkv = qkv.contiguous()
+    q = torch.empty((b, n, heads, d), device=qkv.device, dtype=qkv.dtype)
+    if kv_out is None:  # k like q; v stays a view of qkv
+        k, v = torch.empty_like(q).transpose(1, 2), qkv.view(b, n, 3, heads, d)[:, :, 2].transpose(1, 2)
+    else:
+        k, v = kv_out
+        if k.shape != (b, heads, n, d) or v.shape != k.shape or k.stride(3) != 1 or v.stride(3) != 1:
+            raise ValueError(f"kv_out must be (B, H, n, D) = {(b, heads, n, d)} views with a contiguous D")
+    cos, sin = (t.float().contiguous() for t in rope) if rope is not None else (q, q)
+    _qkv_heads_kernel[(b * n,)](
+        qkv, q_log_scale.contiguous(), cos, sin, q, k, v, n, heads, *k.stride()[:3], *v.stride()[:3],
+        HAS_ROPE=rope is not None, WRITE_V=kv_out is not None, D=d, BLOCK_H=triton.next_power_of_2(heads),
+        num_warps=8 if heads * d >= 2048 else 4,
+    )
+    return q.transpose(1, 2), k, v
+
+
+# ---- FFN projection + GELU -------------------------------------------------------------------
+def linear_gelu(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """gelu_tanh(linear(x)); on CUDA the GELU runs in cuBLASLt's epilogue of the matmul."""
+    if _use_kernels(x) and linear.bias is not None:
+        flat = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+        return flat.view(*x.shape[:-1], -1)
+    return F.gelu(linear(x), approximate="tanh")
+
+
+# ---- the VAE decoders: channels_last, GroupNorm + SiLU ---------------------------------------
+def channels_last_on_gpu(x: torch.Tensor) -> torch.Tensor:
+    """The decoders' input layout: on CUDA channels_last, which cuDNN convolves without the
+    NCHW<->NHWC transposes it adds around every NCHW convolution (time, and 1 GiB at 1024x1024)."""
+    return x.contiguous(memory_format=torch.channels_last) if _use_kernels(x) else x
+
+
+def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """silu(norm(x)) for x (N, C, H, W)."""
+    if _use_kernels(x) and x.dim() == 4 and norm.affine:
+        return group_norm_silu_triton(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return F.silu(norm(x))
+
+
+def group_norm_silu_triton(x, groups: int, weight, bias, eps: float, pixels_per_program: int = 256):
+    """NCHW or channels_last x. Statistics in float32 from per-channel sums shifted by the
+    group's first element (so large means do not cancel), combined per group in PyTorch; then
+    one normalise + SiLU pass that keeps x's memory layout."""
+    n, c, h, w = x.shape
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous()
+    hw, per_group = h * w, c // groups
+    stride_n, stride_c, stride_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = y * w + x
+    block_c = triton.next_power_of_2(c)
+    block_p = max(1, min(4096 // block_c, triton.next_power_of_2(hw)))
+    chunk = max(block_p, pixels_per_program)
+    pivot = x[:, ::per_group, 0, 0].float().contiguous()  # (N, G): first element of each group
+    sums = torch.empty((n, triton.cdiv(hw, chunk), block_c, 2), device=x.device, dtype=torch.float32)
+    # pixel chunks on grid axis 0: axes 1 and 2 allow 65535 programs only
+    _channel_sums_kernel[(sums.shape[1], n)](
+        x, pivot, sums, hw, c, per_group, stride_n, stride_c, stride_p, CHUNK=chunk, BLOCK_P=block_p, BLOCK_C=block_c,
+    )
+    s1, s2 = sums[:, :, :c].sum(1).view(n, groups, per_group, 2).sum(2).unbind(-1)
+    shift = s1 / (per_group * hw)
+    mean = (pivot + shift).contiguous()
+    rstd = torch.rsqrt((s2 / (per_group * hw) - shift * shift).clamp_min(0) + eps).contiguous()
+    out = torch.empty_like(x)
+    _norm_silu_kernel[(triton.cdiv(hw, block_p), n)](
+        x, out, mean, rstd, weight.float().contiguous(), bias.float().contiguous(), hw, c, per_group,
+        stride_n, stride_c, stride_p, BLOCK_P=block_p, BLOCK_C=block_c,
+    )
+    return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, H, L, D) by the angles whose cos/sin are (L, D/2)."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
+
+
+if triton is not None:
+    _LOG_100 = tl.constexpr(LOG_100)  # a global a kernel may read
+
+    @triton.jit(do_not_specialize=["n"])
+    def _add_norm_kernel(X, BRANCH, GATE, MUL, ADD, X_OUT, OUT, n, C, eps, stride_gate, stride_mul, stride_add,
+                         HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        item = row // n
+        cols = tl.arange(0, BLOCK)
+        ok = cols < C
+        x = tl.load(X + row * C + cols, mask=ok, other=0.0)
+        if HAS_BRANCH:
+            y = tl.load(BRANCH + row * C + cols, mask=ok, other=0.0).to(tl.float32)
+            if HAS_GATE:
+                y = y * tl.load(GATE + item * stride_gate + cols, mask=ok, other=0.0).to(tl.float32)
+            x = x + y
+            tl.store(X_OUT + row * C + cols, x, mask=ok)
+        if NORM:
+            mean = tl.sum(x, axis=0) / C
+            centred = tl.where(ok, x - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
+            mul = tl.load(MUL + item * stride_mul + cols, mask=ok, other=0.0).to(tl.float32)
+            add = tl.load(ADD + item * stride_add + cols, mask=ok, other=0.0).to(tl.float32)
+            tl.store(OUT + row * C + cols, (centred * rstd * mul + add).to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit(do_not_specialize=["n"])
+    def _qkv_heads_kernel(QKV, LOG_SCALE, COS, SIN, Q, K, V, n, H, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,
+                          HAS_ROPE: tl.constexpr, WRITE_V: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one token: all its heads as a (heads, D) tile
+        item, token = row // n, row % n
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        dims = tl.arange(0, D)[None, :]
+        ok = (heads < H) & (dims < D)
+        width = H * D
+        src = QKV + row * 3 * width + heads * D + dims
+        q = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+        k = tl.load(src + width, mask=ok, other=0.0).to(tl.float32)
+        q_scale = tl.exp(tl.minimum(tl.load(LOG_SCALE + heads, mask=heads < H, other=0.0).to(tl.float32), _LOG_100))
+        q = q * (q_scale / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)[:, None])
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[:, None]
+        if HAS_ROPE:  # rotate pairs (2i, 2i+1) by angle i of this token
+            pairs = tl.arange(0, D // 2)[None, :]
+            cos = tl.load(COS + token * (D // 2) + pairs)
+            sin = tl.load(SIN + token * (D // 2) + pairs)
+            q0, q1 = tl.split(tl.reshape(q, (BLOCK_H, D // 2, 2)))
+            k0, k1 = tl.split(tl.reshape(k, (BLOCK_H, D // 2, 2)))
+            q = tl.reshape(tl.join(cos * q0 - sin * q1, sin * q0 + cos * q1), (BLOCK_H, D))
+            k = tl.reshape(tl.join(cos * k0 - sin * k1, sin * k0 + cos * k1), (BLOCK_H, D))
+        tl.store(Q + row * width + heads * D + dims, q.to(Q.dtype.element_ty), mask=ok)  # (B, n, H, D) memory
+        tl.store(K + item * k_sb + heads * k_sh + token * k_sl + dims, k.to(K.dtype.element_ty), mask=ok)
+        if WRITE_V:
+            v = tl.load(src + 2 * width, mask=ok, other=0.0)
+            tl.store(V + item * v_sb + heads * v_sh + token * v_sl + dims, v, mask=ok)
+
+    @triton.jit
+    def _channel_sums_kernel(X, PIVOT, SUMS, hw, C, per_group, stride_n, stride_c, stride_p,
+                             CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        part, item = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        channels = tl.arange(0, BLOCK_C)[None, :]
+        groups = C // per_group
+        pivot = tl.load(PIVOT + item * groups + channels // per_group, mask=channels < C, other=0.0)
+        s1 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        s2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for start in range(part * CHUNK, part * CHUNK + CHUNK, BLOCK_P):
+            pixels = start + tl.arange(0, BLOCK_P)[:, None]
+            ok = (pixels < hw) & (channels < C)
+            v = tl.load(X + item * stride_n + channels * stride_c + pixels * stride_p, mask=ok, other=0.0)
+            v = tl.where(ok, v.to(tl.float32) - pivot, 0.0)
+            s1 += v
+            s2 += v * v
+        out = SUMS + ((item * tl.num_programs(0) + part) * BLOCK_C + tl.arange(0, BLOCK_C)) * 2
+        tl.store(out, tl.sum(s1, axis=0))
+        tl.store(out + 1, tl.sum(s2, axis=0))
+
+    @triton.jit
+    def _norm_silu_kernel(X, OUT, MEAN, RSTD, WEIGHT, BIAS, hw, C, per_group, stride_n, stride_c, stride_p,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        item = tl.program_id(1).to(tl.int64)
+        pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+        channels = tl.arange(0, BLOCK_C)[None, :]
+        ok = (pixels < hw) & (channels < C)
+        group = item * (C // per_group) + channels // per_group
+        mul = tl.load(RSTD + group, mask=channels < C, other=0.0) * tl.load(WEIGHT + channels, mask=channels < C)
+        add = tl.load(BIAS + channels, mask=channels < C) - tl.load(MEAN + group, mask=channels < C) * mul
+        offs = item * stride_n + channels * stride_c + pixels * stride_p
+        y = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32) * mul + add
+        y = y / (1.0 + tl.exp(-y))
+        tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=ok)
