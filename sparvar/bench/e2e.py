@@ -2,8 +2,10 @@
 
 `sparvar bench baseline` times the plain dense pipeline (issue 2's reference point);
 `sparvar bench e2e` times the modes below side by side, in one run on one card:
-  a  as users run Infinity today: SDPA's default backend, a KV cache grown by concatenation
-  b  our best dense path: static KV cache, SDPA's cuDNN kernel, CUDA graphs per scale
+  a  as users run Infinity today: SDPA's default backend, a KV cache grown by concatenation,
+     one PyTorch kernel per elementwise step
+  b  our best dense path: static KV cache, SDPA's cuDNN kernel, CUDA graphs per scale, fused
+     elementwise kernels (models/fused.py)
   c  SparVAR `paper` preset with CSLA on FlexAttention tables (how the paper ran it)
   d  SparVAR `default` preset on our Triton kernels
   e  (d) with the last two scales skipped
@@ -16,6 +18,7 @@ share comes from one extra eager generation with CUDA events around every attent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -30,6 +33,7 @@ import torch
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
+from sparvar.models.fused import reference_only
 
 PROMPT = "a photo of a red fox sitting in fresh snow at dawn, highly detailed"
 
@@ -41,6 +45,7 @@ class Mode:
     cuda_graphs: bool = False
     kv_cache: str = "static"
     skip_last: int = 0
+    fused: bool = True  # the fused elementwise kernels; False runs their PyTorch reference
 
 
 def _preset(name: str, **kw) -> Callable[[], AttentionPolicy]:
@@ -54,9 +59,9 @@ def _preset(name: str, **kw) -> Callable[[], AttentionPolicy]:
 
 BASELINE_MODES = {"dense": Mode("static KV cache, SDPA default backend, no graphs", DenseAttention)}
 E2E_MODES = {
-    "a": Mode("official-style: SDPA default backend, concatenated KV cache, no graphs", DenseAttention,
-              kv_cache="concat"),
-    "b": Mode("best dense: static KV cache, SDPA cuDNN, CUDA graphs", _preset("dense", sdpa_backend="cudnn"),
+    "a": Mode("official-style: SDPA default backend, concatenated KV cache, no graphs, unfused ops",
+              DenseAttention, kv_cache="concat", fused=False),
+    "b": Mode("best dense: static KV cache, SDPA cuDNN, CUDA graphs, fused ops", _preset("dense", sdpa_backend="cudnn"),
               cuda_graphs=True),
     "c": Mode("SparVAR paper preset, CSLA on FlexAttention, CUDA graphs",
               _preset("paper", backend="flex", sdpa_backend="cudnn"), cuda_graphs=True),
@@ -95,6 +100,11 @@ class TimedAttention(AttentionPolicy):
 
 def time_mode(pipe, mode: Mode, repeats: int, seed: int = 0) -> dict:
     """Median latency, stages, per-scale times, attention share and peak memory of one mode."""
+    with contextlib.nullcontext() if mode.fused else reference_only():
+        return _time_mode(pipe, mode, repeats, seed)
+
+
+def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
     schedule = pipe.schedule("1:1", 1024)
     policy = mode.attention()
     run = lambda s, p: pipe([PROMPT], seed=s, schedule=schedule, attention=p, cuda_graphs=mode.cuda_graphs,  # noqa: E731
