@@ -223,6 +223,10 @@ def cmd_bench(args) -> None:
         from sparvar.bench import kernels
 
         kernels.main(args.rest, prog="sparvar bench kernels")
+    elif args.what == "multigpu":
+        from sparvar.bench import multigpu
+
+        multigpu.main(args.rest)
     elif args.what == "profile":
         from sparvar.bench import profile
 
@@ -305,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
-    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile"],
+    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu"],
                        help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
-                       "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind")
+                       "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind; "
+                       "multigpu: images/s of a torchrun batch job on 1 and 2 GPUs")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser
