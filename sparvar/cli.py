@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+from sparvar import batch
 from sparvar.errors import SparvarError
 
 
@@ -49,20 +50,26 @@ def cmd_generate(args) -> None:
         conditions = [spec.classes[0] if spec.classes else 0]
     if not conditions:
         raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
-    if args.attention is None:  # the demo shows the comparison; official models run SparVAR
-        args.attention = "default" if spec.files else "dense,default"
+    job = args.batch_size is not None or batch.under_torchrun()
+    if args.attention is None:  # the demo shows the comparison; official models and batch jobs run SparVAR
+        args.attention = "default" if spec.files or job else "dense,default"
     presets = [p.strip() for p in args.attention.split(",") if p.strip()]
     if not presets:
         raise SparvarError("--attention names no preset; see `sparvar presets`")
     schedule = _schedule(args, spec)
     paths = _output_paths(args.out, conditions)
-    pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=args.device)
+    load = lambda device: load_pipeline(  # noqa: E731
+        spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights)
+    if job:
+        _batch_job(args, spec, conditions, paths, schedule, presets, load)
+        return
+    pipe = load(args.device)
     print(f"{spec.name} on {pipe.device}, {len(schedule)} scales ({schedule.describe()})")
     runs = {}
     for name in presets:
         out = pipe(
             conditions, seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
-            schedule=schedule, attention=name, progress=not args.quiet,
+            schedule=schedule, attention=name, cuda_graphs=args.cuda_graphs, progress=not args.quiet,
         )
         runs[name] = out
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
@@ -78,6 +85,23 @@ def cmd_generate(args) -> None:
         target = path.with_name(f"{path.stem}_compare.png")
         _comparison(runs, i).save(target)
         print(f"wrote {target} and one image per preset beside it")
+
+
+def _batch_job(args, spec, conditions, paths, schedule, presets, load) -> None:
+    """One preset over many images, resumable, sharded over torchrun's processes (sparvar/batch.py)."""
+    if len(presets) > 1:
+        raise SparvarError(f"a batch job (--batch-size or torchrun) runs one --attention preset, not {len(presets)}; "
+                           "run one job per preset, each with its own --out")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SparvarError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = spec.transformer
+    job = batch.Job(
+        spec.name, presets[0], model.cfg if args.cfg is None else args.cfg, model.tau if args.tau is None else args.tau,
+        model.top_k if args.top_k is None else args.top_k, model.top_p if args.top_p is None else args.top_p,
+        schedule, args.cuda_graphs, args.random_weights,
+    )
+    items = [batch.Item(i, c, args.seed + i, path) for i, (c, path) in enumerate(zip(conditions, paths))]
+    batch.run(job, items, load, args.batch_size or 1, args.device, progress=not args.quiet)
 
 
 def _density(policy) -> float:
@@ -199,6 +223,10 @@ def cmd_bench(args) -> None:
         from sparvar.bench import kernels
 
         kernels.main(args.rest, prog="sparvar bench kernels")
+    elif args.what == "multigpu":
+        from sparvar.bench import multigpu
+
+        multigpu.main(args.rest)
     elif args.what == "profile":
         from sparvar.bench import profile
 
@@ -228,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae", help="VAE checkpoint (.pth)")
     gen.add_argument("--text-encoder", help="local folder of the T5 text encoder")
     gen.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
-    gen.add_argument("--prompts", help="file with one prompt per line")
+    gen.add_argument("--prompts", help="file with one condition per line: a prompt, or a class name or index "
+                     "for class-conditional models (demo, VAR)")
     gen.add_argument("--class", dest="label", action="append", help="class index or name (repeatable)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     gen.add_argument("--cfg", type=float, help="classifier-free guidance (default: the model's)")
@@ -240,10 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         help="attention preset, or several separated by commas: each runs with the same seeds, and a "
         "side-by-side with difference maps is written (see `sparvar presets`); default: dense,default "
-        "for the demo model, default for official checkpoints",
+        "for the demo model, default for official checkpoints and batch jobs",
     )
-    gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    gen.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: each process takes "
+                     "cuda:LOCAL_RANK)")
     gen.add_argument("--out", default="out", help="output folder, or a .png path for one image")
+    gen.add_argument(
+        "--batch-size", type=int,
+        help="images per forward pass in each process; makes this a batch job, as does running under torchrun: "
+        "one preset, images whose file exists are skipped (rerun to resume), OUT/manifest.jsonl gets one line "
+        "per image (default: all images in one pass; 1 in a batch job)",
+    )
+    gen.add_argument("--cuda-graphs", action="store_true",
+                     help="replay each scale as a CUDA graph: faster for many batches of one shape (the first "
+                     "two batches of a shape warm up and capture)")
+    gen.add_argument("--random-weights", action="store_true",
+                     help="random weights for every part, no files needed (for benchmarks: the images are noise)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
@@ -268,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
-    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile"],
+    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu"],
                        help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
-                       "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind")
+                       "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind; "
+                       "multigpu: images/s of a torchrun batch job on 1 and 2 GPUs")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

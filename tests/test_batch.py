@@ -1,0 +1,122 @@
+"""Batch jobs: torchrun's gloo processes make the images of one process; resume; the manifest."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sparvar.batch import MANIFEST, Item, pending
+from sparvar.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["a cat", "a dog on a hill", "a red fox", "snow", "a lighthouse at dawn"]
+
+
+def _sparvar(*argv, processes: int = 0) -> str:
+    """`python -m sparvar ARGV` in a child process, under torchrun when `processes` is given."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    command = [sys.executable, *(torchrun if processes else []), "-m", "sparvar", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _manifest(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / MANIFEST).read_text().splitlines()]
+
+
+def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    job = ["generate", "--model", "infinity-tiny", "--prompts", str(prompts), "--schedule", "1,2,4",
+           "--batch-size", "2", "--seed", "10", "--device", "cpu", "--quiet"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _sparvar(*job, "--out", str(one))
+    _sparvar(*job, "--out", str(two), processes=2)
+
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert len(names) == 5 and names == sorted(p.name for p in two.glob("*.png"))
+    for name in names:
+        assert np.array_equal(_pixels(one / name), _pixels(two / name)), name
+    assert len({_pixels(one / name).tobytes() for name in names}) == 5  # different seeds, different images
+
+    records = {r["item"]: r for r in _manifest(two)}
+    assert sorted(records) == [0, 1, 2, 3, 4] and len(_manifest(two)) == 5
+    assert [records[i]["rank"] for i in range(5)] == [0, 0, 1, 1, 0]  # batch j goes to process j % 2
+    assert [records[i]["seed"] for i in range(5)] == [10, 11, 12, 13, 14]
+    assert [records[i]["file"] for i in range(5)] == names
+    assert [records[i]["condition"] for i in range(5)] == PROMPTS
+    assert records[3]["settings"] == {
+        "model": "infinity-tiny", "attention": "default", "cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97,
+        "cuda_graphs": False, "random_weights": False, "schedule": "1 2 4",
+    }
+    assert all(r["seconds"] > 0 for r in records.values())
+    assert [r["rank"] for r in _manifest(one)] == [0] * 5
+
+    (two / names[3]).unlink()  # to be made again
+    with open(two / MANIFEST, "a") as f:
+        f.write('{"item": 0, "file": "000_a-c')  # a line cut short by a killed job
+    out = _sparvar(*job, "--out", str(two), processes=2)
+    assert "images to make 1 (4 already there)" in out
+    assert sorted(r["file"] for r in _manifest(two)) == names  # one line per image, none repeated
+    assert _pixels(two / names[3]).shape == (8, 8, 3)
+    assert not list(two.glob("*.part"))
+
+
+def test_rerun_of_a_finished_job_does_nothing(tmp_path, capsys):
+    job = ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--batch-size", "4",
+           "--out", str(tmp_path), "--device", "cpu", "--quiet"]
+    assert main(job) == 0
+    first = (tmp_path / MANIFEST).read_text()
+    assert main(job) == 0
+    assert "nothing to do: all 2 images are in" in capsys.readouterr().out
+    assert (tmp_path / MANIFEST).read_text() == first
+
+
+def test_class_file_for_class_conditional_models(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("sneaker\n\nbag\n3\n")
+    argv = ["generate", "--model", "infinity-demo", "--prompts", str(classes), "--schedule", "1,2",
+            "--batch-size", "2", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["000_sneaker.png", "001_bag.png", "002_3.png"]
+    records = _manifest(tmp_path / "out")
+    assert [r["condition"] for r in records] == ["sneaker", "bag", "3"]
+    assert {r["settings"]["attention"] for r in records} == {"default"}  # a batch job runs one preset
+
+
+def test_batch_job_errors(tmp_path, capsys):
+    def error(argv) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+        return err
+
+    job = ["generate", "--model", "var-tiny", "--out", str(tmp_path), "--device", "cpu", "--quiet"]
+    assert "runs one --attention preset, not 2" in error(job + ["--batch-size", "2", "--attention", "dense,default"])
+    assert "--batch-size must be at least 1" in error(job + ["--batch-size", "0"])
+    classes = tmp_path / "classes.txt"
+    classes.write_text("1\n2\n12\n")
+    assert "class indices 0..9, not 12" in error(job + ["--batch-size", "2", "--prompts", str(classes)])
+    assert not list(tmp_path.glob("*.png"))  # a bad line stops the job before any image
+
+
+def test_pending_keeps_one_manifest_line_per_existing_image(tmp_path):
+    items = [Item(i, f"p{i}", i, tmp_path / f"{i}.png") for i in range(4)]
+    for i in (0, 1):
+        items[i].path.write_bytes(b"png")
+    lines = ['{"item": 0, "file": "0.png", "v": 1}', '{"item": 2, "file": "2.png"}', '{"item": 0, "file": "0.png", "v": 2}',
+             "not json", '{"item": 1, "file": "1.png"}']
+    (tmp_path / MANIFEST).write_text("\n".join(lines) + "\n")
+    assert [item.index for item in pending(items, tmp_path)] == [2, 3]
+    kept = [json.loads(line) for line in (tmp_path / MANIFEST).read_text().splitlines()]
+    assert kept == [{"item": 0, "file": "0.png", "v": 2}, {"item": 1, "file": "1.png"}]
