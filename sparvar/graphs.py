@@ -2,7 +2,8 @@
 
 At small scales a generation step is a few hundred tiny kernels whose launch cost exceeds
 their work (30-40 ms per scale on an H200 for Infinity-2B/8B). A graph per scale replays them
-with one launch. Everything a graph reads lives at a fixed address: the scale's input buffer,
+with one launch. Everything a graph reads lives at a fixed address: the scale's input (a view
+of one buffer all scales share),
 a copy of the condition tensors, the static KV cache, and whatever the attention policy cached
 or kept (tables, CS4A's selected keys and residuals) when it was captured.
 
@@ -59,6 +60,9 @@ class ScaleGraphs:
         self.transformer, self.schedule, self.cache, self.policy = transformer, schedule, cache, policy
         self.prep = _clone(prep)
         self.pool = torch.cuda.graph_pool_handle()  # shared: graphs replay in capture order
+        # every scale's input is a view of one buffer sized for the largest: scales run one at a time
+        batch, _, width = prep.start.shape
+        self.input_buffer = prep.start.new_empty(batch * max(schedule.lengths[:num_scales]) * width)
         self.inputs: list[torch.Tensor | None] = [None] * num_scales
         self.outputs: list[torch.Tensor | None] = [None] * num_scales
         self.graphs: list[torch.cuda.CUDAGraph | None] = [None] * num_scales
@@ -74,7 +78,8 @@ class ScaleGraphs:
     def run(self, scale: int, x: torch.Tensor) -> torch.Tensor:
         """Logits of `scale` for input x, capturing the scale's graph the first time."""
         if self.graphs[scale] is None:
-            self.inputs[scale] = x.clone()
+            self.inputs[scale] = self.input_buffer[: x.numel()].view(x.shape)
+            self.inputs[scale].copy_(x)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 self.outputs[scale] = self.transformer.forward_scale(

@@ -111,12 +111,12 @@ class Pipeline:
     def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
         return self.spec.schedule(aspect, resolution)
 
-    def encode(self, conditions: Sequence) -> object:
+    def encode(self, conditions: Sequence, cuda_graph: bool = False) -> object:
         """Prompts -> text features and mask, or class labels/names -> label tensor."""
         if self.spec.text_conditioned:
             if not all(isinstance(c, str) for c in conditions):
                 raise SparvarError(f"{self.spec.name} is text-conditioned: give prompts (strings)")
-            return self.text_encoder(list(conditions))
+            return self.text_encoder(list(conditions), cuda_graph=cuda_graph)
         labels = []
         for c in conditions:
             if isinstance(c, str) and c in self.spec.classes:
@@ -177,8 +177,8 @@ class Pipeline:
         top_p 0 or 1 filter nothing). `on_scale(k, logits, tokens)` sees each scale's guided logits
         and sampled tokens.
         skip_last: stop that many scales early and decode the codes summed so far (full size).
-        cuda_graphs: replay each scale as a CUDA graph (GPU only); the first generation of a
-        shape runs eagerly, the second captures, later ones replay.
+        cuda_graphs: replay each scale (and the text encoder) as a CUDA graph (GPU only); the first
+        generation of a shape runs eagerly, the second captures, later ones replay.
         kv_cache: "static" (one buffer written in place) or "concat" (the official code's
         growing cache, for comparison).
         """
@@ -214,7 +214,7 @@ class Pipeline:
 
         timer = StageTimer(self.device)
         timer.mark("start")
-        prep = self.transformer.prepare(self.encode(conditions), guidance)
+        prep = self.transformer.prepare(self.encode(conditions, cuda_graphs), guidance)
         timer.mark("condition")
         if kv_cache == "static":
             cache = self._kv_cache(prep.start.shape[0], schedule.total)

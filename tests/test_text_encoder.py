@@ -42,3 +42,26 @@ def test_pipeline_uses_the_folder_encoder(t5_folder):
     assert pipe.text_encoder.model.config.vocab_size == len(WORDS) + 3
     out = pipe(["a dog on grass"], schedule=pipe.schedule("1:1", 256), progress=False)
     assert out.images[0].size == (16 * 2, 16 * 2)
+
+
+def test_the_4d_mask_forward_of_graphs_equals_the_plain_one(t5_folder):
+    """The graphed encoder builds its own additive 4D mask (transformers' mask code syncs with
+    the host); on the real tokens it gives the plain forward's features."""
+    encoder = TextEncoder.from_folder(t5_folder, "cpu", torch.float32)
+    ids, mask = encoder.tokenizer(["a red fox in the snow", "cat"], 512)
+    ids, mask = torch.nn.functional.pad(ids, (0, 5)), torch.nn.functional.pad(mask, (0, 5))  # graph padding
+    plain = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    four_d = encoder._forward_4d(ids, mask)
+    assert torch.allclose(four_d[mask], plain[mask], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_encoder_matches_eager_cuda():
+    encoder = TextEncoder.random(MODELS["infinity-tiny"].text, "cuda", torch.bfloat16, seed=0)
+    for prompts in (["a red fox in the snow", "cat"], ["dog on grass", "a cat in the snow at dawn"]):
+        eager, eager_mask = encoder(prompts)
+        graphed, mask = encoder(prompts, cuda_graph=True)  # first: capture and replay; second prompts: replay
+        assert mask.shape[1] % 64 == 0 and torch.equal(mask[:, : eager_mask.shape[1]], eager_mask)
+        assert not mask[:, eager_mask.shape[1]:].any()
+        assert torch.allclose(graphed[:, : eager.shape[1]][eager_mask], eager[eager_mask], atol=2e-2, rtol=2e-2)
+    assert len(encoder._graphs) == 1 and None not in encoder._graphs.values()

@@ -46,7 +46,7 @@ class ResBlock(nn.Module):
     def forward(self, x):
         h = self.conv1(group_norm_silu(x, self.norm1))
         h = self.conv2(group_norm_silu(h, self.norm2))
-        return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))  # in place: one map less at the peak
 
 
 class Upsample(nn.Module):
