@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from sparvar.attention.policy import AttentionCall, AttentionPolicy
 from sparvar.kv_cache import KVCache
 from sparvar.schedules import Schedule
+from sparvar.skipping import Kept, TokenPruning
 
 # attend(layer, q, k, v) -> out, all (B, H, L, D)
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -365,9 +366,10 @@ class InfinityTransformer(nn.Module):
         return self._ropes[key]
 
     # ---- the transformer ----------------------------------------------------------------
-    def _blocks(self, x, prep: Prepared, rope, attend: Attend) -> torch.Tensor:
-        for layer, block in enumerate(self.blocks):
-            x = block(x, prep.gss, prep.text, rope, attend, layer)
+    def _blocks(self, x, prep: Prepared, rope, attend: Attend, layers: range | None = None) -> torch.Tensor:
+        blocks = self.blocks
+        for layer in range(len(blocks)) if layers is None else layers:
+            x = blocks[layer](x, prep.gss, prep.text, rope, attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -375,18 +377,29 @@ class InfinityTransformer(nn.Module):
         return self.head(self.head_nm(x, cond)).float().unflatten(-1, (self.cfg.bits, 2))
 
     def forward_scale(
-        self, x: torch.Tensor, scale: int, schedule: Schedule, prep: Prepared, cache: KVCache, policy: AttentionPolicy
+        self, x: torch.Tensor, scale: int, schedule: Schedule, prep: Prepared, cache: KVCache, policy: AttentionPolicy,
+        pruning: TokenPruning | None = None,
     ) -> torch.Tensor:
-        """One generation step: inputs of scale `scale` (B, n, C) -> bit logits (B, n, bits, 2)."""
+        """One generation step: inputs of scale `scale` (B, n, C) -> bit logits (B, n, bits, 2).
+
+        `pruning` (skipping.py) may run a range of layers on part of the tokens (`kept`)."""
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float()
 
-        def attend(layer, q, k, v):
-            keys, values = cache.write(layer, start, k, v)
-            call = AttentionCall(layer, scale, self.cfg.depth, schedule, softmax_scale=1.0)
+        def attend(layer, q, k, v, kept: Kept | None = None):
+            if kept is None:
+                keys, values = cache.write(layer, start, k, v)
+            else:
+                keys, values = cache.write_kept(layer, start, n, k, v, kept.index, kept.stand_in)
+            call = AttentionCall(layer, scale, self.cfg.depth, schedule, 1.0, None if kept is None else kept.index)
             return policy(q, keys, values, call)
 
-        x = self._blocks(x, prep, self.rope(schedule).slice(start, n), attend)
+        rope = self.rope(schedule).slice(start, n)
+        if pruning is None:
+            x = self._blocks(x, prep, rope, attend)
+        else:
+            run = lambda x, rope, attend, layers: self._blocks(x, prep, rope, attend, layers)  # noqa: E731
+            x = pruning.forward(x, scale, schedule, self.cfg.depth, rope, attend, run)
         return self.logits(x, prep.cond)
 
     def forward_full(self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared) -> torch.Tensor:
