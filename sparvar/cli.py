@@ -87,6 +87,8 @@ def _accelerators(args) -> str:
     """--skip-last, --prune and --adaptive-skip as a suffix of every --attention entry ("+skip2")."""
     if args.skip_last is not None and args.skip_last < 0:
         raise SparvarError(f"--skip-last must be 0 or more, got {args.skip_last}")
+    if args.prune is not None and args.prune not in PRUNE_PRESETS:
+        raise SparvarError(f"unknown --prune {args.prune!r}; choose one of {', '.join(PRUNE_PRESETS)}")
     suffix = f"+skip{args.skip_last}" if args.skip_last else ""
     suffix += f"+{args.prune}" if args.prune else ""
     return suffix + ("+adaptive" if args.adaptive_skip else "")
@@ -263,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "default+skip2, default+fastvar, dense+adaptive (see --skip-last, --prune, --adaptive-skip)",
     )
     gen.add_argument("--skip-last", type=int, help="stop this many scales early (every --attention entry)")
-    gen.add_argument("--prune", choices=list(PRUNE_PRESETS),
-                     help="FastVAR-style token pruning at the large scales (every --attention entry)")
+    gen.add_argument("--prune", help=f"token pruning at the large scales, one of {', '.join(PRUNE_PRESETS)} "
+                     "(every --attention entry)")
     gen.add_argument("--adaptive-skip", action="store_true",
                      help="per image, skip the last 1-2 scales when the estimate holds little fine detail")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -226,6 +226,8 @@ class Pipeline:
                 self._pruners[prune] = resolve_pruning(prune)
             prune = self._pruners[prune]
         pruning = resolve_pruning(prune)
+        if pruning is not None:
+            pruning.plan(self.spec.transformer.depth, schedule)  # settings that do not fit fail before any work
         # the unconditional half runs only when some scale mixes it in (Infinity: cfg != 1, VAR: cfg != 0)
         weights = [self.transformer.guidance_weight(k, len(schedule), cfg) for k in range(len(schedule))]
         guidance = any(w != 0 for w in weights)

@@ -1,21 +1,27 @@
 """Token pruning (FastVAR-style), adaptive skipping and their composition with attention policies."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from helpers import tiny_pipeline, var_pipeline
-from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.attention.policy import DenseAttention
 from sparvar.errors import SparvarError
 from sparvar.eval.quality import ErrorProbe
 from sparvar.kv_cache import KVCache
 from sparvar.schedules import infinity_schedule, parse_schedule
 from sparvar.skipping import (
+    AdaptiveSkip,
+    Combination,
     PruneConfig,
     TokenPruning,
+    combination,
     farthest_from_mean,
     prune_plan,
     stand_in_positions,
+    transformer_flops,
 )
 from sparvar.sparsity import make_policy
 
@@ -187,10 +193,97 @@ def test_pruning_needs_the_cache_scale_first_and_the_static_cache(pipe):
         pipe(["a"], schedule=SCHEDULE, prune="fast", progress=False)
 
 
-class _Counter(AttentionPolicy):
-    def __init__(self):
-        self.scales = set()
+def _scores(pipe, out, schedule, scale):
+    """Detail energy of every item's estimate after `scale`, from its tokens."""
+    summed = None
+    for k in range(scale + 1):
+        summed = pipe.codes.accumulate(summed, pipe.codes.to_codes(out.tokens[k], k, schedule), k, schedule)
+    return AdaptiveSkip.score(summed)
 
-    def __call__(self, q, k, v, call):
-        self.scales.add(call.scale)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=call.softmax_scale)
+
+def test_adaptive_skip_at_threshold_zero_never_skips_and_at_inf_stops_at_the_first_decision(pipe):
+    K = len(SCHEDULE)
+    plain = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, progress=False)
+    never = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, adaptive_skip=AdaptiveSkip((0.0, 0.0)),
+                 progress=False)
+    assert never.scales_used == [K, K] and all(_same_tokens(plain, never))
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(never.images[0]))
+    always = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, adaptive_skip=AdaptiveSkip((math.inf, math.inf)),
+                  progress=False)
+    skip2 = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, skip_last=2, progress=False)
+    assert always.scales_used == [K - 2, K - 2] and len(always.tokens) == K - 2  # the loop stopped there
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(always.images, skip2.images))
+    one = pipe(["a boat"], seed=3, schedule=SCHEDULE, skip_last=1, adaptive_skip=AdaptiveSkip((math.inf,)),
+               progress=False)
+    assert one.scales_used == [K - 1]  # no decision after the last scale that runs
+    assert AdaptiveSkip().threshold_after(K - 3, K) == AdaptiveSkip().thresholds[1]
+    assert AdaptiveSkip().threshold_after(K - 4, K) is None and AdaptiveSkip().threshold_after(K - 1, K) is None
+
+
+def test_adaptive_decisions_are_per_item_and_do_not_depend_on_the_batch(pipe):
+    K = len(SCHEDULE)
+    conditions, seeds = ["a boat", "a tree"], [11, 12]
+    plain = pipe(conditions, seed=seeds, schedule=SCHEDULE, progress=False)
+    energy = _scores(pipe, plain, SCHEDULE, K - 3).tolist()
+    assert energy[0] != energy[1]
+    rule = AdaptiveSkip((0.0, sum(energy) / 2))  # the smoother item skips the last two scales, the other none
+    smooth = int(energy[1] < energy[0])
+    batch = pipe(conditions, seed=seeds, schedule=SCHEDULE, adaptive_skip=rule, progress=False)
+    assert batch.scales_used[smooth] == K - 2 and batch.scales_used[1 - smooth] == K
+    skip2 = pipe(conditions, seed=seeds, schedule=SCHEDULE, skip_last=2, progress=False)
+    assert np.array_equal(np.asarray(batch.images[smooth]), np.asarray(skip2.images[smooth]))  # its codes froze
+    assert np.array_equal(np.asarray(batch.images[1 - smooth]), np.asarray(plain.images[1 - smooth]))
+    for i in range(2):
+        alone = pipe([conditions[i]], seed=[seeds[i]], schedule=SCHEDULE, adaptive_skip=rule, progress=False)
+        assert alone.scales_used == [batch.scales_used[i]]
+        assert np.array_equal(np.asarray(alone.images[0]), np.asarray(batch.images[i]))
+
+
+def test_adaptive_skip_composes_with_pruning_and_sparse_attention(pipe):
+    out = pipe(["a boat"], seed=3, schedule=SCHEDULE, attention="paper", prune="fastvar",
+               adaptive_skip=AdaptiveSkip((math.inf, 0.0)), progress=False)
+    assert out.scales_used == [len(SCHEDULE) - 1] and out.policy.stats()["total"]["saved_fraction"] > 0
+    with pytest.raises(SparvarError, match="adaptive_skip takes"):
+        pipe(["a"], schedule=SCHEDULE, adaptive_skip=0.5, progress=False)
+    with pytest.raises(SparvarError, match="one threshold"):
+        AdaptiveSkip(())
+
+
+def test_combination_names():
+    assert combination("default+skip2") == Combination("default", 2, None, False)
+    assert combination("fastvar+skip2") == Combination("dense", 2, "fastvar", False)
+    assert combination("paper+adaptive+fastvar") == Combination("paper", 0, "fastvar", True)
+    assert combination("default").options() == {"skip_last": 0, "prune": None, "adaptive_skip": False}
+    for bad in ("default+skip", "default+skip2+skip1", "default+bogus", "default+fastvar+fastvar"):
+        with pytest.raises(SparvarError, match="cannot read"):
+            combination(bad)
+    assert "skipped" in combination("default+skip2").describe()
+
+
+def test_transformer_flops_count_pruned_tokens_and_attention_density():
+    cfg = tiny_pipeline().spec.transformer
+    full = transformer_flops(cfg, SCHEDULE, len(SCHEDULE))
+    assert transformer_flops(cfg, SCHEDULE, len(SCHEDULE) - 2) < full
+    plan = prune_plan(PruneConfig(), cfg.depth, SCHEDULE)
+    assert transformer_flops(cfg, SCHEDULE, len(SCHEDULE), plan) < full
+    half = {(layer, k): 0.5 for layer in range(cfg.depth) for k in range(len(SCHEDULE))}
+    attention = sum(4.0 * n * SCHEDULE.kv_length(k) * cfg.width * cfg.depth for k, n in enumerate(SCHEDULE.lengths))
+    assert math.isclose(full - transformer_flops(cfg, SCHEDULE, len(SCHEDULE), density=half), attention / 2)
+
+
+def test_calibration_picks_the_cheapest_rule_at_static_skip1_quality():
+    from sparvar.eval.skip_calibration import choose, measure, outcome, report, to_markdown
+
+    pipe = tiny_pipeline(text_width=0, num_classes=3)
+    schedule = parse_schedule("1,2,4,6,8")
+    measured = measure(pipe, [0, 1, 2], [0, 1], batch=4, schedule=schedule, progress=False)
+    assert set(measured["scores"]) == {1, 2} and len(measured["mse"][2]) == 6
+    assert 0 < measured["flops_share"][2] < measured["flops_share"][1] < 1
+    assert outcome(measured, (0.0, 0.0))["stopped"] == {0: 6, 1: 0, 2: 0}
+    assert outcome(measured, (1e9, 1e9))["stopped"] == {0: 0, 1: 0, 2: 6}
+    chosen = choose(measured)
+    budget = float(np.mean(measured["mse"][1]))
+    assert chosen["outcome"]["mean_mse"] <= budget and chosen["outcome"]["flops_share"] <= measured["flops_share"][1]
+    result = {"model": "tiny", "device": "cpu", "attention": "dense", "conditions": 3, "seeds": [0, 1],
+              **report(measured, chosen), "thresholds": chosen["thresholds"], "mse_budget": budget}
+    assert "| adaptive |" in to_markdown(result)

@@ -61,9 +61,10 @@ class ErrorProbe(AttentionPolicy):
         self.counts[key] += 1
         return out
 
-    def errors(self, num_layers: int, num_scales: int) -> list[list[float]]:
-        """Mean relative error as [layer][scale]."""
-        return [[self.sums[i, k] / self.counts[i, k] for k in range(num_scales)] for i in range(num_layers)]
+    def errors(self, num_layers: int, num_scales: int) -> list[list[float | None]]:
+        """Mean relative error as [layer][scale]; None where nothing ran (skipped scales)."""
+        mean = lambda i, k: self.sums[i, k] / self.counts[i, k] if self.counts[i, k] else None  # noqa: E731
+        return [[mean(i, k) for k in range(num_scales)] for i in range(num_layers)]
 
 
 def flops_shares(pipe, out, schedule, prune: str | None) -> list[float]:
@@ -121,7 +122,7 @@ def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch
     reference = presets[0]
     for name, row in rows.items():
         row["speedup"] = rows[reference]["seconds_per_image"] / row["seconds_per_image"]
-        errors = [e for layer in row["attention_rel_error"] for e in layer]
+        errors = [e for layer in row["attention_rel_error"] for e in layer if e is not None]
         row["attention_rel_error_mean"] = sum(errors) / len(errors)
         row["attention_rel_error_max"] = max(errors)
         if name == reference:
