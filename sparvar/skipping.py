@@ -192,7 +192,7 @@ def resolve_pruning(prune: "TokenPruning | PruneConfig | str | None") -> TokenPr
 
 # Thresholds calibrated on the demo model (`sparvar calibrate-skip`, benchmarks/adaptive_skip.md):
 # skip the last r scales when the detail energy after scale K-1-r is below DEMO_THRESHOLDS[r - 1].
-DEMO_THRESHOLDS = (0.0, 0.0)
+DEMO_THRESHOLDS = (0.3195, 0.2100)
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,10 @@ def to_markdown(result: dict) -> str:
         "",
         f"{result['samples']} samples ({result['conditions']} conditions x {len(result['seeds'])} seeds {result['seeds'][0]}"
         f"-{result['seeds'][-1]}), `{result['attention']}` attention, on {result['device']}. Each item generated in full;"
-        " errors are against its full image (uint8 RGB in [0, 1]). Pooled PSNR = 10 log10(1 / mean MSE).",
+        " errors are against its full image (uint8 RGB in [0, 1]). Pooled PSNR = 10 log10(1 / mean MSE);"
+        " transformer FLOPs against the full generation (skipping.transformer_flops).",
+        "",
+        f"Command: `{result['command']}`; date: {result['date']}.",
         "",
         f"Chosen thresholds (skip the last r scales when the detail energy after scale K-1-r is below "
         f"thresholds[r-1]): `{tuple(round(t, 5) for t in result['thresholds'])}`; mean MSE budget "
