@@ -31,7 +31,7 @@ class KVCache:
         slots = (start + index)[:, None, :, None].expand_as(k)
         for cache, new in ((self.buffer[layer, 0], k), (self.buffer[layer, 1], v)):
             cache[:, :, start:end] = cache[:, :, stand_in]
-            cache.scatter_(2, slots, new)
+            cache.scatter_(2, slots, new.to(cache.dtype))
         return self.buffer[layer, 0, :, :, :end], self.buffer[layer, 1, :, :, :end]
 
 

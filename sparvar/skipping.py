@@ -52,10 +52,17 @@ class PruneConfig:
             raise SparvarError(f"layers must be shares 0 <= first < last <= 1 of the depth, got {self.layers}")
 
 
-PRUNE_PRESETS: dict[str, tuple[str, PruneConfig]] = {
-    "fastvar": ("FastVAR's cached token pruning: keep 60% / 50% of the tokens at the 4th/3rd-last scales "
-                "(Infinity 1024: 32x32, 40x40) in layers 3/32-28/32 of the depth, fill from the 5th-last (24x24)",
-                PruneConfig()),
+class PrunePreset(NamedTuple):
+    description: str
+    config: PruneConfig
+
+
+PRUNE_PRESETS: dict[str, PrunePreset] = {
+    "fastvar": PrunePreset(
+        "FastVAR's cached token pruning: keep 60% / 50% of the tokens at the 4th/3rd-last scales "
+        "(Infinity 1024: 32x32, 40x40) in layers 3/32-28/32 of the depth, fill from the 5th-last (24x24)",
+        PruneConfig(),
+    ),
 }
 
 
@@ -185,7 +192,7 @@ def resolve_pruning(prune: "TokenPruning | PruneConfig | str | None") -> TokenPr
         return TokenPruning(prune)
     if prune not in PRUNE_PRESETS:
         raise SparvarError(f"unknown token pruning {prune!r}; choose one of {', '.join(PRUNE_PRESETS)}")
-    return TokenPruning(PRUNE_PRESETS[prune][1], name=prune)
+    return TokenPruning(PRUNE_PRESETS[prune].config, name=prune)
 
 
 # ---- adaptive skipping ---------------------------------------------------------------------------
@@ -289,7 +296,7 @@ class Combination:
 
         parts = [f"{self.attention} attention" if self.attention != "dense" else PRESETS["dense"].description]
         if self.prune:
-            parts.append(PRUNE_PRESETS[self.prune][0])
+            parts.append(PRUNE_PRESETS[self.prune].description)
         if self.skip_last:
             parts.append(f"the last {self.skip_last} scale{'s' if self.skip_last > 1 else ''} skipped")
         if self.adaptive:

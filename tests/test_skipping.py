@@ -285,5 +285,23 @@ def test_calibration_picks_the_cheapest_rule_at_static_skip1_quality():
     budget = float(np.mean(measured["mse"][1]))
     assert chosen["outcome"]["mean_mse"] <= budget and chosen["outcome"]["flops_share"] <= measured["flops_share"][1]
     result = {"model": "tiny", "device": "cpu", "attention": "dense", "conditions": 3, "seeds": [0, 1],
-              **report(measured, chosen), "thresholds": chosen["thresholds"], "mse_budget": budget}
+              **report(measured, chosen), "thresholds": chosen["thresholds"], "mse_budget": budget,
+              "command": "sparvar calibrate-skip", "date": "today"}
     assert "| adaptive |" in to_markdown(result)
+
+
+def test_calibrate_skip_command_writes_thresholds(tmp_path):
+    import json
+
+    from sparvar.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a boat\na tree\n")
+    out = tmp_path / "cal"
+    argv = ["calibrate-skip", "--model", "infinity-tiny", "--prompts", str(prompts), "--seeds", "2", "--batch", "4",
+            "--device", "cpu", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert len(result["thresholds"]) == 2 and result["samples"] == 4 and result["seeds"] == [1000, 1001]
+    assert "| adaptive |" in out.with_suffix(".md").read_text()
+    assert main(["calibrate-skip", "--model", "infinity-tiny", "--out", str(out), "--quiet"]) == 2  # no prompts
