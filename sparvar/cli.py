@@ -154,6 +154,11 @@ def cmd_presets(args) -> None:
 
     for name, preset in PRESETS.items():
         print(f"{name:12s} {preset.description}")
+    print("Accelerators an entry can add with '+' (e.g. default+fastvar+skip2; docs/skipping.md):")
+    print(f"{'skipN':12s} stop N scales early")
+    for name, preset in PRUNE_PRESETS.items():
+        print(f"{name:12s} {preset.description}")
+    print(f"{'adaptive':12s} per image, skip the last 1-2 scales when its estimate holds little fine detail")
 
 
 def _ranges(layers: list[int]) -> str:

@@ -91,7 +91,8 @@ def test_plan_text_and_presets(capsys):
     out = capsys.readouterr().out
     assert "scale 12 (72x54)" in out and "csla" in out and "attention pairs saved" in out
     assert main(["presets"]) == 0
-    assert "paper" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "paper" in out and "fastvar" in out and "adaptive" in out
     assert "unknown attention preset" in _error(capsys, ["plan", "--attention", "fastest"])
 
 
