@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from sparvar.errors import SparvarError
 from sparvar.pipeline import Pipeline, resolve_device
 from sparvar.schedules import Schedule
+from sparvar.skipping import combination
 
 MANIFEST = "manifest.jsonl"
 
@@ -58,10 +59,11 @@ class Job:
         return {**out, "schedule": self.schedule.describe()}
 
     def generate(self, pipe: Pipeline, batch: list[Item]):
+        combo = combination(self.attention)  # a preset, possibly with accelerators ("default+skip2")
         return pipe(
             [item.condition for item in batch], seed=[item.seed for item in batch], cfg=self.cfg, tau=self.tau,
-            top_k=self.top_k, top_p=self.top_p, schedule=self.schedule, attention=self.attention,
-            cuda_graphs=self.cuda_graphs, progress=False,
+            top_k=self.top_k, top_p=self.top_p, schedule=self.schedule, attention=combo.attention,
+            cuda_graphs=self.cuda_graphs, progress=False, **combo.options(),
         )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sparvar import batch
 from sparvar.errors import SparvarError
+from sparvar.skipping import PRUNE_PRESETS, combination
 
 
 def _slug(text: str) -> str:
@@ -53,9 +54,10 @@ def cmd_generate(args) -> None:
     job = args.batch_size is not None or batch.under_torchrun()
     if args.attention is None:  # the demo shows the comparison; official models and batch jobs run SparVAR
         args.attention = "default" if spec.files or job else "dense,default"
-    presets = [p.strip() for p in args.attention.split(",") if p.strip()]
+    presets = [p.strip() + _accelerators(args) for p in args.attention.split(",") if p.strip()]
     if not presets:
         raise SparvarError("--attention names no preset; see `sparvar presets`")
+    combos = {name: combination(name) for name in presets}
     schedule = _schedule(args, spec)
     paths = _output_paths(args.out, conditions)
     load = lambda device: load_pipeline(  # noqa: E731
@@ -66,14 +68,16 @@ def cmd_generate(args) -> None:
     pipe = load(args.device)
     print(f"{spec.name} on {pipe.device}, {len(schedule)} scales ({schedule.describe()})")
     runs = {}
-    for name in presets:
+    for name, combo in combos.items():
         out = pipe(
             conditions, seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
-            schedule=schedule, attention=name, cuda_graphs=args.cuda_graphs, progress=not args.quiet,
+            schedule=schedule, attention=combo.attention, cuda_graphs=args.cuda_graphs, progress=not args.quiet,
+            **combo.options(),
         )
         runs[name] = out
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
-        print(f"  {name}: {stages}; attention density {_density(out.policy):.1%}")
+        used = f"; scales used {out.scales_used}" if combo.adaptive else ""
+        print(f"  {name}: {stages}; attention density {_density(out.policy):.1%}{used}")
     if len(presets) == 1:
         for path, image in zip(paths, runs[presets[0]].images):
             image.save(path)
@@ -102,6 +106,17 @@ def _batch_job(args, spec, conditions, paths, schedule, presets, load) -> None:
     )
     items = [batch.Item(i, c, args.seed + i, path) for i, (c, path) in enumerate(zip(conditions, paths))]
     batch.run(job, items, load, args.batch_size or 1, args.device, progress=not args.quiet)
+
+
+def _accelerators(args) -> str:
+    """--skip-last, --prune and --adaptive-skip as a suffix of every --attention entry ("+skip2")."""
+    if args.skip_last is not None and args.skip_last < 0:
+        raise SparvarError(f"--skip-last must be 0 or more, got {args.skip_last}")
+    if args.prune is not None and args.prune not in PRUNE_PRESETS:
+        raise SparvarError(f"unknown --prune {args.prune!r}; choose one of {', '.join(PRUNE_PRESETS)}")
+    suffix = f"+skip{args.skip_last}" if args.skip_last else ""
+    suffix += f"+{args.prune}" if args.prune else ""
+    return suffix + ("+adaptive" if args.adaptive_skip else "")
 
 
 def _density(policy) -> float:
@@ -164,6 +179,11 @@ def cmd_presets(args) -> None:
 
     for name, preset in PRESETS.items():
         print(f"{name:12s} {preset.description}")
+    print("Accelerators an entry can add with '+' (e.g. default+fastvar+skip2; docs/skipping.md):")
+    print(f"{'skipN':12s} stop N scales early")
+    for name, preset in PRUNE_PRESETS.items():
+        print(f"{name:12s} {preset.description}")
+    print(f"{'adaptive':12s} per image, skip the last 1-2 scales when its estimate holds little fine detail")
 
 
 def _ranges(layers: list[int]) -> str:
@@ -243,7 +263,14 @@ def _add_schedule_options(parser) -> None:
     parser.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3"')
 
 
-_PASS_THROUGH = {"eval": cmd_eval, "analyze": cmd_analyze, "train-demo": cmd_train_demo}
+def cmd_calibrate_skip(args) -> None:
+    from sparvar.eval import skip_calibration
+
+    skip_calibration.main(args.rest)
+
+
+_PASS_THROUGH = {"eval": cmd_eval, "analyze": cmd_analyze, "train-demo": cmd_train_demo,
+                 "calibrate-skip": cmd_calibrate_skip}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,8 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         help="attention preset, or several separated by commas: each runs with the same seeds, and a "
         "side-by-side with difference maps is written (see `sparvar presets`); default: dense,default "
-        "for the demo model, default for official checkpoints and batch jobs",
+        "for the demo model, default for official checkpoints and batch jobs. An entry may add accelerators: "
+        "default+skip2, default+fastvar, dense+adaptive (see --skip-last, --prune, --adaptive-skip)",
     )
+    gen.add_argument("--skip-last", type=int, help="stop this many scales early (every --attention entry)")
+    gen.add_argument("--prune", help=f"token pruning at the large scales, one of {', '.join(PRUNE_PRESETS)} "
+                     "(every --attention entry)")
+    gen.add_argument("--adaptive-skip", action="store_true",
+                     help="per image, skip the last 1-2 scales when the estimate holds little fine detail")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: each process takes "
                      "cuda:LOCAL_RANK)")
     gen.add_argument("--out", default="out", help="output folder, or a .png path for one image")
@@ -305,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "image and attention fidelity of presets against dense, same seeds (JSON + markdown)"),
         ("analyze", "attention sinks, cross-scale similarity, locality, block tables (JSON + pictures)"),
         ("train-demo", "train the demo model (Fashion-MNIST, tokenizer + transformer)"),
+        ("calibrate-skip", "thresholds of the adaptive skip rule on a model's own samples (JSON + markdown)"),
     ):
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 

@@ -5,12 +5,14 @@ their work (30-40 ms per scale on an H200 for Infinity-2B/8B). A graph per scale
 with one launch. Everything a graph reads lives at a fixed address: the scale's input (a view
 of one buffer all scales share),
 a copy of the condition tensors, the static KV cache, and whatever the attention policy cached
-or kept (tables, CS4A's selected keys and residuals) when it was captured.
+or kept (tables, CS4A's selected keys and residuals) when it was captured, and the token
+pruning's cached update (skipping.py).
 
 Capture happens during a real generation: each scale is captured, then replayed to produce its
 result, so the capturing generation is itself correct. The policy's Python code runs only then;
 replays re-run its captured kernels, so a policy must keep its per-generation state in tensors
-it created while being captured (SparVARPolicy does) and must not be reset between replays.
+it created while being captured (SparVARPolicy does) and must not be reset between replays;
+so must token pruning.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def _clone(value):
 class ScaleGraphs:
     """Graphs of the first `num_scales` scales for fixed shapes, cache and policy."""
 
-    def __init__(self, transformer, schedule: Schedule, num_scales: int, prep, cache, policy):
+    def __init__(self, transformer, schedule: Schedule, num_scales: int, prep, cache, policy, pruning=None):
         self.transformer, self.schedule, self.cache, self.policy = transformer, schedule, cache, policy
+        self.pruning = pruning
         self.prep = _clone(prep)
         self.pool = torch.cuda.graph_pool_handle()  # shared: graphs replay in capture order
         # every scale's input is a view of one buffer sized for the largest: scales run one at a time
@@ -83,7 +86,7 @@ class ScaleGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 self.outputs[scale] = self.transformer.forward_scale(
-                    self.inputs[scale], scale, self.schedule, self.prep, self.cache, self.policy
+                    self.inputs[scale], scale, self.schedule, self.prep, self.cache, self.policy, self.pruning
                 )
             self.graphs[scale] = graph
         else:

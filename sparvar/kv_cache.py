@@ -29,6 +29,17 @@ class KVCache:
                 cached.copy_(new)
         return keys[:, :, :end], values[:, :, :end]
 
+    def write_kept(self, layer: int, start: int, n: int, k: torch.Tensor, v: torch.Tensor, index, stand_in):
+        """A scale of n tokens at `start` of which only those at `index` (B, m) ran (token pruning):
+        their k, v (B, H, m, D) go to their own slots, every other slot takes the keys/values at
+        the earlier sequence positions `stand_in` (n,). Returns views of [0, start + n)."""
+        end = start + n
+        slots = (start + index)[:, None, :, None].expand_as(k)
+        for cache, new in ((self.buffer[layer, 0], k), (self.buffer[layer, 1], v)):
+            cache[:, :, start:end] = cache[:, :, stand_in]
+            cache.scatter_(2, slots, new.to(cache.dtype))
+        return self.buffer[layer, 0, :, :, :end], self.buffer[layer, 1, :, :, :end]
+
 
 class ConcatKVCache:
     """The cache as the official code keeps it: keys/values concatenated scale after scale.

@@ -27,6 +27,7 @@ from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.sampling import sample
 from sparvar.schedules import Schedule
+from sparvar.skipping import AdaptiveSkip, PruneConfig, TokenPruning, resolve_adaptive, resolve_pruning
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -82,6 +83,8 @@ class GenerationOutput:
     scale_seconds: list[float]  # transformer + sampling time of each scale
     stage_seconds: dict[str, float] = field(default_factory=dict)  # condition, transformer, decode, total
     policy: AttentionPolicy | None = None  # the attention policy that ran (sparse ones have stats())
+    # scales whose codes made each image (fewer than len(tokens) where adaptive skip stopped it)
+    scales_used: list[int] = field(default_factory=list)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -101,6 +104,7 @@ class Pipeline:
         self.codes = FAMILIES[spec.family].codes(spec, vae)
         self._cache: tuple[tuple, KVCache] | None = None
         self._policies: dict[str, AttentionPolicy] = {}  # named policies kept for graph replays
+        self._pruners: dict[str, TokenPruning] = {}  # named token prunings, likewise
         self._graphs: tuple[tuple, ScaleGraphs] | None = None
         self._warm: tuple | None = None  # key of the last eager run that a capture may follow
 
@@ -132,7 +136,7 @@ class Pipeline:
             labels.append(c)
         return torch.tensor(labels, device=self.device)
 
-    def _graph_runner(self, key: tuple, prep, cache, policy, schedule, num_scales) -> ScaleGraphs | None:
+    def _graph_runner(self, key: tuple, prep, cache, policy, schedule, num_scales, pruning) -> ScaleGraphs | None:
         """Graphs for this generation's shapes: none on the first (eager, warm-up) run of a
         shape, captured during the second, replayed from then on."""
         if self._graphs is not None and self._graphs[0] == key:
@@ -141,7 +145,7 @@ class Pipeline:
             self._warm = key
             return None
         self._graphs = None  # release the old graphs' memory first
-        self._graphs = (key, ScaleGraphs(self.transformer, schedule, num_scales, prep, cache, policy))
+        self._graphs = (key, ScaleGraphs(self.transformer, schedule, num_scales, prep, cache, policy, pruning))
         return self._graphs[1]
 
     def _kv_cache(self, batch: int, capacity: int) -> KVCache:
@@ -165,6 +169,8 @@ class Pipeline:
         schedule: Schedule | None = None,
         attention: AttentionPolicy | str | None = None,
         skip_last: int = 0,
+        prune: TokenPruning | PruneConfig | str | None = None,
+        adaptive_skip: AdaptiveSkip | bool | None = None,
         cuda_graphs: bool = False,
         kv_cache: str = "static",
         progress: bool = True,
@@ -177,6 +183,10 @@ class Pipeline:
         top_p 0 or 1 filter nothing). `on_scale(k, logits, tokens)` sees each scale's guided logits
         and sampled tokens.
         skip_last: stop that many scales early and decode the codes summed so far (full size).
+        prune: FastVAR-style token pruning at large scales ("fastvar", see skipping.py).
+        adaptive_skip: True (or an AdaptiveSkip) stops each item early once its estimate holds little
+        high-frequency energy; the batch runs while any item still refines, a stopped item's codes
+        stay as they were (`out.scales_used`). Needs one host sync per decision scale.
         cuda_graphs: replay each scale (and the text encoder) as a CUDA graph (GPU only); the first
         generation of a shape runs eagerly, the second captures, later ones replay.
         kv_cache: "static" (one buffer written in place) or "concat" (the official code's
@@ -202,12 +212,22 @@ class Pipeline:
             raise SparvarError(f"kv_cache must be 'static' or 'concat', got {kv_cache!r}")
         if cuda_graphs and (self.device.type != "cuda" or kv_cache != "static"):
             raise SparvarError("cuda_graphs needs a CUDA device and the static KV cache")
+        if prune is not None and kv_cache != "static":
+            raise SparvarError("token pruning needs the static KV cache")
+        adaptive = resolve_adaptive(adaptive_skip)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         if isinstance(attention, str) and cuda_graphs:  # graphs capture one policy object
             if attention not in self._policies:
                 self._policies[attention] = resolve_policy(attention)
             attention = self._policies[attention]
         policy = resolve_policy(attention)
+        if isinstance(prune, str) and cuda_graphs:
+            if prune not in self._pruners:
+                self._pruners[prune] = resolve_pruning(prune)
+            prune = self._pruners[prune]
+        pruning = resolve_pruning(prune)
+        if pruning is not None:
+            pruning.plan(self.spec.transformer.depth, schedule)  # settings that do not fit fail before any work
         # the unconditional half runs only when some scale mixes it in (Infinity: cfg != 1, VAR: cfg != 0)
         weights = [self.transformer.guidance_weight(k, len(schedule), cfg) for k in range(len(schedule))]
         guidance = any(w != 0 for w in weights)
@@ -222,18 +242,23 @@ class Pipeline:
             cache = ConcatKVCache()
         graphs, num_scales = None, len(schedule) - skip_last
         if cuda_graphs:
-            key = (schedule, num_scales, graph_shapes(prep), id(policy))
-            graphs = self._graph_runner(key, prep, cache, policy, schedule, num_scales)
+            key = (schedule, num_scales, graph_shapes(prep), id(policy), id(pruning))
+            graphs = self._graph_runner(key, prep, cache, policy, schedule, num_scales, pruning)
         if graphs is None or not graphs.captured:
             policy.reset()  # replays re-run the captured policy; its Python state stays as captured
+            if pruning is not None:
+                pruning.reset()
         if graphs is not None:
             graphs.load(prep)
+        refining = adaptive.start(len(conditions), num_scales) if adaptive is not None else None
+        # the warm-up and capturing generations of CUDA graphs run every scale, so that all get captured
+        finish = cuda_graphs and (graphs is None or not graphs.captured)
         x, summed, tokens = prep.start, None, []
         for k in tqdm(range(num_scales), desc="scales", disable=not progress, leave=False):
             if graphs is not None:
                 logits = graphs.run(k, x)
             else:
-                logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy)
+                logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy, pruning)
             if guidance:
                 cond, uncond = logits.chunk(2)
                 logits = cond + weights[k] * (cond - uncond)
@@ -241,11 +266,15 @@ class Pipeline:
             if on_scale is not None:
                 on_scale(k, logits, drawn)
             tokens.append(drawn)
-            summed = self.codes.accumulate(summed, self.codes.to_codes(drawn, k, schedule), k, schedule)
-            if k + 1 < num_scales:
+            new = self.codes.accumulate(summed, self.codes.to_codes(drawn, k, schedule), k, schedule)
+            summed = new if refining is None else refining.step(k, summed, new, schedule)
+            stopped = refining is not None and refining.finished and not finish
+            if k + 1 < num_scales and not stopped:
                 x = self.transformer.embed_codes(self.codes.next_input(summed, k + 1, schedule))
                 x = torch.cat([x, x]) if guidance else x
             timer.mark(f"scale {k}")
+            if stopped:
+                break
         images = self.vae.decode(summed)
         timer.mark("decode")
 
@@ -257,7 +286,8 @@ class Pipeline:
             "decode": seconds[-1][1],
         }
         stages["total"] = sum(stages.values())
-        return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy)
+        used = refining.scales_used if refining is not None else [num_scales] * len(conditions)
+        return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy, used)
 
 
 def _bundled(spec: ModelSpec, option: str) -> str | None:

@@ -91,7 +91,8 @@ def test_plan_text_and_presets(capsys):
     out = capsys.readouterr().out
     assert "scale 12 (72x54)" in out and "csla" in out and "attention pairs saved" in out
     assert main(["presets"]) == 0
-    assert "paper" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "paper" in out and "fastvar" in out and "adaptive" in out
     assert "unknown attention preset" in _error(capsys, ["plan", "--attention", "fastest"])
 
 
@@ -123,3 +124,27 @@ def test_var_errors(tmp_path, capsys):
         capsys, ["generate", "--model", "var-tiny", "--class", "10", "--out", str(tmp_path), "--device", "cpu"])
     assert "only its own scales" in _error(
         capsys, ["generate", "--model", "var-tiny", "--schedule", "1,2", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
+
+
+def test_generate_with_skipping_and_pruning(tmp_path, capsys):
+    argv = ["generate", "--model", "infinity-tiny", "--prompt", "a cat", "--schedule", "1,2,3,4,5,6",
+            "--attention", "dense,paper", "--skip-last", "1", "--prune", "fastvar", "--adaptive-skip",
+            "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dense+skip1+fastvar+adaptive:" in out and "paper+skip1+fastvar+adaptive:" in out and "scales used" in out
+    assert (tmp_path / "000_a-cat_compare.png").is_file()
+    argv = ["generate", "--model", "infinity-tiny", "--prompt", "a cat", "--schedule", "1,2,3,4,5,6",
+            "--attention", "default+skip2", "--out", str(tmp_path / "one.png"), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0 and (tmp_path / "one.png").is_file()
+
+
+def test_skipping_option_errors(tmp_path, capsys):
+    base = ["generate", "--model", "infinity-tiny", "--prompt", "x", "--schedule", "1,2,3,4,5,6", "--out", str(tmp_path),
+            "--quiet"]
+    assert "--skip-last must be 0 or more" in _error(capsys, base + ["--skip-last", "-1"])
+    assert "unknown --prune 'fast'" in _error(capsys, base + ["--prune", "fast"])
+    assert "cannot read 'skip'" in _error(capsys, base + ["--attention", "default+skip"])
+    assert "skip_last must be in 0..5" in _error(capsys, base + ["--skip-last", "6"])
+    assert "cannot read 'skip2'" in _error(capsys, base + ["--attention", "default+skip1", "--skip-last", "2"])
+    assert "token pruning needs at least 5 scales" in _error(capsys, base[:6] + ["1,2,3,4"] + base[7:] + ["--prune", "fastvar"])

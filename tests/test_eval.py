@@ -122,3 +122,20 @@ def test_analyze_command_writes_measurements_and_pictures(tmp_path):
     assert set(report["layers"]) == {"sink_mass", "cross_scale_similarity", "locality_r1", "locality_r3"}
     assert all((tmp_path / name).is_file() for name in report["pictures"])
     assert any(name.startswith("table_") for name in report["pictures"])
+
+
+def test_evaluate_takes_skipping_and_pruning_combinations():
+    pipe = tiny_pipeline(text_width=0, num_classes=3)
+    presets = ["dense", "default+skip2", "fastvar", "fastvar+skip2", "dense+adaptive"]
+    results = evaluate(pipe, [0, 2], [0], presets, batch=2, schedule=SCHEDULE, progress=False)
+    rows = results["presets"]
+    assert rows["dense"]["flops_share"] == 1.0 and rows["dense"]["scales_used_mean"] == len(SCHEDULE)
+    assert rows["default+skip2"]["scales_used_mean"] == len(SCHEDULE) - 2
+    assert rows["fastvar+skip2"]["flops_share"] < rows["default+skip2"]["flops_share"] < 1
+    assert rows["fastvar"]["flops_share"] < 1 and rows["fastvar"]["scales_used_mean"] == len(SCHEDULE)
+    assert rows["fastvar"]["density"] == 1.0 and 0 < rows["fastvar"]["psnr"] < 100
+    assert len(SCHEDULE) - 2 <= rows["dense+adaptive"]["scales_used_mean"] <= len(SCHEDULE)
+    assert "skipped" in rows["default+skip2"]["description"] and "FastVAR" in rows["fastvar"]["description"]
+    results["summary"] = summary(results)
+    assert {"default+skip2_psnr", "fastvar+skip2_flops"} <= set(results["summary"])
+    assert "| fastvar+skip2 |" in to_markdown(results)

@@ -350,7 +350,7 @@ def test_fused_kernels_build_for_hopper():
     _compile_for_hopper(
         compiled_fused._qkv_heads_kernel,
         dict(QKV="*bf16", LOG_SCALE="*bf16", COS=fp, SIN=fp, Q="*bf16", K="*bf16", V="*bf16"),
-        dict(HAS_ROPE=True, WRITE_V=True, D=128, BLOCK_H=32), num_warps=8)
+        dict(HAS_ROPE=True, ROPE_PER_ROW=False, WRITE_V=True, D=128, BLOCK_H=32), num_warps=8)
     _compile_for_hopper(
         compiled_fused._channel_sums_kernel, dict(X="*bf16", PIVOT=fp, SUMS=fp), dict(CHUNK=256, BLOCK_P=32, BLOCK_C=128))
     _compile_for_hopper(
@@ -389,13 +389,13 @@ def test_add_norm_matches_reference(poisoned, b, n, c, branch, gate, mul, dtype)
 
 
 @pytest.mark.parametrize("b,n,heads,d", [(2, 5, 3, 64), (1, 1, 1, 16), (2, 9, 5, 128)])
-@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("rope", [True, "per item", False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_qkv_heads_matches_reference(poisoned, b, n, heads, d, rope, dtype):
     gen = torch.Generator().manual_seed(b * 100 + n * 10 + heads + d)
     qkv = (torch.randn(b, n, 3 * heads * d, generator=gen) * 2).to(DEVICE, dtype)
     scale = (torch.rand(heads, generator=gen) * 6 - 1).to(DEVICE)  # log temperatures, some past the cap
-    angles = torch.rand(n, d // 2, generator=gen) * 20
+    angles = torch.rand(*((b, 1) if rope == "per item" else ()), n, d // 2, generator=gen) * 20
     angles = (angles.cos().to(DEVICE), angles.sin().to(DEVICE)) if rope else None
     ref_q, ref_k, ref_v = kernels_fused.qkv_heads_reference(qkv, heads, scale, angles)
     q, k, v = kernels_fused.qkv_heads_triton(qkv, heads, scale, angles)

@@ -27,6 +27,9 @@ class AttentionCall:
     num_layers: int
     schedule: Schedule
     softmax_scale: float  # 1.0 for cosine attention, where q is pre-scaled
+    # token pruning (skipping.py): positions (B, m) within the scale of the queries, which are then
+    # only those m tokens; keys keep their layout (pruned slots hold stand-ins). None: all n_k queries
+    query_index: torch.Tensor | None = None
 
     @property
     def q_offset(self) -> int:

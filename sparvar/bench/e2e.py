@@ -9,6 +9,11 @@
   c  SparVAR `paper` preset with CSLA on FlexAttention tables (how the paper ran it)
   d  SparVAR `default` preset on our Triton kernels
   e  (d) with the last two scales skipped
+  f  FastVAR-style token pruning (skipping.py) on (b)
+  g  FastVAR as published: (f) with the last two scales skipped
+  h  (d) with FastVAR-style token pruning
+  i  (d) with adaptive skip (the demo model's thresholds; on random weights its decisions mean
+     nothing, so this mode measures the cost of deciding: one host sync per decision scale)
 Every number is the median over `repeats` timed generations after warm-up (which also captures
 the graphs). Per-scale and per-stage times come from CUDA events recorded by the pipeline; the
 latency is the host clock around the whole call (image conversion included); the attention
@@ -45,7 +50,13 @@ class Mode:
     cuda_graphs: bool = False
     kv_cache: str = "static"
     skip_last: int = 0
+    prune: str | None = None
+    adaptive: bool = False
     fused: bool = True  # the fused elementwise kernels; False runs their PyTorch reference
+
+    def options(self) -> dict:
+        return {"kv_cache": self.kv_cache, "skip_last": self.skip_last, "prune": self.prune,
+                "adaptive_skip": self.adaptive}
 
 
 def _preset(name: str, **kw) -> Callable[[], AttentionPolicy]:
@@ -69,6 +80,14 @@ E2E_MODES = {
               cuda_graphs=True),
     "e": Mode("(d) skipping the last 2 scales", _preset("default", sdpa_backend="cudnn"), cuda_graphs=True,
               skip_last=2),
+    "f": Mode("FastVAR token pruning on (b)", _preset("dense", sdpa_backend="cudnn"), cuda_graphs=True,
+              prune="fastvar"),
+    "g": Mode("FastVAR as published: (f) skipping the last 2 scales", _preset("dense", sdpa_backend="cudnn"),
+              cuda_graphs=True, prune="fastvar", skip_last=2),
+    "h": Mode("(d) with FastVAR token pruning", _preset("default", sdpa_backend="cudnn"), cuda_graphs=True,
+              prune="fastvar"),
+    "i": Mode("(d) with adaptive skip (demo thresholds; random weights: measures the cost of deciding)",
+              _preset("default", sdpa_backend="cudnn"), cuda_graphs=True, adaptive=True),
 }
 
 
@@ -108,10 +127,9 @@ def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
     schedule = pipe.schedule("1:1", 1024)
     policy = mode.attention()
     run = lambda s, p: pipe([PROMPT], seed=s, schedule=schedule, attention=p, cuda_graphs=mode.cuda_graphs,  # noqa: E731
-                            kv_cache=mode.kv_cache, skip_last=mode.skip_last, progress=False)
+                            progress=False, **mode.options())
     timed = TimedAttention(mode.attention())  # eager: events need the Python code to run
-    eager = pipe([PROMPT], seed=seed, schedule=schedule, attention=timed, kv_cache=mode.kv_cache,
-                 skip_last=mode.skip_last, progress=False)
+    eager = pipe([PROMPT], seed=seed, schedule=schedule, attention=timed, progress=False, **mode.options())
     attention_s = timed.seconds_per_scale(len(eager.scale_seconds))
     for s in range(3 if mode.cuda_graphs else 1):  # graphs: eager warm-up, capture, first replay
         run(seed + s, policy)
@@ -125,7 +143,8 @@ def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
         torch.cuda.synchronize()
         runs.append((time.perf_counter() - start, out))
     median = statistics.median
-    scale_s = [median([o.scale_seconds[k] for _, o in runs]) for k in range(len(runs[0][1].scale_seconds))]
+    longest = max(len(o.scale_seconds) for _, o in runs)  # adaptive skip may stop some runs earlier
+    scale_s = [median([o.scale_seconds[k] for _, o in runs if k < len(o.scale_seconds)]) for k in range(longest)]
     stats = policy.stats() if hasattr(policy, "stats") else None
     return {
         "latency_s": median([t for t, _ in runs]),
@@ -135,6 +154,7 @@ def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
         "attention_scale_s_eager": attention_s,
         "attention_share_eager": sum(attention_s) / eager.stage_seconds["transformer"],
         "attention_flops_saved": stats["total"]["saved_fraction"] if stats else 0.0,
+        "scales_used": [o.scales_used[0] for _, o in runs],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
 
@@ -210,6 +230,9 @@ def _summary(rows: list[dict]) -> dict:
         "8b_d_over_a": ("infinity-8b", "d", "speedup_over_a"),
         "8b_d_over_b": ("infinity-8b", "d", "speedup_over_b"),
         "8b_e_over_a": ("infinity-8b", "e", "speedup_over_a"),
+        "8b_f_over_a": ("infinity-8b", "f", "speedup_over_a"),
+        "8b_g_over_a": ("infinity-8b", "g", "speedup_over_a"),
+        "8b_h_over_a": ("infinity-8b", "h", "speedup_over_a"),
         "8b_d_latency_s": ("infinity-8b", "d", "latency_s"),
         "8b_d_peak_gib": ("infinity-8b", "d", "peak_gib"),
         "8b_b_peak_gib": ("infinity-8b", "b", "peak_gib"),

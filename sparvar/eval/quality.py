@@ -1,17 +1,21 @@
 """`sparvar eval`: what sparse attention costs in quality, against dense, with the same seeds.
 
 For N seeds x conditions (class labels, or prompts for text models) every preset generates the
-same items as dense attention. Per preset: PSNR and SSIM of its images against the dense ones
-(LPIPS when its weights are on disk), the relative error of every attention output against
-dense attention on the same inputs, per (layer, scale) (on the first batch, where a dense pass
-runs beside the preset), the share of attention FLOPs computed (density), and the time per
-image (the other batches). Results go to JSON and markdown.
+same items as dense attention. A preset is an attention preset, optionally combined with scale
+skipping and token pruning (skipping.combination: "default+skip2", "fastvar+skip2", "adaptive").
+Per preset: PSNR and SSIM of its images against the dense ones (LPIPS when its weights are on
+disk), the relative error of every attention output against dense attention on the same inputs,
+per (layer, scale) (on the first batch, where a dense pass runs beside the preset), the share of
+attention FLOPs computed (density), the estimated transformer FLOPs against a full dense
+generation, the scales used per image, and the time per image (the other batches). Results go to
+JSON and markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -22,6 +26,7 @@ import torch
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import lpips_distance, lpips_model, psnr, ssim, to_tensor
+from sparvar.skipping import attention_densities, combination, prune_plan, resolve_pruning, transformer_flops
 
 
 def attention_density(policy: AttentionPolicy) -> float:
@@ -56,15 +61,20 @@ class ErrorProbe(AttentionPolicy):
         self.counts[key] += 1
         return out
 
-    def errors(self, num_layers: int, num_scales: int) -> list[list[float]]:
-        """Mean relative error as [layer][scale]."""
-        return [[self.sums[i, k] / self.counts[i, k] for k in range(num_scales)] for i in range(num_layers)]
+    def errors(self, num_layers: int, num_scales: int) -> list[list[float | None]]:
+        """Mean relative error as [layer][scale]; None where nothing ran (skipped scales)."""
+        mean = lambda i, k: self.sums[i, k] / self.counts[i, k] if self.counts[i, k] else None  # noqa: E731
+        return [[mean(i, k) for k in range(num_scales)] for i in range(num_layers)]
 
 
-def _presets(names: list[str]) -> dict[str, AttentionPolicy]:
-    from sparvar.sparsity import make_policy
-
-    return {name: make_policy(name) for name in names}
+def flops_shares(pipe, out, schedule, prune: str | None) -> list[float]:
+    """Per image: transformer FLOPs of the scales it used (kept tokens where pruned; attention at
+    the density its policy computed) over those of a full generation with dense attention."""
+    cfg = pipe.spec.transformer
+    plan = prune_plan(resolve_pruning(prune).config, cfg.depth, schedule) if prune else None
+    density = attention_densities(out.policy)
+    full = transformer_flops(cfg, schedule, len(schedule))
+    return [transformer_flops(cfg, schedule, n, plan, density) / full for n in out.scales_used]
 
 
 def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch: int = 10,
@@ -72,31 +82,39 @@ def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch
     """Run every preset on the same (condition, seed) items; metrics against the first preset."""
     from tqdm.auto import tqdm
 
+    from sparvar.sparsity import make_policy
+
     items = [(c, s) for c in conditions for s in seeds]
     batches = [items[i : i + batch] for i in range(0, len(items), batch)]
     schedule = schedule or pipe.schedule()
     depth = pipe.spec.transformer.depth
     lpips, lpips_note = lpips_model(pipe.device)
     images, rows = {}, {}
-    for name, policy in _presets(presets).items():
-        probe, out_images, densities, timed = ErrorProbe(policy), [], [], []
+    for name in presets:
+        combo = combination(name)
+        policy = make_policy(combo.attention)
+        probe, out_images, densities, timed, flops, used = ErrorProbe(policy), [], [], [], [], []
+        run = lambda chunk, attention: pipe(  # noqa: E731
+            [c for c, _ in chunk], seed=[s for _, s in chunk], cfg=cfg, tau=tau, schedule=schedule,
+            attention=attention, progress=False, **combo.options())
         for i, chunk in enumerate(tqdm(batches, desc=name, disable=not progress)):
             # attention errors on the first batch (the probe adds a dense pass); the others are timed
-            out = pipe([c for c, _ in chunk], seed=[s for _, s in chunk], cfg=cfg, tau=tau, schedule=schedule,
-                       attention=probe if i == 0 else policy, progress=False)
+            out = run(chunk, probe if i == 0 else policy)
             out_images += out.images
             densities.append(attention_density(out.policy))
+            flops += flops_shares(pipe, out, schedule, combo.prune)
+            used += out.scales_used
             if i > 0:
                 timed.append(out.stage_seconds["total"] / len(chunk))
         if not timed:  # one batch only: time it again without the probe
-            first = batches[0]
-            out = pipe([c for c, _ in first], seed=[s for _, s in first], cfg=cfg, tau=tau, schedule=schedule,
-                       attention=policy, progress=False)
-            timed.append(out.stage_seconds["total"] / len(first))
+            out = run(batches[0], policy)
+            timed.append(out.stage_seconds["total"] / len(batches[0]))
         images[name] = to_tensor(out_images)
         rows[name] = {
             "description": _description(name),
             "density": sum(densities) / len(densities),
+            "flops_share": sum(flops) / len(flops),
+            "scales_used_mean": sum(used) / len(used),
             "seconds_per_image": sum(timed) / len(timed),
             "attention_rel_error": probe.errors(depth, len(schedule)),
             "attention_rel_error_samples": len(batches[0]),
@@ -104,7 +122,7 @@ def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch
     reference = presets[0]
     for name, row in rows.items():
         row["speedup"] = rows[reference]["seconds_per_image"] / row["seconds_per_image"]
-        errors = [e for layer in row["attention_rel_error"] for e in layer]
+        errors = [e for layer in row["attention_rel_error"] for e in layer if e is not None]
         row["attention_rel_error_mean"] = sum(errors) / len(errors)
         row["attention_rel_error_max"] = max(errors)
         if name == reference:
@@ -112,6 +130,8 @@ def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch
         p = psnr(images[name], images[reference])
         row["identical_images"] = int(torch.isinf(p).sum())
         row["psnr"] = float(p.clamp(max=100).mean())  # an identical image counts as 100 dB
+        mse = float(((images[name] - images[reference]) ** 2).mean())
+        row["psnr_pooled"] = 10 * math.log10(1 / mse) if mse > 0 else 100.0  # of the mean squared error
         row["ssim"] = float(ssim(images[name], images[reference]).mean())
         if lpips is not None:
             row["lpips"] = float(lpips_distance(lpips, images[name], images[reference]).mean())
@@ -133,11 +153,12 @@ def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch
 def _description(name: str) -> str:
     from sparvar.sparsity import PRESETS
 
-    return PRESETS[name].description if name in PRESETS else ""
+    return PRESETS[name].description if name in PRESETS else combination(name).describe()
 
 
 def summary(results: dict) -> dict:
-    """The headline numbers: PSNR and density of `default` and `paper` (where evaluated)."""
+    """The headline numbers: PSNR and density of `default` and `paper`, PSNR and FLOPs of the
+    paper's skip-2 comparison (where evaluated)."""
     out = {}
     for name in ("default", "paper"):
         if name in results["presets"]:
@@ -145,19 +166,27 @@ def summary(results: dict) -> dict:
             out[f"{name}_psnr"] = row.get("psnr")
             out[f"{name}_ssim"] = row.get("ssim")
             out[f"{name}_density"] = row["density"]
+    for name in ("default+skip2", "fastvar+skip2"):
+        if name in results["presets"]:
+            row = results["presets"][name]
+            out[f"{name}_psnr"] = row.get("psnr")
+            out[f"{name}_flops"] = row["flops_share"]
     return out
 
 
 def to_markdown(results: dict) -> str:
-    cols = ["preset", "PSNR (dB)", "SSIM", "LPIPS", "attn rel. error (mean / max)", "density", "s / image", "speed-up"]
+    cols = ["preset", "PSNR (dB)", "pooled PSNR", "SSIM", "LPIPS", "attn rel. error (mean / max)", "density",
+            "FLOPs", "scales", "s / image", "speed-up"]
     lines = [
         f"# Quality of sparse attention: {results['model']}",
         "",
         f"{results['samples']} samples ({len(results['conditions'])} conditions x {len(results['seeds'])} seeds), "
         f"cfg {results['cfg']}, tau {results['tau']}, on {results['device']}; schedule {results['schedule']}. "
         f"Images are compared with `{results['reference']}` on the same seeds; attention outputs with "
-        "dense attention on the same inputs (first batch); density = share of dense attention FLOPs computed; "
-        "time per image from the other batches. " + results["lpips"] + ".",
+        "dense attention on the same inputs (first batch); density = share of dense attention FLOPs computed "
+        "(of the calls that ran); FLOPs = estimated transformer FLOPs against a full dense generation; scales = "
+        "mean scales used per image; pooled PSNR = of the mean squared error over all images (identical images "
+        "count 0, not 100 dB); time per image from the other batches. " + results["lpips"] + ".",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
@@ -165,8 +194,9 @@ def to_markdown(results: dict) -> str:
     for name, row in results["presets"].items():
         fmt = lambda key, spec: format(row[key], spec) if key in row else "-"  # noqa: E731
         lines.append(
-            f"| {name} | {fmt('psnr', '.2f')} | {fmt('ssim', '.4f')} | {fmt('lpips', '.4f')} | "
-            f"{row['attention_rel_error_mean']:.4f} / {row['attention_rel_error_max']:.4f} | {row['density']:.1%} | "
+            f"| {name} | {fmt('psnr', '.2f')} | {fmt('psnr_pooled', '.2f')} | {fmt('ssim', '.4f')} | "
+            f"{fmt('lpips', '.4f')} | {row['attention_rel_error_mean']:.4f} / {row['attention_rel_error_max']:.4f} | "
+            f"{row['density']:.1%} | {row['flops_share']:.1%} | {row['scales_used_mean']:.2f} | "
             f"{row['seconds_per_image']:.3f} | {row['speedup']:.2f}x |"
         )
     lines += ["", "Presets:", ""] + [f"- `{n}`: {r['description']}" for n, r in results["presets"].items()]
@@ -181,7 +211,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", help="transformer checkpoint (default: the demo model's shipped weights)")
     p.add_argument("--vae")
     p.add_argument("--text-encoder")
-    p.add_argument("--presets", default="dense,paper,default", help="comma-separated; the first is the reference")
+    p.add_argument("--presets", default="dense,paper,default",
+                   help="comma-separated; the first is the reference. An attention preset may add accelerators: "
+                   "default+skip2, fastvar (dense attention with FastVAR pruning), fastvar+skip2, default+adaptive")
     p.add_argument("--seeds", type=int, default=7, help="seeds per condition")
     p.add_argument("--labels", help="comma-separated class indices or names (default: every class)")
     p.add_argument("--prompts", help="file with one prompt per line (text models)")

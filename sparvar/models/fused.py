@@ -128,8 +128,8 @@ def qkv_heads(qkv: torch.Tensor, heads: int, q_log_scale: torch.Tensor, rope, kv
     """q, k, v (B, H, n, D) of the qkv projection (B, n, 3C).
 
     q and k are L2-normalised over D, q is multiplied by exp(min(q_log_scale, log 100)) (one per
-    head: the cosine attention's learned temperature), and with rope=(cos, sin)
-    ((n, D/2) float32 each) adjacent pairs of both are rotated. kv_out: (B, H, n, D) views (the
+    head: the cosine attention's learned temperature), and with rope=(cos, sin) ((n, D/2) each,
+    or (B, 1, n, D/2) per item) adjacent pairs of both are rotated. kv_out: (B, H, n, D) views (the
     KV cache's slots) the kernel writes k and v into, saving their copy; the reference returns
     new tensors. The kernel puts q in (B, n, H, D) memory, so attention outputs of that layout
     reach the out projection without a copy.
@@ -151,10 +151,12 @@ def qkv_heads_triton(qkv, heads: int, q_log_scale, rope, kv_out=None):
         k, v = kv_out
         if k.shape != (b, heads, n, d) or v.shape != k.shape or k.stride(3) != 1 or v.stride(3) != 1:
             raise ValueError(f"kv_out must be (B, H, n, D) = {(b, heads, n, d)} views with a contiguous D")
-    cos, sin = (t.float().contiguous() for t in rope) if rope is not None else (q, q)
+    # angles per token of the scale (n, D/2), or per row (B, 1, n, D/2) where tokens were pruned per item
+    cos, sin = (t.float().reshape(-1, d // 2).contiguous() for t in rope) if rope is not None else (q, q)
     _qkv_heads_kernel[(b * n,)](
         qkv, q_log_scale.contiguous(), cos, sin, q, k, v, n, heads, *k.stride()[:3], *v.stride()[:3],
-        HAS_ROPE=rope is not None, WRITE_V=kv_out is not None, D=d, BLOCK_H=triton.next_power_of_2(heads),
+        HAS_ROPE=rope is not None, ROPE_PER_ROW=rope is not None and cos.shape[0] == b * n != n,
+        WRITE_V=kv_out is not None, D=d, BLOCK_H=triton.next_power_of_2(heads),
         num_warps=8 if heads * d >= 2048 else 4,
     )
     return q.transpose(1, 2), k, v
@@ -247,7 +249,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n"])
     def _qkv_heads_kernel(QKV, LOG_SCALE, COS, SIN, Q, K, V, n, H, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,
-                          HAS_ROPE: tl.constexpr, WRITE_V: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+                          HAS_ROPE: tl.constexpr, ROPE_PER_ROW: tl.constexpr, WRITE_V: tl.constexpr, D: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # one token: all its heads as a (heads, D) tile
         item, token = row // n, row % n
         heads = tl.arange(0, BLOCK_H)[:, None]
@@ -262,8 +265,9 @@ if triton is not None:
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[:, None]
         if HAS_ROPE:  # rotate pairs (2i, 2i+1) by angle i of this token
             pairs = tl.arange(0, D // 2)[None, :]
-            cos = tl.load(COS + token * (D // 2) + pairs)
-            sin = tl.load(SIN + token * (D // 2) + pairs)
+            position = row if ROPE_PER_ROW else token
+            cos = tl.load(COS + position * (D // 2) + pairs)
+            sin = tl.load(SIN + position * (D // 2) + pairs)
             q0, q1 = tl.split(tl.reshape(q, (BLOCK_H, D // 2, 2)))
             k0, k1 = tl.split(tl.reshape(k, (BLOCK_H, D // 2, 2)))
             q = tl.reshape(tl.join(cos * q0 - sin * q1, sin * q0 + cos * q1), (BLOCK_H, D))

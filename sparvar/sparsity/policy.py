@@ -32,6 +32,7 @@ class SparVARPolicy(AttentionPolicy):
         self._selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (indices, valid)
         self._residual: dict[int, torch.Tensor] = {}  # layer -> O_dense - O_sparse at the decision scale
         self._records: dict[tuple[int, int], dict] = {}  # (layer, scale) -> what ran, for stats()
+        self._undecided: set[int] = set()  # CS4A layers whose decision scale was pruned: dense after it
 
     def plan(self, num_layers: int, schedule) -> Plan:
         return make_plan(self.config, num_layers, schedule)
@@ -39,8 +40,15 @@ class SparVARPolicy(AttentionPolicy):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         plan = self.plan(call.num_layers, call.schedule)
         mode = plan.modes[call.layer][call.scale]
+        pruned = call.query_index is not None
+        if pruned or (mode == "cs4a" and call.layer in self._undecided):
+            # tables and key groups are laid out for all queries of a scale: pruned queries run
+            # dense, and so do the CS4A scales of a layer whose decision scale was pruned
+            if mode == "decision":
+                self._undecided.add(call.layer)
+            mode = "dense"
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3])
-        record = {"mode": mode, "shape": shape, "schedule": call.schedule, "pairs": None}
+        record = {"mode": mode, "shape": shape, "schedule": call.schedule, "pairs": None, "pruned": pruned}
         self._records[call.layer, call.scale] = record
         if mode == "dense":
             return self._dense(q, k, v, call)
@@ -122,6 +130,7 @@ class SparVARPolicy(AttentionPolicy):
                     "layer": layer,
                     "scale": scale,
                     "mode": rec["mode"],
+                    "pruned": rec["pruned"],
                     "block_density": float(block_per_head.mean()),
                     "token_density": float(token_per_head.mean()),
                     "block_density_per_head": block_per_head.tolist(),

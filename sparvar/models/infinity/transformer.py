@@ -24,6 +24,7 @@ from sparvar.attention.policy import AttentionCall, AttentionPolicy
 from sparvar.kv_cache import KVCache
 from sparvar.models.fused import add_norm, gated_add, linear_gelu, qkv_heads
 from sparvar.schedules import Schedule
+from sparvar.skipping import Kept, TokenPruning
 
 class Attend:
     """A layer's self-attention: attend(layer, q, k, v) -> out, all (B, H, L, D), from a function."""
@@ -42,18 +43,29 @@ class Attend:
 class CachedAttend(Attend):
     """One generation step: the new keys and values go into the KV cache at the scale's offset
     (written there by the qkv kernel, given the cache's slots), and attention over the cache
-    goes through the policy, the seam SparVAR plugs into."""
+    goes through the policy, the seam SparVAR plugs into. With `kept` (token pruning,
+    skipping.py) only those tokens ran: their keys go to their own slots, stand-ins fill the rest."""
 
-    def __init__(self, cache: KVCache, policy: AttentionPolicy, scale: int, schedule: Schedule, depth: int):
+    def __init__(self, cache: KVCache, policy: AttentionPolicy, scale: int, schedule: Schedule, depth: int,
+                 kept: Kept | None = None):
         self.cache, self.policy, self.scale, self.schedule, self.depth = cache, policy, scale, schedule, depth
-        self.start = schedule.offsets[scale]
+        self.start, self.kept = schedule.offsets[scale], kept
+
+    def pruned(self, kept: Kept) -> "CachedAttend":
+        """The same step for layers that run on the kept tokens only."""
+        return CachedAttend(self.cache, self.policy, self.scale, self.schedule, self.depth, kept)
 
     def slots(self, layer, n):
-        return self.cache.slots(layer, self.start, n)
+        return self.cache.slots(layer, self.start, n) if self.kept is None else None
 
     def __call__(self, layer, q, k, v):
-        keys, values = self.cache.write(layer, self.start, k, v)
-        return self.policy(q, keys, values, AttentionCall(layer, self.scale, self.depth, self.schedule, softmax_scale=1.0))
+        if self.kept is None:
+            keys, values = self.cache.write(layer, self.start, k, v)
+        else:
+            n = self.schedule.lengths[self.scale]
+            keys, values = self.cache.write_kept(layer, self.start, n, k, v, self.kept.index, self.kept.stand_in)
+        index = None if self.kept is None else self.kept.index
+        return self.policy(q, keys, values, AttentionCall(layer, self.scale, self.depth, self.schedule, 1.0, index))
 
 
 @dataclass(frozen=True)
@@ -388,9 +400,10 @@ class InfinityTransformer(nn.Module):
         return self._ropes[key]
 
     # ---- the transformer ----------------------------------------------------------------
-    def _blocks(self, x, prep: Prepared, rope, attend: Attend) -> torch.Tensor:
-        for layer, block in enumerate(self.blocks):
-            x = block(x, prep.mods[layer], prep.text, rope, attend, layer)
+    def _blocks(self, x, prep: Prepared, rope, attend: Attend, layers: range | None = None) -> torch.Tensor:
+        blocks = self.blocks
+        for layer in range(len(blocks)) if layers is None else layers:
+            x = blocks[layer](x, prep.mods[layer], prep.text, rope, attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -398,14 +411,22 @@ class InfinityTransformer(nn.Module):
         return self.head(self.head_nm(x, cond)).float().unflatten(-1, (self.cfg.bits, 2))
 
     def forward_scale(
-        self, x: torch.Tensor, scale: int, schedule: Schedule, prep: Prepared, cache: KVCache, policy: AttentionPolicy
+        self, x: torch.Tensor, scale: int, schedule: Schedule, prep: Prepared, cache: KVCache, policy: AttentionPolicy,
+        pruning: TokenPruning | None = None,
     ) -> torch.Tensor:
-        """One generation step: inputs of scale `scale` (B, n, C) -> bit logits (B, n, bits, 2)."""
+        """One generation step: inputs of scale `scale` (B, n, C) -> bit logits (B, n, bits, 2).
+
+        `pruning` (skipping.py) may run a range of layers on part of the tokens (`kept`)."""
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float()
 
         attend = CachedAttend(cache, policy, scale, schedule, self.cfg.depth)
-        x = self._blocks(x, prep, self.rope(schedule).slice(start, n), attend)
+        rope = self.rope(schedule).slice(start, n)
+        if pruning is None:
+            x = self._blocks(x, prep, rope, attend)
+        else:
+            run = lambda x, rope, attend, layers: self._blocks(x, prep, rope, attend, layers)  # noqa: E731
+            x = pruning.forward(x, scale, schedule, self.cfg.depth, rope, attend, run)
         return self.logits(x, prep.cond)
 
     def forward_full(self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared) -> torch.Tensor:

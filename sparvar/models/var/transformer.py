@@ -25,6 +25,7 @@ from sparvar.kv_cache import KVCache
 from sparvar.models.fused import add_norm, gated_add
 from sparvar.models.infinity.transformer import FFN, Attend, CachedAttend, HeadNorm, SelfAttention, adaptive_norm
 from sparvar.schedules import VAR_256, Schedule
+from sparvar.skipping import TokenPruning
 
 
 @dataclass(frozen=True)
@@ -176,9 +177,9 @@ class VARTransformer(nn.Module):
         return self.word_embed(codes.to(self.dtype)).float()
 
     # ---- the transformer ----------------------------------------------------------------
-    def _blocks(self, x, prep: Prepared, attend: Attend) -> torch.Tensor:
-        for layer, block in enumerate(self.blocks):
-            x = block(x, prep.mods[layer], attend, layer)
+    def _blocks(self, x, prep: Prepared, attend: Attend, layers: range | None = None) -> torch.Tensor:
+        for layer in range(len(self.blocks)) if layers is None else layers:
+            x = self.blocks[layer](x, prep.mods[layer], attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -186,15 +187,23 @@ class VARTransformer(nn.Module):
         return self.head(self.head_nm(x, cond)).float()
 
     def forward_scale(
-        self, x: torch.Tensor, scale: int, schedule: Schedule, prep: Prepared, cache: KVCache, policy: AttentionPolicy
+        self, x: torch.Tensor, scale: int, schedule: Schedule, prep: Prepared, cache: KVCache, policy: AttentionPolicy,
+        pruning: TokenPruning | None = None,
     ) -> torch.Tensor:
-        """One generation step: inputs of scale `scale` (B, n, C) -> logits (B, n, vocab)."""
+        """One generation step: inputs of scale `scale` (B, n, C) -> logits (B, n, vocab).
+
+        `pruning` (skipping.py) may run a range of layers on part of the tokens (`kept`)."""
         self.check_schedule(schedule)
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float() + self.pos_1LC[0, start : start + n].float()
 
         attend = CachedAttend(cache, policy, scale, schedule, self.cfg.depth)
-        return self.logits(self._blocks(x, prep, attend), prep.cond)
+        if pruning is None:
+            x = self._blocks(x, prep, attend)
+        else:
+            run = lambda x, rope, attend, layers: self._blocks(x, prep, attend, layers)  # noqa: E731
+            x = pruning.forward(x, scale, schedule, self.cfg.depth, None, attend, run)
+        return self.logits(x, prep.cond)
 
     def forward_full(self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared) -> torch.Tensor:
         """Teacher forcing: inputs of scales 1.. (each (B, n_k, Cvae)) -> logits of all tokens."""
