@@ -250,6 +250,7 @@ class Pipeline:
                 pruning.reset()
         if graphs is not None:
             graphs.load(prep)
+            prep = graphs.prep  # the graphs' copy: the fresh tensors need not stay alive (memory)
         refining = adaptive.start(len(conditions), num_scales) if adaptive is not None else None
         # the warm-up and capturing generations of CUDA graphs run every scale, so that all get captured
         finish = cuda_graphs and (graphs is None or not graphs.captured)
