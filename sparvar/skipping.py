@@ -298,7 +298,7 @@ class Combination:
         if self.prune:
             parts.append(PRUNE_PRESETS[self.prune].description)
         if self.skip_last:
-            parts.append(f"the last {self.skip_last} scale{'s' if self.skip_last > 1 else ''} skipped")
+            parts.append("the last scale skipped" if self.skip_last == 1 else f"the last {self.skip_last} scales skipped")
         if self.adaptive:
             parts.append("adaptive skip (demo thresholds)")
         return "; ".join(parts)

@@ -247,8 +247,10 @@ def test_adaptive_decisions_are_per_item_and_do_not_depend_on_the_batch(pipe):
     for i in range(2):  # alone, an item decides the same; its image may differ in the last bits of batched matmuls
         alone = pipe([conditions[i]], seed=[seeds[i]], schedule=SCHEDULE, adaptive_skip=rule, progress=False)
         assert alone.scales_used == [batch.scales_used[i]]
+        assert all(torch.equal(a[i : i + 1], b) for a, b in zip(batch.tokens, alone.tokens))
+        # the VAE's batched convolutions may round differently with several threads: one level at most
         diff = np.abs(np.asarray(alone.images[0], dtype=int) - np.asarray(batch.images[i], dtype=int))
-        assert (diff > 2).mean() < 0.01
+        assert diff.max() <= 1
 
 
 def test_adaptive_skip_composes_with_pruning_and_sparse_attention(pipe):

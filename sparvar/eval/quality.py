@@ -199,6 +199,8 @@ def to_markdown(results: dict) -> str:
             f"{row['density']:.1%} | {row['flops_share']:.1%} | {row['scales_used_mean']:.2f} | "
             f"{row['seconds_per_image']:.3f} | {row['speedup']:.2f}x |"
         )
+    if "command" in results:
+        lines += ["", f"Command: `{results['command']}`; date: {results['date']}."]
     lines += ["", "Presets:", ""] + [f"- `{n}`: {r['description']}" for n, r in results["presets"].items()]
     if "summary" in results:
         lines += ["", "Summary: " + ", ".join(f"{k} {v:.4g}" for k, v in results["summary"].items() if v is not None)]
