@@ -229,22 +229,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def conditions_of(pipe, prompts: str | None, labels: str | None = None) -> list:
+    """What to generate: the lines of a prompts file (text models), the given labels, or every
+    named class."""
+    if pipe.spec.text_conditioned:
+        if not prompts or not Path(prompts).is_file():
+            raise SparvarError(f"{pipe.spec.name} is text-conditioned: give --prompts FILE (one prompt a line)")
+        return [line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()]
+    if labels:
+        return [c.strip() for c in labels.split(",")]
+    if pipe.spec.classes:
+        return list(pipe.spec.classes)
+    raise SparvarError(f"{pipe.spec.name} has {pipe.spec.num_classes} unnamed classes: pick some, --labels 1,2,3")
+
+
 def main(argv=None) -> dict:
     from sparvar.pipeline import load_pipeline
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
-    if pipe.spec.text_conditioned:
-        if not args.prompts or not Path(args.prompts).is_file():
-            raise SparvarError(f"{pipe.spec.name} is text-conditioned: give --prompts FILE (one prompt a line)")
-        conditions = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    elif args.labels:
-        conditions = [c.strip() for c in args.labels.split(",")]
-    elif pipe.spec.classes:
-        conditions = list(pipe.spec.classes)
-    else:
-        raise SparvarError(f"{pipe.spec.name} has {pipe.spec.num_classes} unnamed classes: pick some, --labels 1,2,3")
+    conditions = conditions_of(pipe, args.prompts, args.labels)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     results = evaluate(pipe, conditions, list(range(args.seeds)), presets, args.batch, args.cfg, args.tau,
                        pipe.schedule(resolution=args.resolution), progress=not args.quiet)

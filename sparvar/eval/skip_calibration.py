@@ -153,20 +153,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from sparvar.errors import SparvarError
+    from sparvar.eval.quality import conditions_of
     from sparvar.pipeline import load_pipeline
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
-    if pipe.spec.text_conditioned:
-        if not args.prompts or not Path(args.prompts).is_file():
-            raise SparvarError(f"{pipe.spec.name} is text-conditioned: give --prompts FILE (one prompt a line)")
-        conditions = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    elif pipe.spec.classes:
-        conditions = list(pipe.spec.classes)
-    else:
-        raise SparvarError(f"{pipe.spec.name}: calibrate on a model with named classes or on prompts")
+    conditions = conditions_of(pipe, args.prompts)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     measured = measure(pipe, conditions, seeds, args.attention, args.batch, progress=not args.quiet)
     chosen = choose(measured)
