@@ -52,6 +52,11 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and not torch.is_grad_enabled() and not _REFERENCE_ONLY
 
 
+def _residual_rows(x: torch.Tensor) -> bool:
+    """x is the float32 residual stream (B, n, C) the add/norm kernel reads, where kernels run."""
+    return _use_kernels(x) and x.dim() == 3 and x.dtype == torch.float32
+
+
 def _per_batch(t: torch.Tensor, batch: int, width: int) -> tuple[torch.Tensor, int]:
     """A (C,) or (B, 1, C) / (B, C) vector as (tensor, batch stride) for the kernels, which
     read any float dtype (so no cast kernel runs here)."""
@@ -79,7 +84,7 @@ def add_norm(x, branch, gate, mul, add, eps: float, dtype) -> tuple[torch.Tensor
     x: (B, n, C) float32; branch: (B, n, C) or None (then x is returned as it is); gate, mul,
     add: (B, 1, C) per item or (C,) for all; gate may be None (plain add).
     """
-    if _use_kernels(x) and x.dim() == 3 and x.dtype == torch.float32:
+    if _residual_rows(x):
         return add_norm_triton(x, branch, gate, mul, add, eps, dtype)
     return add_norm_reference(x, branch, gate, mul, add, eps, dtype)
 
@@ -107,7 +112,7 @@ def add_norm_triton(x, branch, gate, mul, add, eps: float, dtype):
 
 def gated_add(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + branch * gate: a residual add not followed by a norm (the FFN's), in one pass."""
-    if _use_kernels(x) and x.dim() == 3 and x.dtype == torch.float32:
+    if _residual_rows(x):
         return add_norm_triton(x, branch, gate, None, None, 0.0, None)[0]
     return x + branch * gate
 
