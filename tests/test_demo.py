@@ -56,8 +56,8 @@ def test_loader_says_what_to_install(tmp_path):
 def test_quantiser_builds_what_the_sampler_loop_builds():
     schedule = parse_schedule("1,2,3,5,8")
     z = torch.nn.functional.interpolate(torch.randn(2, 6, 3, 3), size=(8, 8), mode="bilinear")
-    labels, inputs, quantised = quantize(z, schedule)
     codes, summed, errors = BitwiseCodes(6, patchify=False), None, []
+    labels, inputs, quantised = quantize(z, schedule, codes)
     for k, bits in enumerate(labels):  # what pipeline.py does with sampled bits
         assert bits.shape == (2, schedule.lengths[k], 6)
         summed = codes.accumulate(summed, codes.to_codes(bits, k, schedule), k, schedule)
@@ -71,8 +71,9 @@ def test_quantiser_builds_what_the_sampler_loop_builds():
 def test_bit_flips_corrupt_inputs_and_later_labels_correct_them():
     schedule = parse_schedule("1,2,4")
     z = torch.randn(3, 4, 4, 4)
-    clean = quantize(z, schedule)
-    flipped = quantize(z, schedule, flip=torch.tensor([0.0, 1.0, 1.0]))
+    codes = BitwiseCodes(z.shape[1], patchify=False)
+    clean = quantize(z, schedule, codes)
+    flipped = quantize(z, schedule, codes, flip=torch.tensor([0.0, 1.0, 1.0]))
     assert torch.equal(flipped[0][0], clean[0][0])  # scale 0 sees the clean residual
     assert torch.equal(flipped[1][0][0], clean[1][0][0])  # flip 0: sample 0 unchanged
     assert torch.equal(flipped[1][0][1], -clean[1][0][1])  # every bit flipped: the code changes sign

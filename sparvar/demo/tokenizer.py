@@ -38,9 +38,11 @@ class Encoder(nn.Module):
 
 @torch.no_grad()
 def quantize(
-    z: torch.Tensor, schedule: Schedule, flip: torch.Tensor | None = None, generator: torch.Generator | None = None
+    z: torch.Tensor, schedule: Schedule, codes: BitwiseCodes, flip: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Multi-scale residual bitwise quantisation of latents z (B, c, H, W), H x W the last scale.
+    """Multi-scale residual bitwise quantisation of latents z (B, c, H, W), H x W the last scale,
+    with the next-scale inputs as `codes` (the model's) builds them.
 
     Returns (bits per scale, each (B, n_k, c) int64; transformer inputs of scales 1.., each
     (B, n_k, c); the quantised latent (B, c, H, W)). `flip` (B,) is a per-sample probability of
@@ -48,7 +50,6 @@ def quantize(
     left by the corrupted codes, so a transformer trained on them learns to correct its own
     mistakes (Infinity's bitwise self-correction). The returned bits are the unflipped labels.
     """
-    codes = BitwiseCodes(z.shape[1], patchify=False)
     summed, residual, labels, inputs = None, z.float(), [], []
     for k, (h, w) in enumerate(schedule.sizes):
         bits = (F.interpolate(residual, size=(h, w), mode="area") > 0).long()  # (B, c, h, w)
@@ -67,13 +68,13 @@ def quantize(
 class Tokenizer(nn.Module):
     """Encoder + quantiser + decoder, trained together with a straight-through estimator."""
 
-    def __init__(self, encoder: Encoder, decoder: InfinityVAE, schedule: Schedule):
+    def __init__(self, encoder: Encoder, decoder: InfinityVAE, schedule: Schedule, codes: BitwiseCodes):
         super().__init__()
-        self.encoder, self.decoder, self.schedule = encoder, decoder, schedule
+        self.encoder, self.decoder, self.schedule, self.codes = encoder, decoder, schedule, codes
 
     def forward(self, x: torch.Tensor, flip: torch.Tensor | None = None, generator=None):
         """(reconstruction, latent z, quantised latent); gradients pass the quantiser unchanged."""
         z = self.encoder(x).float()
-        _, _, quantised = quantize(z, self.schedule, flip, generator)
+        _, _, quantised = quantize(z, self.schedule, self.codes, flip, generator)
         straight = z + (quantised - z).detach()
         return self.decoder.decoder(straight.to(x.dtype)), z, quantised

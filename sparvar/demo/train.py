@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from sparvar.demo.data import FASHION_MNIST_DIR, load_images, to_pixels
 from sparvar.demo.tokenizer import Encoder, Tokenizer, quantize
 from sparvar.eval.metrics import psnr
+from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
 from sparvar.models.registry import get_spec
@@ -186,7 +187,8 @@ def main(argv=None) -> dict:
     # ---- phase 1: tokenizer ------------------------------------------------------------
     encoder = Encoder(cfg.vae_channels, args.encoder_width).to(device)
     decoder = InfinityVAE(spec.vae).init_weights(args.seed).to(device)
-    tokenizer = Tokenizer(encoder, decoder, schedule).train()
+    codes = BitwiseCodes(cfg.vae_channels, patchify=False, next_input=cfg.next_input)
+    tokenizer = Tokenizer(encoder, decoder, schedule, codes).train()
 
     def save_tokenizer():
         save_file(_state(decoder), str(out / "vae.safetensors"))
@@ -230,7 +232,7 @@ def main(argv=None) -> dict:
         with torch.no_grad(), autocast:
             z = encoder(x).float()
         flip = torch.rand(len(x), device=device, generator=gen) * args.flip
-        bits, inputs, _ = quantize(z, schedule, flip, gen)
+        bits, inputs, _ = quantize(z, schedule, codes, flip, gen)
         bits = torch.cat(bits, dim=1)
         drop = torch.rand(len(y), device=device, generator=gen) < args.label_dropout
         y = torch.where(drop, cfg.num_classes, y)

@@ -52,7 +52,9 @@ FAMILIES: dict[str, Family] = {
     "infinity": Family(
         InfinityTransformer,
         InfinityVAE,
-        lambda spec, decoder: BitwiseCodes(spec.transformer.vae_channels, spec.transformer.patchify),
+        lambda spec, decoder: BitwiseCodes(
+            spec.transformer.vae_channels, spec.transformer.patchify, spec.transformer.next_input
+        ),
         lambda spec, aspect, resolution: infinity_schedule(aspect, resolution or spec.resolution),
     ),
     # the VQVAE's residual quantiser turns token indices into the latent and the next input
@@ -124,7 +126,7 @@ MODELS: dict[str, ModelSpec] = {
             "with the package",
             InfinityConfig(
                 depth=6, width=128, heads=2, vae_channels=8, text_width=0, num_classes=10, block_chunks=1,
-                cfg=3.0, tau=1.0,
+                cfg=3.0, tau=1.0, next_input="area",  # it was trained on area-downsampled inputs
             ),
             VAEConfig(channels=8, ch_mult=(1,), base=64),
             None,
