@@ -8,6 +8,8 @@ Accepted: one .pth/.pt/.bin/.safetensors file, or a folder of shards with an ind
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -18,17 +20,42 @@ from sparvar.errors import SparvarError
 _CONTAINER_KEYS = ("vae", "model", "state_dict", "module", "gpt_fsdp", "trainer")
 
 
-def _read_file(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+# how each kind of checkpoint file begins
+_ZIP = b"PK\x03\x04"  # torch.save's archive (PyTorch >= 1.6)
+_LEGACY = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # older torch.save: a pickled magic number
 
-        return load_file(str(path), device="cpu")
+
+def _kind(path: Path) -> str:
+    """"zip", "legacy" or "safetensors", from the file's first bytes (not its name)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY))
+    if not head:
+        raise SparvarError("the file is empty (0 bytes)")
+    if head.startswith(_ZIP):
+        return "zip"
+    if head.startswith(_LEGACY):
+        return "legacy"
+    if head[8:9] == b"{":  # safetensors: the header's length, then the header as JSON
+        return "safetensors"
+    raise SparvarError("not a PyTorch checkpoint: neither torch.save's archive nor a safetensors file")
+
+
+def _read_file(path: Path) -> dict:
+    kind = _kind(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):  # old (non-zip) format files cannot be memory-mapped
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        # weights_only: unpickling may build tensors and containers only, never run code from the file
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise SparvarError(f"holds objects other than tensors{what}: refused for safety") from None
+    except Exception:  # torch's and safetensors' readers raise many kinds for a damaged file
+        name = {"zip": "torch.save archive", "legacy": "torch.save file (legacy format)"}.get(kind, "safetensors file")
+        raise SparvarError(f"a {name} that is cut short or damaged") from None
 
 
 def _unwrap(obj) -> dict[str, torch.Tensor]:
@@ -51,7 +78,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.is_dir():
             indexes = sorted(path.glob("*.index.json"))
             if indexes:
-                shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+                index = json.loads(indexes[0].read_text())
+                if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+                    raise SparvarError(f"its index {indexes[0].name} has no weight_map")
+                shards = sorted(set(index["weight_map"].values()))
                 files = [path / s for s in shards]
             else:
                 files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
@@ -62,7 +92,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 raise SparvarError(f"{path}: shard {missing[0].name} named in the index is missing")
             state = {}
             for f in files:
-                state.update(_unwrap(_read_file(f)))
+                try:
+                    state.update(_unwrap(_read_file(f)))
+                except SparvarError as err:
+                    raise SparvarError(f"shard {f.name}: {err}") from None
             return state
         return _unwrap(_read_file(path))
     except SparvarError as err:
