@@ -7,6 +7,7 @@ Accepted: one .pth/.pt/.bin/.safetensors file, or a folder of shards with an ind
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -18,6 +19,7 @@ import torch.nn as nn
 from sparvar.errors import SparvarError
 
 _CONTAINER_KEYS = ("vae", "model", "state_dict", "module", "gpt_fsdp", "trainer")
+_SAMPLES, _MIB = 32, 2**20  # what `fingerprint` reads of each file
 
 
 # how each kind of checkpoint file begins
@@ -102,6 +104,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise SparvarError(f"cannot read checkpoint {path}: {err}") from None
     except Exception as err:  # corrupt or foreign files: say which file, not a traceback
         raise SparvarError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+
+
+def fingerprint(path: str | Path) -> str:
+    """A quick identity of a checkpoint file or folder: its size and a SHA-256 of 32 evenly spaced
+    MiB of each file (hashing all of a 16 GB checkpoint would hold up every job's start). Files
+    shorter than 32 MiB are hashed whole; longer ones that differ only between the samples look alike."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SparvarError(f"checkpoint not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest, total = hashlib.sha256(), 0
+    for file in files:
+        size = file.stat().st_size
+        total += size
+        digest.update(f"{file.name if path.is_dir() else ''}:{size}:".encode())
+        with open(file, "rb") as f:
+            for i in range(_SAMPLES):
+                f.seek(max(0, size - _MIB) * i // (_SAMPLES - 1))
+                digest.update(f.read(_MIB))
+    return f"{total} bytes, sampled sha256 {digest.hexdigest()[:16]}"
 
 
 def layout(module: nn.Module) -> dict[str, tuple[int, ...]]:

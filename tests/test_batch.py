@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sparvar.batch import MANIFEST, Item, pending
+from sparvar.batch import MANIFEST, SETTINGS, Item, pending, save_png
+from sparvar.checkpoint import fingerprint
 from sparvar.cli import main
+from sparvar.models.registry import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a cat", "a dog on a hill", "a red fox", "snow", "a lighthouse at dawn"]
@@ -55,9 +57,11 @@ def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
     assert [records[i]["seed"] for i in range(5)] == [10, 11, 12, 13, 14]
     assert [records[i]["file"] for i in range(5)] == names
     assert [records[i]["condition"] for i in range(5)] == PROMPTS
-    assert records[3]["settings"] == {
-        "model": "infinity-tiny", "attention": "default", "cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97,
-        "cuda_graphs": False, "random_weights": False, "schedule": "1 2 4",
+    assert json.loads((two / SETTINGS).read_text()) == {
+        "model": "infinity-tiny", "weights": "random (seed 0)", "vae": "random (seed 0)",
+        "text_encoder": "random (seed 0)", "attention": "default", "skip_last": 0, "prune": None,
+        "adaptive_skip": False, "cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97, "seed_base": 10,
+        "schedule": "1 2 4", "cuda_graphs": False, "device": "cpu",
     }
     assert all(r["seconds"] > 0 for r in records.values())
     assert [r["rank"] for r in _manifest(one)] == [0] * 5
@@ -72,26 +76,28 @@ def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
     assert not list(two.glob("*.part"))
 
 
-def test_rerun_of_a_finished_job_does_nothing(tmp_path, capsys):
+def test_rerun_of_a_finished_job_makes_nothing_again(tmp_path, capsys):
     job = ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--batch-size", "4",
            "--out", str(tmp_path), "--device", "cpu", "--quiet"]
     assert main(job) == 0
     first = (tmp_path / MANIFEST).read_text()
     assert main(job) == 0
-    assert "nothing to do: all 2 images are in" in capsys.readouterr().out
+    assert "all 2 images of this job are in" in capsys.readouterr().out
     assert (tmp_path / MANIFEST).read_text() == first
 
 
 def test_class_file_for_class_conditional_models(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("sneaker\n\nbag\n3\n")
-    argv = ["generate", "--model", "infinity-demo", "--prompts", str(classes), "--schedule", "1,2",
+    argv = ["generate", "--model", "infinity-demo", "--prompts", str(classes), "--skip-last", "11",
             "--batch-size", "2", "--out", str(tmp_path / "out"), "--quiet"]
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["000_sneaker.png", "001_bag.png", "002_3.png"]
     records = _manifest(tmp_path / "out")
     assert [r["condition"] for r in records] == ["sneaker", "bag", "3"]
-    assert {r["settings"]["attention"] for r in records} == {"default"}  # a batch job runs one preset
+    settings = json.loads((tmp_path / "out" / SETTINGS).read_text())
+    assert settings["attention"] == "default" and settings["skip_last"] == 11  # a batch job runs one preset
+    assert settings["weights"] == fingerprint(MODELS["infinity-demo"].bundled_path("--weights"))
 
 
 def test_batch_job_errors(tmp_path, capsys):
@@ -110,13 +116,13 @@ def test_batch_job_errors(tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))  # a bad line stops the job before any image
 
 
-def test_pending_keeps_one_manifest_line_per_existing_image(tmp_path):
+def test_pending_keeps_one_manifest_line_per_whole_image(tmp_path):
     items = [Item(i, f"p{i}", i, tmp_path / f"{i}.png") for i in range(4)]
     for i in (0, 1):
-        items[i].path.write_bytes(b"png")
-    lines = ['{"item": 0, "file": "0.png", "v": 1}', '{"item": 2, "file": "2.png"}', '{"item": 0, "file": "0.png", "v": 2}',
-             "not json", '{"item": 1, "file": "1.png"}']
+        save_png(Image.new("RGB", (4, 4)), items[i].path)
+    line = lambda i, **more: json.dumps({"item": i, "condition": f"p{i}", "seed": i, "file": f"{i}.png", **more})  # noqa: E731
+    lines = [line(0, v=1), line(2), line(0, v=2), "not json", line(1)]
     (tmp_path / MANIFEST).write_text("\n".join(lines) + "\n")
     assert [item.index for item in pending(items, tmp_path)] == [2, 3]
     kept = [json.loads(line) for line in (tmp_path / MANIFEST).read_text().splitlines()]
-    assert kept == [{"item": 0, "file": "0.png", "v": 2}, {"item": 1, "file": "1.png"}]
+    assert [(r["item"], r.get("v")) for r in kept] == [(0, 2), (1, None)]

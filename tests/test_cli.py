@@ -28,8 +28,8 @@ def test_generate_writes_images(tmp_path, capsys):
 
 def test_generate_one_png_path(tmp_path):
     target = tmp_path / "sub" / "img.png"
-    argv = ["generate", "--model", "infinity-demo", "--class", "trouser", "--schedule", "1,2",
-            "--attention", "dense", "--out", str(target), "--quiet"]
+    argv = ["generate", "--model", "var-tiny", "--class", "3", "--attention", "dense", "--out", str(target), "--quiet",
+            "--device", "cpu"]
     assert main(argv) == 0 and target.is_file()
     argv[argv.index("dense")] = "dense,paper,csla"  # several presets: one image each and a comparison
     assert main(argv) == 0
@@ -122,7 +122,7 @@ def test_var_errors(tmp_path, capsys):
     assert "only 1:1 images at 32x32, not 4:3" in _error(capsys, ["generate", "--model", "var-tiny", "--aspect", "4:3"])
     assert "class indices 0..9, not 10" in _error(
         capsys, ["generate", "--model", "var-tiny", "--class", "10", "--out", str(tmp_path), "--device", "cpu"])
-    assert "only its own scales" in _error(
+    assert "only the schedule it was trained on (1 2 3 4 5 6 8 10 13 16), not 1 2" in _error(
         capsys, ["generate", "--model", "var-tiny", "--schedule", "1,2", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
 
 

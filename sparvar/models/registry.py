@@ -74,6 +74,11 @@ class ModelSpec:
     classes: tuple[str, ...] = ()  # label names of class-conditional models
     family: str = "infinity"
     bundled: dict[str, str] = field(default_factory=dict)  # CLI option -> weights file in sparvar/assets
+    # the schedules a model trained on one (or a few) generates, none else (the demo, VAR); empty:
+    # any schedule within the two limits below
+    schedules: tuple[Schedule, ...] = ()
+    max_scales: int = 15  # Infinity: the rows of its level embedding
+    max_side: int = 128  # Infinity: the side of its RoPE position grid in tokens (official: 2048 / 16)
 
     def bundled_path(self, option: str) -> Path | None:
         """The weights file shipped in the package for `option` (--weights, --vae), if any."""
@@ -131,6 +136,7 @@ MODELS: dict[str, ModelSpec] = {
             VAEConfig(channels=8, ch_mult=(1,), base=64),
             None,
             classes=FASHION_MNIST_CLASSES,
+            schedules=(infinity_schedule("1:1", 1024),),  # it was trained on this one only
             bundled={"--weights": "infinity_demo.safetensors", "--vae": "infinity_demo_vae.safetensors"},
         ),
         ModelSpec(
@@ -151,6 +157,7 @@ MODELS: dict[str, ModelSpec] = {
                 files={"--weights": f"var_d{depth}.pth", "--vae": "vae_ch160v4096z32.pth"},
                 resolution=256,
                 family="var",
+                schedules=(VAR_256,),
             )
             for depth in (16, 20, 24, 30)
         ],
@@ -164,6 +171,7 @@ MODELS: dict[str, ModelSpec] = {
             files={"--weights": "var_d36.pth", "--vae": "vae_ch160v4096z32.pth"},
             resolution=512,
             family="var",
+            schedules=(VAR_512,),
         ),
         ModelSpec(
             "var-tiny",
@@ -173,6 +181,7 @@ MODELS: dict[str, ModelSpec] = {
             None,
             resolution=32,
             family="var",
+            schedules=(VAR_256,),
         ),
     ]
 }
