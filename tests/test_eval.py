@@ -1,6 +1,8 @@
 """sparvar eval and analyze: metrics, the attention-error probe, property measurements, outputs."""
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -31,9 +33,19 @@ def test_psnr_and_ssim_on_known_images():
     assert to_tensor([image]).shape == (1, 3, 4, 4) and to_tensor([image]).max() == 1.0
 
 
-def test_lpips_says_why_it_is_skipped():
+def test_lpips_runs_when_it_can_and_says_why_not(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # `import lpips` fails
+    assert lpips_model("cpu") == (None, "LPIPS skipped: the lpips package is not installed (pip install lpips)")
+    fake = types.ModuleType("lpips")
+    fake.LPIPS = lambda net, verbose: torch.nn.Identity() if net == "alex" else None
+    monkeypatch.setitem(sys.modules, "lpips", fake)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    cache = tmp_path / "checkpoints"
+    assert lpips_model("cpu") == (None, f"LPIPS skipped: AlexNet's weights (alexnet-owt-*.pth) are not in {cache}")
+    cache.mkdir()
+    (cache / "alexnet-owt-7be5be79.pth").write_bytes(b"")
     model, note = lpips_model("cpu")
-    assert model is not None or note.startswith("LPIPS skipped")
+    assert isinstance(model, torch.nn.Identity) and note == "LPIPS: AlexNet"
 
 
 def test_error_probe_returns_the_inner_output_and_measures_its_error():
