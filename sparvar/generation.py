@@ -45,16 +45,20 @@ class GenerationConfig:
     resolution: int | None = None
     schedule: Schedule | str | None = None
     attention: str | AttentionPolicy | None = None  # a preset name (`sparvar presets`), a policy; None: dense SDPA
-    skip_last: int = 0  # stop that many scales early and decode the codes summed so far
-    prune: str | PruneConfig | TokenPruning | None = None  # FastVAR token pruning ("fastvar")
-    # True or an AdaptiveSkip: each item stops early once its estimate holds little fine detail
+    skip_last: int = 0  # stop that many scales early and decode the codes summed so far (at full size)
+    prune: str | PruneConfig | TokenPruning | None = None  # FastVAR token pruning ("fastvar", skipping.py)
+    # True or an AdaptiveSkip: each item stops early once its estimate holds little fine detail; the
+    # batch runs while any item still refines, a stopped item's codes stay as they were
+    # (`out.scales_used`). One host sync per decision scale.
     adaptive_skip: bool | AdaptiveSkip = False
-    cuda_graphs: bool = False  # replay each scale as a CUDA graph (first run eager, second captures)
-    kv_cache: str = "static"  # or "concat": the official code's growing cache, for comparison
+    # replay each scale and the text encoder as CUDA graphs (GPU only): the first generation of a
+    # shape runs eagerly, the second captures, later ones replay
+    cuda_graphs: bool = False
+    kv_cache: str = "static"  # one buffer written in place, or "concat": the official code's growing cache
 
     def __post_init__(self):
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
-            _integer("seed", self.seed, 0, MAX_SEED)
+            object.__setattr__(self, "seed", _integer("seed", self.seed, 0, MAX_SEED))
         else:
             if isinstance(self.seed, (str, bytes)) or not hasattr(self.seed, "__iter__"):
                 raise SparvarError(f"seed must be an integer or one integer per item, got {self.seed!r}")

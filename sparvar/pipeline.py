@@ -29,7 +29,7 @@ from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.sampling import sample
 from sparvar.schedules import Schedule
-from sparvar.skipping import AdaptiveSkip, PruneConfig, TokenPruning, resolve_adaptive, resolve_pruning
+from sparvar.skipping import TokenPruning, resolve_adaptive, resolve_pruning
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
