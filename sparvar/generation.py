@@ -102,6 +102,8 @@ class GenerationConfig:
     @classmethod
     def build(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
         """`config` with some fields replaced, or a new config of the given fields."""
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise SparvarError(f"config must be a GenerationConfig, not {config!r} (options go as keywords: seed=...)")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(known))
         if unknown:

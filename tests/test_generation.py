@@ -48,6 +48,8 @@ def test_build_replaces_fields_and_names_unknown_ones():
         GenerationConfig.build(base, sed=1)
     with pytest.raises(SparvarError, match="top_p must be in"):  # replacing checks again
         GenerationConfig.build(base, top_p=1.5)
+    with pytest.raises(SparvarError, match="config must be a GenerationConfig, not 5"):
+        GenerationConfig.build(5)
 
 
 def test_resolved_fills_in_the_model_defaults_and_its_schedule():
