@@ -116,6 +116,18 @@ class Pipeline:
     def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
         return self.spec.schedule(aspect, resolution)
 
+    @torch.inference_mode()
+    def image_tokens(self, images: torch.Tensor, schedule: Schedule) -> list[torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] -> the tokens of every scale that describe them, as the
+        official VAE encodes (the official `gt_leak` bits / indices): forcing the first scales of
+        a generation to them makes variations of the images."""
+        h, w = self.codes.latent_size(schedule.sizes[-1])
+        expected = (h * self.spec.vae.patch, w * self.spec.vae.patch)
+        if tuple(images.shape[-2:]) != expected:
+            raise SparvarError(f"images of {images.shape[-2]}x{images.shape[-1]} pixels do not fit scales up to "
+                               f"{schedule.sizes[-1]}: give {expected[0]}x{expected[1]}")
+        return self.codes.tokens_of(self.vae.latent_of(images.to(self.device)), schedule)
+
     def encode(self, conditions: Sequence, cuda_graph: bool = False) -> object:
         """Prompts -> text features and mask, or class labels/names -> label tensor."""
         if self.spec.text_conditioned:

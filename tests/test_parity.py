@@ -28,13 +28,15 @@ MANIFEST = json.loads((FIXTURES / "cases.json").read_text())
 CASES = MANIFEST["cases"]
 
 def _greedy(run: dict) -> bool:  # the official sampler and generation options are wired next
-    return run["top_k"] == 1 and not run.get("negative_prompt") and not isinstance(run["cfg"], list)
+    return (run["top_k"] == 1 and not run.get("negative_prompt") and not isinstance(run["cfg"], list)
+            and not run.get("init_scales"))
 
 
-RUNS = [(name, i) for name, case in CASES.items() for i, run in enumerate(case["runs"]) if _greedy(run)]
+ALL_RUNS = [(name, i) for name, case in CASES.items() for i in range(len(case["runs"]))]
+RUNS = [p for p in ALL_RUNS if _greedy(CASES[p[0]]["runs"][p[1]])]
 
 
-def run_id(param) -> str:
+def run_id(param: tuple[str, int]) -> str:
     name, i = param
     run = CASES[name]["runs"][i]
     extras = [k for k in ("sampler", "negative_prompt", "more_smooth") if run.get(k)]
@@ -94,9 +96,9 @@ def generated(name: str, index: int):
     return pipe(conditions_of(run), **options)
 
 
-def expected_tokens(name: str, index: int, scale: int) -> torch.Tensor:
+def expected_tokens(name: str, index: int, scale: int, kind: str = "bits") -> torch.Tensor:
     stored = results(name)
-    key = f"run{index}_bits_{scale}"
+    key = f"run{index}_{kind}_{scale}"
     if key in stored:  # Infinity: bits packed 8 to a byte along the bit axis
         bits = pipeline(name).codes.bits
         return torch.from_numpy(np.unpackbits(stored[key].numpy(), axis=-1, count=bits).astype(np.int64))
@@ -177,3 +179,23 @@ def test_fixtures_stay_small_and_say_where_they_come_from():
     assert size < 5e6
     assert len(MANIFEST["infinity_commit"]) == 40 and len(MANIFEST["var_commit"]) == 40
     assert any(len(run["schedule"]) == 13 for case in CASES.values() for run in case["runs"])
+
+
+INIT_RUNS = [p for p in ALL_RUNS if CASES[p[0]]["runs"][p[1]].get("init_scales")]
+
+
+def input_image() -> torch.Tensor:
+    """The recorded input picture, (1, 3, H, W) in [-1, 1] as the official image transform makes it."""
+    pixels = load_file(str(FIXTURES / "input_image.safetensors"))["image"].permute(2, 0, 1)[None].float().div(255)
+    return pixels + pixels - 1
+
+
+@pytest.mark.parametrize("param", INIT_RUNS, ids=run_id)
+def test_image_tokens_equal_the_official_vae_encoding(param):
+    name, index = param
+    run = CASES[name]["runs"][index]
+    pipe = pipeline(name)
+    tokens = pipe.image_tokens(input_image(), schedule_of(run))
+    for k, bits in enumerate(tokens):
+        want = expected_tokens(name, index, k, "init_bits")[:1]
+        assert torch.equal(bits, want), f"scale {k}: {(bits == want).float().mean():.2%} of the bits agree"

@@ -129,7 +129,7 @@ MODELS: dict[str, ModelSpec] = {
                 depth=6, width=128, heads=2, vae_channels=8, text_width=0, num_classes=10, block_chunks=1,
                 cfg=3.0, tau=1.0, next_input="area",  # it was trained on area-downsampled inputs
             ),
-            VAEConfig(channels=8, ch_mult=(1,), base=64),
+            VAEConfig(channels=8, ch_mult=(1,), base=64, encoder=False),  # its encoder lives in sparvar/demo
             None,
             classes=FASHION_MNIST_CLASSES,
             bundled={"--weights": "infinity_demo.safetensors", "--vae": "infinity_demo_vae.safetensors"},

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import official  # noqa: E402
@@ -83,6 +83,22 @@ def image_record(prefix: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """(..., n) in {0, 1} -> (..., ceil(n / 8)) uint8, as numpy's packbits (tests unpack them)."""
     return torch.from_numpy(np.packbits(bits.numpy().astype(np.uint8), axis=-1))
+
+
+def input_image(out: Path, size: int = 256) -> torch.Tensor:
+    """A fixed picture (colour gradients and discs) for the image-variation runs, saved beside the
+    fixtures as uint8; returned (1, 3, H, W) in [-1, 1] as the official image transform makes it."""
+    path = out / "input_image.safetensors"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:size, 0:size] / size
+        image = np.stack([x, y, 1 - x * y], axis=-1) * 200
+        for _ in range(6):
+            cy, cx, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
+            image[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+        save_file({"image": torch.from_numpy(image.round().astype(np.uint8))}, str(path))
+    pixels = load_file(str(path))["image"].permute(2, 0, 1)[None].float().div(255)
+    return pixels + pixels - 1
 
 
 def git_commit(root: Path) -> str:
@@ -210,6 +226,13 @@ class InfinityCase:
             images.append(decode(z))
             return images[-1]
 
+        out, forced = {}, None
+        if run.get("init_scales"):  # variations of a given image: its encoded bits force the first scales
+            vae_schedule = [(1, 2 * h, 2 * w) for _, h, w in schedule] if self.patchify else schedule
+            image = input_image(self.dir.parent).repeat(len(prompts), 1, 1, 1)
+            with torch.no_grad():
+                forced = vae.encode(image, scale_schedule=vae_schedule)[3]
+            out.update({f"{key}_init_bits_{s}": pack_bits(self.token_bits(b)) for s, b in enumerate(forced)})
         lfq.indices_to_codes, vae.decode = keep_bits, keep_decoded
         try:
             with torch.no_grad(), official.exact_cross_attention(self.off.basic):
@@ -217,12 +240,12 @@ class InfinityCase:
                     vae=vae, scale_schedule=schedule, label_B_or_BLT=text, g_seed=run["seed"], B=len(prompts),
                     negative_label_B_or_BLT=negative, cfg_list=cfg_list, tau_list=tau_list, top_k=run["top_k"],
                     top_p=run["top_p"], returns_vemb=1, cfg_insertion_layer=[0], vae_type=self.d, ret_img=True,
-                    gt_leak=0, gt_ls_Bl=None, inference_mode=True,
+                    gt_leak=run.get("init_scales", 0), gt_ls_Bl=forced, inference_mode=True,
                 )
         finally:
             hook.remove()
             del lfq.indices_to_codes, vae.decode  # back to the class's methods
-        out = {f"{key}_bits_{s}": pack_bits(self.token_bits(b)) for s, b in enumerate(bits)}
+        out.update({f"{key}_bits_{s}": pack_bits(self.token_bits(b)) for s, b in enumerate(bits)})
         if run.get("images"):
             out.update(image_record(f"{key}_image", images[0]))
         if run.get("teacher_forced"):
@@ -290,6 +313,7 @@ def infinity_cases(off, out: Path) -> dict[str, dict]:
             dict(greedy, aspect="3:4", resolution=256, teacher_forced=True, images=True),
             dict(prompts=PROMPTS, cfg=3.0, tau=0.5, top_k=900, top_p=0.97, seed=7, aspect="1:1", resolution=256,
                  sampler="official"),
+            dict(greedy, aspect="1:1", resolution=256, init_scales=3),
         ], seed=1, out=out, t5=t5),
         "infinity-8b-style": InfinityCase(off, "infinity-8b-style", "infinity-8b", True, [
             dict(greedy, aspect="1:1", resolution=512, teacher_forced=True, images=True),
@@ -298,6 +322,7 @@ def infinity_cases(off, out: Path) -> dict[str, dict]:
                  cfg=[1.0, 2.0, 3.0, 3.0, 4.0, 4.0, 5.0], tau=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5]),
             dict(prompts=PROMPTS, cfg=4.0, tau=1.0, top_k=900, top_p=0.97, seed=11, aspect="1:1", resolution=256,
                  sampler="official", negative_prompt=NEGATIVE),
+            dict(greedy, aspect="1:1", resolution=256, init_scales=2),
         ], seed=2, out=out, t5=t5),
     }
     return {name: case.record() for name, case in cases.items()}
