@@ -128,6 +128,7 @@ class GenerationOutput:
     policy: AttentionPolicy | None = None  # the attention policy that ran (sparse ones have stats())
     # scales whose codes made each image (fewer than len(tokens) where adaptive skip stopped it)
     scales_used: list[int] = field(default_factory=list)
+    pixels: torch.Tensor | None = None  # the decoded images (B, 3, H, W) in [-1, 1], float32 on the CPU
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -157,6 +158,18 @@ class Pipeline:
 
     def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
         return self.spec.schedule(aspect, resolution)
+
+    @torch.inference_mode()
+    def image_tokens(self, images: torch.Tensor, schedule: Schedule) -> list[torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] -> the tokens of every scale that describe them, as the
+        official VAE encodes (the official `gt_leak` bits / indices): forcing the first scales of
+        a generation to them makes variations of the images."""
+        h, w = self.codes.latent_size(schedule.sizes[-1])
+        expected = (h * self.spec.vae.patch, w * self.spec.vae.patch)
+        if tuple(images.shape[-2:]) != expected:
+            raise SparvarError(f"images of {images.shape[-2]}x{images.shape[-1]} pixels do not fit scales up to "
+                               f"{schedule.sizes[-1]}: give {expected[0]}x{expected[1]}")
+        return self.codes.tokens_of(self.vae.latent_of(images.to(self.device)), schedule)
 
     def encode(self, conditions: Sequence, cuda_graph: bool = False) -> object:
         """Prompts -> text features and mask, or class labels/names -> label tensor."""
@@ -281,7 +294,8 @@ class Pipeline:
         }
         stages["total"] = sum(stages.values())
         used = refining.scales_used if refining is not None else [num_scales] * len(conditions)
-        return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy, used)
+        return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy, used,
+                                images.float().cpu())
 
 
 def _bundled(spec: ModelSpec, option: str) -> str | None:
@@ -293,7 +307,7 @@ def _bundled(spec: ModelSpec, option: str) -> str | None:
 
 
 def load_pipeline(
-    model: str = "infinity-demo",
+    model: str | ModelSpec = "infinity-demo",
     weights: str | None = None,
     vae: str | None = None,
     text_encoder: str | None = None,
@@ -302,7 +316,7 @@ def load_pipeline(
     random_weights: bool = False,
     seed: int = 0,
 ) -> Pipeline:
-    """A ready pipeline for a named model.
+    """A ready pipeline for a named model (or a ModelSpec: a registered one at other sizes).
 
     Official checkpoints load from local paths (`sparvar models` lists which file goes where);
     the demo model loads the weights shipped in the package unless others are given; models
@@ -322,13 +336,13 @@ def load_pipeline(
             raise SparvarError(f"{spec.name} needs " + ", ".join(f"{opt} ({spec.files[opt]})" for opt in missing))
 
     if weights is None or random_weights:
-        transformer = create_model(spec.name, device, dtype, seed)
+        transformer = create_model(spec, device, dtype, seed)
     else:
-        transformer = create_model(spec.name, "meta", dtype)
+        transformer = create_model(spec, "meta", dtype)
         state = read_state_dict(weights)
         other = guess_model(state)
         hint = f"It looks like a checkpoint of {other}; pass --model {other}." if other and other != spec.name else ""
-        load_strict(transformer, state, f"{spec.name}'s transformer ({weights})", hint)
+        load_strict(transformer, transformer.checkpoint_state(state), f"{spec.name}'s transformer ({weights})", hint)
         transformer = transformer.to(device=device, dtype=dtype).eval()
 
     if vae is None or random_weights:

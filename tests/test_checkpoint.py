@@ -56,15 +56,15 @@ def _official_module_name(key: str) -> str:
 
 def test_vae_file_with_official_module_names(tmp_path):
     spec = MODELS["infinity-tiny"]
-    decoder = create_vae(spec, seed=3).state_dict()
-    # the official module classes wrap convs and norms; the file also holds encoder and quantizer
-    wrapped = {_official_module_name(k): v for k, v in decoder.items()}
+    vae = create_vae(spec, seed=3).state_dict()
+    # the official module classes wrap convs and norms; the file also holds the quantizer's masks
+    wrapped = {_official_module_name(k): v for k, v in vae.items()}
     assert "decoder.conv_in.conv.weight" in wrapped and "decoder.norm_out.norm.weight" in wrapped
-    wrapped["encoder.conv_in.conv.weight"] = torch.zeros(3)
+    assert "encoder.down.0.downsample.conv.conv.weight" in wrapped
     wrapped["quantizer.lfq.mask"] = torch.arange(4)
     torch.save({"vae": wrapped}, tmp_path / "vae.pth")
     pipe = load_pipeline("infinity-tiny", vae=str(tmp_path / "vae.pth"), device="cpu")
-    assert _states_equal(pipe.vae.state_dict(), decoder)
+    assert _states_equal(pipe.vae.state_dict(), vae)
 
 
 def test_mismatch_lists_missing_unexpected_and_shapes(tmp_path, tiny_state):

@@ -25,7 +25,7 @@ def test_transformer_layout_and_element_count(name, elements, official_layouts):
 @pytest.mark.parametrize(
     "name,model", [("infinity-vae-d32", "infinity-2b"), ("infinity-vae-d14-patchify", "infinity-8b")]
 )
-def test_vae_decoder_layout(name, model, official_layouts):
+def test_vae_encoder_and_decoder_layout(name, model, official_layouts):
     with torch.device("meta"):
         vae = InfinityVAE(MODELS[model].vae)
     mine = {k: list(v.shape) for k, v in vae.state_dict().items()}
@@ -33,8 +33,9 @@ def test_vae_decoder_layout(name, model, official_layouts):
     official = {
         re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", k): v
         for k, v in official_layouts[name].items()
-        if k.startswith("decoder.")
+        if k.startswith(("encoder.", "decoder."))
     }
+    assert any(k.startswith("encoder.") for k in official)
     assert mine == official
 
 

@@ -26,7 +26,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 class Family:
     """The model-specific parts the sampler loop drives (see pipeline.py for how it uses them).
 
-    transformer: built from spec.transformer; prepare / forward_scale / embed_codes / guidance_weight.
+    transformer: built from spec.transformer; prepare / forward_scale / embed_codes / guidance_weight,
+    and checkpoint_state(file state) -> the state it loads (tensors a file may leave out filled in).
     decoder: built from spec.vae; decode(latent) -> images, init_weights(seed), checkpoint_state(file state).
     codes: (spec, decoder) -> tokens <-> latent logic: to_codes / accumulate / next_input.
     schedule: (spec, aspect, resolution or None) -> the scale schedule the model generates.
@@ -133,7 +134,7 @@ MODELS: dict[str, ModelSpec] = {
                 depth=6, width=128, heads=2, vae_channels=8, text_width=0, num_classes=10, block_chunks=1,
                 cfg=3.0, tau=1.0, next_input="area",  # it was trained on area-downsampled inputs
             ),
-            VAEConfig(channels=8, ch_mult=(1,), base=64),
+            VAEConfig(channels=8, ch_mult=(1,), base=64, encoder=False),  # its encoder lives in sparvar/demo
             None,
             classes=FASHION_MNIST_CLASSES,
             schedules=(infinity_schedule("1:1", 1024),),  # it was trained on this one only
@@ -187,13 +188,16 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def get_spec(name: str) -> ModelSpec:
+def get_spec(name: "str | ModelSpec") -> ModelSpec:
+    """The registered spec of a name; a spec given itself (a model of another size) is returned as is."""
+    if isinstance(name, ModelSpec):
+        return name
     if name not in MODELS:
         raise SparvarError(f"unknown model {name!r}; known models: {', '.join(MODELS)} (see `sparvar models`)")
     return MODELS[name]
 
 
-def create_model(name: str, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+def create_model(name: "str | ModelSpec", device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
     """The transformer of a named config; random weights (from `seed`) unless built on meta."""
     spec = get_spec(name)
     with torch.device("meta"):

@@ -54,6 +54,23 @@ class BitwiseCodes:
             codes = F.interpolate(codes, size=final, mode="bilinear")
         return codes if summed is None else summed + codes
 
+    def tokens_of(self, latent: torch.Tensor, schedule: Schedule) -> list[torch.Tensor]:
+        """The bits (B, h*w, bits) of every scale that describe a latent (B, c, H, W) on the final
+        latent grid, as the official VAE's multi-scale quantiser encodes it: each scale takes the
+        sign of the residual the scales before it left, area-downsampled to its grid."""
+        final = self.latent_size(schedule.sizes[-1])
+        if tuple(latent.shape[-2:]) != final:
+            raise ValueError(f"a latent of {tuple(latent.shape[-2:])} does not fit scales up to {schedule.sizes[-1]}")
+        residual, tokens = latent.float(), []
+        for size in schedule.sizes:
+            grid = self.latent_size(size)
+            bits = (F.interpolate(residual, size=grid, mode="area") if grid != final else residual) > 0
+            codes = (bits.float() * 2 - 1) / math.sqrt(self.channels)
+            residual = residual - (F.interpolate(codes, size=final, mode="bilinear") if grid != final else codes)
+            bits = F.pixel_unshuffle(bits.float(), 2) if self.patchify else bits.float()
+            tokens.append(bits.flatten(2).transpose(1, 2).long())
+        return tokens
+
     def next_input(self, summed: torch.Tensor, scale: int, schedule: Schedule) -> torch.Tensor:
         """The running sum seen at the token grid of `scale`, as transformer input (B, h*w, bits)."""
         x = F.interpolate(summed, size=self.latent_size(schedule.sizes[scale]), mode=self.next_input_mode)

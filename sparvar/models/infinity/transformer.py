@@ -335,6 +335,11 @@ class InfinityTransformer(nn.Module):
         """w in l = l_c + w (l_c - l_u): Infinity mixes cfg * l_c + (1 - cfg) * l_u at every scale."""
         return cfg - 1
 
+    @staticmethod
+    def checkpoint_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An official file's tensors as this module loads them: the same."""
+        return state
+
     def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.cfg
         return KVCache(c.depth, batch, c.heads, capacity, c.head_dim, self.dtype, self.device)

@@ -87,6 +87,15 @@ class ResidualQuantizer(nn.Module):
         return summed
 
     # ---- latent -> tokens -----------------------------------------------------------------------
+    @staticmethod
+    def latent_size(size: tuple[int, int]) -> tuple[int, int]:
+        """Latent grid of a token grid: the same (a token is one latent pixel)."""
+        return size
+
+    def tokens_of(self, f: torch.Tensor, schedule: Schedule) -> list[torch.Tensor]:
+        """Latent f (B, C, H, W) on the final grid -> token indices (B, h*w) per scale."""
+        return self.quantize(f, schedule)[0]
+
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the codeword nearest (L2) to every pixel of z (B, C, h, w) -> (B, h*w)."""
         flat = z.float().flatten(2).transpose(1, 2)

@@ -193,6 +193,10 @@ class VQVAE(nn.Module):
         """The official file's tensors already carry this module's names; all of them are used."""
         return state
 
+    def latent_of(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> the continuous latent f (B, C, H / 16, W / 16), float32."""
+        return self.quant_conv(self.encoder(images.to(self.dtype))).float()
+
     def encode(self, images: torch.Tensor, schedule: Schedule) -> list[torch.Tensor]:
         """Images -> token indices per scale, (B, h_k * w_k) each; the last scale's grid is the latent's."""
         size = tuple(images.shape[-2:])
@@ -200,8 +204,7 @@ class VQVAE(nn.Module):
         if size != expected:
             raise SparvarError(f"images of {size[0]}x{size[1]} pixels do not fit scales up to "
                                f"{schedule.sizes[-1]}: expected {expected[0]}x{expected[1]}")
-        f = self.quant_conv(self.encoder(images.to(self.dtype)))
-        return self.quantize.quantize(f, schedule)[0]
+        return self.quantize.tokens_of(self.latent_of(images), schedule)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """f_hat (B, C, h, w) -> images (B, 3, 16h, 16w) in [-1, 1], float32."""
