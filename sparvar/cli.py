@@ -171,8 +171,8 @@ def cmd_models(args) -> None:
             print(f"  classes: indices 0..{spec.num_classes - 1} (--class)")
         m = spec.transformer
         print(f"  sampling defaults: --cfg {m.cfg} --tau {m.tau} --top-k {m.top_k} --top-p {m.top_p}")
-        if spec.schedules:
-            trained = " or ".join(s.describe() for s in spec.schedules)
+        if spec.only_schedules:
+            trained = " or ".join(s.describe() for s in spec.only_schedules)
             print(f"  generates only the schedule it was trained on: {trained}")
     print(f"Infinity aspect ratios (--aspect W:H): {', '.join(INFINITY_ASPECTS)}")
     print(f"Infinity resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")

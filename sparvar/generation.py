@@ -160,8 +160,8 @@ class GenerationConfig:
 
 def check_schedule(spec: ModelSpec, schedule: Schedule) -> None:
     """Whether `spec`'s model can generate `schedule` (see `GenerationConfig.resolved`)."""
-    if spec.schedules and schedule not in spec.schedules:
-        known = " or ".join(s.describe() for s in spec.schedules)
+    if spec.only_schedules and schedule not in spec.only_schedules:
+        known = " or ".join(s.describe() for s in spec.only_schedules)
         raise SparvarError(f"{spec.name} generates only the schedule it was trained on ({known}), not "
                            f"{schedule.describe()}; skip_last (--skip-last) stops it early")
     if len(schedule) > spec.max_scales:

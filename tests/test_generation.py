@@ -1,5 +1,7 @@
 """GenerationConfig: every value checked when built, the model's defaults and schedules, the machine."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from sparvar import generation
 from sparvar.errors import SparvarError
 from sparvar.generation import MAX_SEED, GenerationConfig, kv_cache_bytes
 from sparvar.models.registry import MODELS
-from sparvar.schedules import VAR_256, infinity_schedule, parse_schedule
+from sparvar.schedules import VAR_256, VAR_512, infinity_schedule, parse_schedule
 
 
 @pytest.mark.parametrize("options,message", [
@@ -58,6 +60,8 @@ def test_resolved_fills_in_the_model_defaults_and_its_schedule():
     tall = GenerationConfig(aspect="3:4", resolution=512).resolved(MODELS["infinity-2b"])
     assert tall.schedule == infinity_schedule("3:4", 512) and (tall.aspect, tall.resolution) == ("1:1", None)
     assert tall.resolved(MODELS["infinity-2b"]) == tall  # resolving twice changes nothing
+    wider = replace(MODELS["var-tiny"], transformer=replace(MODELS["var-tiny"].transformer, schedule=VAR_512))
+    assert GenerationConfig().resolved(wider).schedule == VAR_512  # a VAR model's own schedule is its config's
 
 
 @pytest.mark.parametrize("model,schedule,message", [

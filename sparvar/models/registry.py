@@ -75,8 +75,8 @@ class ModelSpec:
     classes: tuple[str, ...] = ()  # label names of class-conditional models
     family: str = "infinity"
     bundled: dict[str, str] = field(default_factory=dict)  # CLI option -> weights file in sparvar/assets
-    # the schedules a model trained on one (or a few) generates, none else (the demo, VAR); empty:
-    # any schedule within the two limits below
+    # the schedules an Infinity model trained on one (or a few) generates, none else (the demo);
+    # empty: any within the two limits below. VAR models generate their own only (`only_schedules`).
     schedules: tuple[Schedule, ...] = ()
     max_scales: int = 15  # Infinity: the rows of its level embedding
     max_side: int = 128  # Infinity: the side of its RoPE position grid in tokens (official: 2048 / 16)
@@ -84,6 +84,13 @@ class ModelSpec:
     def bundled_path(self, option: str) -> Path | None:
         """The weights file shipped in the package for `option` (--weights, --vae), if any."""
         return ASSETS / self.bundled[option] if option in self.bundled else None
+
+    @property
+    def only_schedules(self) -> tuple[Schedule, ...]:
+        """The schedules the model can generate when they are a fixed few; empty: any within its limits."""
+        if self.family == "var":
+            return (self.transformer.schedule,)  # pos_1LC has one row per token of its own schedule
+        return self.schedules
 
     @property
     def text_conditioned(self) -> bool:
@@ -158,7 +165,6 @@ MODELS: dict[str, ModelSpec] = {
                 files={"--weights": f"var_d{depth}.pth", "--vae": "vae_ch160v4096z32.pth"},
                 resolution=256,
                 family="var",
-                schedules=(VAR_256,),
             )
             for depth in (16, 20, 24, 30)
         ],
@@ -172,7 +178,6 @@ MODELS: dict[str, ModelSpec] = {
             files={"--weights": "var_d36.pth", "--vae": "vae_ch160v4096z32.pth"},
             resolution=512,
             family="var",
-            schedules=(VAR_512,),
         ),
         ModelSpec(
             "var-tiny",
@@ -182,7 +187,6 @@ MODELS: dict[str, ModelSpec] = {
             None,
             resolution=32,
             family="var",
-            schedules=(VAR_256,),
         ),
     ]
 }
