@@ -53,7 +53,7 @@ def cmd_generate(args) -> None:
     """Everything is checked (conditions, presets, settings against the model and the machine,
     the output folder) before the model loads."""
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import check_conditions, default_dtype, load_pipeline, resolve_device
+    from sparvar.pipeline import check_conditions, check_precision, default_dtype, load_pipeline, resolve_device
 
     spec = get_spec(args.model)
     conditions = _conditions(args, spec)
@@ -75,15 +75,19 @@ def cmd_generate(args) -> None:
         combo = combination(name)
         configs[name] = GenerationConfig.build(base, attention=combo.attention, **combo.options()).resolved(spec)
     device = resolve_device(args.device)
+    check_precision(args.precision, device, default_dtype(device))
     batch_size = (args.batch_size or 1) if job else len(conditions)
     for config in configs.values():
         config.check_device(spec, device, default_dtype(device), batch_size)
     seeds = base.seeds(len(conditions))
     paths = _output_paths(args.out, conditions)
     load = lambda device: load_pipeline(  # noqa: E731
-        spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights)
+        spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights,
+        precision=args.precision)
     if job:
         weights = batch.weights_identity(spec, args.weights, args.vae, args.text_encoder, args.random_weights)
+        if args.precision != "auto":  # FP8 makes other images (older jobs recorded no precision)
+            weights["precision"] = args.precision
         items = [batch.Item(i, c, s, path) for i, (c, s, path) in enumerate(zip(conditions, seeds, paths))]
         job = batch.Job(spec.name, presets[0], configs[presets[0]], weights)
         batch.run(job, items, load, batch_size, args.device, overwrite=args.overwrite, progress=not args.quiet)

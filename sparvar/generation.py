@@ -20,13 +20,13 @@ import torch
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
+from sparvar.kv_cache import KINDS as KV_CACHES
 from sparvar.models.registry import FAMILIES, ModelSpec
 from sparvar.schedules import Schedule, parse_schedule
 from sparvar.skipping import PRUNE_PRESETS, AdaptiveSkip, PruneConfig, TokenPruning, prune_plan
 from sparvar.sparsity import PRESETS
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit integers; item i of a batch takes seed + i
-KV_CACHES = ("static", "concat")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ class GenerationConfig:
     # replay each scale and the text encoder as CUDA graphs (GPU only): the first generation of a
     # shape runs eagerly, the second captures, later ones replay
     cuda_graphs: bool = False
-    kv_cache: str = "static"  # one buffer written in place, or "concat": the official code's growing cache
+    # "static": one buffer written in place; "lean": the same without the last scale's keys (none
+    # reads them), at one prefix copy per layer; "fp8": lean with the keys and values stored in
+    # FP8 (kv_cache.py); "concat": the official code's growing cache
+    kv_cache: str = "static"
 
     def __post_init__(self):
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
@@ -95,9 +98,9 @@ class GenerationConfig:
         if not isinstance(self.cuda_graphs, bool):
             raise SparvarError(f"cuda_graphs takes True or False, not {self.cuda_graphs!r}")
         if self.kv_cache not in KV_CACHES:
-            raise SparvarError(f"kv_cache must be 'static' or 'concat', got {self.kv_cache!r}")
-        if self.kv_cache != "static" and (self.cuda_graphs or self.prune is not None):
-            raise SparvarError("CUDA graphs and token pruning need the static KV cache")
+            raise SparvarError(f"unknown kv_cache {self.kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+        if self.kv_cache == "concat" and (self.cuda_graphs or self.prune is not None):
+            raise SparvarError("CUDA graphs and token pruning need a preallocated KV cache (static, lean or fp8)")
 
     @classmethod
     def build(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
@@ -149,7 +152,7 @@ class GenerationConfig:
             raise SparvarError("cuda_graphs needs a CUDA device")
         weight, K = FAMILIES[spec.family].transformer.guidance_weight, len(self.schedule)
         guided = any(weight(k, K, self.cfg) != 0 for k in range(K))  # the batch runs twice: cond + uncond
-        need = kv_cache_bytes(spec, self.schedule, batch * (2 if guided else 1), dtype)
+        need = kv_cache_bytes(spec, self.schedule, batch * (2 if guided else 1), dtype, self.kv_cache, self.skip_last)
         have = device_memory(device)
         if have is not None and need > have:
             raise SparvarError(
@@ -177,10 +180,19 @@ def check_schedule(spec: ModelSpec, schedule: Schedule) -> None:
                                "from coarse to fine")
 
 
-def kv_cache_bytes(spec: ModelSpec, schedule: Schedule, rows: int, dtype: torch.dtype) -> int:
-    """Bytes of the KV cache: keys and values of every layer for `rows` batch rows over the schedule."""
+def kv_cache_bytes(spec: ModelSpec, schedule: Schedule, rows: int, dtype: torch.dtype, kind: str = "static",
+                   skip_last: int = 0) -> int:
+    """Bytes of a KV cache of `kind` for `rows` batch rows over the schedule: keys and values of
+    every layer (lean and fp8: of the scales before the last one run, plus one layer's staging;
+    fp8: one byte an element and a float32 scale per token and head)."""
     model = spec.transformer
-    return 2 * model.depth * rows * schedule.total * model.width * torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * rows * model.width  # keys and values of one layer
+    if kind in ("static", "concat"):
+        return model.depth * schedule.total * per_token * size
+    stored = schedule.offsets[len(schedule) - skip_last - 1]
+    element = 1 + 4 / model.head_dim if kind == "fp8" else size
+    return int(model.depth * stored * per_token * element) + schedule.total * per_token * size
 
 
 def device_memory(device: torch.device) -> int | None:

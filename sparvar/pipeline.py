@@ -25,6 +25,7 @@ from sparvar.generation import GenerationConfig
 from sparvar.graphs import ScaleGraphs
 from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
+from sparvar.models.fp8 import quantize_blocks
 from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.sampling import sample
@@ -190,11 +191,13 @@ class Pipeline:
         self._graphs = (key, ScaleGraphs(self.transformer, schedule, num_scales, prep, cache, policy, pruning))
         return self._graphs[1]
 
-    def _kv_cache(self, batch: int, capacity: int) -> KVCache:
-        key = (batch, capacity)
+    def _kv_cache(self, kind: str, batch: int, capacity: int, stored: int) -> KVCache:
+        if kind == "concat":
+            return ConcatKVCache()
+        key = (kind, batch, capacity, stored)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the old buffer before allocating the new one
-            self._cache = (key, self.transformer.new_kv_cache(batch, capacity))
+            self._cache = (key, self.transformer.new_kv_cache(batch, capacity, kind, stored))
         return self._cache[1]
 
     @torch.inference_mode()
@@ -242,11 +245,9 @@ class Pipeline:
         timer.mark("start")
         prep = self.transformer.prepare(self.encode(conditions, cuda_graphs), guidance)
         timer.mark("condition")
-        if config.kv_cache == "static":
-            cache = self._kv_cache(prep.start.shape[0], schedule.total)
-        else:
-            cache = ConcatKVCache()
         graphs, num_scales = None, len(schedule) - config.skip_last
+        # lean and FP8 caches keep no keys of the last scale that runs: none reads them
+        cache = self._kv_cache(config.kv_cache, prep.start.shape[0], schedule.total, schedule.offsets[num_scales - 1])
         if cuda_graphs:
             key = (schedule, num_scales, graph_shapes(prep), id(policy), id(pruning))
             graphs = self._graph_runner(key, prep, cache, policy, schedule, num_scales, pruning)
@@ -298,6 +299,23 @@ class Pipeline:
                                 images.float().cpu())
 
 
+PRECISIONS = ("auto", "fp8")
+
+
+def check_precision(precision: str, device: torch.device, dtype: torch.dtype) -> None:
+    """`auto`: the matmuls in `dtype`; `fp8`: the blocks' in FP8, where the machine has FP8 matmuls."""
+    if precision not in PRECISIONS:
+        raise SparvarError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp8":
+        return
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            raise SparvarError(f"precision fp8 needs a GPU with FP8 matmuls (Ada or Hopper, compute capability "
+                               f"8.9+); {torch.cuda.get_device_name(device)} has none")
+        if dtype != torch.bfloat16:
+            raise SparvarError(f"precision fp8 runs with dtype bfloat16 on the GPU, not {dtype}")
+
+
 def _bundled(spec: ModelSpec, option: str) -> str | None:
     """The weights shipped in the package for `option`, if the model has any."""
     path = spec.bundled_path(option)
@@ -315,6 +333,7 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     random_weights: bool = False,
     seed: int = 0,
+    precision: str = "auto",
 ) -> Pipeline:
     """A ready pipeline for a named model (or a ModelSpec: a registered one at other sizes).
 
@@ -323,10 +342,14 @@ def load_pipeline(
     that need no files build the parts not given with random weights (seeded).
     `random_weights=True` builds every part with random weights (benchmarks, tests).
     bf16 on GPU, float32 on CPU unless `dtype` says otherwise.
+    precision "fp8": the transformer blocks' projections run as FP8 matmuls (models/fp8.py), their
+    weights quantised as they load (random weights are drawn in `dtype` first, so an FP8 pipeline
+    holds the quantised weights of the same-seeded full-precision one).
     """
     spec = get_spec(model)
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
+    check_precision(precision, device, dtype)
     if not random_weights:
         weights = weights or _bundled(spec, "--weights")
         vae = vae or _bundled(spec, "--vae")
@@ -337,13 +360,18 @@ def load_pipeline(
 
     if weights is None or random_weights:
         transformer = create_model(spec, device, dtype, seed)
+        if precision == "fp8":
+            quantize_blocks(transformer)
     else:
         transformer = create_model(spec, "meta", dtype)
         state = read_state_dict(weights)
         other = guess_model(state)
         hint = f"It looks like a checkpoint of {other}; pass --model {other}." if other and other != spec.name else ""
         load_strict(transformer, transformer.checkpoint_state(state), f"{spec.name}'s transformer ({weights})", hint)
-        transformer = transformer.to(device=device, dtype=dtype).eval()
+        transformer = transformer.to(dtype=dtype)
+        if precision == "fp8":  # layer by layer onto the device, so only FP8 weights pile up there
+            quantize_blocks(transformer, device)
+        transformer = transformer.to(device=device).eval()
 
     if vae is None or random_weights:
         decoder = create_vae(spec, device, dtype, seed)

@@ -71,7 +71,9 @@ def _interpreter_fixes():
     - tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584, unsupported upstream);
       upcast bf16 operands to float32 first, which the tensor cores compute exactly.
     - triton 3.6 turns a loaded scalar into an index with int() of a 1-element array, which
-      numpy 2 refuses (later versions squeeze it first)."""
+      numpy 2 refuses (later versions squeeze it first).
+    - float32 -> e4m3 casts lose the carry of a mantissa that rounds up into the next power of
+      two (127.6 becomes 64, not 128: the exponent bits are OR-ed, not added); cast with torch."""
     if ON_GPU:
         yield
         return
@@ -81,6 +83,7 @@ def _interpreter_fixes():
     from triton.runtime.jit import JITFunction
 
     real_dot = InterpreterBuilder.create_dot
+    real_fp_to_fp = InterpreterBuilder.create_fp_to_fp
     real_patch_tensor = interpreter._patch_lang_tensor
     watched = [(tl.tensor, "to"), (tl.tensor, "__index__"), (tl.core, "reduce"), (tl.math, "exp2")]
     compiled_lang = [getattr(obj, name, None) for obj, name in watched]
@@ -91,6 +94,12 @@ def _interpreter_fixes():
         if b.dtype.scalar == tl.bfloat16:
             b = self.cast_impl(b, tl.float32)
         return real_dot(self, a, b, *args, **kwargs)
+
+    def fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar != tl.float8e4nv or src.dtype.scalar != tl.float32:
+            return real_fp_to_fp(self, src, dst_type, rounding_mode)
+        data = torch.from_numpy(src.data.copy()).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return interpreter.TensorHandle(data, dst_type.scalar)
 
     def patch_tensor(tensor, scope):
         real_patch_tensor(tensor, scope)
@@ -105,6 +114,7 @@ def _interpreter_fixes():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(InterpreterBuilder, "create_dot", dot)
+        mp.setattr(InterpreterBuilder, "create_fp_to_fp", fp_to_fp)
         mp.setattr(interpreter, "_patch_lang_tensor", patch_tensor)
         mp.setattr(JITFunction, "__call__", nested_call)
         mp.setattr(InterpretedFunction, "__call__", nested_call)
@@ -342,7 +352,13 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
 
 @pytest.mark.parametrize("name,pointers,constexprs,num_warps", [
     ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", X_OUT="*fp32",
-                              OUT="*bf16", eps="fp32"), dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, BLOCK=4096), 16),
+                              OUT="*bf16", SCALE="*fp32", eps="fp32"),
+     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, QUANT=False, BLOCK=4096), 16),
+    ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", X_OUT="*fp32",
+                              OUT="*fp8e4nv", SCALE="*fp32", eps="fp32"),
+     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, QUANT=True, BLOCK=4096), 16),
+    ("_quantize_rows_kernel", dict(X="*bf16", Q="*fp8e4nv", SCALE="*fp32"), dict(GELU=True, BLOCK=16384), 16),
+    ("_dequantize_rows_kernel", dict(SRC="*fp8e4nv", SCALE="*fp32", DST="*bf16"), dict(D=128, BLOCK=32), 4),
     ("_qkv_heads_kernel", dict(QKV="*bf16", LOG_SCALE="*bf16", COS="*fp32", SIN="*fp32", Q="*bf16", K="*bf16",
                                V="*bf16"), dict(HAS_ROPE=True, ROPE_PER_ROW=False, WRITE_V=True, D=128, BLOCK_H=32), 8),
     ("_channel_sums_kernel", dict(X="*bf16", PIVOT="*fp32", SUMS="*fp32"), dict(CHUNK=256, BLOCK_P=32, BLOCK_C=128), 4),
@@ -387,6 +403,54 @@ def test_add_norm_matches_reference(poisoned, b, n, c, branch, gate, mul, dtype)
     else:
         only_x, none = kernels_fused.add_norm_triton(x, y, g, None, None, 0.0, None)
         assert none is None and torch.equal(only_x, new_x)
+
+
+def assert_fp8_rows_close(rows, ref):
+    """Scales within float rounding; FP8 values within one e4m3 step where a division rounded
+    differently (a value near a rounding boundary)."""
+    torch.testing.assert_close(rows.scale, ref.scale, rtol=1e-5, atol=0)
+    steps = (rows.data.view(torch.uint8).int() - ref.data.view(torch.uint8).int()).abs()
+    assert rows.data.dtype == torch.float8_e4m3fn and steps.max() <= 1 and (steps > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("b,n,c", [(2, 5, 96), (1, 1, 130)])
+@pytest.mark.parametrize("branch", [False, True])
+def test_add_norm_fp8_matches_reference(poisoned, b, n, c, branch):
+    gen = torch.Generator().manual_seed(b * 1000 + n * 10 + c)
+    x = (torch.randn(b, n, c, generator=gen) * 3 + 1).to(DEVICE)
+    y = torch.randn(b, n, c, generator=gen).to(DEVICE, torch.bfloat16) if branch else None
+    m, a = _vector("item", b, c, gen), _vector("item", b, c, gen)
+    fp8 = kernels_fused.FP8
+    new_x, rows = kernels_fused.add_norm_triton(x, y, None, m, a, 1e-6, fp8)
+    ref_x, ref = kernels_fused.add_norm_reference(x, y, None, m, a, 1e-6, fp8)
+    torch.testing.assert_close(new_x, ref_x, rtol=1e-6, atol=1e-6)
+    assert rows.shape == (b, n, c) and rows.scale.shape == (b, n, 1)
+    assert_fp8_rows_close(rows, ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 100), (2, 5, 64), (1, 1, 300)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_quantize_rows_matches_reference(poisoned, shape, gelu):
+    x = (torch.randn(shape) * 4).to(DEVICE, torch.bfloat16)
+    x[0, ..., :] = 0  # an all-zero row keeps a finite scale and quantises to zeros
+    rows, ref = kernels_fused.quantize_rows_triton(x, gelu), kernels_fused.quantize_rows_reference(x, gelu)
+    assert rows.shape == shape and rows.scale.shape == (*shape[:-1], 1)
+    assert_fp8_rows_close(rows, ref)
+    assert (rows.data[0].float() == 0).all() and (rows.scale > 0).all()
+    dequantised = rows.data.float() * rows.scale  # within half an e4m3 step (2^-4 relative) of the input
+    source = torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x.float()
+    assert ((dequantised - source).abs() <= (source.abs() / 16 + rows.scale * 2**-10) * 1.001).all()
+
+
+@pytest.mark.parametrize("length,d", [(1, 16), (37, 64), (130, 128)])
+def test_dequantize_rows_writes_into_strided_views(poisoned, length, d):
+    """The FP8 KV cache's prefix (B, H planes of a longer stored buffer) into its staging buffer."""
+    rows = kernels_fused.quantize_rows_reference(torch.randn(2, 2, 3, length + 5, d) * 3)
+    data, scale = rows.data[1].to(DEVICE), rows.scale[1].to(DEVICE)  # one layer of a (layers, ...) cache
+    staging = torch.full((2, 3, length + 9, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    kernels_fused.dequantize_rows(data[:, :, :length], scale[:, :, :length], staging[:, :, :length])
+    ref = (data[:, :, :length].float() * scale[:, :, :length]).to(torch.bfloat16)
+    assert torch.equal(staging[:, :, :length], ref) and staging[:, :, length:].isnan().all()
 
 
 @pytest.mark.parametrize("b,n,heads,d", [(2, 5, 3, 64), (1, 1, 1, 16), (2, 9, 5, 128)])

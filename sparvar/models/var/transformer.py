@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache
+from sparvar.kv_cache import KVCache, make_kv_cache
 from sparvar.models.fused import add_norm, gated_add
 from sparvar.models.infinity.transformer import FFN, Attend, CachedAttend, HeadNorm, SelfAttention, adaptive_norm
 from sparvar.schedules import VAR_256, Schedule
@@ -148,9 +148,11 @@ class VARTransformer(nn.Module):
         """w in l = l_c + w (l_c - l_u): VAR ramps t = cfg * k / (K - 1) from 0 at the first scale."""
         return cfg * scale / max(num_scales - 1, 1)
 
-    def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
+        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
         c = self.cfg
-        return KVCache(c.depth, batch, c.heads, capacity, c.head_dim, self.dtype, self.device)
+        stored = capacity if stored is None else stored
+        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
 
     def init_weights(self, seed: int = 0) -> "VARTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
