@@ -62,11 +62,14 @@ class Job:
     def settings(self) -> dict:
         """The job's record in OUT/job.json: what a rerun into the same folder must repeat."""
         c = self.config
-        return {
+        settings = {
             "model": self.model, **self.weights, "attention": c.attention, "skip_last": c.skip_last,
             "prune": c.prune, "adaptive_skip": c.adaptive_skip, "cfg": c.cfg, "tau": c.tau, "top_k": c.top_k,
             "top_p": c.top_p, "seed_base": c.seed, "schedule": c.schedule.describe(), "cuda_graphs": c.cuda_graphs,
         }
+        if c.kv_cache == "fp8":  # moves the images (older jobs recorded no cache; the others keep them)
+            settings["kv_cache"] = c.kv_cache
+        return settings
 
     def generate(self, pipe: Pipeline, batch: list[Item]):
         return pipe([item.condition for item in batch], self.config, seed=[item.seed for item in batch],

@@ -46,7 +46,8 @@ def _generation_config(args) -> GenerationConfig:
     """The sampling and schedule options of `generate` (and `plan`'s schedule), checked."""
     return GenerationConfig(
         seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, aspect=args.aspect,
-        resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs)
+        resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs,
+        kv_cache=args.kv_cache)
 
 
 def cmd_generate(args) -> None:
@@ -83,7 +84,7 @@ def cmd_generate(args) -> None:
     paths = _output_paths(args.out, conditions)
     load = lambda device: load_pipeline(  # noqa: E731
         spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights,
-        precision=args.precision)
+        precision=args.precision, offload=args.offload)
     if job:
         weights = batch.weights_identity(spec, args.weights, args.vae, args.text_encoder, args.random_weights)
         if args.precision != "auto":  # FP8 makes other images (older jobs recorded no precision)
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cuda-graphs", action="store_true",
                      help="replay each scale as a CUDA graph: faster for many batches of one shape (the first "
                      "two batches of a shape warm up and capture)")
+    gen.add_argument("--kv-cache", default="static",
+                     help="static: every scale's keys in one buffer; lean: without the last scale's (none reads "
+                     "them; 39%% less at 1024x1024, one copy per layer); fp8: lean and stored in FP8 (half again)")
     gen.add_argument("--random-weights", action="store_true",
                      help="random weights for every part, no files needed (for benchmarks: the images are noise)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")

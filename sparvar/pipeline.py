@@ -28,6 +28,7 @@ from sparvar.kv_cache import ConcatKVCache, KVCache
 from sparvar.models.fp8 import quantize_blocks
 from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
+from sparvar.offload import BlockStream, OffloadedModule, move_except_blocks
 from sparvar.sampling import sample
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning, resolve_adaptive, resolve_pruning
@@ -141,11 +142,13 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class Pipeline:
     """The model-independent sampler loop over a family's parts (registry.Family says what they do)."""
 
-    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder: TextEncoder | None = None):
+    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder: TextEncoder | None = None,
+                 text_offload: OffloadedModule | None = None):
         self.spec = spec
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
+        self.text_offload = text_offload  # the text encoder's weights visit the GPU only to encode
         self.codes = FAMILIES[spec.family].codes(spec, vae)
         self._cache: tuple[tuple, KVCache] | None = None
         self._policies: dict[str, AttentionPolicy] = {}  # named policies kept for graph replays
@@ -175,6 +178,12 @@ class Pipeline:
     def encode(self, conditions: Sequence, cuda_graph: bool = False) -> object:
         """Prompts -> text features and mask, or class labels/names -> label tensor."""
         check_conditions(self.spec, conditions)
+        if self.spec.text_conditioned and self.text_offload is not None:
+            self.text_offload.bring()
+            try:  # no graphs: the weights sit at another address at every visit
+                return self.text_encoder(list(conditions))
+            finally:
+                self.text_offload.release()
         if self.spec.text_conditioned:
             return self.text_encoder(list(conditions), cuda_graph=cuda_graph)
         return torch.tensor(labels_of(self.spec, conditions), device=self.device)
@@ -222,6 +231,8 @@ class Pipeline:
             raise SparvarError("nothing to generate: give at least one prompt or class")
         config = GenerationConfig.build(config, **options).resolved(self.spec)
         config.check_device(self.spec, self.device, self.transformer.dtype, len(conditions))
+        if config.cuda_graphs and self.transformer.stream is not None:
+            raise SparvarError("offload 'blocks' streams the weights through the GPU: run it without CUDA graphs")
         schedule, tau, top_k, top_p = config.schedule, config.tau, config.top_k, config.top_p
         attention, prune, cuda_graphs = config.attention, config.prune, config.cuda_graphs
         seeds = config.seeds(len(conditions))
@@ -283,6 +294,10 @@ class Pipeline:
             timer.mark(f"scale {k}")
             if stopped:
                 break
+        if self.text_offload is not None or self.transformer.stream is not None:
+            cache = None  # memory modes: the cache is made again for each generation, so that
+            if graphs is None:  # neither the text encoder nor the decoder meets it (graphs keep theirs)
+                self._cache = None
         images = self.vae.decode(summed)
         timer.mark("decode")
 
@@ -300,6 +315,7 @@ class Pipeline:
 
 
 PRECISIONS = ("auto", "fp8")
+OFFLOADS = (None, "text", "blocks")
 
 
 def check_precision(precision: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -334,6 +350,7 @@ def load_pipeline(
     random_weights: bool = False,
     seed: int = 0,
     precision: str = "auto",
+    offload: str | None = None,
 ) -> Pipeline:
     """A ready pipeline for a named model (or a ModelSpec: a registered one at other sizes).
 
@@ -345,11 +362,18 @@ def load_pipeline(
     precision "fp8": the transformer blocks' projections run as FP8 matmuls (models/fp8.py), their
     weights quantised as they load (random weights are drawn in `dtype` first, so an FP8 pipeline
     holds the quantised weights of the same-seeded full-precision one).
+    offload "text": the text encoder waits in CPU memory between encodings; "blocks": that, and
+    the transformer blocks stream from CPU memory (offload.py; random weights are drawn on the
+    device first).
     """
     spec = get_spec(model)
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     check_precision(precision, device, dtype)
+    if offload not in OFFLOADS:
+        raise SparvarError(f"unknown offload {offload!r}; choose one of {', '.join(map(str, OFFLOADS))}")
+    if offload == "text" and not spec.text_conditioned:
+        raise SparvarError(f"offload 'text': {spec.name} has no text encoder")
     if not random_weights:
         weights = weights or _bundled(spec, "--weights")
         vae = vae or _bundled(spec, "--vae")
@@ -362,16 +386,23 @@ def load_pipeline(
         transformer = create_model(spec, device, dtype, seed)
         if precision == "fp8":
             quantize_blocks(transformer)
+        if offload == "blocks":
+            transformer.stream = BlockStream(transformer.blocks, device)
     else:
         transformer = create_model(spec, "meta", dtype)
         state = read_state_dict(weights)
         other = guess_model(state)
         hint = f"It looks like a checkpoint of {other}; pass --model {other}." if other and other != spec.name else ""
         load_strict(transformer, transformer.checkpoint_state(state), f"{spec.name}'s transformer ({weights})", hint)
-        transformer = transformer.to(dtype=dtype)
+        transformer = transformer.to(dtype=dtype).eval()
+        streamed = offload == "blocks"
         if precision == "fp8":  # layer by layer onto the device, so only FP8 weights pile up there
-            quantize_blocks(transformer, device)
-        transformer = transformer.to(device=device).eval()
+            quantize_blocks(transformer, "cpu" if streamed else device)
+        if streamed:
+            move_except_blocks(transformer, device)
+            transformer.stream = BlockStream(transformer.blocks, device)
+        else:
+            transformer = transformer.to(device=device)
 
     if vae is None or random_weights:
         decoder = create_vae(spec, device, dtype, seed)
@@ -387,5 +418,6 @@ def load_pipeline(
             encoder = TextEncoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
         else:
             encoder = TextEncoder.from_folder(text_encoder, device, dtype, spec.transformer.text_max_len)
-    return Pipeline(spec, transformer, decoder, encoder)
+    text_offload = OffloadedModule(encoder.model, device) if encoder is not None and offload else None
+    return Pipeline(spec, transformer, decoder, encoder, text_offload)
 

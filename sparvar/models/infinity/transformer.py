@@ -320,6 +320,11 @@ class InfinityTransformer(nn.Module):
         self.head_nm = HeadNorm(c, cfg.norm_eps)
         self.head = nn.Linear(c, 2 * cfg.bits)
         self._ropes: dict = {}
+        self.stream = None  # an offload.BlockStream when the blocks stream from CPU memory
+
+    def block(self, layer: int) -> Block:
+        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
+        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
 
     @property
     def blocks(self) -> list[Block]:
@@ -385,7 +390,7 @@ class InfinityTransformer(nn.Module):
             text_tokens = self.text_proj_for_ca(feats)
             # the mask in the additive form SDPA would otherwise make from it in every call
             bias = torch.zeros(mask.shape, device=mask.device, dtype=dtype).masked_fill(~mask, float("-inf"))
-            text = [(b.ca.text_kv(text_tokens), bias) for b in self.blocks]
+            text = [(self.block(i).ca.text_kv(text_tokens), bias) for i in range(self.cfg.depth)]
         else:
             labels = condition
             if guidance:
@@ -394,7 +399,7 @@ class InfinityTransformer(nn.Module):
             text = None
         gss = self.shared_ada_lin(cond.to(dtype)).float().view(-1, 1, 6, self.cfg.width)
         # every block's modulation once per generation, not at every scale (small scales are launch-bound)
-        mods = torch.stack([b.ada_gss[0] for b in self.blocks]).float()[:, None] + gss
+        mods = torch.stack([self.block(i).ada_gss[0].clone() for i in range(self.cfg.depth)]).float()[:, None] + gss
         mods = mods + torch.tensor([0, 0, 1, 1, 0, 0], device=mods.device, dtype=mods.dtype)[:, None]
         start = cond[:, None] + self.pos_start.float()
         return Prepared(start=start, cond=cond, mods=mods, text=text)
@@ -412,9 +417,8 @@ class InfinityTransformer(nn.Module):
 
     # ---- the transformer ----------------------------------------------------------------
     def _blocks(self, x, prep: Prepared, rope, attend: Attend, layers: range | None = None) -> torch.Tensor:
-        blocks = self.blocks
-        for layer in range(len(blocks)) if layers is None else layers:
-            x = blocks[layer](x, prep.mods[layer], prep.text, rope, attend, layer)
+        for layer in range(self.cfg.depth) if layers is None else layers:
+            x = self.block(layer)(x, prep.mods[layer], prep.text, rope, attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,12 @@ class VARTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_nm = HeadNorm(c, cfg.norm_eps)
         self.head = nn.Linear(c, cfg.vocab)
+        self.stream = None  # an offload.BlockStream when the blocks stream from CPU memory
         self._fill_buffers()
+
+    def block(self, layer: int) -> Block:
+        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
+        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
 
     @staticmethod
     def _levels(schedule: Schedule, device=None) -> torch.Tensor:
@@ -187,7 +192,7 @@ class VARTransformer(nn.Module):
         shared = None
         if self.shared_ada_lin is not None:
             shared = self.shared_ada_lin(cond.to(self.dtype)).float().view(-1, 1, 6, self.cfg.width)
-        mods = [block.modulation(cond, shared) for block in self.blocks]
+        mods = [self.block(i).modulation(cond, shared) for i in range(len(self.blocks))]
         return Prepared(start=cond[:, None] + self.pos_start.float(), cond=cond, mods=mods)
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -197,7 +202,7 @@ class VARTransformer(nn.Module):
     # ---- the transformer ----------------------------------------------------------------
     def _blocks(self, x, prep: Prepared, attend: Attend, layers: range | None = None) -> torch.Tensor:
         for layer in range(len(self.blocks)) if layers is None else layers:
-            x = self.blocks[layer](x, prep.mods[layer], attend, layer)
+            x = self.block(layer)(x, prep.mods[layer], attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
