@@ -58,6 +58,9 @@ class GenerationConfig:
     # reads them), at one prefix copy per layer; "fp8": lean with the keys and values stored in
     # FP8 (kv_cache.py); "concat": the official code's growing cache
     kv_cache: str = "static"
+    # the VAE decoder in bands of rows with its maps in CPU memory (Infinity): True always; None
+    # only when the whole decode runs out of GPU memory; False never
+    tiled_decode: bool | None = None
 
     def __post_init__(self):
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
@@ -99,6 +102,8 @@ class GenerationConfig:
             raise SparvarError(f"cuda_graphs takes True or False, not {self.cuda_graphs!r}")
         if self.kv_cache not in KV_CACHES:
             raise SparvarError(f"unknown kv_cache {self.kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+        if self.tiled_decode not in (True, False, None):
+            raise SparvarError(f"tiled_decode takes True, False or None, not {self.tiled_decode!r}")
         if self.kv_cache == "concat" and (self.cuda_graphs or self.prune is not None):
             raise SparvarError("CUDA graphs and token pruning need a preallocated KV cache (static, lean or fp8)")
 
@@ -126,6 +131,8 @@ class GenerationConfig:
         if not self.skip_last < len(schedule):
             raise SparvarError(
                 f"skip_last must be in 0..{len(schedule) - 1} for {len(schedule)} scales, got {self.skip_last}")
+        if self.tiled_decode and not hasattr(FAMILIES[spec.family].decoder, "decode_tiled"):
+            raise SparvarError(f"{spec.name}'s decoder has no tiled decode (it attends over the whole image)")
         if self.prune is not None:  # settings that do not fit the model fail here, not at the pruned scale
             prune_plan(_prune_config(self.prune), model.depth, schedule)
         return replace(

@@ -298,7 +298,7 @@ class Pipeline:
             cache = None  # memory modes: the cache is made again for each generation, so that
             if graphs is None:  # neither the text encoder nor the decoder meets it (graphs keep theirs)
                 self._cache = None
-        images = self.vae.decode(summed)
+        images = self._decode(summed, config.tiled_decode)
         timer.mark("decode")
 
         seconds = timer.seconds()
@@ -312,6 +312,18 @@ class Pipeline:
         used = refining.scales_used if refining is not None else [num_scales] * len(conditions)
         return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy, used,
                                 images.float().cpu())
+
+    def _decode(self, latent: torch.Tensor, tiled: bool | None) -> torch.Tensor:
+        """The decoder's images, whole or in bands (tiled_decode in GenerationConfig)."""
+        if tiled:
+            return self.vae.decode_tiled(latent)
+        try:
+            return self.vae.decode(latent)
+        except torch.cuda.OutOfMemoryError:
+            if tiled is False or not hasattr(self.vae, "decode_tiled"):
+                raise
+        torch.cuda.empty_cache()  # out of the handler, so the failed decode's maps are gone
+        return self.vae.decode_tiled(latent)
 
 
 PRECISIONS = ("auto", "fp8")

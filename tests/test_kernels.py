@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -192,6 +193,66 @@ def test_sparse_matches_reference(poisoned, b, h, tdims, lq, lk, d, q_block, key
         assert torch.allclose(lse[~torch.isinf(lse)], ref_lse.expand_as(lse)[~torch.isinf(lse)], atol=1e-3)
 
 
+FP8_CASES = [
+    pytest.param(2, 3, (1, 3), 130, 300, 128, 64, 128, {}, id="block-d128"),
+    pytest.param(1, 2, (1, 1), 140, 333, 64, 128, 32, {}, id="key32-two-per-tile"),
+    pytest.param(2, 2, (2, 2), 130, 333, 64, 64, 1, {}, id="gather-tokens"),
+    pytest.param(1, 2, (1, 2), 150, 290, 64, 64, 64, dict(warp_specialize=True), id="block64-warp-specialize"),
+]
+
+
+def _dequantised(x8, scale):
+    return x8.float() * scale[..., None]
+
+
+@pytest.mark.parametrize("b,h,tdims,lq,lk,d,q_block,key_block,opts", FP8_CASES)
+@pytest.mark.parametrize("fp8_v", [False, True])
+def test_fp8_sparse_matches_the_reference_of_its_quantised_inputs(poisoned, b, h, tdims, lq, lk, d, q_block,
+                                                                   key_block, opts, fp8_v):
+    """FP8 q, k (and v) with row scales: the float reference of the dequantised inputs, and FP8
+    error against the bf16 inputs; cosine-attention-like q (unit rows times a temperature)."""
+    q = torch.nn.functional.normalize(torch.randn(b, h, lq, d), dim=-1).to(DEVICE, torch.bfloat16) * 4
+    k, v = cache_views(b, h, lk, d, torch.bfloat16)
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(torch.bfloat16)
+    table = random_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
+    q8, qs = kernels_sparse.quantize_heads(q)
+    k8, ks = kernels_sparse.quantize_heads(k)
+    v8, vs = kernels_sparse.quantize_heads(v) if fp8_v else (v, None)
+    out, lse = kernels_sparse.triton_sparse_attention(q8, k8, v8, table, 1.0, return_lse=True, q_scale=qs,
+                                                      k_scale=ks, v_scale=vs, **opts)
+    v_ref = _dequantised(v8, vs) if fp8_v else v
+    ref, ref_lse = reference_sparse_attention(_dequantised(q8, qs), _dequantised(k8, ks), v_ref, table, 1.0,
+                                              return_lse=True)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, ref) < BF16_TOL
+    seen = ~torch.isinf(ref_lse.expand_as(lse))
+    assert torch.allclose(lse[seen], ref_lse.expand_as(lse)[seen], atol=1e-3)
+    assert rel_err(out, reference_sparse_attention(q, k, v, table, 1.0)) < 0.08
+
+
+def test_fp8_inputs_need_their_scales():
+    q = torch.randn(1, 1, 64, 64, device=DEVICE).to(torch.float8_e4m3fn)
+    v = torch.randn(1, 1, 64, 64, device=DEVICE, dtype=torch.bfloat16)
+    table = random_table(1, 1, 64, 64, 64, 64)
+    with pytest.raises(SparvarError, match="row scales"):
+        kernels_sparse.triton_sparse_attention(q, q, v, table, 1.0)
+    scale = torch.ones(1, 1, 64, device=DEVICE)
+    with pytest.raises(SparvarError, match="FP8 together"):
+        kernels_sparse.triton_sparse_attention(q, v, v, table, 1.0, q_scale=scale)
+
+
+@pytest.mark.parametrize("fp8_v", [False, True])
+def test_fp8_colsum_matches_the_reference_of_its_quantised_inputs(poisoned, fp8_v):
+    q = torch.nn.functional.normalize(torch.randn(2, 2, 200, 64), dim=-1).to(DEVICE, torch.bfloat16) * 4
+    k, v = cache_views(2, 2, 300, 64, torch.bfloat16)
+    (q8, qs), (k8, ks) = kernels_sparse.quantize_heads(q), kernels_sparse.quantize_heads(k)
+    v8, vs = kernels_sparse.quantize_heads(v) if fp8_v else (v, None)
+    out, colsum = kernels_decision.triton_attention_colsum(q8, k8, v8, 64, 1.0, q_scale=qs, k_scale=ks, v_scale=vs)
+    ref, ref_colsum = reference_attention_colsum(_dequantised(q8, qs), _dequantised(k8, ks),
+                                                 _dequantised(v8, vs) if fp8_v else v, 64, 1.0)
+    assert rel_err(out, ref) < BF16_TOL and rel_err(colsum, ref_colsum) < 1e-3
+
+
 def test_block_mode_uses_tma_only_where_the_views_allow():
     k = torch.randn(1, 2, 100, 64, dtype=torch.float16, device=DEVICE)
     assert kernels_sparse.tma_ready(k) and kernels_sparse.tma_ready(k[:, :, 3:])
@@ -339,13 +400,27 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     bf, kv = "*bf16", "tensordesc<bf16[1,1,128,128]>" if tma else "*bf16"
     k = _compile_for_hopper(
         compiled_sparse._sparse_attention_kernel,
-        dict(Q=bf, K=kv, V=kv, O=bf, LSE="*fp32", COUNTS="*i32", INDICES="*i32"),
+        dict(Q=bf, K=kv, V=kv, O=bf, LSE="*fp32", COUNTS="*i32", INDICES="*i32", QS="*fp32", KS="*fp32", VS="*fp32"),
         dict(Q_BLOCK=128, KEY_BLOCK=128, BLOCK_M=128, BLOCK_N=128, HEAD_DIM=128, USE_TMA=tma, RETURN_LSE=True),
         num_warps=8, num_stages=3)
     assert "wgmma.mma_async" in k.asm["ptx"]
+    fp8 = "tensordesc<fp8e4nv[1,1,64,128]>" if tma else "*fp8e4nv"
+    k = _compile_for_hopper(
+        compiled_sparse._sparse_attention_kernel,
+        dict(Q="*fp8e4nv", K=fp8, V=fp8, O=bf, LSE="*fp32", COUNTS="*i32", INDICES="*i32", QS="*fp32", KS="*fp32",
+             VS="*fp32"),
+        dict(Q_BLOCK=128, KEY_BLOCK=128, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128, USE_TMA=tma, RETURN_LSE=False,
+             FP8_QK=True, FP8_V=True), num_warps=4, num_stages=3)
+    assert re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", k.asm["ptx"])  # QK^T at the FP8 rate
+    k = _compile_for_hopper(  # Triton's automatic warp specialisation of the key loop builds too
+        compiled_sparse._sparse_attention_kernel,
+        dict(Q=bf, K=kv, V=kv, O=bf, LSE="*fp32", COUNTS="*i32", INDICES="*i32", QS="*fp32", KS="*fp32", VS="*fp32"),
+        dict(Q_BLOCK=128, KEY_BLOCK=128, BLOCK_M=128, BLOCK_N=128, HEAD_DIM=128, USE_TMA=tma, RETURN_LSE=False,
+             WARP_SPECIALIZE=True), num_warps=8, num_stages=3)
+    assert "wgmma.mma_async" in k.asm["ptx"]
     q = "tensordesc<bf16[1,1,64,128]>" if tma else "*bf16"
     k = _compile_for_hopper(
-        compiled_decision._colsum_kernel, dict(Q=q, K=kv, LSE="*fp32", PART="*fp32"),
+        compiled_decision._colsum_kernel, dict(Q=q, K=kv, LSE="*fp32", PART="*fp32", QS="*fp32", KS="*fp32"),
         dict(BLOCK_N=128, BLOCK_M=64, HEAD_DIM=128, USE_TMA=tma), num_warps=4, num_stages=3)
     assert "wgmma.mma_async" in k.asm["ptx"]
 
