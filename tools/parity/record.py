@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
@@ -24,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import official  # noqa: E402
+from sparvar.bench import official
 
 TEXT_CHANNELS = 128  # the official attentive pooling needs text width >= 128 (heads of 128)
 T5_CONFIG = dict(
