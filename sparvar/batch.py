@@ -1,12 +1,18 @@
 """Batch jobs: many images, resumable, in one process or in several under torchrun.
 
-A job is a list of items (index, condition, seed = --seed + index, file). Items whose file
-exists are skipped, so rerunning a job resumes it. The rest are cut into batches of
-`batch_size` in item order and batch j goes to process j % world_size: a batch holds the same
-items whatever the number of processes, so an image comes out the same with 1 or N GPUs (the
-sampled tokens of an item can depend on what else is in its batch, through the last bits of
-batched matrix products). Every finished batch appends one JSON line per image to
-`manifest.jsonl` beside the images, under an exclusive file lock so processes never mix lines.
+A job is a list of items (index, condition, seed = --seed + index, file) and the settings every
+image shares, recorded in `job.json` beside the images before the first one is made: a rerun
+into the same folder must repeat them (or pass --overwrite), so a folder never mixes settings.
+
+Every batch appends one JSON line per image to `manifest.jsonl` (under an exclusive file lock, so
+processes never mix lines), then writes its images, each under another name and renamed. An item
+is done when its line is there and its file is a whole PNG; anything else is made again, so a
+process killed at any point leaves no image without a line, and a rerun resumes the job.
+
+The missing items are cut into batches of `batch_size` in item order and batch j goes to process
+j % world_size: a batch holds the same items whatever the number of processes, so an image comes
+out the same with 1 or N GPUs (the sampled tokens of an item can depend on what else is in its
+batch, through the last bits of batched matrix products).
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from sparvar.checkpoint import fingerprint
 from sparvar.errors import SparvarError
+from sparvar.generation import GenerationConfig
+from sparvar.models.registry import ModelSpec
 from sparvar.pipeline import Pipeline, resolve_device
-from sparvar.schedules import Schedule
-from sparvar.skipping import combination
 
 MANIFEST = "manifest.jsonl"
+SETTINGS = "job.json"
+_PNG_START = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that closes every PNG
 
 
 @dataclass(frozen=True)
@@ -42,29 +52,38 @@ class Item:
 
 @dataclass(frozen=True)
 class Job:
-    """The settings every image of a job shares; each manifest line repeats them."""
+    """What every image of a job shares."""
 
     model: str
-    attention: str
-    cfg: float
-    tau: float
-    top_k: int
-    top_p: float
-    schedule: Schedule
-    cuda_graphs: bool = False
-    random_weights: bool = False
+    preset: str  # the --attention entry, accelerators included ("default+skip2")
+    config: GenerationConfig  # resolved for the model; its seed is the job's seed base
+    weights: dict  # part -> identity (weights_identity)
 
     def settings(self) -> dict:
-        out = {k: v for k, v in vars(self).items() if k != "schedule"}
-        return {**out, "schedule": self.schedule.describe()}
+        """The job's record in OUT/job.json: what a rerun into the same folder must repeat."""
+        c = self.config
+        return {
+            "model": self.model, **self.weights, "attention": c.attention, "skip_last": c.skip_last,
+            "prune": c.prune, "adaptive_skip": c.adaptive_skip, "cfg": c.cfg, "tau": c.tau, "top_k": c.top_k,
+            "top_p": c.top_p, "seed_base": c.seed, "schedule": c.schedule.describe(), "cuda_graphs": c.cuda_graphs,
+        }
 
     def generate(self, pipe: Pipeline, batch: list[Item]):
-        combo = combination(self.attention)  # a preset, possibly with accelerators ("default+skip2")
-        return pipe(
-            [item.condition for item in batch], seed=[item.seed for item in batch], cfg=self.cfg, tau=self.tau,
-            top_k=self.top_k, top_p=self.top_p, schedule=self.schedule, attention=combo.attention,
-            cuda_graphs=self.cuda_graphs, progress=False, **combo.options(),
-        )
+        return pipe([item.condition for item in batch], self.config, seed=[item.seed for item in batch],
+                    progress=False)
+
+
+def weights_identity(spec: ModelSpec, weights: str | None, vae: str | None, text_encoder: str | None,
+                     random_weights: bool) -> dict[str, str]:
+    """Each part's weights as load_pipeline picks them: the given or shipped file's fingerprint,
+    or random (seed 0) where a part has no file."""
+    given = {"weights": weights, "vae": vae, "text_encoder": text_encoder}
+    parts = ["weights", "vae"] + (["text_encoder"] if spec.text_conditioned else [])
+    out = {}
+    for part in parts:
+        path = None if random_weights else given[part] or spec.bundled_path("--" + part.replace("_", "-"))
+        out[part] = fingerprint(path) if path else "random (seed 0)"
+    return out
 
 
 def under_torchrun() -> bool:
@@ -86,25 +105,87 @@ def join(device: str) -> torch.device:
     return device
 
 
-def pending(items: list[Item], folder: Path) -> list[Item]:
-    """Items whose image is missing. The manifest keeps one line per existing image: lines of
-    deleted images (to be made again) and repeated lines go, so a rerun adds no duplicates."""
+def whole_png(path: Path) -> bool:
+    """Whether `path` begins with PNG's signature and ends with its closing chunk (an empty, cut
+    short or foreign file does not; the data between is not read, to keep resuming quick)."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(_PNG_START))
+            f.seek(max(0, os.fstat(f.fileno()).st_size - len(_PNG_END)))
+            end = f.read()
+    except OSError:
+        return False
+    return start == _PNG_START and end == _PNG_END
+
+
+def prepare(settings: dict, items: list[Item], folder: Path, overwrite: bool) -> list[Item]:
+    """Check the folder's record against this job's settings, record them, and return the items
+    still to make. With `overwrite` the folder's old job (its images and lines) goes first."""
+    record = folder / SETTINGS
+    if overwrite:
+        _remove_job(folder)
+    elif record.exists():
+        try:
+            before = json.loads(record.read_text())
+        except ValueError:
+            raise SparvarError(f"{record} is damaged; give --overwrite to make the job's images again") from None
+        changed = [f"{k} {before.get(k)!r} there, {settings.get(k)!r} now"
+                   for k in dict.fromkeys([*settings, *before]) if before.get(k) != settings.get(k)]
+        if changed:
+            raise SparvarError(f"{folder} holds a job with other settings ({'; '.join(changed)}): give another "
+                               "--out, or --overwrite to make its images again with these")
+    elif (folder / MANIFEST).exists():
+        raise SparvarError(f"{folder} holds images of a job whose settings were not recorded (no {SETTINGS}): "
+                           "give another --out, or --overwrite to make them again")
+    part = record.with_name(SETTINGS + ".part")
+    part.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(part, record)
+    return pending(items, folder)
+
+
+def _remove_job(folder: Path) -> None:
+    """The images a folder's manifest lists, the manifest and the job's record."""
     manifest = folder / MANIFEST
     if manifest.exists():
-        lines = manifest.read_text().splitlines()
-        kept: dict[str, str] = {}
-        for line in lines:
-            try:
-                name = json.loads(line)["file"]
-            except (ValueError, KeyError, TypeError):  # a line cut short when a job was killed
-                continue
-            if (folder / name).exists():
-                kept[name] = line
-        if list(kept.values()) != lines:
-            part = manifest.with_name(MANIFEST + ".part")
-            part.write_text("".join(line + "\n" for line in kept.values()))
-            os.replace(part, manifest)
-    return [item for item in items if not item.path.exists()]
+        for line in manifest.read_text().splitlines():
+            name = _record(line).get("file")
+            if isinstance(name, str):
+                (folder / Path(name).name).unlink(missing_ok=True)
+        manifest.unlink()
+    (folder / SETTINGS).unlink(missing_ok=True)
+
+
+def _record(line: str) -> dict:
+    """One manifest line; {} for a line cut short when a job was killed."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def pending(items: list[Item], folder: Path) -> list[Item]:
+    """Items not done: done is a manifest line of this condition and seed for a whole PNG. The
+    manifest keeps one line per whole image (lines whose image never came or is damaged go, and
+    of repeated lines the last), so a rerun adds no duplicates."""
+    manifest = folder / MANIFEST
+    lines = manifest.read_text().splitlines() if manifest.exists() else []
+    wanted = {item.path.name: item for item in items}
+    kept: dict[str, str] = {}
+    for line in lines:
+        record = _record(line)
+        name = record.get("file")
+        if not isinstance(name, str) or not whole_png(folder / name):
+            continue
+        item = wanted.get(name)
+        if item is not None and (record.get("condition"), record.get("seed")) != (item.condition, item.seed):
+            continue  # a line of an earlier condition at this file name: the image is made again
+        kept[name] = line
+    if list(kept.values()) != lines:
+        part = manifest.with_name(MANIFEST + ".part")
+        part.write_text("".join(line + "\n" for line in kept.values()))
+        os.replace(part, manifest)
+    return [item for item in items if item.path.name not in kept]
 
 
 def append_lines(path: Path, lines: list[str]) -> None:
@@ -125,30 +206,36 @@ def save_png(image, path: Path) -> None:
 
 
 def run(job: Job, items: list[Item], load: Callable[[torch.device], Pipeline], batch_size: int,
-        device: str = "auto", progress: bool = True) -> None:
+        device: str = "auto", overwrite: bool = False, progress: bool = True) -> None:
     """Generate the items' missing images, sharded over torchrun's processes (or in this one)."""
     folder = items[0].path.parent
     distributed = under_torchrun()
     device = join(device) if distributed else resolve_device(device)
     try:
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        todo = [pending(items, folder) if rank == 0 else None]
+        settings = {**job.settings(), "device": device.type}
+        plan = [None, None]  # rank 0 checks the folder; its error or its list of items reaches every process
+        if rank == 0:
+            try:
+                plan = [None, prepare(settings, items, folder, overwrite)]
+            except SparvarError as err:
+                plan = [str(err), None]
         if distributed:
-            dist.broadcast_object_list(todo, src=0)
-        todo = todo[0]
+            dist.broadcast_object_list(plan, src=0)
+        error, todo = plan
+        if error:
+            raise SparvarError(error)
         if not todo:
             if rank == 0:
-                print(f"nothing to do: all {len(items)} images are in {folder}")
+                print(f"all {len(items)} images of this job are in {folder} already, made with these settings")
             return
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         mine = batches[rank::world]
         if rank == 0:
             skipped = f" ({len(items) - len(todo)} already there)" if len(todo) < len(items) else ""
-            print(f"{job.model}, {job.attention}: images to make {len(todo)}{skipped}, batches {len(batches)} "
+            print(f"{job.model}, {job.preset}: images to make {len(todo)}{skipped}, batches {len(batches)} "
                   f"of up to {batch_size}, processes {world}", flush=True)
         pipe = load(device) if mine else None
-        if pipe is not None and not pipe.spec.text_conditioned:
-            pipe.encode([item.condition for item in todo])  # a bad class fails now, not hours later
         if distributed:
             dist.barrier()  # every process starts generating together
         _generate(job, pipe, mine, folder / MANIFEST, rank, progress)
@@ -163,20 +250,19 @@ def run(job: Job, items: list[Item], load: Callable[[torch.device], Pipeline], b
 
 def _generate(job: Job, pipe: Pipeline | None, batches: list[list[Item]], manifest: Path, rank: int,
               progress: bool) -> None:
-    """This process's batches; a thread writes the PNGs and manifest lines of one batch while
-    the next one generates."""
+    """This process's batches; a thread writes the lines and PNGs of one batch while the next
+    one generates."""
     bar = tqdm(total=sum(map(len, batches)), desc=f"rank {rank}", unit="image", position=rank,
                disable=not progress)
-    settings = job.settings()
 
     def finish(batch: list[Item], images, seconds: float) -> None:
-        for item, image in zip(batch, images):
-            save_png(image, item.path)
         done = round(time.time(), 3)
         append_lines(manifest, [json.dumps({
             "item": item.index, "condition": item.condition, "seed": item.seed, "file": item.path.name,
-            "rank": rank, "seconds": round(seconds / len(batch), 4), "finished": done, "settings": settings,
-        }) for item in batch])
+            "rank": rank, "seconds": round(seconds / len(batch), 4), "finished": done,
+        }) for item in batch])  # the lines first: a kill before the images leaves lines that `pending` drops
+        for item, image in zip(batch, images):
+            save_png(image, item.path)
         bar.update(len(batch))
 
     start = time.perf_counter()
@@ -192,5 +278,6 @@ def _generate(job: Job, pipe: Pipeline | None, batches: list[list[Item]], manife
         if saving is not None:
             saving.result()
     bar.close()
-    count = sum(map(len, batches))
-    print(f"rank {rank}: images {count} in {time.perf_counter() - start:.1f} s", flush=True)
+    count, elapsed = sum(map(len, batches)), time.perf_counter() - start
+    print(f"rank {rank}: {count} images in {elapsed:.1f} s ({elapsed / max(count, 1):.2f} s per image, "
+          "generation and writing)", flush=True)

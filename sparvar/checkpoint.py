@@ -7,7 +7,10 @@ Accepted: one .pth/.pt/.bin/.safetensors file, or a folder of shards with an ind
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -16,19 +19,45 @@ import torch.nn as nn
 from sparvar.errors import SparvarError
 
 _CONTAINER_KEYS = ("vae", "model", "state_dict", "module", "gpt_fsdp", "trainer")
+_SAMPLES, _MIB = 32, 2**20  # what `fingerprint` reads of each file
+
+
+# how each kind of checkpoint file begins
+_ZIP = b"PK\x03\x04"  # torch.save's archive (PyTorch >= 1.6)
+_LEGACY = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # older torch.save: a pickled magic number
+
+
+def _kind(path: Path) -> str:
+    """"zip", "legacy" or "safetensors", from the file's first bytes (not its name)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY))
+    if not head:
+        raise SparvarError("the file is empty (0 bytes)")
+    if head.startswith(_ZIP):
+        return "zip"
+    if head.startswith(_LEGACY):
+        return "legacy"
+    if head[8:9] == b"{":  # safetensors: the header's length, then the header as JSON
+        return "safetensors"
+    raise SparvarError("not a PyTorch checkpoint: neither torch.save's archive nor a safetensors file")
 
 
 def _read_file(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+    kind = _kind(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):  # old (non-zip) format files cannot be memory-mapped
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        # weights_only: unpickling may build tensors and containers only, never run code from the file
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise SparvarError(f"holds objects other than tensors{what}: refused for safety") from None
+    except Exception:  # torch's and safetensors' readers raise many kinds for a damaged file
+        name = {"zip": "torch.save archive", "legacy": "torch.save file (legacy format)"}.get(kind, "safetensors file")
+        raise SparvarError(f"a {name} that is cut short or damaged") from None
 
 
 def _unwrap(obj) -> dict[str, torch.Tensor]:
@@ -51,7 +80,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.is_dir():
             indexes = sorted(path.glob("*.index.json"))
             if indexes:
-                shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+                index = json.loads(indexes[0].read_text())
+                if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+                    raise SparvarError(f"its index {indexes[0].name} has no weight_map")
+                shards = sorted(set(index["weight_map"].values()))
                 files = [path / s for s in shards]
             else:
                 files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
@@ -62,13 +94,36 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 raise SparvarError(f"{path}: shard {missing[0].name} named in the index is missing")
             state = {}
             for f in files:
-                state.update(_unwrap(_read_file(f)))
+                try:
+                    state.update(_unwrap(_read_file(f)))
+                except SparvarError as err:
+                    raise SparvarError(f"shard {f.name}: {err}") from None
             return state
         return _unwrap(_read_file(path))
     except SparvarError as err:
         raise SparvarError(f"cannot read checkpoint {path}: {err}") from None
     except Exception as err:  # corrupt or foreign files: say which file, not a traceback
         raise SparvarError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+
+
+def fingerprint(path: str | Path) -> str:
+    """A quick identity of a checkpoint file or folder: its size and a SHA-256 of 32 evenly spaced
+    MiB of each file (hashing all of a 16 GB checkpoint would hold up every job's start). Files
+    shorter than 32 MiB are hashed whole; longer ones that differ only between the samples look alike."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SparvarError(f"checkpoint not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest, total = hashlib.sha256(), 0
+    for file in files:
+        size = file.stat().st_size
+        total += size
+        digest.update(f"{file.name if path.is_dir() else ''}:{size}:".encode())
+        with open(file, "rb") as f:
+            for i in range(_SAMPLES):
+                f.seek(max(0, size - _MIB) * i // (_SAMPLES - 1))
+                digest.update(f.read(_MIB))
+    return f"{total} bytes, sampled sha256 {digest.hexdigest()[:16]}"
 
 
 def layout(module: nn.Module) -> dict[str, tuple[int, ...]]:

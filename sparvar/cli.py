@@ -13,6 +13,8 @@ from pathlib import Path
 
 from sparvar import batch
 from sparvar.errors import SparvarError
+from sparvar.generation import GenerationConfig
+from sparvar.options import HelpFormatter, add_model_options, output_folder, read_conditions
 from sparvar.skipping import PRUNE_PRESETS, combination
 
 
@@ -20,14 +22,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")[:40] or "image"
 
 
-def _conditions(args) -> list:
+def _conditions(args, spec) -> list:
     conditions = list(args.prompt or []) + list(args.label or [])
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise SparvarError(f"prompts file not found: {path}")
-        conditions += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return conditions
+        conditions += read_conditions(args.prompts)
+    if not conditions and spec.text_conditioned:
+        raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
+    return conditions or [spec.classes[0] if spec.classes else 0]
 
 
 def _output_paths(out: str, conditions: list) -> list[Path]:
@@ -35,48 +36,69 @@ def _output_paths(out: str, conditions: list) -> list[Path]:
     if target.suffix.lower() == ".png":
         if len(conditions) != 1:
             raise SparvarError(f"--out {out} names one file but there are {len(conditions)} images; give a folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        output_folder(target.parent)
         return [target]
-    target.mkdir(parents=True, exist_ok=True)
-    return [target / f"{i:03d}_{_slug(c)}.png" for i, c in enumerate(conditions)]
+    folder = output_folder(target)
+    return [folder / f"{i:03d}_{_slug(c)}.png" for i, c in enumerate(conditions)]
+
+
+def _generation_config(args) -> GenerationConfig:
+    """The sampling and schedule options of `generate` (and `plan`'s schedule), checked."""
+    return GenerationConfig(
+        seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, aspect=args.aspect,
+        resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs)
 
 
 def cmd_generate(args) -> None:
+    """Everything is checked (conditions, presets, settings against the model and the machine,
+    the output folder) before the model loads."""
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import load_pipeline
+    from sparvar.pipeline import check_conditions, default_dtype, load_pipeline, resolve_device
 
     spec = get_spec(args.model)
-    conditions = _conditions(args)
-    if not conditions and not spec.text_conditioned:
-        conditions = [spec.classes[0] if spec.classes else 0]
-    if not conditions:
-        raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
+    conditions = _conditions(args, spec)
+    check_conditions(spec, conditions)
     job = args.batch_size is not None or batch.under_torchrun()
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SparvarError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.attention is None:  # the demo shows the comparison; official models and batch jobs run SparVAR
         args.attention = "default" if spec.files or job else "dense,default"
     presets = [p.strip() + _accelerators(args) for p in args.attention.split(",") if p.strip()]
     if not presets:
         raise SparvarError("--attention names no preset; see `sparvar presets`")
-    combos = {name: combination(name) for name in presets}
-    schedule = _schedule(args, spec)
+    if job and len(presets) > 1:
+        raise SparvarError(f"a batch job (--batch-size or torchrun) runs one --attention preset, not {len(presets)}; "
+                           "run one job per preset, each with its own --out")
+    base = _generation_config(args)
+    configs = {}
+    for name in presets:
+        combo = combination(name)
+        configs[name] = GenerationConfig.build(base, attention=combo.attention, **combo.options()).resolved(spec)
+    device = resolve_device(args.device)
+    batch_size = (args.batch_size or 1) if job else len(conditions)
+    for config in configs.values():
+        config.check_device(spec, device, default_dtype(device), batch_size)
+    seeds = base.seeds(len(conditions))
     paths = _output_paths(args.out, conditions)
     load = lambda device: load_pipeline(  # noqa: E731
         spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights)
     if job:
-        _batch_job(args, spec, conditions, paths, schedule, presets, load)
+        weights = batch.weights_identity(spec, args.weights, args.vae, args.text_encoder, args.random_weights)
+        items = [batch.Item(i, c, s, path) for i, (c, s, path) in enumerate(zip(conditions, seeds, paths))]
+        job = batch.Job(spec.name, presets[0], configs[presets[0]], weights)
+        batch.run(job, items, load, batch_size, args.device, overwrite=args.overwrite, progress=not args.quiet)
         return
-    pipe = load(args.device)
-    print(f"{spec.name} on {pipe.device}, {len(schedule)} scales ({schedule.describe()})")
+    pipe = load(device)
+    schedule, n = configs[presets[0]].schedule, len(conditions)
+    print(f"{spec.name} on {pipe.device}, {len(schedule)} scales ({schedule.describe()})"
+          + (f", {n} images in one batch" if n > 1 else ""))
     runs = {}
-    for name, combo in combos.items():
-        out = pipe(
-            conditions, seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
-            schedule=schedule, attention=combo.attention, cuda_graphs=args.cuda_graphs, progress=not args.quiet,
-            **combo.options(),
-        )
-        runs[name] = out
+    for name, config in configs.items():
+        out = runs[name] = pipe(conditions, config, progress=not args.quiet)
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
-        used = f"; scales used {out.scales_used}" if combo.adaptive else ""
+        if n > 1:
+            stages += f" for the batch ({out.stage_seconds['total'] / n:.2f} s per image)"
+        used = f"; scales used {out.scales_used}" if config.adaptive_skip else ""
         print(f"  {name}: {stages}; attention density {_density(out.policy):.1%}{used}")
     if len(presets) == 1:
         for path, image in zip(paths, runs[presets[0]].images):
@@ -89,23 +111,6 @@ def cmd_generate(args) -> None:
         target = path.with_name(f"{path.stem}_compare.png")
         _comparison(runs, i).save(target)
         print(f"wrote {target} and one image per preset beside it")
-
-
-def _batch_job(args, spec, conditions, paths, schedule, presets, load) -> None:
-    """One preset over many images, resumable, sharded over torchrun's processes (sparvar/batch.py)."""
-    if len(presets) > 1:
-        raise SparvarError(f"a batch job (--batch-size or torchrun) runs one --attention preset, not {len(presets)}; "
-                           "run one job per preset, each with its own --out")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise SparvarError(f"--batch-size must be at least 1, got {args.batch_size}")
-    model = spec.transformer
-    job = batch.Job(
-        spec.name, presets[0], model.cfg if args.cfg is None else args.cfg, model.tau if args.tau is None else args.tau,
-        model.top_k if args.top_k is None else args.top_k, model.top_p if args.top_p is None else args.top_p,
-        schedule, args.cuda_graphs, args.random_weights,
-    )
-    items = [batch.Item(i, c, args.seed + i, path) for i, (c, path) in enumerate(zip(conditions, paths))]
-    batch.run(job, items, load, args.batch_size or 1, args.device, progress=not args.quiet)
 
 
 def _accelerators(args) -> str:
@@ -134,7 +139,8 @@ def _comparison(runs: dict, item: int):
     names = list(runs)
     first = runs[names[0]].images[item]
     panels = [
-        (out.images[item], f"{name}\n{out.stage_seconds['total']:.2f} s, density {_density(out.policy):.1%}")
+        (out.images[item], f"{name}\n{out.stage_seconds['total'] / len(out.images):.2f} s per image, "
+         f"density {_density(out.policy):.1%}")
         for name, out in runs.items()
     ]
     for name in names[1:]:
@@ -163,15 +169,14 @@ def cmd_models(args) -> None:
             print(f"  classes: {', '.join(spec.classes)}")
         elif not spec.text_conditioned:
             print(f"  classes: indices 0..{spec.num_classes - 1} (--class)")
+        m = spec.transformer
+        print(f"  sampling defaults: --cfg {m.cfg} --tau {m.tau} --top-k {m.top_k} --top-p {m.top_p}")
+        if spec.only_schedules:
+            trained = " or ".join(s.describe() for s in spec.only_schedules)
+            print(f"  generates only the schedule it was trained on: {trained}")
     print(f"Infinity aspect ratios (--aspect W:H): {', '.join(INFINITY_ASPECTS)}")
     print(f"Infinity resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
     print("VAR models generate 1:1 images at their own resolution and scales only")
-
-
-def _schedule(args, spec):
-    from sparvar.schedules import parse_schedule
-
-    return parse_schedule(args.schedule) if args.schedule else spec.schedule(args.aspect, args.resolution)
 
 
 def cmd_presets(args) -> None:
@@ -202,7 +207,9 @@ def cmd_plan(args) -> None:
     from sparvar.sparsity import plan_report
 
     spec = get_spec(args.model)
-    report = plan_report(spec.transformer.depth, _schedule(args, spec), args.attention)
+    scales = GenerationConfig(aspect=args.aspect, resolution=args.resolution, schedule=args.schedule)
+    schedule = scales.resolved(spec).schedule
+    report = plan_report(spec.transformer.depth, schedule, args.attention)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -259,8 +266,10 @@ def cmd_bench(args) -> None:
 
 def _add_schedule_options(parser) -> None:
     parser.add_argument("--aspect", default="1:1", help="width:height, one of Infinity's ratios (see `sparvar models`)")
-    parser.add_argument("--resolution", type=int, help="Infinity's pixel budget: 256, 512, 768 or 1024")
-    parser.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3"')
+    parser.add_argument("--resolution", type=int, help="Infinity's pixel budget: 256, 512, 768 or 1024 "
+                        "(default: the model's)")
+    parser.add_argument("--schedule", help='custom scales, e.g. "1,2,4,8" or "1x1,2x3", instead of --aspect and '
+                        "--resolution (default: theirs; the demo and VAR models generate only their own)")
 
 
 def cmd_calibrate_skip(args) -> None:
@@ -274,23 +283,23 @@ _PASS_THROUGH = {"eval": cmd_eval, "analyze": cmd_analyze, "train-demo": cmd_tra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparvar", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sparvar", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images (default: the demo model)")
-    gen.add_argument("--model", default="infinity-demo", help="model name, see `sparvar models`")
-    gen.add_argument("--weights", help="transformer checkpoint (file or sharded folder)")
-    gen.add_argument("--vae", help="VAE checkpoint (.pth)")
-    gen.add_argument("--text-encoder", help="local folder of the T5 text encoder")
+    gen = sub.add_parser("generate", help="generate images (default: the demo model)", formatter_class=HelpFormatter)
+    add_model_options(gen)
     gen.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     gen.add_argument("--prompts", help="file with one condition per line: a prompt, or a class name or index "
-                     "for class-conditional models (demo, VAR)")
-    gen.add_argument("--class", dest="label", action="append", help="class index or name (repeatable)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    gen.add_argument("--cfg", type=float, help="classifier-free guidance (default: the model's)")
-    gen.add_argument("--tau", type=float, help="sampling temperature (default: the model's)")
+                     "for class-conditional models (demo, VAR); without --batch-size or torchrun all of them run "
+                     "in one pass per preset (a comparison), not as a resumable batch job")
+    gen.add_argument("--class", dest="label", action="append",
+                     help="class index or name, repeatable (default, without prompts: the first class)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (0..2^63-1)")
+    gen.add_argument("--cfg", type=float, help="classifier-free guidance, 0 or more (default: the model's, "
+                     "see `sparvar models`)")
+    gen.add_argument("--tau", type=float, help="sampling temperature, above 0 (default: the model's)")
     gen.add_argument("--top-k", type=int, help="keep the k likeliest tokens, 0: all (default: the model's)")
-    gen.add_argument("--top-p", type=float, help="nucleus sampling mass, 0: off (default: the model's)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass in [0, 1], 0 or 1: off (default: the model's)")
     _add_schedule_options(gen)
     gen.add_argument(
         "--attention",
@@ -299,20 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
         "for the demo model, default for official checkpoints and batch jobs. An entry may add accelerators: "
         "default+skip2, default+fastvar, dense+adaptive (see --skip-last, --prune, --adaptive-skip)",
     )
-    gen.add_argument("--skip-last", type=int, help="stop this many scales early (every --attention entry)")
+    gen.add_argument("--skip-last", type=int, help="stop this many scales early (every --attention entry; default: 0)")
     gen.add_argument("--prune", help=f"token pruning at the large scales, one of {', '.join(PRUNE_PRESETS)} "
-                     "(every --attention entry)")
+                     "(every --attention entry; default: none)")
     gen.add_argument("--adaptive-skip", action="store_true",
                      help="per image, skip the last 1-2 scales when the estimate holds little fine detail")
-    gen.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: each process takes "
-                     "cuda:LOCAL_RANK)")
     gen.add_argument("--out", default="out", help="output folder, or a .png path for one image")
     gen.add_argument(
         "--batch-size", type=int,
-        help="images per forward pass in each process; makes this a batch job, as does running under torchrun: "
-        "one preset, images whose file exists are skipped (rerun to resume), OUT/manifest.jsonl gets one line "
-        "per image (default: all images in one pass; 1 in a batch job)",
+        help="images per forward pass in each process; makes this a batch job, as does running under torchrun "
+        "(each process then takes cuda:LOCAL_RANK): one preset, OUT/job.json records the settings, images already "
+        "made are skipped (rerun to resume), OUT/manifest.jsonl gets one line per image (default: all images in "
+        "one pass; 1 in a batch job)",
     )
+    gen.add_argument("--overwrite", action="store_true",
+                     help="a batch job whose OUT holds another job's images makes them all again with these settings "
+                     "(without it such a job is refused)")
     gen.add_argument("--cuda-graphs", action="store_true",
                      help="replay each scale as a CUDA graph: faster for many batches of one shape (the first "
                      "two batches of a shape warm up and capture)")
@@ -327,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list the attention presets")
     presets.set_defaults(func=cmd_presets)
 
-    plan = sub.add_parser("plan", help="what an attention preset does to a model, per layer and scale (no weights)")
-    plan.add_argument("--model", default="infinity-demo")
+    plan = sub.add_parser("plan", help="what an attention preset does to a model, per layer and scale (no weights)",
+                          formatter_class=HelpFormatter)
+    plan.add_argument("--model", default="infinity-demo", help="model name, see `sparvar models`")
     plan.add_argument("--attention", default="default", help="attention preset (see `sparvar presets`)")
     _add_schedule_options(plan)
     plan.add_argument("--json", action="store_true", help="the whole plan as JSON")
@@ -342,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 
-    bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)")
+    bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)",
+                           formatter_class=HelpFormatter)
     bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu"],
                        help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
                        "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind; "

@@ -3,7 +3,8 @@
     pipe = sparvar.load_pipeline("infinity-2b", weights=..., vae=..., text_encoder=...)
     out = pipe(["a red fox in the snow"], seed=0)          # out.images: list of PIL images
 
-Every self-attention call goes through the attention policy (`attention=`), the seam SparVAR fills.
+The options of a generation are a GenerationConfig (sparvar/generation.py), checked there. Every
+self-attention call goes through the attention policy (`attention=`), the seam SparVAR fills.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.checkpoint import load_strict, read_state_dict
 from sparvar.errors import SparvarError
+from sparvar.generation import GenerationConfig
 from sparvar.graphs import ScaleGraphs
 from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
@@ -27,16 +29,57 @@ from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.sampling import sample
 from sparvar.schedules import Schedule
-from sparvar.skipping import AdaptiveSkip, PruneConfig, TokenPruning, resolve_adaptive, resolve_pruning
+from sparvar.skipping import TokenPruning, resolve_adaptive, resolve_pruning
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """auto (or None): the GPU when there is one, else the CPU; cpu, cuda and cuda:N are checked
+    against this machine."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SparvarError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SparvarError(f"sparvar runs on cpu or cuda, not {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SparvarError("CUDA was asked for but this machine has no usable CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SparvarError(f"{device} asked for but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU, float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def labels_of(spec: ModelSpec, conditions: Sequence) -> list[int]:
+    """Class indices of a class-conditional model's conditions: indices, digit strings or class names."""
+    labels = []
+    for c in conditions:
+        if isinstance(c, str) and c in spec.classes:
+            c = spec.classes.index(c)
+        if isinstance(c, str) and c.isdigit():
+            c = int(c)
+        if not isinstance(c, int) or not 0 <= c < spec.num_classes:
+            raise SparvarError(
+                f"{spec.name} is class-conditional: give class indices 0..{spec.num_classes - 1}"
+                + (f" or names ({', '.join(spec.classes)})" if spec.classes else "")
+                + f", not {c!r}"
+            )
+        labels.append(c)
+    return labels
+
+
+def check_conditions(spec: ModelSpec, conditions: Sequence) -> None:
+    """Prompts for a text model, classes for the others: a bad one fails before any work."""
+    if spec.text_conditioned:
+        if not all(isinstance(c, str) for c in conditions):
+            raise SparvarError(f"{spec.name} is text-conditioned: give prompts (strings)")
+    else:
+        labels_of(spec, conditions)
 
 
 def resolve_policy(attention: AttentionPolicy | str | None) -> AttentionPolicy:
@@ -130,24 +173,10 @@ class Pipeline:
 
     def encode(self, conditions: Sequence, cuda_graph: bool = False) -> object:
         """Prompts -> text features and mask, or class labels/names -> label tensor."""
+        check_conditions(self.spec, conditions)
         if self.spec.text_conditioned:
-            if not all(isinstance(c, str) for c in conditions):
-                raise SparvarError(f"{self.spec.name} is text-conditioned: give prompts (strings)")
             return self.text_encoder(list(conditions), cuda_graph=cuda_graph)
-        labels = []
-        for c in conditions:
-            if isinstance(c, str) and c in self.spec.classes:
-                c = self.spec.classes.index(c)
-            if isinstance(c, str) and c.isdigit():
-                c = int(c)
-            if not isinstance(c, int) or not 0 <= c < self.spec.num_classes:
-                raise SparvarError(
-                    f"{self.spec.name} is class-conditional: give class indices 0..{self.spec.num_classes - 1}"
-                    + (f" or names ({', '.join(self.spec.classes)})" if self.spec.classes else "")
-                    + f", not {c!r}"
-                )
-            labels.append(c)
-        return torch.tensor(labels, device=self.device)
+        return torch.tensor(labels_of(self.spec, conditions), device=self.device)
 
     def _graph_runner(self, key: tuple, prep, cache, policy, schedule, num_scales, pruning) -> ScaleGraphs | None:
         """Graphs for this generation's shapes: none on the first (eager, warm-up) run of a
@@ -172,62 +201,28 @@ class Pipeline:
     def __call__(
         self,
         conditions: Sequence,
-        seed: int | Sequence[int] = 0,
-        cfg: float | None = None,
-        tau: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        aspect: str = "1:1",
-        resolution: int | None = None,
-        schedule: Schedule | None = None,
-        attention: AttentionPolicy | str | None = None,
-        skip_last: int = 0,
-        prune: TokenPruning | PruneConfig | str | None = None,
-        adaptive_skip: AdaptiveSkip | bool | None = None,
-        cuda_graphs: bool = False,
-        kv_cache: str = "static",
+        config: GenerationConfig | None = None,
+        *,
         progress: bool = True,
         on_scale: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        **options,
     ) -> GenerationOutput:
-        """Generate one image per condition.
+        """Generate one image per condition (prompts, or class indices or names).
 
-        seed: an int gives item i the seed `seed + i` (so an image does not depend on its batch);
-        a list gives each item its own. cfg/tau/top_k/top_p default to the model's (top_k 0 and
-        top_p 0 or 1 filter nothing). `on_scale(k, logits, tokens)` sees each scale's guided logits
-        and sampled tokens.
-        skip_last: stop that many scales early and decode the codes summed so far (full size).
-        prune: FastVAR-style token pruning at large scales ("fastvar", see skipping.py).
-        adaptive_skip: True (or an AdaptiveSkip) stops each item early once its estimate holds little
-        high-frequency energy; the batch runs while any item still refines, a stopped item's codes
-        stay as they were (`out.scales_used`). Needs one host sync per decision scale.
-        cuda_graphs: replay each scale (and the text encoder) as a CUDA graph (GPU only); the first
-        generation of a shape runs eagerly, the second captures, later ones replay.
-        kv_cache: "static" (one buffer written in place) or "concat" (the official code's
-        growing cache, for comparison).
+        `config` (a GenerationConfig, sparvar/generation.py) holds the settings; keyword options
+        build one or replace some of its fields: `pipe(["a fox"], seed=0, attention="paper")`.
+        `on_scale(k, logits, tokens)` sees each scale's guided logits and sampled tokens.
         """
         if isinstance(conditions, (str, int)):
             conditions = [conditions]
         if not conditions:
             raise SparvarError("nothing to generate: give at least one prompt or class")
-        cfg = self.spec.transformer.cfg if cfg is None else cfg
-        tau = self.spec.transformer.tau if tau is None else tau
-        top_k = self.spec.transformer.top_k if top_k is None else top_k
-        top_p = self.spec.transformer.top_p if top_p is None else top_p
-        if tau <= 0:
-            raise SparvarError(f"tau must be positive, got {tau}")
-        schedule = schedule or self.schedule(aspect, resolution)
-        seeds = [seed + i for i in range(len(conditions))] if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(conditions):
-            raise SparvarError(f"{len(seeds)} seeds for {len(conditions)} conditions")
-        if not 0 <= skip_last < len(schedule):
-            raise SparvarError(f"skip_last must be in 0..{len(schedule) - 1} for {len(schedule)} scales, got {skip_last}")
-        if kv_cache not in ("static", "concat"):
-            raise SparvarError(f"kv_cache must be 'static' or 'concat', got {kv_cache!r}")
-        if cuda_graphs and (self.device.type != "cuda" or kv_cache != "static"):
-            raise SparvarError("cuda_graphs needs a CUDA device and the static KV cache")
-        if prune is not None and kv_cache != "static":
-            raise SparvarError("token pruning needs the static KV cache")
-        adaptive = resolve_adaptive(adaptive_skip)
+        config = GenerationConfig.build(config, **options).resolved(self.spec)
+        config.check_device(self.spec, self.device, self.transformer.dtype, len(conditions))
+        schedule, tau, top_k, top_p = config.schedule, config.tau, config.top_k, config.top_p
+        attention, prune, cuda_graphs = config.attention, config.prune, config.cuda_graphs
+        seeds = config.seeds(len(conditions))
+        adaptive = resolve_adaptive(config.adaptive_skip)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         if isinstance(attention, str) and cuda_graphs:  # graphs capture one policy object
             if attention not in self._policies:
@@ -239,21 +234,19 @@ class Pipeline:
                 self._pruners[prune] = resolve_pruning(prune)
             prune = self._pruners[prune]
         pruning = resolve_pruning(prune)
-        if pruning is not None:
-            pruning.plan(self.spec.transformer.depth, schedule)  # settings that do not fit fail before any work
         # the unconditional half runs only when some scale mixes it in (Infinity: cfg != 1, VAR: cfg != 0)
-        weights = [self.transformer.guidance_weight(k, len(schedule), cfg) for k in range(len(schedule))]
+        weights = [self.transformer.guidance_weight(k, len(schedule), config.cfg) for k in range(len(schedule))]
         guidance = any(w != 0 for w in weights)
 
         timer = StageTimer(self.device)
         timer.mark("start")
         prep = self.transformer.prepare(self.encode(conditions, cuda_graphs), guidance)
         timer.mark("condition")
-        if kv_cache == "static":
+        if config.kv_cache == "static":
             cache = self._kv_cache(prep.start.shape[0], schedule.total)
         else:
             cache = ConcatKVCache()
-        graphs, num_scales = None, len(schedule) - skip_last
+        graphs, num_scales = None, len(schedule) - config.skip_last
         if cuda_graphs:
             key = (schedule, num_scales, graph_shapes(prep), id(policy), id(pruning))
             graphs = self._graph_runner(key, prep, cache, policy, schedule, num_scales, pruning)
@@ -333,7 +326,7 @@ def load_pipeline(
     """
     spec = get_spec(model)
     device = resolve_device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
     if not random_weights:
         weights = weights or _bundled(spec, "--weights")
         vae = vae or _bundled(spec, "--vae")

@@ -7,23 +7,29 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from sparvar.batch import MANIFEST, Item, pending
+from sparvar import batch
+from sparvar.batch import MANIFEST, SETTINGS, Item, pending, save_png
+from sparvar.checkpoint import fingerprint
 from sparvar.cli import main
+from sparvar.models.registry import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a cat", "a dog on a hill", "a red fox", "snow", "a lighthouse at dawn"]
 
 
-def _sparvar(*argv, processes: int = 0) -> str:
-    """`python -m sparvar ARGV` in a child process, under torchrun when `processes` is given."""
+def _sparvar(*argv, processes: int = 0, fails: bool = False) -> str:
+    """`python -m sparvar ARGV` in a child process, under torchrun when `processes` is given; its
+    output, or its error output when it `fails` (as it must then). One thread per process, as
+    torchrun sets: with the same setting one process makes the same images as N."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     command = [sys.executable, *(torchrun if processes else []), "-m", "sparvar", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done.stdout
+    assert (done.returncode != 0) == fails, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stderr if fails else done.stdout
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -55,9 +61,11 @@ def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
     assert [records[i]["seed"] for i in range(5)] == [10, 11, 12, 13, 14]
     assert [records[i]["file"] for i in range(5)] == names
     assert [records[i]["condition"] for i in range(5)] == PROMPTS
-    assert records[3]["settings"] == {
-        "model": "infinity-tiny", "attention": "default", "cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97,
-        "cuda_graphs": False, "random_weights": False, "schedule": "1 2 4",
+    assert json.loads((two / SETTINGS).read_text()) == {
+        "model": "infinity-tiny", "weights": "random (seed 0)", "vae": "random (seed 0)",
+        "text_encoder": "random (seed 0)", "attention": "default", "skip_last": 0, "prune": None,
+        "adaptive_skip": False, "cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97, "seed_base": 10,
+        "schedule": "1 2 4", "cuda_graphs": False, "device": "cpu",
     }
     assert all(r["seconds"] > 0 for r in records.values())
     assert [r["rank"] for r in _manifest(one)] == [0] * 5
@@ -70,28 +78,33 @@ def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
     assert sorted(r["file"] for r in _manifest(two)) == names  # one line per image, none repeated
     assert _pixels(two / names[3]).shape == (8, 8, 3)
     assert not list(two.glob("*.part"))
+    # other settings into the folder: every process stops with rank 0's reason, none waits for it
+    err = _sparvar(*job, "--out", str(two), "--cfg", "2", processes=2, fails=True)
+    assert "error: " + f"{two} holds a job with other settings (cfg 3.0 there, 2.0 now)" in err
 
 
-def test_rerun_of_a_finished_job_does_nothing(tmp_path, capsys):
+def test_rerun_of_a_finished_job_makes_nothing_again(tmp_path, capsys):
     job = ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--batch-size", "4",
            "--out", str(tmp_path), "--device", "cpu", "--quiet"]
     assert main(job) == 0
     first = (tmp_path / MANIFEST).read_text()
     assert main(job) == 0
-    assert "nothing to do: all 2 images are in" in capsys.readouterr().out
+    assert "all 2 images of this job are in" in capsys.readouterr().out
     assert (tmp_path / MANIFEST).read_text() == first
 
 
 def test_class_file_for_class_conditional_models(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("sneaker\n\nbag\n3\n")
-    argv = ["generate", "--model", "infinity-demo", "--prompts", str(classes), "--schedule", "1,2",
+    argv = ["generate", "--model", "infinity-demo", "--prompts", str(classes), "--skip-last", "11",
             "--batch-size", "2", "--out", str(tmp_path / "out"), "--quiet"]
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["000_sneaker.png", "001_bag.png", "002_3.png"]
     records = _manifest(tmp_path / "out")
     assert [r["condition"] for r in records] == ["sneaker", "bag", "3"]
-    assert {r["settings"]["attention"] for r in records} == {"default"}  # a batch job runs one preset
+    settings = json.loads((tmp_path / "out" / SETTINGS).read_text())
+    assert settings["attention"] == "default" and settings["skip_last"] == 11  # a batch job runs one preset
+    assert settings["weights"] == fingerprint(MODELS["infinity-demo"].bundled_path("--weights"))
 
 
 def test_batch_job_errors(tmp_path, capsys):
@@ -110,13 +123,109 @@ def test_batch_job_errors(tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))  # a bad line stops the job before any image
 
 
-def test_pending_keeps_one_manifest_line_per_existing_image(tmp_path):
+def test_pending_keeps_one_manifest_line_per_whole_image(tmp_path):
     items = [Item(i, f"p{i}", i, tmp_path / f"{i}.png") for i in range(4)]
     for i in (0, 1):
-        items[i].path.write_bytes(b"png")
-    lines = ['{"item": 0, "file": "0.png", "v": 1}', '{"item": 2, "file": "2.png"}', '{"item": 0, "file": "0.png", "v": 2}',
-             "not json", '{"item": 1, "file": "1.png"}']
+        save_png(Image.new("RGB", (4, 4)), items[i].path)
+    line = lambda i, **more: json.dumps({"item": i, "condition": f"p{i}", "seed": i, "file": f"{i}.png", **more})  # noqa: E731
+    lines = [line(0, v=1), line(2), line(0, v=2), "not json", line(1)]
     (tmp_path / MANIFEST).write_text("\n".join(lines) + "\n")
     assert [item.index for item in pending(items, tmp_path)] == [2, 3]
     kept = [json.loads(line) for line in (tmp_path / MANIFEST).read_text().splitlines()]
-    assert kept == [{"item": 0, "file": "0.png", "v": 2}, {"item": 1, "file": "1.png"}]
+    assert [(r["item"], r.get("v")) for r in kept] == [(0, 2), (1, None)]
+
+
+# ---- the folder of a job: its settings, crashes, damaged files (var-tiny: quick) ---------------
+def _job(folder: Path, *options: str) -> list[str]:
+    """Batches of one: a remade image then equals the first one whatever else is missing."""
+    return ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--class", "1", "--batch-size", "1",
+            "--out", str(folder), "--device", "cpu", "--quiet", *options]
+
+
+def _images(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: _pixels(p) for p in sorted(folder.glob("*.png"))}
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
+    assert main(_job(tmp_path)) == 0
+    before, manifest = _images(tmp_path), (tmp_path / MANIFEST).read_text()
+    err = _error(capsys, _job(tmp_path, "--cfg", "2", "--seed", "5"))
+    assert f"{tmp_path} holds a job with other settings (cfg 4.0 there, 2.0 now; seed_base 0 there, 5 now)" in err
+    assert "--overwrite" in err
+    assert "attention 'default' there, 'paper' now" in _error(capsys, _job(tmp_path, "--attention", "paper"))
+    assert "skip_last 0 there, 1 now" in _error(capsys, _job(tmp_path, "--skip-last", "1"))
+    assert "top_k 900 there, 5 now" in _error(capsys, _job(tmp_path, "--top-k", "5"))
+    assert "weights 'random (seed 0)' there, 'random (seed 0)' now" not in err
+    after = _images(tmp_path)
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+    assert (tmp_path / MANIFEST).read_text() == manifest  # nothing was made, nothing mixed in
+
+
+def test_overwrite_makes_every_image_again_with_the_new_settings(tmp_path, capsys):
+    assert main(_job(tmp_path, "--class", "5")) == 0  # four images
+    before = _images(tmp_path)
+    assert main(_job(tmp_path, "--seed", "5", "--overwrite")) == 0
+    assert "images to make 3," in capsys.readouterr().out
+    after = _images(tmp_path)
+    assert sorted(after) == ["000_3.png", "001_7.png", "002_1.png"]  # the old job's fourth image went too
+    assert not any(np.array_equal(after[k], before[k]) for k in after)  # other seeds, other images
+    assert [r["seed"] for r in _manifest(tmp_path)] == [5, 6, 7]
+    assert json.loads((tmp_path / SETTINGS).read_text())["seed_base"] == 5
+
+
+def test_a_folder_of_a_job_without_a_record_is_refused(tmp_path, capsys):
+    (tmp_path / MANIFEST).write_text('{"item": 0, "file": "000_3.png"}\n')
+    assert "holds images of a job whose settings were not recorded" in _error(capsys, _job(tmp_path))
+
+
+def test_a_job_killed_between_its_lines_and_its_images_leaves_no_image_without_a_line(tmp_path, monkeypatch):
+    assert main(_job(tmp_path / "whole")) == 0
+    written = []
+
+    def killed_after_one(image, path):  # the process dies after its first image, the second one's line written
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        save_png(image, path)
+
+    monkeypatch.setattr(batch, "save_png", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        main(_job(tmp_path / "killed"))
+    killed = tmp_path / "killed"
+    lines = {r["file"] for r in _manifest(killed)}
+    assert set(_images(killed)) == {"000_3.png"} and lines == {"000_3.png", "001_7.png"}  # a line came first
+    monkeypatch.undo()
+    assert main(_job(killed)) == 0
+    whole, resumed = _images(tmp_path / "whole"), _images(killed)
+    assert resumed.keys() == whole.keys() and all(np.array_equal(resumed[k], whole[k]) for k in whole)
+    assert sorted(r["file"] for r in _manifest(killed)) == sorted(whole)  # one line per image
+
+
+def test_an_image_without_its_line_is_made_again(tmp_path, capsys):
+    assert main(_job(tmp_path)) == 0
+    lines = (tmp_path / MANIFEST).read_text().splitlines()
+    (tmp_path / MANIFEST).write_text("\n".join(lines[:2]) + "\n")  # e.g. from a crash of an older sparvar
+    assert main(_job(tmp_path)) == 0
+    assert "images to make 1 (2 already there)" in capsys.readouterr().out
+    assert sorted(r["file"] for r in _manifest(tmp_path)) == sorted(_images(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short", "not a PNG"])
+def test_an_empty_or_damaged_png_counts_as_missing(tmp_path, capsys, damage):
+    assert main(_job(tmp_path)) == 0
+    before = _images(tmp_path)
+    target = tmp_path / "001_7.png"
+    data = target.read_bytes()
+    target.write_bytes({"empty": b"", "cut short": data[: len(data) // 2], "not a PNG": b"GIF89a" + data[6:]}[damage])
+    assert main(_job(tmp_path)) == 0
+    assert "images to make 1 (2 already there)" in capsys.readouterr().out
+    after = _images(tmp_path)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert sorted(r["file"] for r in _manifest(tmp_path)) == sorted(before)  # one line each

@@ -97,6 +97,50 @@ def test_unreadable_and_missing_files(tmp_path):
         load_pipeline("infinity-tiny", weights=str(tmp_path), device="cpu")
 
 
+class _RunsCode:
+    """Unpickling this calls a function the file names: what reading weights must refuse."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def _cut(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("code", "holds objects other than tensors (print): refused for safety"),
+    ("empty", "the file is empty (0 bytes)"),
+    ("text", "not a PyTorch checkpoint: neither torch.save's archive nor a safetensors file"),
+    ("cut archive", "a torch.save archive that is cut short or damaged"),
+    ("cut safetensors", "a safetensors file that is cut short or damaged"),
+])
+def test_a_file_that_is_no_checkpoint_is_named_in_one_line(tmp_path, capsys, tiny_state, kind, expected):
+    from sparvar.cli import main
+
+    path = tmp_path / "weights.pth"
+    if kind == "code":
+        torch.save({"head.weight": torch.zeros(2), "extra": _RunsCode()}, path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("transformer weights: see the download page\n")
+    elif kind == "cut archive":
+        torch.save(tiny_state, path)
+        _cut(path)
+    else:
+        save_file({k: v.contiguous() for k, v in tiny_state.items()}, path)
+        _cut(path)
+    argv = ["generate", "--model", "infinity-tiny", "--prompt", "x", "--weights", str(path), "--out", str(tmp_path),
+            "--device", "cpu", "--quiet"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err == f"error: cannot read checkpoint {path}: {expected}"
+    assert "weights_only" not in err and "this ran while loading" not in captured.out
+
+
 def test_official_models_say_which_files_they_need():
     with pytest.raises(SparvarError, match=r"--weights \(infinity_2b_reg.pth\), --vae \(infinity_vae_d32reg.pth\), --text-encoder"):
         load_pipeline("infinity-2b", device="cpu")

@@ -1,11 +1,17 @@
 """The command line: the default job, the listing, and one-line errors with exit status 2."""
 
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from sparvar import create_model
+import sparvar.pipeline
+from sparvar import create_model, generation
 from sparvar.cli import main
 
 
@@ -23,13 +29,15 @@ def test_generate_writes_images(tmp_path, capsys):
     files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == ["000_a-cat.png", "001_a-dog.png"]
     assert Image.open(files[0]).size == (8, 8)
-    assert "infinity-tiny on cpu, 3 scales" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "infinity-tiny on cpu, 3 scales (1 2 4), 2 images in one batch" in out
+    assert "for the batch (" in out and " s per image)" in out  # times of a batch say what they are
 
 
 def test_generate_one_png_path(tmp_path):
     target = tmp_path / "sub" / "img.png"
-    argv = ["generate", "--model", "infinity-demo", "--class", "trouser", "--schedule", "1,2",
-            "--attention", "dense", "--out", str(target), "--quiet"]
+    argv = ["generate", "--model", "var-tiny", "--class", "3", "--attention", "dense", "--out", str(target), "--quiet",
+            "--device", "cpu"]
     assert main(argv) == 0 and target.is_file()
     argv[argv.index("dense")] = "dense,paper,csla"  # several presets: one image each and a comparison
     assert main(argv) == 0
@@ -122,7 +130,7 @@ def test_var_errors(tmp_path, capsys):
     assert "only 1:1 images at 32x32, not 4:3" in _error(capsys, ["generate", "--model", "var-tiny", "--aspect", "4:3"])
     assert "class indices 0..9, not 10" in _error(
         capsys, ["generate", "--model", "var-tiny", "--class", "10", "--out", str(tmp_path), "--device", "cpu"])
-    assert "only its own scales" in _error(
+    assert "only the schedule it was trained on (1 2 3 4 5 6 8 10 13 16), not 1 2" in _error(
         capsys, ["generate", "--model", "var-tiny", "--schedule", "1,2", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
 
 
@@ -148,3 +156,124 @@ def test_skipping_option_errors(tmp_path, capsys):
     assert "skip_last must be in 0..5" in _error(capsys, base + ["--skip-last", "6"])
     assert "cannot read 'skip2'" in _error(capsys, base + ["--attention", "default+skip1", "--skip-last", "2"])
     assert "token pruning needs at least 5 scales" in _error(capsys, base[:6] + ["1,2,3,4"] + base[7:] + ["--prune", "fastvar"])
+
+
+# ---- every mistake of issue 15's table: one line, exit status 2, before the model loads ----------
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Loading a model fails the test: the mistake must be caught before."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was caught")
+
+    monkeypatch.setattr(sparvar.pipeline, "load_pipeline", load)
+
+
+def _read_only_folder(tmp_path) -> Path:
+    """A folder no file can be written in: chmod 555, or for root (who may write there anyway) /sys."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        return folder
+    try:
+        tempfile.TemporaryFile(dir="/sys").close()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no read-only folder on this machine")
+
+
+def test_out_under_a_file_or_in_a_read_only_folder(tmp_path, capsys, no_loading):
+    (tmp_path / "notes.txt").write_text("x")
+    err = _error(capsys, ["generate", "--out", str(tmp_path / "notes.txt" / "x")])
+    assert err == f"error: cannot write to {tmp_path / 'notes.txt' / 'x'}: {tmp_path / 'notes.txt'} is a file, not a folder"
+    folder = _read_only_folder(tmp_path)
+    assert f"error: cannot write to {folder}: " in _error(capsys, ["generate", "--out", str(folder)])
+    assert f"error: cannot write to {folder}: " in _error(capsys, ["generate", "--out", str(folder / "one.png")])
+
+
+def test_unknown_device(capsys, no_loading):
+    assert _error(capsys, ["generate", "--device", "tpu"]) == "error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"
+    assert "sparvar runs on cpu or cuda, not meta" in _error(capsys, ["generate", "--device", "meta"])
+
+
+def test_seed_beyond_64_bits(tmp_path, capsys, no_loading):
+    base = ["generate", "--out", str(tmp_path)]
+    assert "seed must be in 0..9223372036854775807, got 99999999999999999999999" in _error(
+        capsys, base + ["--seed", "99999999999999999999999"])
+    assert "seed must be in 0..9223372036854775807, got -1" in _error(capsys, base + ["--seed", "-1"])
+    assert "leaves no room for 2 images" in _error(capsys, base + ["--seed", str(2**63 - 1), "--class", "1", "--class", "2"])
+
+
+def test_schedule_beyond_the_position_grid_or_the_memory(tmp_path, capsys, no_loading, monkeypatch):
+    base = ["generate", "--schedule", "1,2,100000", "--out", str(tmp_path)]
+    assert "infinity-demo generates only the schedule it was trained on" in _error(capsys, base)
+    assert "scale 100000x100000 of schedule 1 2 100000 is beyond infinity-tiny's position grid of 128x128" in _error(
+        capsys, base + ["--model", "infinity-tiny", "--prompt", "x"])
+    # within the grid but far beyond the machine: Infinity-8B's KV cache, 15 scales, float32 on the CPU
+    monkeypatch.setattr(generation, "device_memory", lambda device: 64 * 10**9)
+    schedule = ",".join(["1"] + ["128"] * 14)
+    need = 2 * 40 * 2 * (1 + 14 * 128 * 128) * 3584 * 4  # k and v, 40 layers, cond + uncond, width, bytes
+    err = _error(capsys, ["generate", "--model", "infinity-8b", "--random-weights", "--prompt", "x", "--schedule",
+                          schedule, "--device", "cpu", "--out", str(tmp_path)])
+    assert f"needs {need / 1e9:.1f} GB for the KV cache alone (1 image(s) with guidance in float32), more than the " \
+           "64.0 GB of cpu" in err
+
+
+@pytest.mark.parametrize("schedule", ["64,1", "1,2,4,8"])
+def test_the_demo_refuses_a_schedule_it_was_not_trained_on(tmp_path, capsys, no_loading, schedule):
+    err = _error(capsys, ["generate", "--schedule", schedule, "--out", str(tmp_path)])
+    assert f"generates only the schedule it was trained on (1 2 4 6 8 12 16 20 24 32 40 48 64), not " \
+           f"{schedule.replace(',', ' ')}" in err
+
+
+def test_empty_prompts_file(tmp_path, capsys, no_loading):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    err = _error(capsys, ["generate", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path)])
+    assert err == f"error: prompts file {tmp_path / 'empty.txt'} is empty: give one prompt (or class) a line"
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--top-p", "5", "top_p must be in [0, 1], got 5.0"),
+    ("--top-k", "-3", "top_k must be 0 or more, got -3"),
+    ("--cfg", "-5", "cfg must be at least 0, got -5.0"),
+    ("--tau", "0", "tau must be above 0, got 0.0"),
+])
+def test_sampling_values_out_of_range(tmp_path, capsys, no_loading, option, value, message):
+    assert _error(capsys, ["generate", option, value, "--out", str(tmp_path)]) == f"error: {message}"
+
+
+def test_eval_with_no_seeds(tmp_path, capsys, no_loading):
+    assert "--seeds and --batch must be at least 1, got 0 and 10" in _error(
+        capsys, ["eval", "--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_eval_reports_a_bad_preset_before_any_image(tmp_path, capsys, no_loading):
+    err = _error(capsys, ["eval", "--presets", "dense,turbo", "--out", str(tmp_path / "q")])
+    assert "cannot read 'turbo' in 'turbo'" in err and not (tmp_path / "q").exists()
+
+
+def test_every_help_shows_the_defaults(monkeypatch, capsys):
+    shown = []
+    format_help = argparse.ArgumentParser.format_help
+
+    def record(parser):
+        shown.append(parser)
+        return format_help(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "format_help", record)
+    monkeypatch.setenv("COLUMNS", "10000")  # no line breaks inside the help texts
+    commands = [[], ["generate"], ["plan"], ["eval"], ["analyze"], ["calibrate-skip"], ["bench", "e2e"],
+                ["bench", "baseline"], ["bench", "kernels"], ["bench", "profile"], ["bench", "multigpu"]]
+    for command in commands:
+        with pytest.raises(SystemExit):
+            main(command + ["--help"])
+        parser = shown[-1]
+        text = format_help(parser)
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            assert action.help, f"{command}: {action.option_strings} has no help"
+            if action.default is not None and action.default is not False:
+                default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+                assert f"(default: {action.default})" in text or f"(default: {default})" in text, (command, action)
+    capsys.readouterr()

@@ -1,6 +1,8 @@
 """sparvar eval and analyze: metrics, the attention-error probe, property measurements, outputs."""
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from sparvar.cli import main
 from sparvar.eval.analyze import PropertyProbe, TableRecorder, draw_tables, head_mean_probs, locality, resize_map
 from sparvar.eval.metrics import lpips_model, psnr, ssim, to_tensor
 from sparvar.eval.quality import ErrorProbe, evaluate, summary, to_markdown
+from sparvar.generation import GenerationConfig
 from sparvar.schedules import parse_schedule
 from sparvar.sparsity import make_policy
 
@@ -30,9 +33,19 @@ def test_psnr_and_ssim_on_known_images():
     assert to_tensor([image]).shape == (1, 3, 4, 4) and to_tensor([image]).max() == 1.0
 
 
-def test_lpips_says_why_it_is_skipped():
+def test_lpips_runs_when_it_can_and_says_why_not(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # `import lpips` fails
+    assert lpips_model("cpu") == (None, "LPIPS skipped: the lpips package is not installed (pip install lpips)")
+    fake = types.ModuleType("lpips")
+    fake.LPIPS = lambda net, verbose: torch.nn.Identity() if net == "alex" else None
+    monkeypatch.setitem(sys.modules, "lpips", fake)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    cache = tmp_path / "checkpoints"
+    assert lpips_model("cpu") == (None, f"LPIPS skipped: AlexNet's weights (alexnet-owt-*.pth) are not in {cache}")
+    cache.mkdir()
+    (cache / "alexnet-owt-7be5be79.pth").write_bytes(b"")
     model, note = lpips_model("cpu")
-    assert model is not None or note.startswith("LPIPS skipped")
+    assert isinstance(model, torch.nn.Identity) and note == "LPIPS: AlexNet"
 
 
 def test_error_probe_returns_the_inner_output_and_measures_its_error():
@@ -51,7 +64,8 @@ def test_error_probe_returns_the_inner_output_and_measures_its_error():
 
 def test_evaluate_compares_presets_on_the_same_seeds():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
-    results = evaluate(pipe, [0, 2], [0, 1], ["dense", "paper"], batch=3, schedule=SCHEDULE, progress=False)
+    results = evaluate(pipe, [0, 2], [0, 1], ["dense", "paper"], GenerationConfig(schedule=SCHEDULE), batch=3,
+                       progress=False)
     dense, paper = results["presets"]["dense"], results["presets"]["paper"]
     assert results["samples"] == 4 and dense["density"] == 1.0 and dense["attention_rel_error_max"] == 0.0
     assert 0 < paper["density"] < 1 and paper["attention_rel_error_max"] > 0
@@ -65,16 +79,17 @@ def test_evaluate_compares_presets_on_the_same_seeds():
 
 
 def test_eval_command_writes_json_and_markdown(tmp_path):
-    out = tmp_path / "q"
-    argv = ["eval", "--seeds", "1", "--labels", "0,sneaker", "--presets", "dense,default", "--resolution", "512",
-            "--out", str(out), "--quiet", "--device", "cpu"]
+    out, prompts = tmp_path / "q", tmp_path / "prompts.txt"
+    prompts.write_text("a boat\n\na tree\n")
+    argv = ["eval", "--model", "infinity-tiny", "--prompts", str(prompts), "--seeds", "1", "--presets", "dense,default",
+            "--resolution", "512", "--out", str(out), "--quiet", "--device", "cpu"]
     assert main(argv) == 0
-    results = json.loads(out.with_suffix(".json").read_text())
-    assert results["samples"] == 2 and results["conditions"] == ["0", "sneaker"]
+    results = json.loads((out / "eval.json").read_text())
+    assert results["samples"] == 2 and results["conditions"] == ["a boat", "a tree"]
     assert set(results["summary"]) == {"default_psnr", "default_ssim", "default_density"}
     assert results["presets"]["default"]["density"] < 1
-    assert "| default |" in out.with_suffix(".md").read_text()
-    assert main(["eval", "--model", "var-tiny", "--out", str(out), "--quiet"]) == 2  # 1000 classes: name some
+    assert "| default |" in (out / "eval.md").read_text()
+    assert main(["eval", "--model", "var-tiny", "--out", str(out), "--quiet"]) == 2  # 10 unnamed classes: name some
 
 
 def test_attention_maps_resize_and_locality():
@@ -114,11 +129,14 @@ def test_property_probe_and_table_pictures(tmp_path):
     assert len(files) == len(distinct) < len(sparse) and all((tmp_path / f).is_file() for f in files)
 
 
-def test_analyze_command_writes_measurements_and_pictures(tmp_path):
-    argv = ["analyze", "--resolution", "512", "--out", str(tmp_path), "--device", "cpu", "--radii", "1,3"]
+def test_analyze_command_writes_measurements_and_pictures(tmp_path, capsys):
+    argv = ["analyze", "--model", "infinity-tiny", "--resolution", "512", "--out", str(tmp_path), "--device", "cpu",
+            "--radii", "1,3"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "analyze.json").read_text())
     assert report["sink_scales"] == 5 and report["query_scales"] == [5, 6, 7, 8, 9]
+    shown = capsys.readouterr().out
+    assert shown.index("1/3 dense generation") < shown.index("2/3 default generation") < shown.index("3/3 drawing")
     assert set(report["layers"]) == {"sink_mass", "cross_scale_similarity", "locality_r1", "locality_r3"}
     assert all((tmp_path / name).is_file() for name in report["pictures"])
     assert any(name.startswith("table_") for name in report["pictures"])
@@ -127,7 +145,7 @@ def test_analyze_command_writes_measurements_and_pictures(tmp_path):
 def test_evaluate_takes_skipping_and_pruning_combinations():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
     presets = ["dense", "default+skip2", "fastvar", "fastvar+skip2", "dense+adaptive"]
-    results = evaluate(pipe, [0, 2], [0], presets, batch=2, schedule=SCHEDULE, progress=False)
+    results = evaluate(pipe, [0, 2], [0], presets, GenerationConfig(schedule=SCHEDULE), batch=2, progress=False)
     rows = results["presets"]
     assert rows["dense"]["flops_share"] == 1.0 and rows["dense"]["scales_used_mean"] == len(SCHEDULE)
     assert rows["default+skip2"]["scales_used_mean"] == len(SCHEDULE) - 2

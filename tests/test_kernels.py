@@ -340,22 +340,23 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     assert "wgmma.mma_async" in k.asm["ptx"]
 
 
-def test_fused_kernels_build_for_hopper():
-    """The blocks' elementwise kernels compile for sm_90 at Infinity-8B's width and heads."""
-    fp = "*fp32"
-    _compile_for_hopper(
-        compiled_fused._add_norm_kernel,
-        dict(X=fp, BRANCH="*bf16", GATE=fp, MUL=fp, ADD=fp, X_OUT=fp, OUT="*bf16", eps="fp32"),
-        dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, BLOCK=4096), num_warps=16)
-    _compile_for_hopper(
-        compiled_fused._qkv_heads_kernel,
-        dict(QKV="*bf16", LOG_SCALE="*bf16", COS=fp, SIN=fp, Q="*bf16", K="*bf16", V="*bf16"),
-        dict(HAS_ROPE=True, ROPE_PER_ROW=False, WRITE_V=True, D=128, BLOCK_H=32), num_warps=8)
-    _compile_for_hopper(
-        compiled_fused._channel_sums_kernel, dict(X="*bf16", PIVOT=fp, SUMS=fp), dict(CHUNK=256, BLOCK_P=32, BLOCK_C=128))
-    _compile_for_hopper(
-        compiled_fused._norm_silu_kernel, dict(X="*bf16", OUT="*bf16", MEAN=fp, RSTD=fp, WEIGHT=fp, BIAS=fp),
-        dict(BLOCK_P=32, BLOCK_C=128))
+@pytest.mark.parametrize("name,pointers,constexprs,num_warps", [
+    ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", X_OUT="*fp32",
+                              OUT="*bf16", eps="fp32"), dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, BLOCK=4096), 16),
+    ("_qkv_heads_kernel", dict(QKV="*bf16", LOG_SCALE="*bf16", COS="*fp32", SIN="*fp32", Q="*bf16", K="*bf16",
+                               V="*bf16"), dict(HAS_ROPE=True, ROPE_PER_ROW=False, WRITE_V=True, D=128, BLOCK_H=32), 8),
+    ("_channel_sums_kernel", dict(X="*bf16", PIVOT="*fp32", SUMS="*fp32"), dict(CHUNK=256, BLOCK_P=32, BLOCK_C=128), 4),
+    ("_norm_silu_kernel", dict(X="*bf16", OUT="*bf16", MEAN="*fp32", RSTD="*fp32", WEIGHT="*fp32", BIAS="*fp32"),
+     dict(BLOCK_P=32, BLOCK_C=128), 4),
+])
+def test_fused_kernels_build_for_hopper(name, pointers, constexprs, num_warps):
+    """The blocks' elementwise kernels assemble into sm_90 machine code at Infinity-8B's width and
+    heads, for the threads asked, within a Hopper block's shared memory and without scratch memory."""
+    kernel = _compile_for_hopper(getattr(compiled_fused, name), pointers, constexprs, num_warps=num_warps)
+    ptx = kernel.asm["ptx"]
+    assert ".target sm_90" in ptx and f".visible .entry {name}(" in ptx
+    assert f".reqntid {32 * num_warps}" in ptx and len(kernel.asm["cubin"]) > 0  # ptxas built it
+    assert kernel.metadata.shared <= 227 * 1024 and kernel.metadata.global_scratch_size == 0
 
 
 # ---- the blocks' fused elementwise kernels (sparvar/models/fused.py) --------------------------

@@ -315,7 +315,7 @@ def test_calibrate_skip_command_writes_thresholds(tmp_path):
     argv = ["calibrate-skip", "--model", "infinity-tiny", "--prompts", str(prompts), "--seeds", "2", "--batch", "4",
             "--device", "cpu", "--out", str(out), "--quiet"]
     assert main(argv) == 0
-    result = json.loads(out.with_suffix(".json").read_text())
+    result = json.loads((out / "calibrate-skip.json").read_text())
     assert len(result["thresholds"]) == 2 and result["samples"] == 4 and result["seeds"] == [1000, 1001]
-    assert "| adaptive |" in out.with_suffix(".md").read_text()
+    assert "| adaptive |" in (out / "calibrate-skip.md").read_text()
     assert main(["calibrate-skip", "--model", "infinity-tiny", "--out", str(out), "--quiet"]) == 2  # no prompts

@@ -76,7 +76,7 @@ def test_model_schedules_and_their_errors():
     with pytest.raises(SparvarError, match="only 1:1 images at 512x512"):
         MODELS["var-d36"].schedule("1:1", 256)
     pipe = var_pipeline()
-    with pytest.raises(SparvarError, match="only its own scales"):
+    with pytest.raises(SparvarError, match="generates only the schedule it was trained on"):
         pipe([1], schedule=parse_schedule("1,2,3"), progress=False)
 
 

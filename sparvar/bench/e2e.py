@@ -41,6 +41,7 @@ import torch
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
 from sparvar.models.fused import reference_only
+from sparvar.options import HelpFormatter
 
 PROMPT = "a photo of a red fox sitting in fresh snow at dawn, highly detailed"
 
@@ -340,11 +341,12 @@ def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, t
 
 def main(argv: list[str] | None = None, which: str = "e2e") -> None:
     table = E2E_MODES if which == "e2e" else BASELINE_MODES
-    parser = argparse.ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"])
-    parser.add_argument("--modes", nargs="+", default=list(table), choices=list(table))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks")
+    parser = argparse.ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="models to time")
+    parser.add_argument("--modes", nargs="+", default=list(table), choices=list(table), help="modes to time")
+    parser.add_argument("--repeats", type=int, default=5, help="timed generations per mode (the median is kept)")
+    parser.add_argument("--out", default="benchmarks", help="folder for the JSON, markdown and plot")
     parser.add_argument("--name", default=which, help="file name of the results (NAME.json, NAME.md)")
     if which == "e2e":
         parser.add_argument("--official", metavar="PATH",

@@ -21,6 +21,7 @@ import torch
 
 from sparvar.attention.tables import BlockTable
 from sparvar.errors import SparvarError
+from sparvar.options import HelpFormatter
 from sparvar.schedules import infinity_schedule
 
 BATCH, HEAD_DIM, BLOCK = 2, 128, 128
@@ -346,8 +347,8 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "python -m spar
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sparvar.bench.kernels") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default="benchmarks")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--out-dir", default="benchmarks", help="folder for kernels.json and kernels.md")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     result = run_kernel_bench(args.out_dir, command=" ".join([prog, *argv]))

@@ -26,6 +26,7 @@ import sparvar
 from sparvar.batch import MANIFEST
 from sparvar.bench.e2e import PROMPT
 from sparvar.errors import SparvarError
+from sparvar.options import HelpFormatter
 
 
 def job_command(args, gpus: int, prompts: Path, out: Path) -> list[str]:
@@ -107,9 +108,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="sparvar bench multigpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="infinity-8b")
-    parser.add_argument("--resolution", type=int, default=1024)
+    parser = argparse.ArgumentParser(prog="sparvar bench multigpu", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="infinity-8b", help="model of the job (random weights)")
+    parser.add_argument("--resolution", type=int, default=1024, help="pixel budget of the schedule")
     parser.add_argument("--schedule", help="custom scales instead of --resolution (quick checks)")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="process counts to run")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass in each process")
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attention", default="default", help="attention preset")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: gloo processes, no CUDA graphs (to check the benchmark itself)")
-    parser.add_argument("--out", default="benchmarks")
+    parser.add_argument("--out", default="benchmarks", help="folder for multigpu.json and multigpu.md")
     args = parser.parse_args(argv)
     if min(args.gpus) < 1 or args.batch_size < 1 or args.batches < 1 or args.warmup < 1:
         raise SparvarError("--gpus, --batch-size, --batches and --warmup must be at least 1")

@@ -19,6 +19,7 @@ import torch
 
 from sparvar.bench.e2e import PROMPT
 from sparvar.errors import SparvarError
+from sparvar.options import HelpFormatter
 
 CATEGORIES = (  # first match wins
     ("attention", r"flash|fmha|attention|cudnn|_attn|sparse_attention|colsum|flex"),
@@ -65,10 +66,11 @@ def profile(model: str, attention: str, sdpa_backend: str = "cudnn") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["infinity-8b"])
-    parser.add_argument("--attention", nargs="+", default=["dense", "default"])
-    parser.add_argument("--out", default="benchmarks")
+    parser = argparse.ArgumentParser(prog="sparvar bench profile", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["infinity-8b"], help="models to profile")
+    parser.add_argument("--attention", nargs="+", default=["dense", "default"], help="attention presets to profile")
+    parser.add_argument("--out", default="benchmarks", help="folder for profile.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SparvarError("profiling needs a CUDA GPU")

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 from sparvar import layout
 from sparvar.attention.policy import DenseAttention
+from sparvar.errors import SparvarError
 from sparvar.eval.draw import heatmap, mask_picture
+from sparvar.generation import GenerationConfig
+from sparvar.options import HelpFormatter, add_model_options, output_folder
 from sparvar.schedules import Schedule
 
 
@@ -130,45 +133,59 @@ def draw_tables(tables: dict, modes, schedule: Schedule, out: Path) -> list[str]
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="infinity-demo")
-    p.add_argument("--weights")
-    p.add_argument("--vae")
-    p.add_argument("--text-encoder")
-    p.add_argument("--condition", help="class index or name, or a prompt (default: the first class)")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    add_model_options(p)
+    p.add_argument("--condition", help="class index or name, or a prompt (default: the first class, or "
+                   "'a photo of a cat' for text models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generations")
     p.add_argument("--resolution", type=int, help="pixel budget of the schedule (default: the model's)")
     p.add_argument("--from-scale", type=int, help="first query scale measured (default: the first after the sinks)")
     p.add_argument("--radii", default="1,2,4", help="locality radii in cells of each key scale")
     p.add_argument("--attention", default="default", help="preset whose block tables are drawn")
-    p.add_argument("--device", default="auto")
     p.add_argument("--out", default="out/analyze", help="folder for analyze.json and the pictures")
+    p.add_argument("--quiet", action="store_true", help="no progress")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    from sparvar.pipeline import load_pipeline
+    """Every option is checked, and the output folder made, before the model loads."""
+    from sparvar.models.registry import get_spec
+    from sparvar.pipeline import check_conditions, default_dtype, load_pipeline, resolve_device
     from sparvar.sparsity import make_policy
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
-    spec, schedule = pipe.spec, pipe.schedule(resolution=args.resolution)
-    condition = args.condition or (spec.classes[0] if spec.classes else 0)
-    if spec.text_conditioned and not args.condition:
-        condition = "a photo of a cat"
+    spec = get_spec(args.model)
+    config = GenerationConfig(seed=args.seed, resolution=args.resolution, attention=args.attention).resolved(spec)
+    schedule = config.schedule
+    condition = args.condition or ("a photo of a cat" if spec.text_conditioned else
+                                   spec.classes[0] if spec.classes else 0)
+    check_conditions(spec, [condition])
     sinks = layout.default_sink_scales(schedule)
     from_scale = args.from_scale if args.from_scale is not None else sinks
-    radii = [int(r) for r in args.radii.split(",")]
-    probe = PropertyProbe(max(from_scale, 1), radii, sinks)
-    pipe([condition], seed=args.seed, schedule=schedule, attention=probe, progress=False)
+    if not 0 <= from_scale < len(schedule):
+        raise SparvarError(f"--from-scale must be in 0..{len(schedule) - 1} ({len(schedule)} scales), got {from_scale}")
+    try:
+        radii = [int(r) for r in args.radii.split(",")]
+    except ValueError:
+        raise SparvarError(f"--radii takes integers separated by commas, not {args.radii!r}") from None
+    if min(radii) < 0:
+        raise SparvarError(f"--radii must be 0 or more, got {args.radii}")
+    device = resolve_device(args.device)
+    config.check_device(spec, device, default_dtype(device), 1)
+    out = output_folder(args.out)
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))  # noqa: E731
 
+    pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device)
+    probe = PropertyProbe(max(from_scale, 1), radii, sinks)
+    say(f"1/3 dense generation, measuring attention at query scales {probe.from_scale}-{len(schedule) - 1}")
+    pipe([condition], config, attention=probe, progress=not args.quiet)
+    say(f"2/3 {args.attention} generation, recording its block tables")
     policy = make_policy(args.attention)
     recorder = TableRecorder(policy)
-    pipe([condition], seed=args.seed, schedule=schedule, attention=policy, progress=False)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    pipe([condition], config, attention=policy, progress=not args.quiet)
+    say(f"3/3 drawing into {out}")
     layers, scales = spec.transformer.depth, list(range(probe.from_scale, len(schedule)))
     rows, cols = [f"layer {i}" for i in range(layers)], [str(k) for k in scales]
     grids = {
@@ -187,7 +204,7 @@ def main(argv=None) -> dict:
     report = {
         "model": spec.name,
         "condition": str(condition),
-        "seed": args.seed,
+        "seed": config.seed,
         "schedule": schedule.describe(),
         "sink_scales": sinks,
         "query_scales": scales,

@@ -19,13 +19,14 @@ import math
 import sys
 from collections import defaultdict
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import lpips_distance, lpips_model, psnr, ssim, to_tensor
+from sparvar.generation import GenerationConfig
+from sparvar.options import HelpFormatter, add_model_options, output_folder, read_conditions
 from sparvar.skipping import attention_densities, combination, prune_plan, resolve_pruning, transformer_flops
 
 
@@ -77,26 +78,28 @@ def flops_shares(pipe, out, schedule, prune: str | None) -> list[float]:
     return [transformer_flops(cfg, schedule, n, plan, density) / full for n in out.scales_used]
 
 
-def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch: int = 10,
-             cfg: float | None = None, tau: float | None = None, schedule=None, progress: bool = True) -> dict:
-    """Run every preset on the same (condition, seed) items; metrics against the first preset."""
+def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], config: GenerationConfig | None = None,
+             batch: int = 10, progress: bool = True) -> dict:
+    """Run every preset on the same (condition, seed) items with `config`'s other settings;
+    metrics against the first preset."""
     from tqdm.auto import tqdm
 
     from sparvar.sparsity import make_policy
 
     items = [(c, s) for c in conditions for s in seeds]
     batches = [items[i : i + batch] for i in range(0, len(items), batch)]
-    schedule = schedule or pipe.schedule()
+    base = GenerationConfig.build(config).resolved(pipe.spec)
+    schedule = base.schedule
     depth = pipe.spec.transformer.depth
     lpips, lpips_note = lpips_model(pipe.device)
     images, rows = {}, {}
     for name in presets:
         combo = combination(name)
+        settings = GenerationConfig.build(base, attention=combo.attention, **combo.options())
         policy = make_policy(combo.attention)
         probe, out_images, densities, timed, flops, used = ErrorProbe(policy), [], [], [], [], []
         run = lambda chunk, attention: pipe(  # noqa: E731
-            [c for c, _ in chunk], seed=[s for _, s in chunk], cfg=cfg, tau=tau, schedule=schedule,
-            attention=attention, progress=False, **combo.options())
+            [c for c, _ in chunk], settings, seed=[s for _, s in chunk], attention=attention, progress=False)
         for i, chunk in enumerate(tqdm(batches, desc=name, disable=not progress)):
             # attention errors on the first batch (the probe adds a dense pass); the others are timed
             out = run(chunk, probe if i == 0 else policy)
@@ -142,8 +145,8 @@ def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], batch
         "samples": len(items),
         "conditions": [str(c) for c in conditions],
         "seeds": seeds,
-        "cfg": cfg if cfg is not None else pipe.spec.transformer.cfg,
-        "tau": tau if tau is not None else pipe.spec.transformer.tau,
+        "cfg": base.cfg,
+        "tau": base.tau,
         "reference": reference,
         "lpips": lpips_note,
         "presets": rows,
@@ -208,58 +211,67 @@ def to_markdown(results: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar eval", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="infinity-demo")
-    p.add_argument("--weights", help="transformer checkpoint (default: the demo model's shipped weights)")
-    p.add_argument("--vae")
-    p.add_argument("--text-encoder")
+    p = argparse.ArgumentParser(prog="sparvar eval", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    add_model_options(p)
     p.add_argument("--presets", default="dense,paper,default",
                    help="comma-separated; the first is the reference. An attention preset may add accelerators: "
                    "default+skip2, fastvar (dense attention with FastVAR pruning), fastvar+skip2, default+adaptive")
-    p.add_argument("--seeds", type=int, default=7, help="seeds per condition")
-    p.add_argument("--labels", help="comma-separated class indices or names (default: every class)")
+    p.add_argument("--seeds", type=int, default=7, help="seeds per condition: 0..N-1")
+    p.add_argument("--labels", help="comma-separated class indices or names (default: every named class)")
     p.add_argument("--prompts", help="file with one prompt per line (text models)")
-    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--batch", type=int, default=10, help="images per forward pass")
     p.add_argument("--resolution", type=int, help="pixel budget of the schedule (default: the model's)")
-    p.add_argument("--cfg", type=float)
-    p.add_argument("--tau", type=float)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="out/quality", help="writes OUT.json and OUT.md")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--tau", type=float, help="sampling temperature (default: the model's)")
+    p.add_argument("--out", default="out/quality", help="folder for eval.json and eval.md")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
-def conditions_of(pipe, prompts: str | None, labels: str | None = None) -> list:
+def conditions_of(spec, prompts: str | None, labels: str | None = None) -> list:
     """What to generate: the lines of a prompts file (text models), the given labels, or every
     named class."""
-    if pipe.spec.text_conditioned:
-        if not prompts or not Path(prompts).is_file():
-            raise SparvarError(f"{pipe.spec.name} is text-conditioned: give --prompts FILE (one prompt a line)")
-        return [line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()]
+    if spec.text_conditioned:
+        if not prompts:
+            raise SparvarError(f"{spec.name} is text-conditioned: give --prompts FILE (one prompt a line)")
+        return read_conditions(prompts)
     if labels:
-        return [c.strip() for c in labels.split(",")]
-    if pipe.spec.classes:
-        return list(pipe.spec.classes)
-    raise SparvarError(f"{pipe.spec.name} has {pipe.spec.num_classes} unnamed classes: pick some, --labels 1,2,3")
+        return [c.strip() for c in labels.split(",") if c.strip()]
+    if spec.classes:
+        return list(spec.classes)
+    raise SparvarError(f"{spec.name} has {spec.num_classes} unnamed classes: pick some, --labels 1,2,3")
 
 
 def main(argv=None) -> dict:
-    from sparvar.pipeline import load_pipeline
+    """Every option, preset and condition is checked, and the output folder made, before the model loads."""
+    from sparvar.models.registry import get_spec
+    from sparvar.pipeline import check_conditions, default_dtype, load_pipeline, resolve_device
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
-    conditions = conditions_of(pipe, args.prompts, args.labels)
+    if args.seeds < 1 or args.batch < 1:
+        raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
+    spec = get_spec(args.model)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    results = evaluate(pipe, conditions, list(range(args.seeds)), presets, args.batch, args.cfg, args.tau,
-                       pipe.schedule(resolution=args.resolution), progress=not args.quiet)
+    if not presets:
+        raise SparvarError("--presets names no preset; see `sparvar presets`")
+    config = GenerationConfig(cfg=args.cfg, tau=args.tau, resolution=args.resolution).resolved(spec)
+    device = resolve_device(args.device)
+    for name in presets:
+        combo = combination(name)
+        GenerationConfig.build(config, attention=combo.attention, **combo.options()).resolved(spec).check_device(
+            spec, device, default_dtype(device), args.batch)
+    conditions = conditions_of(spec, args.prompts, args.labels)
+    check_conditions(spec, conditions)
+    out = output_folder(args.out)
+    pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device)
+    results = evaluate(pipe, conditions, list(range(args.seeds)), presets, config, args.batch,
+                       progress=not args.quiet)
     results["summary"] = summary(results)
     results["command"] = "sparvar eval " + " ".join(argv)
     results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, allow_nan=False))
-    out.with_suffix(".md").write_text(to_markdown(results))
+    (out / "eval.json").write_text(json.dumps(results, indent=1, allow_nan=False))
+    (out / "eval.md").write_text(to_markdown(results))
     print(to_markdown(results))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return results

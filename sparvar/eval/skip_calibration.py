@@ -16,12 +16,13 @@ import json
 import math
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from sparvar.errors import SparvarError
 from sparvar.eval.metrics import to_tensor
+from sparvar.options import HelpFormatter, add_model_options, output_folder
 from sparvar.skipping import AdaptiveSkip, transformer_flops
 
 
@@ -136,19 +137,16 @@ def to_markdown(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar calibrate-skip", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="infinity-demo")
-    p.add_argument("--weights")
-    p.add_argument("--vae")
-    p.add_argument("--text-encoder")
+    p = argparse.ArgumentParser(prog="sparvar calibrate-skip", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    add_model_options(p)
     p.add_argument("--prompts", help="file with one prompt per line (text models)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per condition")
     p.add_argument("--first-seed", type=int, default=1000, help="away from the seeds `sparvar eval` uses")
-    p.add_argument("--attention", default="dense")
-    p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="out/adaptive_skip", help="writes OUT.json and OUT.md")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--attention", default="dense", help="attention preset of the generations")
+    p.add_argument("--batch", type=int, default=10, help="images per forward pass")
+    p.add_argument("--out", default="out/adaptive_skip", help="folder for calibrate-skip.json and calibrate-skip.md")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -158,8 +156,11 @@ def main(argv=None) -> dict:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.seeds < 1 or args.batch < 1:
+        raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
+    out = output_folder(args.out)
     pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
-    conditions = conditions_of(pipe, args.prompts)
+    conditions = conditions_of(pipe.spec, args.prompts)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     measured = measure(pipe, conditions, seeds, args.attention, args.batch, progress=not args.quiet)
     chosen = choose(measured)
@@ -168,10 +169,8 @@ def main(argv=None) -> dict:
               "thresholds": chosen["thresholds"], "mse_budget": chosen["mse_budget"], "measured": measured,
               "command": "sparvar calibrate-skip " + " ".join(argv),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, allow_nan=False))
-    out.with_suffix(".md").write_text(to_markdown(result))
+    (out / "calibrate-skip.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    (out / "calibrate-skip.md").write_text(to_markdown(result))
     print(to_markdown(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    print(f"wrote {out / 'calibrate-skip.json'} and {out / 'calibrate-skip.md'}")
     return result

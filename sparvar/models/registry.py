@@ -75,10 +75,22 @@ class ModelSpec:
     classes: tuple[str, ...] = ()  # label names of class-conditional models
     family: str = "infinity"
     bundled: dict[str, str] = field(default_factory=dict)  # CLI option -> weights file in sparvar/assets
+    # the schedules an Infinity model trained on one (or a few) generates, none else (the demo);
+    # empty: any within the two limits below. VAR models generate their own only (`only_schedules`).
+    schedules: tuple[Schedule, ...] = ()
+    max_scales: int = 15  # Infinity: the rows of its level embedding
+    max_side: int = 128  # Infinity: the side of its RoPE position grid in tokens (official: 2048 / 16)
 
     def bundled_path(self, option: str) -> Path | None:
         """The weights file shipped in the package for `option` (--weights, --vae), if any."""
         return ASSETS / self.bundled[option] if option in self.bundled else None
+
+    @property
+    def only_schedules(self) -> tuple[Schedule, ...]:
+        """The schedules the model can generate when they are a fixed few; empty: any within its limits."""
+        if self.family == "var":
+            return (self.transformer.schedule,)  # pos_1LC has one row per token of its own schedule
+        return self.schedules
 
     @property
     def text_conditioned(self) -> bool:
@@ -132,6 +144,7 @@ MODELS: dict[str, ModelSpec] = {
             VAEConfig(channels=8, ch_mult=(1,), base=64, encoder=False),  # its encoder lives in sparvar/demo
             None,
             classes=FASHION_MNIST_CLASSES,
+            schedules=(infinity_schedule("1:1", 1024),),  # it was trained on this one only
             bundled={"--weights": "infinity_demo.safetensors", "--vae": "infinity_demo_vae.safetensors"},
         ),
         ModelSpec(

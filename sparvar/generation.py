@@ -1,0 +1,223 @@
+"""The options of one generation: one frozen dataclass, checked when it is built.
+
+    config = GenerationConfig(seed=3, cfg=4.0, attention="default", skip_last=1)
+    out = pipe(["a red fox"], config)              # or pipe(["a red fox"], seed=3, cfg=4.0, ...)
+
+The pipeline, the command line, batch jobs and eval all build one, so every value is checked in
+one place, before any work. What needs the model (its default cfg, tau, top-k and top-p, the
+schedules it can generate) is settled by `resolved(spec)`; what needs the machine (CUDA graphs,
+room for the KV cache) by `check_device`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from sparvar.attention.policy import AttentionPolicy
+from sparvar.errors import SparvarError
+from sparvar.models.registry import FAMILIES, ModelSpec
+from sparvar.schedules import Schedule, parse_schedule
+from sparvar.skipping import PRUNE_PRESETS, AdaptiveSkip, PruneConfig, TokenPruning, prune_plan
+from sparvar.sparsity import PRESETS
+
+MAX_SEED = 2**63 - 1  # seeds are signed 64-bit integers; item i of a batch takes seed + i
+KV_CACHES = ("static", "concat")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Everything one generation takes besides its conditions."""
+
+    seed: int | tuple[int, ...] = 0  # an int: item i takes seed + i (an image does not depend on its batch)
+    # sampling; None: the model's own (`resolved`). top_k 0 and top_p 0 or 1 filter nothing.
+    cfg: float | None = None  # classifier-free guidance (Infinity: cfg * l_c + (1 - cfg) * l_u)
+    tau: float | None = None  # temperature
+    top_k: int | None = None
+    top_p: float | None = None
+    # the scales: an Infinity aspect ratio (width:height) and pixel budget, or a schedule
+    # (a Schedule or text such as "1,2,4,8"; it stands for both)
+    aspect: str = "1:1"
+    resolution: int | None = None
+    schedule: Schedule | str | None = None
+    attention: str | AttentionPolicy | None = None  # a preset name (`sparvar presets`), a policy; None: dense SDPA
+    skip_last: int = 0  # stop that many scales early and decode the codes summed so far (at full size)
+    prune: str | PruneConfig | TokenPruning | None = None  # FastVAR token pruning ("fastvar", skipping.py)
+    # True or an AdaptiveSkip: each item stops early once its estimate holds little fine detail; the
+    # batch runs while any item still refines, a stopped item's codes stay as they were
+    # (`out.scales_used`). One host sync per decision scale.
+    adaptive_skip: bool | AdaptiveSkip = False
+    # replay each scale and the text encoder as CUDA graphs (GPU only): the first generation of a
+    # shape runs eagerly, the second captures, later ones replay
+    cuda_graphs: bool = False
+    kv_cache: str = "static"  # one buffer written in place, or "concat": the official code's growing cache
+
+    def __post_init__(self):
+        if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
+            object.__setattr__(self, "seed", _integer("seed", self.seed, 0, MAX_SEED))
+        else:
+            if isinstance(self.seed, (str, bytes)) or not hasattr(self.seed, "__iter__"):
+                raise SparvarError(f"seed must be an integer or one integer per item, got {self.seed!r}")
+            object.__setattr__(self, "seed", tuple(_integer("seed", s, 0, MAX_SEED) for s in self.seed))
+        if self.cfg is not None:
+            _real("cfg", self.cfg, 0)
+        if self.tau is not None:
+            _real("tau", self.tau, 0, above=True)
+        if self.top_k is not None:
+            _integer("top_k", self.top_k, 0)
+        if self.top_p is not None:
+            _real("top_p", self.top_p, 0, 1)
+        if not isinstance(self.aspect, str):
+            raise SparvarError(f"aspect must be text such as '4:3', got {self.aspect!r}")
+        if self.resolution is not None:
+            _integer("resolution", self.resolution, 1)
+        if isinstance(self.schedule, str):
+            object.__setattr__(self, "schedule", parse_schedule(self.schedule))
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            raise SparvarError(f"schedule must be a Schedule or text such as '1,2,4,8', got {self.schedule!r}")
+        if self.schedule is not None and (self.aspect != "1:1" or self.resolution is not None):
+            raise SparvarError("give a schedule or an aspect ratio and resolution, not both")
+        if isinstance(self.attention, str) and self.attention not in PRESETS:
+            raise SparvarError(f"unknown attention preset {self.attention!r}; choose one of {', '.join(PRESETS)}")
+        if not isinstance(self.attention, (str, AttentionPolicy, type(None))):
+            raise SparvarError(f"attention takes a preset name or an AttentionPolicy, not {self.attention!r}")
+        _integer("skip_last", self.skip_last, 0)
+        if isinstance(self.prune, str) and self.prune not in PRUNE_PRESETS:
+            raise SparvarError(f"unknown token pruning {self.prune!r}; choose one of {', '.join(PRUNE_PRESETS)}")
+        if not isinstance(self.prune, (str, PruneConfig, TokenPruning, type(None))):
+            raise SparvarError(f"prune takes a name, a PruneConfig or a TokenPruning, not {self.prune!r}")
+        if not isinstance(self.adaptive_skip, (bool, AdaptiveSkip)):
+            raise SparvarError(f"adaptive_skip takes True, False or an AdaptiveSkip, not {self.adaptive_skip!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise SparvarError(f"cuda_graphs takes True or False, not {self.cuda_graphs!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise SparvarError(f"kv_cache must be 'static' or 'concat', got {self.kv_cache!r}")
+        if self.kv_cache != "static" and (self.cuda_graphs or self.prune is not None):
+            raise SparvarError("CUDA graphs and token pruning need the static KV cache")
+
+    @classmethod
+    def build(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
+        """`config` with some fields replaced, or a new config of the given fields."""
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise SparvarError(f"config must be a GenerationConfig, not {config!r} (options go as keywords: seed=...)")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise SparvarError(f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return cls(**options) if config is None else replace(config, **options)
+
+    def resolved(self, spec: ModelSpec) -> "GenerationConfig":
+        """This config for one model: its defaults filled in, its schedule chosen and checked.
+
+        A model trained on a few schedules (the demo, VAR) generates only those; others take any
+        schedule within their position grid and level embeddings. No scale has fewer tokens than the
+        one before it.
+        """
+        model = spec.transformer
+        schedule = self.schedule or spec.schedule(self.aspect, self.resolution)
+        check_schedule(spec, schedule)
+        if not self.skip_last < len(schedule):
+            raise SparvarError(
+                f"skip_last must be in 0..{len(schedule) - 1} for {len(schedule)} scales, got {self.skip_last}")
+        if self.prune is not None:  # settings that do not fit the model fail here, not at the pruned scale
+            prune_plan(_prune_config(self.prune), model.depth, schedule)
+        return replace(
+            self, schedule=schedule, aspect="1:1", resolution=None,
+            cfg=model.cfg if self.cfg is None else self.cfg, tau=model.tau if self.tau is None else self.tau,
+            top_k=model.top_k if self.top_k is None else self.top_k,
+            top_p=model.top_p if self.top_p is None else self.top_p,
+        )
+
+    def seeds(self, items: int) -> list[int]:
+        """The seed of each of `items` images."""
+        if isinstance(self.seed, tuple):
+            if len(self.seed) != items:
+                raise SparvarError(f"{len(self.seed)} seeds for {items} conditions")
+            return list(self.seed)
+        if self.seed + items - 1 > MAX_SEED:
+            raise SparvarError(f"seed {self.seed} leaves no room for {items} images: image i takes seed + i, "
+                               f"at most {MAX_SEED}")
+        return [self.seed + i for i in range(items)]
+
+    def check_device(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch: int) -> None:
+        """What the machine must offer a resolved config: a GPU for CUDA graphs, memory for the KV cache."""
+        if self.cuda_graphs and device.type != "cuda":
+            raise SparvarError("cuda_graphs needs a CUDA device")
+        weight, K = FAMILIES[spec.family].transformer.guidance_weight, len(self.schedule)
+        guided = any(weight(k, K, self.cfg) != 0 for k in range(K))  # the batch runs twice: cond + uncond
+        need = kv_cache_bytes(spec, self.schedule, batch * (2 if guided else 1), dtype)
+        have = device_memory(device)
+        if have is not None and need > have:
+            raise SparvarError(
+                f"schedule {self.schedule.describe()} needs {_size(need)} for the KV cache alone ({batch} image(s)"
+                f"{' with guidance' if guided else ''} in {str(dtype).replace('torch.', '')}), more than the "
+                f"{_size(have)} of {device}")
+
+
+def check_schedule(spec: ModelSpec, schedule: Schedule) -> None:
+    """Whether `spec`'s model can generate `schedule` (see `GenerationConfig.resolved`)."""
+    if spec.only_schedules and schedule not in spec.only_schedules:
+        known = " or ".join(s.describe() for s in spec.only_schedules)
+        raise SparvarError(f"{spec.name} generates only the schedule it was trained on ({known}), not "
+                           f"{schedule.describe()}; skip_last (--skip-last) stops it early")
+    if len(schedule) > spec.max_scales:
+        raise SparvarError(f"schedule {schedule.describe()} has {len(schedule)} scales; {spec.name} has level "
+                           f"embeddings for {spec.max_scales}")
+    for size in (*schedule.sizes, schedule.pos_grid):
+        if max(size) > spec.max_side:
+            raise SparvarError(f"scale {size[0]}x{size[1]} of schedule {schedule.describe()} is beyond "
+                               f"{spec.name}'s position grid of {spec.max_side}x{spec.max_side} tokens")
+    for (h, w), (h2, w2) in zip(schedule.sizes, schedule.sizes[1:]):
+        if h2 * w2 < h * w:
+            raise SparvarError(f"schedule {schedule.describe()} shrinks from {h}x{w} to {h2}x{w2}; scales go "
+                               "from coarse to fine")
+
+
+def kv_cache_bytes(spec: ModelSpec, schedule: Schedule, rows: int, dtype: torch.dtype) -> int:
+    """Bytes of the KV cache: keys and values of every layer for `rows` batch rows over the schedule."""
+    model = spec.transformer
+    return 2 * model.depth * rows * schedule.total * model.width * torch.empty((), dtype=dtype).element_size()
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of a GPU, or of the machine for the CPU (None where the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _prune_config(prune: str | PruneConfig | TokenPruning) -> PruneConfig:
+    if isinstance(prune, str):
+        return PRUNE_PRESETS[prune].config
+    return prune.config if isinstance(prune, TokenPruning) else prune
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e6:.1f} MB"
+
+
+def _integer(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SparvarError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise SparvarError(f"{name} must be in {low}..{high}, got {value}" if high is not None
+                           else f"{name} must be {low} or more, got {value}")
+    return int(value)
+
+
+def _real(name: str, value, low: float, high: float | None = None, above: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise SparvarError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (above and value == low) or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f"{'above' if above else 'at least'} {low}"
+        raise SparvarError(f"{name} must be {bound}, got {value}")

@@ -1,0 +1,59 @@
+"""What the commands' options share: help that shows every default, the model options, and the
+files they read and write, checked before any work so that a mistake costs one line, not a run."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from sparvar.errors import SparvarError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default; an option without one (None, or a switch that is off) says in
+    its own text what happens when it is not given."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model and the files it loads from (`sparvar models` lists which file goes where), --device."""
+    parser.add_argument("--model", default="infinity-demo", help="model name, see `sparvar models`")
+    parser.add_argument("--weights", help="transformer checkpoint, a file or a sharded folder (default: the "
+                        "weights shipped with the model, where it has some)")
+    parser.add_argument("--vae", help="VAE checkpoint (default: the shipped one, where the model has one)")
+    parser.add_argument("--text-encoder", help="local folder of the T5 text encoder (text models)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
+
+
+def read_conditions(path: str | Path) -> list[str]:
+    """The non-empty lines of a file of prompts (or class names or indices), stripped."""
+    file = Path(path)
+    if not file.is_file():
+        raise SparvarError(f"prompts file not found: {file}")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise SparvarError(f"prompts file {file} is not UTF-8 text") from None
+    if not lines:
+        raise SparvarError(f"prompts file {file} is empty: give one prompt (or class) a line")
+    return lines
+
+
+def output_folder(path: str | Path) -> Path:
+    """The folder at `path`, created, once a file could be written in it."""
+    folder = Path(path)
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            raise SparvarError(f"cannot write to {folder}: {part} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SparvarError(f"cannot write to {folder}: {err.strerror or err}") from None
+    return folder
