@@ -47,8 +47,8 @@ def cmd_generate(args) -> None:
 
     spec = get_spec(args.model)
     conditions = _conditions(args)
-    if not conditions and not spec.text_conditioned:
-        conditions = [spec.classes[0] if spec.classes else 0]
+    if not conditions and spec.default_condition is not None:
+        conditions = [spec.default_condition]
     if not conditions:
         raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
     job = args.batch_size is not None or batch.under_torchrun()
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("eval", "image and attention fidelity of presets against dense, same seeds (JSON + markdown)"),
         ("analyze", "attention sinks, cross-scale similarity, locality, block tables (JSON + pictures)"),
-        ("train-demo", "train the demo model (Fashion-MNIST, tokenizer + transformer)"),
+        ("train-demo", "the demo model: prepare its emoji data, train it in resumable calls, export its weights"),
         ("calibrate-skip", "thresholds of the adaptive skip rule on a model's own samples (JSON + markdown)"),
     ):
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
