@@ -144,7 +144,8 @@ def test_demo_model_is_shaped_like_infinity():
 def _smoke(out, data_file, *extra):
     """The full-size model on three scales (16x16 px), a few steps each."""
     return ["--out", str(out), "--data", str(data_file), "--schedule", "1,2,4", "--encoder-width", "32",
-            "--tokenizer-steps", "3", "--steps", "3", "--tokenizer-batch", "4", "--batch", "2", "--device", "cpu", *extra]
+            "--tokenizer-steps", "3", "--steps", "3", "--tokenizer-batch", "4", "--batch", "2", "--device", "cpu",
+            *extra]
 
 
 def test_training_in_calls_resumes_like_one_run(emoji_file, tmp_path):
@@ -219,3 +220,17 @@ def test_default_generate_compares_dense_and_default(tmp_path, capsys):
     assert "dense:" in out and "default:" in out and "attention density 100.0%" in out
     density = float(out.split("default:")[1].split("attention density ")[1].split("%")[0])
     assert 0 < density < 50
+
+
+def test_prompts_train_the_text_encoder_and_the_empty_prompt(emoji_file, tmp_path):
+    args = train.parse_args(_smoke(tmp_path, emoji_file))
+    run = train.Run(args, torch.device("cpu"), train._new_state(args, torch.device("cpu")))
+    run.latent_set, run.token_weights = run.latents(), train.scale_weights(run.schedule, "cpu")
+    for dropout in (0.0, 1.0):
+        run.args.text_dropout = dropout
+        run.model.zero_grad(set_to_none=True)
+        run.text.zero_grad(set_to_none=True)
+        run.transformer_step()["loss"].backward()
+        text_grad = run.text.shared.weight.grad
+        assert (text_grad is not None and text_grad.abs().sum() > 0) == (dropout == 0.0)
+        assert (run.model.cfg_uncond.grad is not None and run.model.cfg_uncond.grad.abs().sum() > 0) == (dropout == 1.0)

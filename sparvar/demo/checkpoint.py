@@ -4,8 +4,9 @@ Training runs in calls of a few minutes on a lent GPU machine that receives the 
 a few carried paths (64 MiB in all) and returns at most 8 files of 16 MiB. So a checkpoint is a
 folder of safetensors shards of at most 15 MiB plus one JSON file of the training state (steps,
 step budgets, history) that names its shards. The shards of a save get new names and the state is
-replaced last (write, then rename), so an interrupted save leaves the previous checkpoint whole. The optimiser's moments are not kept (they would double the size);
-a resumed phase re-warms its learning rate instead (train.py).
+replaced last (write, then rename), so an interrupted save leaves the previous checkpoint whole.
+The optimiser's moments are not kept (they would double the size); a resumed phase re-warms its
+learning rate instead (train.py).
 """
 
 from __future__ import annotations

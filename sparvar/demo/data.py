@@ -102,7 +102,8 @@ def write(out: str | Path, images: list[Image.Image], prompts: list[str], held_o
     for image in images:
         buffer = io.BytesIO()
         # emoji have few colours: a 256-colour palette held every one checked exactly, at half the size of RGB
-        image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buffer, "PNG", optimize=True)
+        palette = image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        palette.save(buffer, "PNG", optimize=True)
         blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     np.savez_compressed(out, png=np.concatenate(blobs), offsets=offsets, prompts=np.array(prompts),
@@ -118,7 +119,8 @@ def load(path: str | Path) -> EmojiSet:
                            "(needs `apt-get install fonts-noto-color-emoji unicode-data`)")
     with np.load(path) as f:
         png, offsets, prompts, held_out = f["png"], f["offsets"], [str(p) for p in f["prompts"]], f["held_out"]
-    images = [np.asarray(Image.open(io.BytesIO(png[a:b].tobytes())).convert("RGB")) for a, b in zip(offsets, offsets[1:])]
+    images = [np.asarray(Image.open(io.BytesIO(png[a:b].tobytes())).convert("RGB"))
+              for a, b in zip(offsets, offsets[1:])]
     side = max(max(i.shape[:2]) for i in images)
     square = np.full((len(images), side, side, 3), 255, dtype=np.uint8)
     for n, image in enumerate(images):

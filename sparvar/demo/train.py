@@ -210,10 +210,10 @@ class Run:
     def tensors(self) -> dict[str, torch.Tensor]:
         """What the checkpoint holds: the frozen tokenizer in bf16 (what ships), trained parts in
         float32, the transformer and text encoder once their phase has begun, and the RNG states."""
-        frozen = self.state["tokenizer"]["done"]
+        dtype = torch.bfloat16 if self.state["tokenizer"]["done"] else torch.float32
         out = {}
         for prefix, module in (("encoder.", self.encoder), ("vae.", self.decoder)):
-            out.update({prefix + k: v.to(torch.bfloat16 if frozen else torch.float32) for k, v in module.state_dict().items()})
+            out.update({prefix + k: v.to(dtype) for k, v in module.state_dict().items()})
         if self.state["transformer"]["steps"] > 0:
             out.update({"transformer." + k: v.float() for k, v in self.model.state_dict().items()})
             out.update({"text." + k: v.float() for k, v in t5_state(self.text).items()})
@@ -239,6 +239,7 @@ class Run:
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         else:
             print(f"note: the checkpoint was made on {self.state['device_type']}: its random streams restart here")
+            self.state["device_type"] = self.device.type
 
     def save(self) -> list[Path]:
         tag = f"t{self.state['tokenizer']['steps']}-x{self.state['transformer']['steps']}"
@@ -306,41 +307,41 @@ class Run:
                 out.append(self.encoder(data.to_pixels(chunk, self.size)).float())
         return torch.cat(out)
 
+    def transformer_step(self) -> dict:
+        """One batch of teacher forcing on the frozen encoder's latents (`self.latent_set`)."""
+        args, model, schedule, n = self.args, self.model, self.schedule, self.args.batch
+        idx = torch.randint(len(self.latent_set), (n,), device=self.device, generator=self.gen)
+        flip = torch.rand(n, device=self.device, generator=self.gen) * args.flip
+        bits, inputs, _ = quantize(self.latent_set[idx], schedule, self.codes, flip, self.gen)
+        bits = torch.cat(bits, dim=1)
+        ids, mask = self.ids[idx], self.mask[idx]
+        drop = torch.rand(n, device=self.device, generator=self.gen) < args.text_dropout
+        with self.autocast:
+            feats = self.text(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            empty = model.cfg_uncond[: feats.shape[1]].float()  # the learned empty prompt CFG runs with
+            feats = torch.where(drop[:, None, None], empty, feats)
+            logits = model.forward_full(inputs, schedule, model.prepare((feats, mask), guidance=False))
+        ce = F.cross_entropy(logits.flatten(0, 2), bits.flatten(), reduction="none").view(bits.shape).mean(-1)
+        correct = (logits.argmax(-1) == bits).float().mean((0, 2)).detach()
+        metrics = {"loss": (ce * self.token_weights).sum(-1).mean()}
+        bounds, k = np.cumsum((0,) + schedule.lengths), len(schedule)
+        for scale in sorted({0, k // 3, 2 * k // 3, k - 1}):
+            metrics[f"acc{scale}"] = correct[bounds[scale] : bounds[scale + 1]].mean()
+        return metrics
+
     def train_transformer(self, deadline: float) -> bool:
-        args, cfg, model, rec = self.args, self.cfg, self.model, self.state["transformer"]
+        args, model, rec = self.args, self.model, self.state["transformer"]
         rec["total"] = rec["total"] or args.steps
-        latents = self.latents()
-        weights = scale_weights(self.schedule, self.device)
-        bounds = np.cumsum((0,) + self.schedule.lengths)
+        self.latent_set = self.latents()
+        self.token_weights = scale_weights(self.schedule, self.device)
         model.train()
         self.text.train()
-
-        def step():
-            idx = torch.randint(len(latents), (args.batch,), device=self.device, generator=self.gen)
-            flip = torch.rand(args.batch, device=self.device, generator=self.gen) * args.flip
-            bits, inputs, _ = quantize(latents[idx], self.schedule, self.codes, flip, self.gen)
-            bits = torch.cat(bits, dim=1)
-            ids, mask = self.ids[idx], self.mask[idx]
-            drop = torch.rand(args.batch, device=self.device, generator=self.gen) < args.text_dropout
-            with self.autocast:
-                feats = self.text(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-                empty = model.cfg_uncond[: feats.shape[1]].float()  # the learned empty prompt CFG runs with
-                feats = torch.where(drop[:, None, None], empty, feats)
-                logits = model.forward_full(inputs, self.schedule, model.prepare((feats, mask), guidance=False))
-            ce = F.cross_entropy(logits.flatten(0, 2), bits.flatten(), reduction="none").view(bits.shape).mean(-1)
-            correct = (logits.argmax(-1) == bits).float().mean((0, 2)).detach()
-            metrics = {"loss": (ce * weights).sum(-1).mean()}
-            k = len(self.schedule)
-            for scale in sorted({0, k // 3, 2 * k // 3, k - 1}):
-                metrics[f"acc{scale}"] = correct[bounds[scale] : bounds[scale + 1]].mean()
-            return metrics
-
         temperatures = [p for n, p in model.named_parameters() if n.endswith("scale_mul_1H11")]
         others = [p for n, p in model.named_parameters() if not n.endswith("scale_mul_1H11")]
         groups = [{"params": others + list(self.text.parameters())},
                   {"params": temperatures, "lr_scale": args.scale_lr, "weight_decay": 0.0}]
         phase = Phase("transformer", groups, args.lr, rec, args.transformer_minutes * 60, self.device)
-        rec["done"] = phase.run(step, deadline, self.save, args.save_every_minutes * 60)
+        rec["done"] = phase.run(self.transformer_step, deadline, self.save, args.save_every_minutes * 60)
         return rec["done"]
 
     def preview(self, path: Path) -> None:
@@ -400,14 +401,15 @@ def train(args, argv: list[str]) -> dict:
         raise SparvarError(f"the tokenizer of {out} is not trained yet: run --phase tokenizer (or all) first")
     if tokenizer_ready and not state["transformer"]["done"] and args.phase in ("all", "transformer"):
         run.train_transformer(deadline)
-    if state["transformer"]["steps"] > 0:
-        run.preview(out / "preview.png")
     call.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 steps_after={p: state[p]["steps"] for p in ("tokenizer", "transformer")})
     if device.type == "cuda":
         call["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    files = run.save()
-    print(f"wrote {', '.join(str(f) for f in files)}" + (f" and {out / 'preview.png'}" if state["transformer"]["steps"] else ""))
+    files = run.save()  # before the preview, which uses no random stream of the training
+    if state["transformer"]["steps"] > 0:
+        run.preview(out / "preview.png")
+        files.append(out / "preview.png")
+    print(f"wrote {', '.join(str(f) for f in files)}")
     return state
 
 

@@ -135,7 +135,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--weights")
     p.add_argument("--vae")
     p.add_argument("--text-encoder")
-    p.add_argument("--condition", help="class index or name, or a prompt (default: the first class)")
+    p.add_argument("--condition",
+                   help="class index or name, or a prompt (default: the model's example prompt or first class)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="pixel budget of the schedule (default: the model's)")
     p.add_argument("--from-scale", type=int, help="first query scale measured (default: the first after the sinks)")
@@ -154,8 +155,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
     spec, schedule = pipe.spec, pipe.schedule(resolution=args.resolution)
-    condition = args.condition or (spec.classes[0] if spec.classes else 0)
-    if spec.text_conditioned and not args.condition:
+    condition = args.condition or spec.default_condition
+    if condition is None:  # a text model without an example prompt
         condition = "a photo of a cat"
     sinks = layout.default_sink_scales(schedule)
     from_scale = args.from_scale if args.from_scale is not None else sinks
