@@ -45,8 +45,10 @@ def main(argv=None) -> None:
     if args.prompts:
         with open(args.prompts, encoding="utf-8") as f:
             conditions = [line.strip() for line in f if line.strip()]
-    else:
+    elif pipe.spec.classes:
         conditions = list(pipe.spec.classes)
+    else:
+        p.error(f"{args.model} is text-conditioned: give --prompts FILE")
     picture = grid(pipe, conditions, list(range(args.seeds)))
     picture.quantize(colors=64).save(args.out, optimize=True)  # a 64-colour palette keeps the README's picture small
     print(f"wrote {args.out}")

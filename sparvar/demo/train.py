@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out with its options")
     p.add_argument("--phase", default="all", choices=("all", "tokenizer", "transformer"),
                    help="which phases this call may train")
-    p.add_argument("--budget-minutes", type=float, default=9.0, help="wall time of this call, saving included")
+    p.add_argument("--budget-minutes", type=float, default=8.5, help="wall time of this call, saving included")
     p.add_argument("--save-every-minutes", type=float, default=2.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -72,10 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-lr", type=float, default=1e-3)
     p.add_argument("--tokenizer-flip", type=float, default=0.05, help="max share of bits flipped per sample")
     p.add_argument("--encoder-width", type=int, default=64)
-    p.add_argument("--transformer-minutes", type=float, default=13.0,
+    p.add_argument("--transformer-minutes", type=float, default=10.5,
                    help="planned time of the whole transformer phase, over all calls")
     p.add_argument("--steps", type=int, help="transformer steps (default: what fits --transformer-minutes)")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--flip", type=float, default=0.2, help="max share of bits flipped per sample (self-correction)")
     p.add_argument("--text-dropout", type=float, default=0.1, help="share of prompts replaced by the empty one")
