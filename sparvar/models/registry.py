@@ -149,8 +149,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "infinity-demo256",
             "small text-to-image Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 256x256 px), "
-            "trained on Noto's colour emoji and their Unicode names (sparvar train-demo); weights ship "
-            "with the package",
+            "trained on Noto's colour emoji and their Unicode names (sparvar train-demo, docs/demo_model.md); "
+            "its weights go to sparvar/assets once trained",
             InfinityConfig(depth=12, width=128, heads=2, vae_channels=16, text_width=256, text_max_len=128,
                            block_chunks=1, cfg=3.0, tau=1.0),
             VAEConfig(channels=16, ch_mult=(1, 2, 2), base=32),
