@@ -38,7 +38,7 @@ from sparvar.demo.tokenizer import Encoder, Tokenizer, quantize
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import psnr
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.infinity.text import ByteTokenizer, TextEncoder, build_t5, t5_state
+from sparvar.models.infinity.text import ByteTokenizer, TextEncoder, build_t5, load_t5, t5_state
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
 from sparvar.models.registry import ASSETS, get_spec
@@ -224,14 +224,14 @@ class Run:
         return out
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        parts = {"encoder.": self.encoder, "vae.": self.decoder, "transformer.": self.model, "text.": self.text}
-        for prefix, module in parts.items():
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if state:
-                missing, unexpected = module.load_state_dict(state, strict=False)
-                if unexpected or [k for k in missing if k != "encoder.embed_tokens.weight"]:
-                    raise SparvarError(f"the checkpoint's {prefix[:-1]} does not fit: missing {missing[:3]}, "
-                                       f"unexpected {unexpected[:3]}")
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.encoder.load_state_dict(part("encoder."))
+        self.decoder.load_state_dict(part("vae."))
+        if part("transformer."):  # saved once the transformer phase has begun
+            self.model.load_state_dict(part("transformer."))
+            load_t5(self.text, part("text."), "the checkpoint's text encoder")
         if self.state["device_type"] == self.device.type:
             self.gen.set_state(tensors["rng.data"])
             torch.set_rng_state(tensors["rng.torch"])
@@ -246,17 +246,14 @@ class Run:
         return checkpoint.save(self.args.out, self.tensors(), self.state, tag)
 
     # ---- phase 1 -------------------------------------------------------------------------
-    def pixels(self, n: int, mirror: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenizer_step(self) -> dict:
+        """One batch of random training emoji, half of them mirrored (only the tokenizer sees mirrored
+        emoji: prompts say "left" and "right")."""
+        args, n = self.args, self.args.tokenizer_batch
         idx = torch.randint(len(self.images), (n,), device=self.device, generator=self.gen)
         x = data.to_pixels(self.images[idx], self.size)
-        if mirror:  # the tokenizer may see mirrored emoji; the transformer's prompts say "left" and "right"
-            flip = torch.rand(n, device=self.device, generator=self.gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, idx
-
-    def tokenizer_step(self) -> dict:
-        args = self.args
-        x, _ = self.pixels(args.tokenizer_batch, mirror=True)
+        mirror = torch.rand(n, device=self.device, generator=self.gen) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
         flip = torch.rand(len(x), device=self.device, generator=self.gen) * args.tokenizer_flip
         with self.autocast:
             recon, z, quantised = self.tokenizer(x, flip, self.gen)

@@ -42,6 +42,14 @@ def t5_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k != _TIED}
 
 
+def load_t5(model, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load tensors saved from `t5_state` (the tied copy may be absent) or say what does not fit."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {_TIED}:
+        raise SparvarError(f"{what} does not fit the text encoder: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+
+
 class ByteTokenizer:
     """A tokenizer that needs no files: UTF-8 bytes + EOS (id 1; 0 pads).
 
@@ -101,10 +109,7 @@ class TextEncoder:
         from sparvar.checkpoint import read_state_dict
 
         model = build_t5(config)
-        missing, unexpected = model.load_state_dict(read_state_dict(path), strict=False)
-        if unexpected or set(missing) - {_TIED}:
-            raise SparvarError(f"{path} does not fit the text encoder: missing {sorted(missing)[:5]}, "
-                               f"unexpected {sorted(unexpected)[:5]}")
+        load_t5(model, read_state_dict(path), str(path))
         return cls(model.to(device=device, dtype=dtype), ByteTokenizer(config["vocab_size"]), max_length)
 
     @classmethod
