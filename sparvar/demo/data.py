@@ -80,8 +80,8 @@ def prepare(out: str | Path, font_path: Path = EMOJI_FONT, names_path: Path = EM
         raise SparvarError(f"emoji font not found at {font_path}; install it with "
                            "`apt-get install fonts-noto-color-emoji` (Debian/Ubuntu)")
     if not features.check("raqm"):
-        raise SparvarError("Pillow lacks its raqm text layout, needed to draw emoji sequences; install "
-                           "libraqm (`apt-get install libraqm0`) and reinstall Pillow")
+        raise SparvarError("Pillow's raqm text layout, needed to draw emoji sequences, is off: its wheels load "
+                           "FriBiDi from the system (`apt-get install libfribidi0`)")
     font = ImageFont.truetype(str(font_path), GLYPH_SIZE, layout_engine=ImageFont.Layout.RAQM)
     images, prompts, held_out, missing = [], [], [], []
     for codepoints, name in read_emoji_names(names_path):
