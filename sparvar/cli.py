@@ -27,9 +27,9 @@ def _conditions(args, spec) -> list:
     conditions = list(args.prompt or []) + list(args.label or [])
     if args.prompts:
         conditions += read_conditions(args.prompts)
-    if not conditions and spec.text_conditioned:
+    if not conditions and spec.default_condition is None:
         raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT or --prompts FILE")
-    return conditions or [spec.classes[0] if spec.classes else 0]
+    return conditions or [spec.default_condition]
 
 
 def _output_paths(out: str, conditions: list) -> list[Path]:
@@ -191,7 +191,9 @@ def cmd_models(args) -> None:
             for option, file in spec.files.items():
                 print(f"  {option:15s} {file}")
         elif spec.bundled:
-            print("  needs no files; its weights ship with the package:")
+            shipped = all(spec.bundled_path(option).is_file() for option in spec.bundled)
+            print("  needs no files; its weights ship with the package:" if shipped else
+                  "  its weights are not in this install yet (sparvar train-demo makes them):")
             for option in spec.bundled:
                 print(f"  {option:15s} {spec.bundled_path(option)}")
         else:
@@ -392,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("eval", "image and attention fidelity of presets against dense, same seeds (JSON + markdown)"),
         ("analyze", "attention sinks, cross-scale similarity, locality, block tables (JSON + pictures)"),
-        ("train-demo", "train the demo model (Fashion-MNIST, tokenizer + transformer)"),
+        ("train-demo", "the demo model: prepare its emoji data, train it in resumable calls, export its weights"),
         ("calibrate-skip", "thresholds of the adaptive skip rule on a model's own samples (JSON + markdown)"),
     ):
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser

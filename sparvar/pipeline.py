@@ -361,7 +361,8 @@ def _bundled(spec: ModelSpec, option: str) -> str | None:
     """The weights shipped in the package for `option`, if the model has any."""
     path = spec.bundled_path(option)
     if path is not None and not path.is_file():
-        raise SparvarError(f"{spec.name}'s bundled weights {path} are missing: reinstall sparvar")
+        raise SparvarError(f"{spec.name}'s bundled weights {path} are missing: reinstall sparvar, or train them "
+                           "(sparvar train-demo, docs/demo_model.md)")
     return None if path is None else str(path)
 
 
@@ -389,6 +390,7 @@ def load_pipeline(
     if not random_weights:
         weights = weights or _bundled(spec, "--weights")
         vae = vae or _bundled(spec, "--vae")
+        text_encoder = text_encoder or _bundled(spec, "--text-encoder")
         given = {"--weights": weights, "--vae": vae, "--text-encoder": text_encoder}
         missing = [opt for opt in spec.files if given[opt] is None]
         if missing:
@@ -417,6 +419,6 @@ def load_pipeline(
         if text_encoder is None or random_weights:
             encoder = TextEncoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
         else:
-            encoder = TextEncoder.from_folder(text_encoder, device, dtype, spec.transformer.text_max_len)
+            encoder = TextEncoder.load(text_encoder, spec.text, device, dtype, spec.transformer.text_max_len)
     return Pipeline(spec, transformer, decoder, encoder)
 
