@@ -42,6 +42,17 @@ def test_compare_dense_against_a_preset():
     assert len(seen) == 2 * scales - 1 and seen == sorted(seen) and seen[-1] == 1.0  # one step per scale run
 
 
+def test_compare_runs_dense_once_per_image():
+    pipe, last_dense, seen = var_pipeline(), {}, []
+    first = compare(pipe, "3", 0, 4.0, "1:1", "default", last_dense=last_dense)
+    again = compare(pipe, "3", 0, 4.0, "1:1", "csla", lambda d, what: seen.append(what), last_dense)
+    assert len(seen) == len(pipe.schedule("1:1")) and all(w.startswith("csla:") for w in seen)  # no dense scale
+    assert np.asarray(again[0]).tolist() == np.asarray(first[0]).tolist()
+    assert again[3].splitlines()[2] == first[3].splitlines()[2]  # the same dense row
+    compare(pipe, "3", 1, 4.0, "1:1", "csla", lambda d, what: seen.append(what), last_dense)
+    assert any(w.startswith("dense:") for w in seen)  # another seed, another dense image
+
+
 def test_compare_a_preset_with_itself_gives_zero_difference():
     dense, other, diff, table = compare(var_pipeline(), "3", 1, 4.0, "1:1", "dense")
     assert np.asarray(dense).tolist() == np.asarray(other).tolist()
