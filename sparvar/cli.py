@@ -311,8 +311,14 @@ def cmd_calibrate_skip(args) -> None:
     skip_calibration.main(args.rest)
 
 
+def cmd_serve(args) -> None:
+    from sparvar import serve
+
+    serve.main(args.rest)
+
+
 _PASS_THROUGH = {"eval": cmd_eval, "analyze": cmd_analyze, "train-demo": cmd_train_demo,
-                 "calibrate-skip": cmd_calibrate_skip}
+                 "calibrate-skip": cmd_calibrate_skip, "serve": cmd_serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("analyze", "attention sinks, cross-scale similarity, locality, block tables (JSON + pictures)"),
         ("train-demo", "the demo model: prepare its emoji data, train it in resumable calls, export its weights"),
         ("calibrate-skip", "thresholds of the adaptive skip rule on a model's own samples (JSON + markdown)"),
+        ("serve", "a local web page to generate and compare dense with a preset (Gradio: pip install -e .[ui])"),
     ):
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 
