@@ -120,6 +120,18 @@ class TimedAttention(AttentionPolicy):
         return out
 
 
+def timed_calls(call: Callable[[int], object], repeats: int) -> list[tuple[float, object]]:
+    """(host seconds, result) of call(0), call(1), ...: the GPU is idle before each and after."""
+    runs = []
+    for i in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = call(i)
+        torch.cuda.synchronize()
+        runs.append((time.perf_counter() - start, out))
+    return runs
+
+
 def time_mode(pipe, mode: Mode, repeats: int, seed: int = 0) -> dict:
     """Median latency, stages, per-scale times, attention share and peak memory of one mode."""
     with contextlib.nullcontext() if mode.fused else reference_only():
@@ -138,13 +150,7 @@ def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
     attention_s = timed.seconds_per_scale(len(eager.scale_seconds))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    runs = []
-    for i in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = run(seed + i, policy)
-        torch.cuda.synchronize()
-        runs.append((time.perf_counter() - start, out))
+    runs = timed_calls(lambda i: run(seed + i, policy), repeats)
     median = statistics.median
     longest = max(len(o.scale_seconds) for _, o in runs)  # adaptive skip may stop some runs earlier
     scale_s = [median([o.scale_seconds[k] for _, o in runs if k < len(o.scale_seconds)]) for k in range(longest)]
@@ -177,13 +183,7 @@ def time_official(path: str, model: str, repeats: int, seed: int = 0) -> dict:
     official(PROMPT, schedule, seed)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    latencies = []
-    for i in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        official(PROMPT, schedule, seed + i)
-        torch.cuda.synchronize()
-        latencies.append(time.perf_counter() - start)
+    latencies = [t for t, _ in timed_calls(lambda i: official(PROMPT, schedule, seed + i), repeats)]
     return {"latency_s": statistics.median(latencies), "latencies_s": latencies,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
