@@ -1,56 +1,93 @@
-"""The demo model: data loader, tokenizer quantiser, training command, shipped weights, default job."""
+"""The demo models: emoji data, tokenizer quantiser, training in resumable calls, export, shipped weights."""
 
-import gzip
+import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
-from sparvar.checkpoint import load_strict
 from sparvar.cli import main
-from sparvar.demo import train
-from sparvar.demo.data import FASHION_MNIST_CLASSES, export_npz, load_fashion_mnist, load_images, read_idx
-from sparvar.demo.tokenizer import quantize
+from sparvar.demo import checkpoint, data, train
+from sparvar.demo.tokenizer import Encoder, quantize
 from sparvar.errors import SparvarError
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.infinity.transformer import InfinityTransformer
-from sparvar.models.infinity.vae import InfinityVAE
-from sparvar.models.registry import MODELS
+from sparvar.models.infinity.text import build_t5
+from sparvar.models.registry import FASHION_MNIST_CLASSES, MODELS, create_model, create_vae
 from sparvar.pipeline import load_pipeline
 from sparvar.schedules import parse_schedule
 
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+DEMO = "infinity-demo256"
+EMOJI_TEST_LINES = """\
+# group: Smileys & Emotion
+1F600                                  ; fully-qualified     # 😀 E1.0 grinning face
+263A FE0F                              ; fully-qualified     # ☺️ E0.6 smiling face
+263A                                   ; unqualified         # ☺ E0.6 smiling face
+1F44D 1F3FD                            ; fully-qualified     # 👍🏽 E1.0 thumbs up: medium skin tone
+1F468 200D 1F469 200D 1F467            ; fully-qualified     # 👨‍👩‍👧 E2.0 family: man, woman, girl
+1F1EF 1F1F5                            ; fully-qualified     # 🇯🇵 E0.6 flag: Japan
+1F3FB                                  ; component           # 🏻 E1.0 light skin tone
+"""
 
 
 @pytest.fixture(scope="module")
-def fashion_root(tmp_path_factory):
-    """A Fashion-MNIST folder in the Debian package's layout, with a few random images."""
-    root = tmp_path_factory.mktemp("fashion-mnist")
+def emoji_file(tmp_path_factory):
+    """A data file in `prepare`'s format: 12 random 'emoji' of the font's glyph size, 3 held out."""
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 24), ("t10k", 8)):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return root
+    images = [Image.fromarray(rng.integers(0, 256, (128, 136, 3), dtype=np.uint8) // 64 * 64) for _ in range(12)]
+    path = tmp_path_factory.mktemp("emoji") / "emoji.npz"
+    data.write(path, images, [f"emoji number {i}" for i in range(12)], [i % 4 == 3 for i in range(12)])
+    return path
 
 
-def test_loader_reads_the_package_layout_and_the_npz(fashion_root, tmp_path):
-    x, y = load_fashion_mnist(fashion_root, "train")
-    assert x.shape == (24, 28, 28) and x.dtype == np.uint8 and y.tolist() == [i % 10 for i in range(24)]
-    assert np.array_equal(read_idx(fashion_root / "t10k-images-idx3-ubyte.gz"), load_images(fashion_root, "test")[0])
-    export_npz(tmp_path / "fm.npz", fashion_root)
-    x2, y2 = load_images(tmp_path / "fm.npz", "train")
-    assert np.array_equal(x, x2) and np.array_equal(y, y2)
-    assert len(FASHION_MNIST_CLASSES) == 10
+def test_emoji_names_keep_fully_qualified_sequences(tmp_path):
+    names = tmp_path / "emoji-test.txt"
+    names.write_text(EMOJI_TEST_LINES, encoding="utf-8")
+    rows = data.read_emoji_names(names)
+    assert [name for _, name in rows] == ["grinning face", "smiling face", "thumbs up: medium skin tone",
+                                          "family: man, woman, girl", "flag: Japan"]
+    assert rows[3][0] == [0x1F468, 0x200D, 0x1F469, 0x200D, 0x1F467]
 
 
-def test_loader_says_what_to_install(tmp_path):
-    with pytest.raises(SparvarError, match="apt-get install dataset-fashion-mnist"):
-        load_fashion_mnist(tmp_path)
+def test_held_out_rule_keeps_variants_together():
+    thumbs = [0x1F44D]
+    assert all(data.is_held_out(thumbs + [tone]) == data.is_held_out(thumbs) for tone in range(0x1F3FB, 0x1F400))
+    assert data.is_held_out([0x261D, 0xFE0F]) == data.is_held_out([0x261D, 0x1F3FB])
+    share = np.mean([data.is_held_out([c]) for c in range(0x1F300, 0x1F300 + 2000)])
+    assert 0.02 < share < 0.07
+
+
+def test_data_file_round_trip(emoji_file):
+    emoji = data.load(emoji_file)
+    assert emoji.images.shape == (12, 136, 136, 3) and emoji.images.dtype == np.uint8
+    assert (emoji.images[:, :4] == 255).all() and (emoji.images[:, -4:] == 255).all()  # padded with white
+    assert emoji.prompts[5] == "emoji number 5" and emoji.held_out.sum() == 3
+    held = emoji.split(held_out=True)
+    assert held.prompts == ["emoji number 3", "emoji number 7", "emoji number 11"] and len(held.images) == 3
+    pixels = data.to_pixels(torch.from_numpy(emoji.images[:2]), 32)
+    assert pixels.shape == (2, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
+
+
+def test_loaders_say_what_to_install(tmp_path):
+    with pytest.raises(SparvarError, match="apt-get install fonts-noto-color-emoji"):
+        data.prepare(tmp_path / "e.npz", font_path=tmp_path / "missing.ttf")
+    with pytest.raises(SparvarError, match="apt-get install unicode-data"):
+        data.read_emoji_names(tmp_path / "missing.txt")
+    with pytest.raises(SparvarError, match="sparvar train-demo prepare"):
+        data.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.skipif(not data.EMOJI_FONT.is_file(), reason="needs `apt-get install fonts-noto-color-emoji`")
+def test_prepare_draws_sequences_from_the_installed_font(tmp_path):
+    names = tmp_path / "emoji-test.txt"
+    names.write_text(EMOJI_TEST_LINES, encoding="utf-8")
+    summary = data.prepare(tmp_path / "e.npz", names_path=names)
+    assert summary["emoji"] == 5 and not summary["missing_from_font"]
+    emoji = data.load(tmp_path / "e.npz")
+    drawn = (emoji.images < 250).any(-1).mean((1, 2))  # share of pixels that are not background
+    assert (drawn > 0.05).all() and emoji.images.astype(int).std(-1).max() > 50  # colour, not only grey
+    assert len({image.tobytes() for image in emoji.images}) == 5
 
 
 def test_quantiser_builds_what_the_sampler_loop_builds():
@@ -68,6 +105,16 @@ def test_quantiser_builds_what_the_sampler_loop_builds():
     assert errors[-1] < errors[0] / 2  # residual quantisation: each scale corrects the ones before
 
 
+def test_quantiser_uses_the_models_next_input():
+    """The emoji model trains with bilinear next-scale inputs (official Infinity); the Fashion-MNIST one had area."""
+    schedule = parse_schedule("1,2,3,5,8")
+    z = torch.randn(1, 4, 8, 8)
+    assert MODELS[DEMO].transformer.next_input == "bilinear"
+    bilinear = quantize(z, schedule, BitwiseCodes(4, patchify=False, next_input="bilinear"))[1]
+    area = quantize(z, schedule, BitwiseCodes(4, patchify=False, next_input="area"))[1]
+    assert not torch.allclose(bilinear[2], area[2])
+
+
 def test_bit_flips_corrupt_inputs_and_later_labels_correct_them():
     schedule = parse_schedule("1,2,4")
     z = torch.randn(3, 4, 4, 4)
@@ -80,19 +127,75 @@ def test_bit_flips_corrupt_inputs_and_later_labels_correct_them():
     assert not torch.equal(flipped[0][1][1:], clean[0][1][1:])  # the next scale's labels compensate
 
 
-def test_training_command_writes_loadable_weights_and_a_log(fashion_root, tmp_path):
-    argv = ["--out", str(tmp_path), "--data", str(fashion_root), "--schedule", "1,2,4", "--depth", "1",
-            "--width", "64", "--heads", "1", "--encoder-width", "32", "--tokenizer-steps", "4", "--steps", "4",
-            "--tokenizer-batch", "4", "--batch", "2", "--device", "cpu"]
-    log = train.main(argv)
-    assert log["tokenizer"]["steps"] == 4 and log["transformer"]["steps"] == 4
-    assert log["data"]["train_images"] == 24 and log["command"].startswith("sparvar train-demo --out")
-    spec = MODELS["infinity-demo"]
-    model = InfinityTransformer(type(spec.transformer)(**log["transformer_config"]))
-    load_strict(model, load_file(str(tmp_path / "transformer.safetensors")), "trained transformer")
-    decoder = InfinityVAE(spec.vae)
-    load_strict(decoder, decoder.checkpoint_state(load_file(str(tmp_path / "vae.safetensors"))), "trained decoder")
-    assert (tmp_path / "train_log.json").is_file() and (tmp_path / "encoder.safetensors").is_file()
+def test_demo_model_is_shaped_like_infinity():
+    spec = MODELS[DEMO]
+    cfg, schedule = spec.transformer, spec.schedule()
+    assert cfg.text_conditioned and cfg.head_dim >= 64 and cfg.depth >= 12
+    assert len(schedule) == 13 and schedule.sizes[-1] == (64, 64) and 64 * spec.vae.patch == 256
+    encoder, decoder = Encoder(cfg.vae_channels), create_vae(spec, "meta")
+    assert encoder(torch.zeros(1, 3, 32, 32)).shape == (1, cfg.vae_channels, 8, 8)  # the decoder's patch 4, inverted
+    params = sum(p.numel() for p in create_model(DEMO, "meta").parameters())
+    with torch.device("meta"):
+        params += sum(p.numel() for p in [*decoder.parameters(), *build_t5(spec.text).parameters()])
+    assert 2 * params <= 48e6  # bf16 weights in sparvar/assets
+    assert spec.default_condition == "cat face"
+
+
+def _smoke(out, data_file, *extra):
+    """The full-size model on three scales (16x16 px), a few steps each."""
+    return ["--out", str(out), "--data", str(data_file), "--schedule", "1,2,4", "--encoder-width", "32",
+            "--tokenizer-steps", "3", "--steps", "3", "--tokenizer-batch", "4", "--batch", "2", "--device", "cpu",
+            *extra]
+
+
+def test_training_in_calls_resumes_like_one_run(emoji_file, tmp_path):
+    one = train.main(_smoke(tmp_path / "one", emoji_file))
+    assert one["tokenizer"]["done"] and one["transformer"]["done"] and one["transformer"]["steps"] == 3
+    assert one["tokenizer"]["held_out_psnr"] > 0 and one["data"] == {
+        "source": str(emoji_file), "train_emoji": 9, "held_out_emoji": 3, "image_size": 16}
+    assert one["calls"][0]["command"].startswith("sparvar train-demo --out")
+    assert (tmp_path / "one" / "preview.png").is_file()
+
+    train.main(_smoke(tmp_path / "two", emoji_file, "--phase", "tokenizer"))
+    with pytest.raises(SparvarError, match="--resume"):
+        train.main(_smoke(tmp_path / "two", emoji_file))
+    two = train.main(["--out", str(tmp_path / "two"), "--data", str(emoji_file), "--resume", "--device", "cpu"])
+    assert len(two["calls"]) == 2 and two["transformer"]["steps"] == 3
+    a, _ = checkpoint.load(tmp_path / "one")
+    b, _ = checkpoint.load(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_shards_and_export_load_as_a_pipeline(emoji_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 4 * 2**20)
+    out = tmp_path / "run"
+    train.main(_smoke(out, emoji_file))
+    state = json.loads((out / checkpoint.STATE).read_text())
+    assert len(state["shards"]) > 1 and all((out / s).stat().st_size <= 5 * 2**20 for s in state["shards"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(state["shards"] + [checkpoint.STATE, "preview.png"])
+
+    assets, log = tmp_path / "assets", tmp_path / "log.json"
+    train.main(["export", "--out", str(out), "--assets", str(assets), "--log", str(log)])
+    files = {option: str(assets / name) for option, name in MODELS[DEMO].bundled.items()}
+    assert all(t.dtype == torch.bfloat16 for f in files.values() for t in load_file(f).values())
+    assert json.loads(log.read_text())["transformer"]["steps"] == 3
+    pipe = load_pipeline(DEMO, weights=files["--weights"], vae=files["--vae"], text_encoder=files["--text-encoder"],
+                         device="cpu")
+    tensors, _ = checkpoint.load(out)
+    assert torch.equal(pipe.transformer.head.weight, tensors["transformer.head.weight"].bfloat16().float())
+    images = pipe(["emoji number 1"], seed=0, schedule=parse_schedule("1,2,4"), progress=False).images
+    assert images[0].size == (16, 16)
+
+    prompts = tmp_path / "held_out.txt"
+    train.main(["prompts", "--data", str(emoji_file), "--prompts-out", str(prompts)])
+    assert prompts.read_text().splitlines() == ["emoji number 3", "emoji number 7", "emoji number 11"]
+
+
+def test_generate_without_a_prompt_draws_the_example(tmp_path, capsys):
+    argv = ["generate", "--model", DEMO, "--random-weights", "--schedule", "1,2", "--attention", "dense",
+            "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    assert [p.name for p in tmp_path.glob("*.png")] == ["000_cat-face.png"]
 
 
 def test_demo_pipeline_loads_the_shipped_weights(capsys):
@@ -117,3 +220,17 @@ def test_default_generate_compares_dense_and_default(tmp_path, capsys):
     assert "dense:" in out and "default:" in out and "attention density 100.0%" in out
     density = float(out.split("default:")[1].split("attention density ")[1].split("%")[0])
     assert 0 < density < 50
+
+
+def test_prompts_train_the_text_encoder_and_the_empty_prompt(emoji_file, tmp_path):
+    args = train.parse_args(_smoke(tmp_path, emoji_file))
+    run = train.Run(args, torch.device("cpu"), train._new_state(args, torch.device("cpu")))
+    run.latent_set, run.token_weights = run.latents(), train.scale_weights(run.schedule, "cpu")
+    for dropout in (0.0, 1.0):
+        run.args.text_dropout = dropout
+        run.model.zero_grad(set_to_none=True)
+        run.text.zero_grad(set_to_none=True)
+        run.transformer_step()["loss"].backward()
+        text_grad = run.text.shared.weight.grad
+        assert (text_grad is not None and text_grad.abs().sum() > 0) == (dropout == 0.0)
+        assert (run.model.cfg_uncond.grad is not None and run.model.cfg_uncond.grad.abs().sum() > 0) == (dropout == 1.0)

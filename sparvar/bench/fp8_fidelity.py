@@ -32,31 +32,15 @@ DEMO_VARIANTS = {"default": ("auto", "static", "default"), "fp8": ("fp8", "stati
                  "fp8 + default": ("fp8", "static", "default")}  # precision, cache, attention
 
 
-@torch.inference_mode()
 def scale_loop(pipe, conditions: list, schedule, kv_cache: str, tokens: list | None = None):
-    """Guided logits of every scale and the tokens fed on: `tokens` if given, else the greedy
-    choice of each scale (argmax of its logits). Dense attention, the model's cfg."""
-    from sparvar.attention.policy import DenseAttention
-
-    model, codes = pipe.transformer, pipe.codes
-    weights = [model.guidance_weight(k, len(schedule), model.cfg.cfg) for k in range(len(schedule))]
-    guidance = any(w != 0 for w in weights)
-    prep = model.prepare(pipe.encode(conditions), guidance)
-    cache = model.new_kv_cache(prep.start.shape[0], schedule.total, kv_cache, schedule.offsets[-1])
-    x, summed, all_logits, fed = prep.start, None, [], []
-    for k in range(len(schedule)):
-        logits = model.forward_scale(x, k, schedule, prep, cache, DenseAttention())
-        if guidance:
-            cond, uncond = logits.chunk(2)
-            logits = cond + weights[k] * (cond - uncond)
-        drawn = logits.argmax(-1) if tokens is None else tokens[k]
-        all_logits.append(logits.float())
-        fed.append(drawn)
-        summed = codes.accumulate(summed, codes.to_codes(drawn, k, schedule), k, schedule)
-        if k + 1 < len(schedule):
-            x = model.embed_codes(codes.next_input(summed, k + 1, schedule))
-            x = torch.cat([x, x]) if guidance else x
-    return all_logits, fed
+    """Guided logits of every scale of one generation and its tokens: greedy (top-k 1, every bit
+    or token its likeliest value) without `tokens`, else forced to `tokens` at every scale
+    (init_tokens: teacher forcing through the variant's own KV cache). Dense attention."""
+    logits = []
+    options = dict(top_k=1) if tokens is None else dict(init_tokens=tokens, init_scales=len(tokens))
+    out = pipe(conditions, seed=0, schedule=schedule, kv_cache=kv_cache, progress=False,
+               on_scale=lambda k, guided, drawn: logits.append(guided.float()), **options)
+    return logits, out.tokens
 
 
 def logit_rows(model: str, device: str, resolution: int | None, seed: int = 0) -> list[dict]:

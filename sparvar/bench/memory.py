@@ -1,6 +1,7 @@
 """Latency and peak GPU memory of the memory settings, all in one run on one card.
 
-Infinity-2B and 8B, random weights, 1024x1024, batch 1 with CFG, attention `default`. Each
+Infinity-2B and 8B, random weights, 1024x1024, batch 1 with CFG, attention `default` (cuDNN SDPA
+for its dense calls, as `sparvar bench e2e` mode d). Each
 setting combines a precision and an offload (load_pipeline) with a KV cache (GenerationConfig);
 its peak is `torch.cuda.max_memory_allocated` over the timed generations (loading excluded:
 random weights are drawn in bf16 on the card before they are quantised or moved). The summary
@@ -61,8 +62,11 @@ CARDS_8B = {"24g": (24, False), "16g": (16, True), "12g": (12, True)}  # card Gi
 
 def time_setting(pipe, setting: Setting, repeats: int) -> dict:
     """Median latency and peak memory of `repeats` generations after warm-up (and capture)."""
+    from sparvar.sparsity import make_policy
+
     schedule = pipe.schedule("1:1", 1024)
-    run = lambda seed: pipe([PROMPT], seed=seed, schedule=schedule, attention="default",  # noqa: E731
+    policy = make_policy("default", sdpa_backend="cudnn")  # as `sparvar bench e2e` mode d
+    run = lambda seed: pipe([PROMPT], seed=seed, schedule=schedule, attention=policy,  # noqa: E731
                             kv_cache=setting.kv_cache, cuda_graphs=setting.cuda_graphs, progress=False)
     for seed in range(3 if setting.cuda_graphs else 1):  # graphs: eager, capture, first replay
         run(seed)

@@ -1,1 +1,1 @@
-"""The demo model: its data set (Fashion-MNIST from an installed package), tokenizer and training."""
+"""The demo models: the emoji data set (from installed packages), the 4x tokenizer, training in resumable calls, sample grids."""

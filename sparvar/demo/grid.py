@@ -1,42 +1,56 @@
-"""A picture of the demo model's classes: `python -m sparvar.demo.grid --out docs/demo_grid.png`.
+"""A picture of what the demo model draws: `python -m sparvar.demo.grid --out docs/demo_grid.png`.
 
-One row per class, one column per seed, dense attention; the README shows it so a reader can
-judge what the trained model draws before running anything.
+One row per prompt (or class), one column per seed, dense attention; the README shows it so a
+reader can judge the trained model before running anything, and training writes one as its preview.
 """
 
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
 from sparvar.pipeline import load_pipeline
 
+LABEL_WIDTH = 150
 
-def class_grid(pipe, seeds: list[int], scale: int = 1) -> Image.Image:
-    """Rows of samples per class (the class name at the left), each image enlarged `scale` times."""
-    classes = pipe.spec.classes
-    rows = [pipe([name] * len(seeds), seed=seeds, attention="dense", progress=False).images for name in classes]
+
+def grid(pipe, conditions: list, seeds: list[int], scale: int = 1, schedule=None) -> Image.Image:
+    """Rows of samples per condition (its text at the left), each image enlarged `scale` times."""
+    rows = [
+        pipe([c] * len(seeds), seed=seeds, attention="dense", schedule=schedule, progress=False).images
+        for c in conditions
+    ]
     w, h = rows[0][0].width * scale, rows[0][0].height * scale
-    left = 80
-    grid = Image.new("RGB", (left + w * len(seeds), h * len(rows)), "white")
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
-    for r, (name, images) in enumerate(zip(classes, rows)):
-        draw.text((4, r * h + h // 2 - 6), name, fill="black", font=font)
+    picture = Image.new("RGB", (LABEL_WIDTH + w * len(seeds), h * len(rows)), "white")
+    draw, font = ImageDraw.Draw(picture), ImageFont.load_default()
+    for r, (condition, images) in enumerate(zip(conditions, rows)):
+        lines = textwrap.wrap(str(condition), 22)[: max(1, h // 12)]
+        draw.multiline_text((4, r * h + max(0, h - 12 * len(lines)) // 2), "\n".join(lines), fill="black", font=font)
         for c, image in enumerate(images):
-            grid.paste(image.resize((w, h), Image.NEAREST), (left + c * w, r * h))
-    return grid
+            picture.paste(image.resize((w, h), Image.NEAREST), (LABEL_WIDTH + c * w, r * h))
+    return picture
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="infinity-demo")
     p.add_argument("--out", default="docs/demo_grid.png")
-    p.add_argument("--seeds", type=int, default=8, help="images per class (seeds 0..N-1)")
+    p.add_argument("--prompts", help="file with one prompt (or class) a line (default: the model's classes)")
+    p.add_argument("--seeds", type=int, default=8, help="images per row (seeds 0..N-1)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    pipe = load_pipeline("infinity-demo", device=args.device)
-    grid = class_grid(pipe, list(range(args.seeds)))
-    grid.quantize(colors=64).save(args.out, optimize=True)  # a 64-colour palette keeps the README's picture small
+    pipe = load_pipeline(args.model, device=args.device)
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            conditions = [line.strip() for line in f if line.strip()]
+    elif pipe.spec.classes:
+        conditions = list(pipe.spec.classes)
+    else:
+        p.error(f"{args.model} is text-conditioned: give --prompts FILE")
+    picture = grid(pipe, conditions, list(range(args.seeds)))
+    picture.quantize(colors=64).save(args.out, optimize=True)  # a 64-colour palette keeps the README's picture small
     print(f"wrote {args.out}")
 
 

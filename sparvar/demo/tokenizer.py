@@ -1,5 +1,5 @@
-"""The demo model's tokenizer: a small convolutional encoder, Infinity's multi-scale bitwise
-quantiser, and the BSQ-VAE decoder class the pipeline already decodes with.
+"""The demo model's tokenizer: a convolutional encoder (4x downsampling), Infinity's multi-scale
+bitwise quantiser, and the BSQ-VAE decoder class the pipeline already decodes with (patch 4).
 
 Quantisation follows Infinity: for each scale k, the residual is area-downsampled to the scale's
 grid, every channel becomes one bit (its sign), the code (2b - 1) / sqrt(c) is upsampled back
@@ -23,14 +23,22 @@ from sparvar.schedules import Schedule
 
 
 class Encoder(nn.Module):
-    """Pixels (B, 3, H, W) in [-1, 1] -> latent (B, channels, H, W); patch 1, no downsampling."""
+    """Pixels (B, 3, H, W) in [-1, 1] -> latent (B, channels, H / 4, W / 4): residual blocks at
+    widths w, 2w, 4w with a stride-2 convolution between them (the decoder's patch 4, mirrored)."""
 
-    def __init__(self, channels: int, width: int = 64, blocks: int = 2):
+    def __init__(self, channels: int, width: int = 64):
         super().__init__()
+        widths = (width, 2 * width, 4 * width)
         self.conv_in = nn.Conv2d(3, width, 3, padding=1)
-        self.blocks = nn.Sequential(*(ResBlock(width, width) for _ in range(blocks)))
-        self.norm_out = group_norm(width)
-        self.conv_out = nn.Conv2d(width, channels, 3, padding=1)
+        layers, cin = [], width
+        for i, w in enumerate(widths):
+            layers.append(ResBlock(cin, w))
+            if i + 1 < len(widths):
+                layers.append(nn.Conv2d(w, w, 3, stride=2, padding=1))
+            cin = w
+        self.blocks = nn.Sequential(*layers, ResBlock(cin, cin))
+        self.norm_out = group_norm(cin)
+        self.conv_out = nn.Conv2d(cin, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))

@@ -1,18 +1,18 @@
-"""Train the demo model: `sparvar train-demo --out DIR` (or `python -m sparvar.demo.train`).
+"""Train the demo model: `sparvar train-demo [prepare | train | export | prompts]`.
 
-Two phases on one device, from one seed:
-1. the tokenizer: encoder + bitwise multi-scale quantiser + BSQ-VAE decoder, reconstruction loss
-   (MSE) plus commitment, straight-through, with a few random bit flips so the decoder tolerates
-   the sampler's mistakes;
-2. the transformer (the `infinity-demo` config of the registry) by teacher forcing on the frozen
-   encoder's bits: cross-entropy per bit, random bit flips for self-correction, labels dropped
-   to the unconditional row for classifier-free guidance, the attention temperatures learning
-   faster than the rest (`--scale-lr`). `--tokenizer DIR` takes phase 1's files from an earlier run.
-
-Each phase runs a fixed number of steps, or as many as fit in a time budget (measured after a few
-steps, then fixed and recorded, so `--tokenizer-steps/--steps` replay the run). Writes
-transformer.safetensors, vae.safetensors (the decoder), encoder.safetensors and train_log.json
-to --out, the weights also every --save-every seconds so an interrupted run leaves a model.
+- `prepare` draws the emoji data set from the installed packages into one file (--data, ~10 MB).
+- `train` (the default) spends at most --budget-minutes of wall time on what remains of two
+  phases and leaves a resumable checkpoint in --out (`--resume` continues it):
+  1. the tokenizer: encoder + bitwise multi-scale quantiser + BSQ-VAE decoder, MSE plus commitment,
+     straight-through, with a few random bit flips so the decoder tolerates the sampler's mistakes;
+  2. the transformer with its text encoder, by teacher forcing on the frozen encoder's bits:
+     cross-entropy per bit, random bit flips for self-correction, prompts dropped to the learned
+     empty prompt for classifier-free guidance, attention temperatures learning faster (--scale-lr).
+  Each phase runs a fixed number of steps: --tokenizer-steps / --steps, or what fits its planned
+  minutes, timed on its first steps and recorded, so later calls (and a replay) keep it. A call
+  ends with a preview grid (preview.png) once the transformer has trained.
+- `export` writes the bf16 weights the package ships (sparvar/assets) and the log (benchmarks/).
+- `prompts` writes the prompts of one split, one a line (held-out ones for `sparvar eval --prompts`).
 """
 
 from __future__ import annotations
@@ -30,49 +30,66 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from sparvar.demo.data import FASHION_MNIST_DIR, load_images, to_pixels
+from sparvar.demo import checkpoint, data
+from sparvar.demo.grid import grid
 from sparvar.demo.tokenizer import Encoder, Tokenizer, quantize
+from sparvar.errors import SparvarError
 from sparvar.eval.metrics import psnr
 from sparvar.models.infinity.bitwise import BitwiseCodes
+from sparvar.models.infinity.text import ByteTokenizer, TextEncoder, build_t5, load_t5, t5_state
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
-from sparvar.models.registry import get_spec
-from sparvar.pipeline import resolve_device
+from sparvar.models.registry import ASSETS, get_spec
+from sparvar.pipeline import Pipeline, resolve_device
 from sparvar.schedules import parse_schedule
 
-PROBE_STEPS = 10  # steps timed to turn a time budget into a step count (after 3 warm-up steps)
+PROBE_STEPS = 10  # steps timed (after 3 warm-up steps) to turn planned minutes into a step count
+REWARM_STEPS = 50  # a resumed phase has fresh optimiser moments: its learning rate ramps up again
+END_MARGIN = 45.0  # seconds a call keeps for its last save and the preview
+# options of one call (or of the other actions); the others belong to the run and come from the
+# checkpoint on --resume
+CALL_OPTIONS = ("action", "data", "out", "resume", "phase", "budget_minutes", "save_every_minutes", "device",
+                "assets", "log", "split", "prompts_out")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sparvar train-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--data", default=str(FASHION_MNIST_DIR), help="Fashion-MNIST folder or an .npz (images, labels)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("action", nargs="?", default="train", choices=("train", "prepare", "export", "prompts"))
+    p.add_argument("--data", default="runs/emoji.npz", help="the emoji data set (`prepare` writes it)")
+    p.add_argument("--out", default="runs/demo", help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out with its options")
+    p.add_argument("--phase", default="all", choices=("all", "tokenizer", "transformer"),
+                   help="which phases this call may train")
+    p.add_argument("--budget-minutes", type=float, default=8.5, help="wall time of this call, saving included")
+    p.add_argument("--save-every-minutes", type=float, default=2.0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--tokenizer-steps", type=int, help="tokenizer steps (default: what fits --tokenizer-seconds)")
-    p.add_argument("--tokenizer-seconds", type=float, default=90.0)
-    p.add_argument("--tokenizer-batch", type=int, default=128)
-    p.add_argument("--tokenizer-lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer-minutes", type=float, default=3.0, help="planned time of the whole tokenizer phase")
+    p.add_argument("--tokenizer-steps", type=int, help="tokenizer steps (default: what fits --tokenizer-minutes)")
+    p.add_argument("--tokenizer-batch", type=int, default=64)
+    p.add_argument("--tokenizer-lr", type=float, default=1e-3)
     p.add_argument("--tokenizer-flip", type=float, default=0.05, help="max share of bits flipped per sample")
     p.add_argument("--encoder-width", type=int, default=64)
-    p.add_argument("--steps", type=int, help="transformer steps (default: what fits --seconds)")
-    p.add_argument("--seconds", type=float, default=420.0)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--transformer-minutes", type=float, default=10.5,
+                   help="planned time of the whole transformer phase, over all calls")
+    p.add_argument("--steps", type=int, help="transformer steps (default: what fits --transformer-minutes)")
+    p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--flip", type=float, default=0.2, help="max share of bits flipped per sample (self-correction)")
-    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--text-dropout", type=float, default=0.1, help="share of prompts replaced by the empty one")
     p.add_argument("--scale-lr", type=float, default=10.0,
-                   help="learning-rate factor of the attention temperatures (log-scale, start at 4): lets "
-                   "attention sharpen within a short run")
-    p.add_argument("--tokenizer", help="folder with encoder.safetensors and vae.safetensors: skip phase 1")
-    p.add_argument("--save-every", type=float, default=60.0, help="seconds between checkpoints")
-    p.add_argument("--model", default="infinity-demo", help="registry config to train")
+                   help="learning-rate factor of the attention temperatures (log-scale, start at 4)")
+    p.add_argument("--model", default="infinity-demo256", help="registry config to train")
     p.add_argument("--schedule", help="other scales than the model's (small test runs)")
     p.add_argument("--depth", type=int, help="other depth than the model's (small test runs)")
     p.add_argument("--width", type=int, help="other width than the model's (small test runs)")
     p.add_argument("--heads", type=int, help="other head count than the model's (small test runs)")
+    p.add_argument("--assets", default=str(ASSETS), help="export: folder for the bf16 weights")
+    p.add_argument("--log", default="benchmarks/demo_training.json", help="export: where the training log goes")
+    p.add_argument("--split", default="held-out", choices=("held-out", "train"), help="prompts: which split")
+    p.add_argument("--prompts-out", help="prompts: file to write (default: print them)")
     return p.parse_args(argv)
 
 
@@ -92,29 +109,46 @@ def scale_weights(schedule, device) -> torch.Tensor:
     return (w / w.sum()).to(device)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Phase:
-    """One optimiser over parameter groups (a group's "lr_scale" multiplies the schedule's rate),
-    a step budget (fixed, or fitted to seconds), history, saving."""
+    """One phase's optimiser, learning-rate schedule and step budget. `record` is the phase's part
+    of the checkpoint state (steps done, total, seconds, history) and is updated in place."""
 
-    def __init__(self, name, groups, lr, steps, seconds, save, save_every, device):
-        self.name, self.peak, self.steps, self.seconds = name, lr, steps, seconds
-        self.save, self.save_every, self.device = save, save_every, device
-        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    def __init__(self, name: str, groups: list[dict], peak: float, record: dict, planned_seconds: float, device):
+        self.name, self.peak, self.record, self.planned, self.device = name, peak, record, planned_seconds, device
+        self.opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), weight_decay=0.01)
         self.params = [p for group in self.opt.param_groups for p in group["params"]]
-        self.history: list[dict] = []
 
-    def run(self, step_fn) -> dict:
-        start = last_save = time.perf_counter()
-        probe_start, step, total = None, 0, self.steps
-        while total is None or step < total:
-            if step == 3:
-                probe_start = time.perf_counter()
-            if total is None and step == 3 + PROBE_STEPS:
-                per_step = (time.perf_counter() - probe_start) / PROBE_STEPS
-                total = max(step + 1, int((self.seconds - (probe_start - start)) / per_step))
-                print(f"[{self.name}] {per_step * 1000:.0f} ms/step: {total} steps fit {self.seconds:.0f} s",
-                      flush=True)
-            lr = lr_at(step, total or 10**9, self.peak)
+    def lr(self, step: int, first: int) -> float:
+        rate = lr_at(step, self.record["total"] or 10**9, self.peak)
+        return rate * min(1.0, (step - first + 1) / REWARM_STEPS) if first > 0 else rate
+
+    def run(self, step_fn, deadline: float, save, save_every: float) -> bool:
+        """Steps until the phase's total or until `deadline` (time.monotonic()) comes near; True
+        when the phase is complete."""
+        rec = self.record
+        first, start = rec["steps"], time.monotonic()
+        last_save, last_step, step_seconds, probe_start = start, start, 0.0, None
+        while rec["total"] is None or rec["steps"] < rec["total"]:
+            if time.monotonic() + 2 * step_seconds + END_MARGIN > deadline:
+                print(f"[{self.name}] stopping at step {rec['steps']}: the call's budget is spent", flush=True)
+                break
+            done_here = rec["steps"] - first
+            if rec["total"] is None and done_here in (3, 3 + PROBE_STEPS):
+                _sync(self.device)
+                if done_here == 3:
+                    probe_start = time.monotonic()
+                else:
+                    per_step = (time.monotonic() - probe_start) / PROBE_STEPS
+                    rec["total"] = max(rec["steps"] + 1, int(self.planned / per_step))
+                    rec["probe_ms_per_step"] = per_step * 1000
+                    print(f"[{self.name}] {per_step * 1000:.0f} ms/step: {rec['total']} steps fit "
+                          f"{self.planned / 60:.1f} min", flush=True)
+            lr = self.lr(rec["steps"], first)
             for group in self.opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             metrics = step_fn()
@@ -122,140 +156,304 @@ class Phase:
             metrics["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
-            step += 1
-            if step % 25 == 0 or step == total:
-                row = {"step": step, "lr": lr, "grad_norm": float(grad_norm), "seconds": time.perf_counter() - start}
+            rec["steps"] += 1
+            now = time.monotonic()
+            step_seconds = now - last_step if done_here > 2 else step_seconds  # the first steps compile and tune
+            last_step = now
+            if rec["steps"] % 25 == 0 or rec["steps"] == rec["total"]:
+                row = {"step": rec["steps"], "lr": lr, "grad_norm": float(grad_norm),
+                       "seconds": rec["seconds"] + now - start}
                 row.update({k: float(v.detach()) for k, v in metrics.items()})
-                self.history.append(row)
+                rec["history"].append(row)
                 print(f"[{self.name}] " + " ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-            if time.perf_counter() - last_save > self.save_every:
-                self.save()
-                last_save = time.perf_counter()
-        return {"steps": total, "seconds": time.perf_counter() - start, "history": self.history}
+            if now - last_save > save_every:
+                rec["seconds"] += now - start
+                start = last_save = now
+                save()
+        rec["seconds"] += time.monotonic() - start
+        return rec["total"] is not None and rec["steps"] >= rec["total"]
 
 
-def _state(module) -> dict:
-    return {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
+class Run:
+    """The models, data and state of one training run, on one device."""
 
+    def __init__(self, args, device: torch.device, state: dict):
+        self.args, self.device, self.state = args, device, state
+        spec = get_spec(args.model)
+        overrides = {k: getattr(args, k) for k in ("depth", "width", "heads") if getattr(args, k)}
+        self.cfg = cfg = replace(spec.transformer, **overrides)
+        self.spec = replace(spec, transformer=cfg)
+        self.schedule = parse_schedule(args.schedule) if args.schedule else spec.schedule()
+        self.size = self.schedule.sizes[-1][0] * spec.vae.patch
+        if cfg.patchify or self.schedule.sizes[-1][0] != self.schedule.sizes[-1][1]:
+            raise SparvarError("the demo tokenizer makes square images without patchified tokens")
+        if cfg.text_width != spec.text["d_model"]:
+            raise SparvarError(f"{spec.name}: text_width {cfg.text_width} is not its T5's width {spec.text['d_model']}")
+        torch.manual_seed(args.seed)
+        self.encoder = Encoder(cfg.vae_channels, args.encoder_width).to(device)
+        self.decoder = InfinityVAE(spec.vae).to(device).init_weights(args.seed)
+        self.codes = BitwiseCodes(cfg.vae_channels, patchify=False, next_input=cfg.next_input)
+        self.tokenizer = Tokenizer(self.encoder, self.decoder, self.schedule, self.codes)
+        self.text = build_t5(spec.text).to(device)
+        self.model = InfinityTransformer(cfg).to(device).init_weights(args.seed)
+        self.gen = torch.Generator(device).manual_seed(args.seed)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        emoji = data.load(args.data)
+        self.train_set, self.held_out = emoji.split(held_out=False), emoji.split(held_out=True)
+        self.images = torch.from_numpy(self.train_set.images).to(device)
+        self.byte_tokenizer = ByteTokenizer(spec.text["vocab_size"])
+        ids, mask = self.byte_tokenizer(self.train_set.prompts, cfg.text_max_len)
+        self.ids, self.mask = ids.to(device), mask.to(device)
 
-    spec = get_spec(args.model)
-    overrides = {k: getattr(args, k) for k in ("depth", "width", "heads") if getattr(args, k)}
-    cfg = replace(spec.transformer, **overrides)
-    schedule = parse_schedule(args.schedule) if args.schedule else spec.schedule()
-    size = schedule.sizes[-1][0] * spec.vae.patch
-    if spec.vae.patch != 1 or cfg.patchify or schedule.sizes[-1][0] != schedule.sizes[-1][1]:
-        raise ValueError("the demo tokenizer works at patch 1 on square images")
+    # ---- checkpoint ----------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the checkpoint holds: the frozen tokenizer in bf16 (what ships), trained parts in
+        float32, the transformer and text encoder once their phase has begun, and the RNG states."""
+        dtype = torch.bfloat16 if self.state["tokenizer"]["done"] else torch.float32
+        out = {}
+        for prefix, module in (("encoder.", self.encoder), ("vae.", self.decoder)):
+            out.update({prefix + k: v.to(dtype) for k, v in module.state_dict().items()})
+        if self.state["transformer"]["steps"] > 0:
+            out.update({"transformer." + k: v.float() for k, v in self.model.state_dict().items()})
+            out.update({"text." + k: v.float() for k, v in t5_state(self.text).items()})
+        out["rng.data"] = self.gen.get_state()
+        out["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            out["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
 
-    images, labels = load_images(args.data, "train")
-    test_images, _ = load_images(args.data, "test")
-    images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-    test_pixels = to_pixels(torch.from_numpy(test_images[:1000]).to(device), size)
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(images), (n,), device=device, generator=gen)
-        x = to_pixels(images[idx], size)
-        mirror = torch.rand(n, device=device, generator=gen) < 0.5  # left-right flips: clothes are symmetric
-        return torch.where(mirror[:, None, None, None], x.flip(-1), x), labels[idx]
+        self.encoder.load_state_dict(part("encoder."))
+        self.decoder.load_state_dict(part("vae."))
+        if part("transformer."):  # saved once the transformer phase has begun
+            self.model.load_state_dict(part("transformer."))
+            load_t5(self.text, part("text."), "the checkpoint's text encoder")
+        if self.state["device_type"] == self.device.type:
+            self.gen.set_state(tensors["rng.data"])
+            torch.set_rng_state(tensors["rng.torch"])
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        else:
+            print(f"note: the checkpoint was made on {self.state['device_type']}: its random streams restart here")
+            self.state["device_type"] = self.device.type
 
-    log = {
-        "command": "sparvar train-demo " + " ".join(argv),
-        "args": vars(args),
-        "model": args.model,
-        "transformer_config": asdict(cfg),
-        "vae_config": asdict(spec.vae),
-        "schedule": schedule.describe(),
-        "data": {"source": args.data, "train_images": len(images), "image_size": size},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    def save(self) -> list[Path]:
+        tag = f"t{self.state['tokenizer']['steps']}-x{self.state['transformer']['steps']}"
+        return checkpoint.save(self.args.out, self.tensors(), self.state, tag)
 
-    # ---- phase 1: tokenizer ------------------------------------------------------------
-    encoder = Encoder(cfg.vae_channels, args.encoder_width).to(device)
-    decoder = InfinityVAE(spec.vae).init_weights(args.seed).to(device)
-    codes = BitwiseCodes(cfg.vae_channels, patchify=False, next_input=cfg.next_input)
-    tokenizer = Tokenizer(encoder, decoder, schedule, codes).train()
-
-    def save_tokenizer():
-        save_file(_state(decoder), str(out / "vae.safetensors"))
-        save_file(_state(encoder), str(out / "encoder.safetensors"))
-
-    def tokenizer_step():
-        x, _ = batch(args.tokenizer_batch)
-        flip = torch.rand(len(x), device=device, generator=gen) * args.tokenizer_flip
-        with autocast:
-            recon, z, quantised = tokenizer(x, flip, gen)
+    # ---- phase 1 -------------------------------------------------------------------------
+    def tokenizer_step(self) -> dict:
+        """One batch of random training emoji, half of them mirrored (only the tokenizer sees mirrored
+        emoji: prompts say "left" and "right")."""
+        args, n = self.args, self.args.tokenizer_batch
+        idx = torch.randint(len(self.images), (n,), device=self.device, generator=self.gen)
+        x = data.to_pixels(self.images[idx], self.size)
+        mirror = torch.rand(n, device=self.device, generator=self.gen) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        flip = torch.rand(len(x), device=self.device, generator=self.gen) * args.tokenizer_flip
+        with self.autocast:
+            recon, z, quantised = self.tokenizer(x, flip, self.gen)
         mse = F.mse_loss(recon.float(), x)
         commit = F.mse_loss(z, quantised)
         return {"loss": mse + 0.25 * commit, "mse": mse.detach(), "commit": commit.detach()}
 
-    if args.tokenizer:  # a tokenizer trained before (same seed and data): its files, not a new run
-        source = Path(args.tokenizer)
-        encoder.load_state_dict(load_file(str(source / "encoder.safetensors")))
-        decoder.load_state_dict(load_file(str(source / "vae.safetensors")))
-        log["tokenizer"] = {"loaded_from": str(source)}
-    else:
-        phase = Phase("tokenizer", [{"params": list(tokenizer.parameters())}], args.tokenizer_lr,
-                      args.tokenizer_steps, args.tokenizer_seconds, save_tokenizer, args.save_every, device)
-        log["tokenizer"] = phase.run(tokenizer_step)
-    tokenizer.eval()
-    save_tokenizer()
-    with torch.no_grad(), autocast:
-        recon = torch.cat([tokenizer(x)[0].float() for x in test_pixels.split(250)])
-    log["tokenizer"]["test_psnr"] = float(psnr((recon.clamp(-1, 1) + 1) / 2, (test_pixels + 1) / 2).mean())
-    print(f"[tokenizer] held-out reconstruction PSNR {log['tokenizer']['test_psnr']:.2f} dB", flush=True)
+    @torch.no_grad()
+    def reconstruction_psnr(self, images: np.ndarray) -> float:
+        """Mean PSNR (dB) of the tokenizer's reconstructions of uint8 images, quantised without flips."""
+        self.tokenizer.eval()
+        values = []
+        for chunk in torch.from_numpy(images).split(32):
+            x = data.to_pixels(chunk.to(self.device), self.size)
+            with self.autocast:
+                recon = self.tokenizer(x)[0].float()
+            values.append(psnr((recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2))
+        self.tokenizer.train()
+        return float(torch.cat(values).mean())
 
-    # ---- phase 2: transformer ----------------------------------------------------------
-    model = InfinityTransformer(cfg).to(device).init_weights(args.seed).train()
-    weights = scale_weights(schedule, device)
-    bounds = np.cumsum((0,) + schedule.lengths)
+    def train_tokenizer(self, deadline: float) -> bool:
+        args, rec = self.args, self.state["tokenizer"]
+        rec["total"] = rec["total"] or args.tokenizer_steps
+        self.tokenizer.train()
+        phase = Phase("tokenizer", [{"params": list(self.tokenizer.parameters())}], args.tokenizer_lr, rec,
+                      args.tokenizer_minutes * 60, self.device)
+        if not phase.run(self.tokenizer_step, deadline, self.save, args.save_every_minutes * 60):
+            return False
+        with torch.no_grad():  # frozen from here on as it ships, in bf16, so a resumed run sees the same weights
+            for p in self.tokenizer.parameters():
+                p.copy_(p.bfloat16())
+        rec["held_out_psnr"] = self.reconstruction_psnr(self.held_out.images)
+        rec["train_psnr"] = self.reconstruction_psnr(self.train_set.images[:256])
+        rec["done"] = True
+        print(f"[tokenizer] reconstruction PSNR {rec['held_out_psnr']:.2f} dB on the {len(self.held_out.prompts)} "
+              f"held-out emoji, {rec['train_psnr']:.2f} dB on 256 training ones", flush=True)
+        self.save()
+        return True
 
-    def save_transformer():
-        save_file(_state(model), str(out / "transformer.safetensors"))
+    # ---- phase 2 -------------------------------------------------------------------------
+    @torch.no_grad()
+    def latents(self) -> torch.Tensor:
+        """The frozen encoder's latents of every training image (B, c, h, w), float32."""
+        self.encoder.eval()
+        out = []
+        for chunk in self.images.split(64):
+            with self.autocast:
+                out.append(self.encoder(data.to_pixels(chunk, self.size)).float())
+        return torch.cat(out)
 
-    def transformer_step():
-        x, y = batch(args.batch)
-        with torch.no_grad(), autocast:
-            z = encoder(x).float()
-        flip = torch.rand(len(x), device=device, generator=gen) * args.flip
-        bits, inputs, _ = quantize(z, schedule, codes, flip, gen)
+    def transformer_step(self) -> dict:
+        """One batch of teacher forcing on the frozen encoder's latents (`self.latent_set`)."""
+        args, model, schedule, n = self.args, self.model, self.schedule, self.args.batch
+        idx = torch.randint(len(self.latent_set), (n,), device=self.device, generator=self.gen)
+        flip = torch.rand(n, device=self.device, generator=self.gen) * args.flip
+        bits, inputs, _ = quantize(self.latent_set[idx], schedule, self.codes, flip, self.gen)
         bits = torch.cat(bits, dim=1)
-        drop = torch.rand(len(y), device=device, generator=gen) < args.label_dropout
-        y = torch.where(drop, cfg.num_classes, y)
-        with autocast:
-            logits = model.forward_full(inputs, schedule, model.prepare(y, guidance=False))
+        ids, mask = self.ids[idx], self.mask[idx]
+        drop = torch.rand(n, device=self.device, generator=self.gen) < args.text_dropout
+        with self.autocast:
+            feats = self.text(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            empty = model.cfg_uncond[: feats.shape[1]].float()  # the learned empty prompt CFG runs with
+            feats = torch.where(drop[:, None, None], empty, feats)
+            logits = model.forward_full(inputs, schedule, model.prepare((feats, mask), guidance=False))
         ce = F.cross_entropy(logits.flatten(0, 2), bits.flatten(), reduction="none").view(bits.shape).mean(-1)
         correct = (logits.argmax(-1) == bits).float().mean((0, 2)).detach()
-        metrics = {"loss": (ce * weights).sum(-1).mean()}
-        for k in sorted({0, len(schedule) // 3, 2 * len(schedule) // 3, len(schedule) - 1}):
-            metrics[f"acc{k}"] = correct[bounds[k] : bounds[k + 1]].mean()
+        metrics = {"loss": (ce * self.token_weights).sum(-1).mean()}
+        bounds, k = np.cumsum((0,) + schedule.lengths), len(schedule)
+        for scale in sorted({0, k // 3, 2 * k // 3, k - 1}):
+            metrics[f"acc{scale}"] = correct[bounds[scale] : bounds[scale + 1]].mean()
         return metrics
 
-    temperatures = [p for n, p in model.named_parameters() if n.endswith("scale_mul_1H11")]
-    others = [p for n, p in model.named_parameters() if not n.endswith("scale_mul_1H11")]
-    groups = [{"params": others}, {"params": temperatures, "lr_scale": args.scale_lr, "weight_decay": 0.0}]
-    phase = Phase("transformer", groups, args.lr, args.steps, args.seconds, save_transformer,
-                  args.save_every, device)
-    log["transformer"] = phase.run(transformer_step)
-    save_transformer()
-    log["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (out / "train_log.json").write_text(json.dumps(log, indent=1))
-    print(f"wrote {out}/transformer.safetensors, vae.safetensors, encoder.safetensors, train_log.json")
-    return log
+    def train_transformer(self, deadline: float) -> bool:
+        args, model, rec = self.args, self.model, self.state["transformer"]
+        rec["total"] = rec["total"] or args.steps
+        self.latent_set = self.latents()
+        self.token_weights = scale_weights(self.schedule, self.device)
+        model.train()
+        self.text.train()
+        temperatures = [p for n, p in model.named_parameters() if n.endswith("scale_mul_1H11")]
+        others = [p for n, p in model.named_parameters() if not n.endswith("scale_mul_1H11")]
+        groups = [{"params": others + list(self.text.parameters())},
+                  {"params": temperatures, "lr_scale": args.scale_lr, "weight_decay": 0.0}]
+        phase = Phase("transformer", groups, args.lr, rec, args.transformer_minutes * 60, self.device)
+        rec["done"] = phase.run(self.transformer_step, deadline, self.save, args.save_every_minutes * 60)
+        return rec["done"]
+
+    def preview(self, path: Path) -> None:
+        """Two seeds of four training and four held-out prompts, dense, as the model is now."""
+        self.model.eval()
+        self.decoder.eval()
+        encoder = TextEncoder(self.text, self.byte_tokenizer, self.cfg.text_max_len)
+        pipe = Pipeline(self.spec, self.model, self.decoder, encoder)
+        train, held = self.train_set.prompts, self.held_out.prompts
+        prompts = train[:: max(1, len(train) // 4)][:4] + held[:4]
+        grid(pipe, prompts, [0, 1], schedule=self.schedule).save(path)
+        self.model.train()
+        self.text.train()
+
+
+def _new_state(args, device: torch.device) -> dict:
+    spec = get_spec(args.model)
+    phase = lambda: {"steps": 0, "total": None, "seconds": 0.0, "history": [], "done": False}  # noqa: E731
+    return {"model": args.model, "args": {k: v for k, v in vars(args).items() if k not in CALL_OPTIONS},
+            "device_type": device.type, "text_config": spec.text, "vae_config": asdict(spec.vae),
+            "calls": [], "tokenizer": phase(), "transformer": phase()}
+
+
+def train(args, argv: list[str]) -> dict:
+    deadline = time.monotonic() + args.budget_minutes * 60
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    if args.resume:
+        tensors, state = checkpoint.load(out)
+        args = argparse.Namespace(**{**vars(args), **state["args"]})
+        print(f"resuming {out}: tokenizer step {state['tokenizer']['steps']}, transformer step "
+              f"{state['transformer']['steps']} (run options of the first call: {state['args']})")
+    elif checkpoint.exists(out):
+        raise SparvarError(f"{out} holds a training checkpoint: pass --resume to continue it, or another --out")
+    else:
+        tensors, state = None, _new_state(args, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    run = Run(args, device, state)
+    if tensors is not None:
+        run.restore(tensors)
+    state.update(transformer_config=asdict(run.cfg), schedule=run.schedule.describe(),
+                 data={"source": args.data, "train_emoji": len(run.train_set.prompts),
+                       "held_out_emoji": len(run.held_out.prompts), "image_size": run.size})
+    call = {"command": "sparvar train-demo " + " ".join(argv), "phase": args.phase,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "steps_before": {p: state[p]["steps"] for p in ("tokenizer", "transformer")}}
+    state["calls"].append(call)
+
+    tokenizer_ready = state["tokenizer"]["done"]
+    if not tokenizer_ready and args.phase in ("all", "tokenizer"):
+        tokenizer_ready = run.train_tokenizer(deadline)
+    if args.phase == "transformer" and not tokenizer_ready:
+        raise SparvarError(f"the tokenizer of {out} is not trained yet: run --phase tokenizer (or all) first")
+    if tokenizer_ready and not state["transformer"]["done"] and args.phase in ("all", "transformer"):
+        run.train_transformer(deadline)
+    call.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                steps_after={p: state[p]["steps"] for p in ("tokenizer", "transformer")})
+    if device.type == "cuda":
+        call["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    files = run.save()  # before the preview, which uses no random stream of the training
+    if state["transformer"]["steps"] > 0:
+        run.preview(out / "preview.png")
+        files.append(out / "preview.png")
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return state
+
+
+def export(args) -> list[Path]:
+    """The checkpoint's transformer, decoder and text encoder as the bf16 files the model ships."""
+    tensors, state = checkpoint.load(args.out)
+    spec = get_spec(state["model"])
+    if not state["transformer"]["done"]:
+        print(f"note: the transformer is at step {state['transformer']['steps']} of {state['transformer']['total']}")
+    assets = Path(args.assets)
+    assets.mkdir(parents=True, exist_ok=True)
+    written = []
+    for option, prefix in (("--weights", "transformer."), ("--vae", "vae."), ("--text-encoder", "text.")):
+        part = {k[len(prefix):]: v.to(torch.bfloat16) for k, v in tensors.items() if k.startswith(prefix)}
+        if not part:
+            raise SparvarError(f"{args.out} holds no {prefix[:-1]} weights yet: train further first")
+        path = assets / spec.bundled[option]
+        save_file(part, str(path))
+        written.append(path)
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(json.dumps(state, indent=1))
+    return written + [log]
+
+
+def main(argv=None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.action == "prepare":
+        Path(args.data).parent.mkdir(parents=True, exist_ok=True)
+        summary = data.prepare(args.data)
+        print(f"wrote {args.data}: {summary['emoji']} emoji ({summary['held_out']} held out), "
+              f"{summary['bytes'] / 2**20:.1f} MiB of PNGs" +
+              (f"; not in the font: {', '.join(summary['missing_from_font'])}" if summary["missing_from_font"] else ""))
+        return summary
+    if args.action == "export":
+        print("wrote " + ", ".join(map(str, export(args))))
+        return None
+    if args.action == "prompts":
+        prompts = data.load(args.data).split(held_out=args.split == "held-out").prompts
+        if args.prompts_out:
+            Path(args.prompts_out).write_text("\n".join(prompts) + "\n", encoding="utf-8")
+            print(f"wrote {len(prompts)} prompts to {args.prompts_out}")
+        else:
+            print("\n".join(prompts))
+        return None
+    return train(args, argv)
 
 
 if __name__ == "__main__":

@@ -136,8 +136,8 @@ def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     add_model_options(p)
-    p.add_argument("--condition", help="class index or name, or a prompt (default: the first class, or "
-                   "'a photo of a cat' for text models)")
+    p.add_argument("--condition", help="class index or name, or a prompt (default: the model's example prompt or "
+                   "first class, or 'a photo of a cat' for text models without one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generations")
     p.add_argument("--resolution", type=int, help="pixel budget of the schedule (default: the model's)")
     p.add_argument("--from-scale", type=int, help="first query scale measured (default: the first after the sinks)")
@@ -159,8 +159,9 @@ def main(argv=None) -> dict:
     spec = get_spec(args.model)
     config = GenerationConfig(seed=args.seed, resolution=args.resolution, attention=args.attention).resolved(spec)
     schedule = config.schedule
-    condition = args.condition or ("a photo of a cat" if spec.text_conditioned else
-                                   spec.classes[0] if spec.classes else 0)
+    condition = args.condition or spec.default_condition
+    if condition is None:  # a text model without an example prompt
+        condition = "a photo of a cat"
     check_conditions(spec, [condition])
     sinks = layout.default_sink_scales(schedule)
     from_scale = args.from_scale if args.from_scale is not None else sinks

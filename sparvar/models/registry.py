@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from sparvar.demo.data import FASHION_MNIST_CLASSES
 from sparvar.errors import SparvarError
 from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.text import T5_XL
@@ -20,6 +19,12 @@ from sparvar.models.var.vqvae import VQVAE, VQVAEConfig
 from sparvar.schedules import VAR_256, VAR_512, Schedule, infinity_schedule
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# the classes of the Fashion-MNIST demo model (shipped until the emoji model replaces it)
+FASHION_MNIST_CLASSES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+)
+# the demo's text encoder: a small T5 over UTF-8 bytes (ByteTokenizer), trained with the transformer
+DEMO_TEXT = dict(T5_XL, d_model=256, num_layers=3, num_heads=4, d_kv=64, d_ff=512, vocab_size=259)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class ModelSpec:
     schedules: tuple[Schedule, ...] = ()
     max_scales: int = 15  # Infinity: the rows of its level embedding
     max_side: int = 128  # Infinity: the side of its RoPE position grid in tokens (official: 2048 / 16)
+    example: str | None = None  # prompt drawn when none is given (text models)
 
     def bundled_path(self, option: str) -> Path | None:
         """The weights file shipped in the package for `option` (--weights, --vae), if any."""
@@ -95,6 +101,13 @@ class ModelSpec:
     @property
     def text_conditioned(self) -> bool:
         return self.text is not None
+
+    @property
+    def default_condition(self) -> str | int | None:
+        """What `sparvar generate` draws when given nothing: the example prompt, or the first class."""
+        if self.text_conditioned:
+            return self.example
+        return self.classes[0] if self.classes else 0
 
     @property
     def num_classes(self) -> int:
@@ -146,6 +159,19 @@ MODELS: dict[str, ModelSpec] = {
             classes=FASHION_MNIST_CLASSES,
             schedules=(infinity_schedule("1:1", 1024),),  # it was trained on this one only
             bundled={"--weights": "infinity_demo.safetensors", "--vae": "infinity_demo_vae.safetensors"},
+        ),
+        ModelSpec(
+            "infinity-demo256",
+            "small text-to-image Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 256x256 px), "
+            "trained on Noto's colour emoji and their Unicode names (sparvar train-demo, docs/demo_model.md); "
+            "its weights go to sparvar/assets once trained",
+            InfinityConfig(depth=12, width=128, heads=2, vae_channels=16, text_width=256, text_max_len=128,
+                           block_chunks=1, cfg=3.0, tau=1.0),
+            VAEConfig(channels=16, ch_mult=(1, 2, 2), base=32),
+            DEMO_TEXT,
+            bundled={"--weights": "infinity_demo256.safetensors", "--vae": "infinity_demo256_vae.safetensors",
+                     "--text-encoder": "infinity_demo256_text.safetensors"},
+            example="cat face",
         ),
         ModelSpec(
             "infinity-tiny",

@@ -1,4 +1,5 @@
-"""The T5 text encoder of Infinity, from a local folder only (Flan-T5-XL's encoder).
+"""The T5 text encoder of Infinity, from a local folder only (Flan-T5-XL's encoder), or the demo
+model's small byte-level one from its safetensors file.
 
 Prompts become float32 features (B, T, 2048) and a mask of the real tokens (B, T): T is the
 longest prompt of the batch (at most 512 tokens), and padded positions are masked everywhere
@@ -25,11 +26,35 @@ T5_XL = dict(
 )
 
 
-class ByteTokenizer:
-    """Stand-in tokenizer for randomly initialised encoders (tests, benchmarks): UTF-8 bytes + EOS.
+# T5 ties its input embeddings to `shared.weight`; safetensors files hold one copy (t5_state)
+_TIED = "encoder.embed_tokens.weight"
 
-    It exists because no real tokenizer is available offline without the user's T5 folder; the
-    features it gives only make sense for random weights.
+
+def build_t5(config: dict):
+    """A `transformers` T5 encoder of the given architecture with random weights; no download."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(**config))
+
+
+def t5_state(model) -> dict[str, torch.Tensor]:
+    """The encoder's tensors without the tied copy of the embeddings (safetensors stores no aliases)."""
+    return {k: v for k, v in model.state_dict().items() if k != _TIED}
+
+
+def load_t5(model, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load tensors saved from `t5_state` (the tied copy may be absent) or say what does not fit."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {_TIED}:
+        raise SparvarError(f"{what} does not fit the text encoder: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+
+
+class ByteTokenizer:
+    """A tokenizer that needs no files: UTF-8 bytes + EOS (id 1; 0 pads).
+
+    Randomly initialised encoders use it (tests, benchmarks), and the demo model's encoder is
+    trained on it (a vocabulary of 259 gives every byte its own id).
     """
 
     def __init__(self, vocab_size: int):
@@ -76,14 +101,24 @@ class TextEncoder:
         return cls(model.to(device=device, dtype=dtype), _HFTokenizer(tokenizer), max_length)
 
     @classmethod
-    def random(cls, config: dict, device, dtype, seed: int = 0, max_length: int = 512) -> "TextEncoder":
-        """An encoder of the given architecture with random weights and the byte stand-in tokenizer."""
-        from transformers import T5Config, T5EncoderModel
+    def load(cls, path: str | Path, config: dict, device, dtype, max_length: int = 512) -> "TextEncoder":
+        """A local folder of a `transformers` T5 (official models), or one .safetensors file of an
+        encoder of `config`'s architecture that reads bytes (the demo model's, trained with it)."""
+        if Path(path).suffix != ".safetensors":
+            return cls.from_folder(path, device, dtype, max_length)
+        from sparvar.checkpoint import read_state_dict
 
+        model = build_t5(config)
+        load_t5(model, read_state_dict(path), str(path))
+        return cls(model.to(device=device, dtype=dtype), ByteTokenizer(config["vocab_size"]), max_length)
+
+    @classmethod
+    def random(cls, config: dict, device, dtype, seed: int = 0, max_length: int = 512) -> "TextEncoder":
+        """An encoder of the given architecture with random weights and the byte tokenizer."""
         device = torch.device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(seed)
-            model = T5EncoderModel(T5Config(**config))
+            model = build_t5(config)
         return cls(model.to(dtype=dtype), ByteTokenizer(config["vocab_size"]), max_length)
 
     @torch.inference_mode()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
 from sparvar.models.fused import channels_last_on_gpu, group_norm_silu
-from sparvar.models.infinity.vae import ResBlock, Upsample, group_norm  # the same LDM-style pieces
+from sparvar.models.infinity.vae import Downsample, ResBlock, Upsample, group_norm  # the same LDM-style pieces
 from sparvar.models.var.quant import ResidualQuantizer
 from sparvar.schedules import Schedule
 
@@ -52,17 +52,6 @@ class AttnBlock(nn.Module):
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, hw, C) each
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C)
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 convolution after padding one pixel right and bottom."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Level(nn.Module):
