@@ -17,6 +17,8 @@ model dtype (they are small or run once per generation).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,8 +42,24 @@ def fp8_matmul_reference(rows: Fp8Rows, weight, scale, bias, out_dtype) -> torch
     return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
+@functools.cache
+def cpu_takes_rowwise_scales() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes rowwise scales (2.13 does; 2.11 takes one scale)."""
+    a, s = torch.ones(1, 16, dtype=FP8), torch.ones(1, 1)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.t().expand(1, 1), out_dtype=torch.float32)
+        torch._scaled_mm(torch.ones(2, 16, dtype=FP8), a.t(), scale_a=torch.ones(2, 1), scale_b=s,
+                         out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
 def fp8_matmul(rows: Fp8Rows, weight, scale, bias, out_dtype) -> torch.Tensor:
-    """rows (..., K) x FP8 weight (N, K)^T with rowwise scales on both sides, + bias -> (..., N)."""
+    """rows (..., K) x FP8 weight (N, K)^T with rowwise scales on both sides, + bias -> (..., N).
+    A CPU torch without rowwise `_scaled_mm` computes the same numbers in float32."""
+    if rows.data.device.type == "cpu" and not cpu_takes_rowwise_scales():
+        return fp8_matmul_reference(rows, weight, scale, bias, out_dtype)
     k = rows.data.shape[-1]
     out = torch._scaled_mm(rows.data.reshape(-1, k), weight.t(), scale_a=rows.scale.reshape(-1, 1),
                            scale_b=scale.view(1, -1), bias=bias, out_dtype=out_dtype)
