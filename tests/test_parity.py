@@ -199,3 +199,16 @@ def test_image_tokens_equal_the_official_vae_encoding(param):
     for k, bits in enumerate(tokens):
         want = expected_tokens(name, index, k, "init_bits")[:1]
         assert torch.equal(bits, want), f"scale {k}: {(bits == want).float().mean():.2%} of the bits agree"
+
+
+def test_text_features_padded_to_the_longest_equal_the_official_packed_ones():
+    """The official script pads prompts to 512 tokens and packs the real ones; we pad to the longest
+    prompt and mask. The features of the real tokens are the same."""
+    official = load_file(str(FIXTURES / "t5" / "official_features.safetensors"))
+    name = next(n for n, c in CASES.items() if c["family"] == "infinity")
+    prompts = CASES[name]["runs"][0]["prompts"]
+    feats, mask = pipeline(name).text_encoder(prompts)
+    assert mask.sum(1).tolist() == official["lengths"].tolist()
+    assert mask.shape[1] == max(official["lengths"].tolist()) < 512
+    ours = feats[mask]  # the real tokens, packed in order
+    assert ((ours - official["features"]).norm() / official["features"].norm()).item() < 1e-5

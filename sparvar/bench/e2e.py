@@ -14,6 +14,8 @@
   h  (d) with FastVAR-style token pruning
   i  (d) with adaptive skip (the demo model's thresholds; on random weights its decisions mean
      nothing, so this mode measures the cost of deciding: one host sync per decision scale)
+  o  the official Infinity code itself, from a local clone (`--official PATH`), as its inference
+     script runs it, its flash-attn calls served by SDPA (default backend); its own random init
 Every number is the median over `repeats` timed generations after warm-up (which also captures
 the graphs). Per-scale and per-stage times come from CUDA events recorded by the pipeline; the
 latency is the host clock around the whole call (image conversion included); the attention
@@ -160,11 +162,47 @@ def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
     }
 
 
-def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0) -> list[dict]:
+OFFICIAL_ABOUT = ("official code (local clone), its inference script's settings, flash-attn calls served by SDPA "
+                  "(default backend), its own random init")
+
+
+def time_official(path: str, model: str, repeats: int, seed: int = 0) -> dict:
+    """Median latency and peak memory of the official code generating one image (mode o)."""
+    from sparvar.bench.official import OfficialInfinity
+    from sparvar.models.registry import get_spec
+
+    spec = get_spec(model)
+    schedule = spec.schedule("1:1", 1024)
+    official = OfficialInfinity(path, spec, torch.device("cuda"), seed)
+    official(PROMPT, schedule, seed)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    latencies = []
+    for i in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        official(PROMPT, schedule, seed + i)
+        torch.cuda.synchronize()
+        latencies.append(time.perf_counter() - start)
+    return {"latency_s": statistics.median(latencies), "latencies_s": latencies,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0, official: str | None = None) -> list[dict]:
     from sparvar.pipeline import load_pipeline
 
     rows = []
     for model in models:
+        if official:  # first, so its memory is its own
+            row = {"model": model, "mode": "o", "about": OFFICIAL_ABOUT}
+            try:
+                row.update(time_official(official, model, repeats, seed))
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}"
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"{model} o: " + (f"{row['latency_s']:.3f} s" if "latency_s" in row else row["error"]), flush=True)
         pipe = load_pipeline(model, device="cuda", random_weights=True, seed=seed)
         for name, mode in modes.items():
             row = {"model": model, "mode": name, "about": mode.about,
@@ -181,12 +219,17 @@ def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0
                   flush=True)
         del pipe
         torch.cuda.empty_cache()
-    for row in rows:  # speed-ups over (a) and (b) of the same model
-        for ref in ("a", "b"):
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Each row's speed-ups over (a), (b) and the official code (o) of the same model."""
+    for row in rows:
+        for ref in ("a", "b", "o"):
             base = next((r for r in rows if r["model"] == row["model"] and r["mode"] == ref and "latency_s" in r), None)
             if base and "latency_s" in row:
                 row[f"speedup_over_{ref}"] = base["latency_s"] / row["latency_s"]
-    return rows
 
 
 def markdown(result: dict) -> str:
@@ -196,19 +239,23 @@ def markdown(result: dict) -> str:
         f"Card: {result['card']}; date: {result['date']}; torch {result['torch']}.",
         f"Command: `{result['command']}`",
         "",
-        "| model | mode | latency (s) | vs a | vs b | condition | transformer | decode | attention share (eager) | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | latency (s) | vs a | vs b | vs o | condition | transformer | decode | attention share (eager) "
+        "| peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | failed: {r['error'][:80]} |||||||| ")
+            lines.append(f"| {r['model']} | {r['mode']} | failed: {r['error'][:80]} ||||||||| ")
             continue
-        s = r["stages_s"]
-        vs = [f"{r[k]:.2f}x" if k in r else "" for k in ("speedup_over_a", "speedup_over_b")]
-        lines.append(
-            f"| {r['model']} | {r['mode']} | {r['latency_s']:.3f} | {vs[0]} | {vs[1]} | {s['condition']:.3f} | "
-            f"{s['transformer']:.3f} | {s['decode']:.3f} | {r['attention_share_eager']:.0%} | {r['peak_gib']:.1f} |"
-        )
+        vs = [f"{r[k]:.2f}x" if k in r else "" for k in ("speedup_over_a", "speedup_over_b", "speedup_over_o")]
+        if "stages_s" in r:
+            s = r["stages_s"]
+            parts = [f"{s['condition']:.3f}", f"{s['transformer']:.3f}", f"{s['decode']:.3f}",
+                     f"{r['attention_share_eager']:.0%}"]
+        else:  # the official code: its total only
+            parts = ["-"] * 4
+        lines.append(f"| {r['model']} | {r['mode']} | {r['latency_s']:.3f} | " + " | ".join(vs + parts)
+                     + f" | {r['peak_gib']:.1f} |")
     lines += ["", "Modes:", ""] + [f"- {k}: {v}" for k, v in result["modes"].items()]
     ok = [r for r in result["rows"] if "scale_s" in r]
     if ok:
@@ -234,6 +281,8 @@ def _summary(rows: list[dict]) -> dict:
         "8b_f_over_a": ("infinity-8b", "f", "speedup_over_a"),
         "8b_g_over_a": ("infinity-8b", "g", "speedup_over_a"),
         "8b_h_over_a": ("infinity-8b", "h", "speedup_over_a"),
+        "8b_d_over_o": ("infinity-8b", "d", "speedup_over_o"),
+        "8b_o_latency_s": ("infinity-8b", "o", "latency_s"),
         "8b_d_latency_s": ("infinity-8b", "d", "latency_s"),
         "8b_d_peak_gib": ("infinity-8b", "d", "peak_gib"),
         "8b_b_peak_gib": ("infinity-8b", "b", "peak_gib"),
@@ -265,17 +314,18 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, title: str, command: str) -> dict:
+def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, title: str, command: str,
+        official: str | None = None) -> dict:
     if not torch.cuda.is_available():
         raise SparvarError("the end-to-end benchmark needs a CUDA GPU")
-    rows = bench(models, modes, repeats)
+    rows = bench(models, modes, repeats, official=official)
     result = {
         "title": title,
         "card": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "command": command,
         "torch": torch.__version__,
-        "modes": {k: m.about for k, m in modes.items()},
+        "modes": {k: m.about for k, m in modes.items()} | ({"o": OFFICIAL_ABOUT} if official else {}),
         "rows": rows,
         "summary": _summary(rows),
     }
@@ -297,11 +347,20 @@ def main(argv: list[str] | None = None, which: str = "e2e") -> None:
     parser.add_argument("--modes", nargs="+", default=list(table), choices=list(table), help="modes to time")
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per mode (the median is kept)")
     parser.add_argument("--out", default="benchmarks", help="folder for the JSON, markdown and plot")
+    parser.add_argument("--name", default=which, help="file name of the results (NAME.json, NAME.md)")
+    if which == "e2e":
+        parser.add_argument("--official", metavar="PATH",
+                            help="local clone of FoundationVision/Infinity: adds mode o, the official code itself")
     args = parser.parse_args(argv)
     command = f"sparvar bench {which} " + " ".join(argv if argv is not None else sys.argv[1:])
     title = ("Dense generation baseline" if which == "baseline" else "End to end") + (
         ": random weights, 1024x1024, batch 1 with CFG, bf16")
-    run(args.models, {k: table[k] for k in args.modes}, args.repeats, args.out, which, title, command.strip())
+    official = getattr(args, "official", None)
+    if official and not Path(official, "infinity", "models", "infinity.py").is_file():
+        raise SparvarError(f"--official {official} is not a clone of FoundationVision/Infinity "
+                           "(infinity/models/infinity.py is missing)")
+    run(args.models, {k: table[k] for k in args.modes}, args.repeats, args.out, args.name, title, command.strip(),
+        official)
 
 
 if __name__ == "__main__":

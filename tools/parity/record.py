@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
@@ -24,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import official  # noqa: E402
+from sparvar.bench import official
 
 TEXT_CHANNELS = 128  # the official attentive pooling needs text width >= 128 (heads of 128)
 T5_CONFIG = dict(
@@ -205,8 +203,8 @@ class InfinityCase:
         schedule, run["pos_grid"] = self.schedule(run)
         run["schedule"] = [[h, w] for _, h, w in schedule]
         prompts = run["prompts"]
-        text = self.encode(tokenizer, encoder, prompts)
-        negative = self.encode(tokenizer, encoder, [run["negative_prompt"]] * len(prompts)) \
+        text = self.encode(self.off, tokenizer, encoder, prompts)
+        negative = self.encode(self.off, tokenizer, encoder, [run["negative_prompt"]] * len(prompts)) \
             if run.get("negative_prompt") else None
         k = len(schedule)
         cfg_list = run["cfg"] if isinstance(run["cfg"], list) else [run["cfg"]] * k
@@ -266,13 +264,14 @@ class InfinityCase:
             x = F.pixel_unshuffle(x.float(), 2).long()
         return x.flatten(2).transpose(1, 2).contiguous()
 
-    def encode(self, tokenizer, encoder, prompts: list[str]):
+    @staticmethod
+    def encode(off, tokenizer, encoder, prompts: list[str]):
         """The official prompt encoding (padded to 512 and packed), one prompt at a time as the
         official script calls it, packed into one batch."""
         parts = []
         with official.cuda_calls_stay_on_cpu(), torch.no_grad():
             for prompt in prompts:
-                parts.append(self.off.run.encode_prompt(tokenizer, encoder, prompt))
+                parts.append(off.run.encode_prompt(tokenizer, encoder, prompt))
         kv = torch.cat([p[0] for p in parts])
         lens = [n for p in parts for n in p[1]]
         cu = F.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
@@ -303,8 +302,16 @@ def tiny_t5(out: Path, seed: int):
     return AutoTokenizer.from_pretrained(folder), T5EncoderModel.from_pretrained(folder).float().eval()
 
 
+def record_text_features(off, out: Path, t5) -> None:
+    """The official prompt encoding of PROMPTS (padded to 512 tokens, then packed): the features
+    sparvar's encoder, which pads to the longest prompt, must reproduce."""
+    kv, lens, _, _ = InfinityCase.encode(off, *t5, PROMPTS)
+    save_file({"features": kv.contiguous(), "lengths": torch.tensor(lens)}, str(out / "t5" / "official_features.safetensors"))
+
+
 def infinity_cases(off, out: Path) -> dict[str, dict]:
     t5 = tiny_t5(out, seed=100)
+    record_text_features(off, out, t5)
     greedy = dict(prompts=PROMPTS, cfg=3.0, tau=0.5, top_k=1, top_p=0.0, seed=0)
     cases = {
         # the full 13-scale 1:1 schedule to 64x64 tokens, greedy and with the official sampler

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionCall, AttentionPolicy
+from sparvar.errors import SparvarError
 from sparvar.kv_cache import KVCache
 from sparvar.models.fused import add_norm, gated_add, linear_gelu, qkv_heads
 from sparvar.schedules import Schedule
@@ -336,6 +337,17 @@ class InfinityTransformer(nn.Module):
         return cfg - 1
 
     @staticmethod
+    def official_guidance(logits: torch.Tensor, guidance: bool, scale: int, num_scales: int, cfg: float,
+                          tau: float) -> torch.Tensor:
+        """The guided logits as the official sampler computes them, to the last bit: both halves
+        times 1 / tau, then cfg * cond + (1 - cfg) * uncond (the condition alone where cfg is 1)."""
+        logits = logits.mul(1 / tau)
+        if not guidance:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return cond if cfg == 1 else cfg * cond + (1 - cfg) * uncond
+
+    @staticmethod
     def checkpoint_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An official file's tensors as this module loads them: the same."""
         return state
@@ -363,18 +375,23 @@ class InfinityTransformer(nn.Module):
         return self
 
     # ---- conditioning -------------------------------------------------------------------
-    def prepare(self, condition, guidance: bool) -> Prepared:
+    def prepare(self, condition, guidance: bool, negative=None) -> Prepared:
         """Condition tensors for one generation; with guidance the batch is [cond; uncond].
 
         condition: (text features (B, T, Ct5) float, mask (B, T) bool) for text models,
-        or class labels (B,) for class-conditional ones.
+        or class labels (B,) for class-conditional ones. negative: the features and mask of
+        negative prompts (padded like the condition's), which take the unconditional half's place
+        (the learned empty-prompt embedding, cfg_uncond, otherwise).
         """
         dtype = self.dtype
+        if negative is not None and not (guidance and self.cfg.text_conditioned):
+            raise SparvarError("a negative prompt needs a text-conditioned model and guidance (cfg != 1)")
         if self.cfg.text_conditioned:
             feats, mask = condition
             if guidance:
-                uncond = self.cfg_uncond[: feats.shape[1]].to(feats.dtype).expand_as(feats)
-                feats, mask = torch.cat([feats, uncond]), torch.cat([mask, mask])
+                if negative is None:
+                    negative = self.cfg_uncond[: feats.shape[1]].to(feats.dtype).expand_as(feats), mask
+                feats, mask = torch.cat([feats, negative[0]]), torch.cat([mask, negative[1]])
             feats = self.text_norm(feats).to(dtype)
             cond = self.text_proj_for_sos(feats, mask).float()
             text_tokens = self.text_proj_for_ca(feats)

@@ -67,6 +67,13 @@ class ResidualQuantizer(nn.Module):
         h, w = schedule.sizes[scale]
         return self.embedding(indices).float().transpose(1, 2).reshape(indices.shape[0], self.channels, h, w)
 
+    def soft_codes(self, probs: torch.Tensor, scale: int, schedule: Schedule) -> torch.Tensor:
+        """Mixtures of codewords (B, C, h, w) by per-token probabilities (B, h*w, vocab): the codes
+        of VAR's more_smooth sampling."""
+        h, w = schedule.sizes[scale]
+        mixed = probs.float() @ self.embedding.weight.float()
+        return mixed.transpose(1, 2).reshape(probs.shape[0], self.channels, h, w)
+
     def accumulate(self, summed: torch.Tensor | None, codes: torch.Tensor, scale: int, schedule: Schedule):
         """f_hat += Phi(codes upsampled bicubically to the final grid)."""
         final = schedule.sizes[-1]

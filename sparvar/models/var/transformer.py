@@ -148,6 +148,19 @@ class VARTransformer(nn.Module):
         """w in l = l_c + w (l_c - l_u): VAR ramps t = cfg * k / (K - 1) from 0 at the first scale."""
         return cfg * scale / max(num_scales - 1, 1)
 
+    @staticmethod
+    def official_guidance(logits: torch.Tensor, guidance: bool, scale: int, num_scales: int, cfg: float,
+                          tau: float) -> torch.Tensor:
+        """The guided logits as the official sampler computes them, to the last bit:
+        (1 + t) cond - t uncond with t = cfg * (k / (K - 1)). It has no temperature."""
+        if tau != 1:
+            raise SparvarError(f"the official VAR sampler has no temperature: use tau 1, not {tau}")
+        if not guidance:
+            return logits
+        t = cfg * (scale / max(num_scales - 1, 1))
+        cond, uncond = logits.chunk(2)
+        return (1 + t) * cond - t * uncond
+
     def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.cfg
         return KVCache(c.depth, batch, c.heads, capacity, c.head_dim, self.dtype, self.device)
@@ -177,8 +190,10 @@ class VARTransformer(nn.Module):
             )
 
     # ---- conditioning -------------------------------------------------------------------
-    def prepare(self, labels: torch.Tensor, guidance: bool) -> Prepared:
+    def prepare(self, labels: torch.Tensor, guidance: bool, negative=None) -> Prepared:
         """Condition tensors for class labels (B,); with guidance the batch is [labels; unconditional]."""
+        if negative is not None:
+            raise SparvarError("negative prompts need a text-conditioned model; VAR's condition is a class")
         if guidance:
             labels = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)])
         cond = self.class_emb(labels).float()

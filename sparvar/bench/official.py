@@ -1,5 +1,7 @@
-"""Importing the official Infinity and VAR code from local clones, with stand-ins for what a CPU
-machine lacks. Nothing of the official code is copied here: the clones are put on sys.path.
+"""Importing the official Infinity and VAR code from local clones, for the parity harness
+(tools/parity) and the benchmark's official mode (`sparvar bench e2e --official PATH`), with
+stand-ins for what this machine may lack. Nothing of the official code is copied here: the clones
+are put on sys.path.
 
 Stand-ins (each one documented in tools/parity/README.md):
 - `flash_attn`: its two attention calls, served by SDPA (per sequence for the varlen one);
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import importlib.util
 import sys
 import types
@@ -179,3 +182,81 @@ def shrunk(module, name: str, **fixed):
         yield
     finally:
         setattr(module, name, real)
+
+
+class _PaddingTokenizer:
+    """The transformers tokenizer call the official prompt encoder makes, over the byte stand-in
+    tokenizer of random text encoders: ids and mask padded to `max_length`."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text, max_length, padding, truncation, return_tensors):
+        ids, mask = self.tokenizer(text, max_length)
+        pad = max_length - ids.shape[1]
+        return types.SimpleNamespace(input_ids=F.pad(ids, (0, pad)), attention_mask=F.pad(mask.long(), (0, pad)))
+
+
+@contextlib.contextmanager
+def _generators_follow_tensors():
+    """`trunc_normal_` on a tensor of another device than its generator draws without the
+    generator (the official constructor seeds a CPU generator for cfg_uncond)."""
+    real = nn.init.trunc_normal_
+
+    def trunc_normal_(tensor, *args, generator=None, **kwargs):
+        if generator is not None and generator.device != tensor.device:
+            generator = None
+        return real(tensor, *args, generator=generator, **kwargs)
+
+    nn.init.trunc_normal_ = trunc_normal_
+    try:
+        yield
+    finally:
+        nn.init.trunc_normal_ = real
+
+
+class OfficialInfinity:
+    """The official Infinity code at full size with its own random initialisation, run as its
+    inference script runs it (`gen_one_img`: prompt encoding padded to 512 tokens, bf16 autocast,
+    blocks in bf16, cfg on the logits), for `sparvar bench e2e --official PATH`. flash-attn's calls
+    are served by SDPA (`_install_stand_ins`)."""
+
+    def __init__(self, path: str | Path, spec, device: torch.device, seed: int = 0):
+        from sparvar.models.infinity.text import TextEncoder
+
+        self.off, self.spec, self.device = load_infinity(path), spec, device
+        cfg = spec.transformer
+        torch.manual_seed(seed)
+        with torch.device(device), _generators_follow_tensors():
+            self.vae = self.off.bsq_vae.vae_model(
+                None, "dynamic", cfg.vae_channels, 2 ** cfg.vae_channels, patch_size=spec.vae.patch,
+                encoder_ch_mult=list(spec.vae.ch_mult), decoder_ch_mult=list(spec.vae.ch_mult), test_mode=True,
+            )
+            self.model = self.off.model.Infinity(
+                vae_local=self.vae, text_channels=spec.text["d_model"], text_maxlen=cfg.text_max_len, shared_aln=True,
+                raw_scale_schedule=None, checkpointing="full-block", customized_flash_attn=False, fused_norm=True,
+                pad_to_multiplier=128, use_flex_attn=False, add_lvl_embeding_only_first_block=1, use_bit_label=1,
+                rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2, pn="1M", apply_spatial_patchify=int(cfg.patchify),
+                inference_mode=True, train_h_div_w_list=[1.0], depth=cfg.depth, embed_dim=cfg.width,
+                num_heads=cfg.heads, drop_path_rate=0.1, mlp_ratio=cfg.mlp_ratio, block_chunks=cfg.block_chunks,
+            )
+        if device.type == "cuda":  # the official loader's bf16=1 (its default), for its CUDA autocast
+            for block in self.model.unregistered_blocks:
+                block.bfloat16()
+        self.model.eval().requires_grad_(False)
+        self.model.rng = torch.Generator(device=device)
+        # the official loader keeps T5 in fp16
+        text = TextEncoder.random(spec.text, device, torch.float16, seed, cfg.text_max_len)
+        self.encoder, self.tokenizer = text.model, _PaddingTokenizer(text.tokenizer)
+
+    def __call__(self, prompt: str, schedule, seed: int):
+        """One image, as the official script makes it (returns its uint8 BGR image)."""
+        scales = [(1, h, w) for h, w in schedule.sizes]
+        cfg = self.spec.transformer
+        on_cpu = cuda_calls_stay_on_cpu() if self.device.type == "cpu" else contextlib.nullcontext()
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), on_cpu:  # it prints every step
+            return self.off.run.gen_one_img(
+                self.model, self.vae, self.tokenizer, self.encoder, prompt, cfg_list=cfg.cfg, tau_list=cfg.tau,
+                scale_schedule=scales, top_k=900, top_p=0.97, cfg_insertion_layer=[0], vae_type=cfg.vae_channels,
+                g_seed=seed,
+            )

@@ -1,0 +1,52 @@
+"""The end-to-end benchmark's bookkeeping (the timings themselves need a GPU), and its official
+mode's runner on a small official model where a clone of the official code is at hand."""
+
+import os
+
+import pytest
+import torch
+
+from sparvar.bench.e2e import _summary, add_speedups, markdown
+
+
+def _row(mode, latency, **extra):
+    stages = {"condition": 0.01, "transformer": latency - 0.05, "decode": 0.04, "total": latency}
+    return {"model": "infinity-8b", "mode": mode, "latency_s": latency, "stages_s": stages,
+            "attention_share_eager": 0.2, "peak_gib": 30.0, "scale_s": [0.1], "scales": [[1, 1]], **extra}
+
+
+def test_official_rows_give_speedups_and_render_without_stages():
+    rows = [{"model": "infinity-8b", "mode": "o", "latency_s": 1.6, "peak_gib": 34.5},
+            _row("a", 1.3), _row("d", 0.64)]
+    add_speedups(rows)
+    assert rows[2]["speedup_over_o"] == pytest.approx(2.5)
+    assert rows[2]["speedup_over_a"] == pytest.approx(1.3 / 0.64)
+    summary = _summary(rows)
+    assert summary["8b_d_over_o"] == pytest.approx(2.5) and summary["8b_o_latency_s"] == 1.6
+    text = markdown({"title": "t", "card": "c", "date": "d", "torch": "x", "command": "cmd", "rows": rows,
+                     "modes": {"o": "official", "a": "a", "d": "d"}, "summary": summary})
+    official_line = next(line for line in text.splitlines() if line.startswith("| infinity-8b | o |"))
+    assert "| 1.600 |" in official_line and "| - |" in official_line and "34.5" in official_line
+    d_line = next(line for line in text.splitlines() if line.startswith("| infinity-8b | d |"))
+    assert "2.50x" in d_line
+
+
+CLONE = os.environ.get("SPARVAR_INFINITY_CLONE")
+
+
+@pytest.mark.skipif(not CLONE, reason="set SPARVAR_INFINITY_CLONE to a clone of FoundationVision/Infinity")
+def test_official_runner_makes_an_image_on_a_small_model():
+    from dataclasses import replace
+
+    from sparvar.bench.official import OfficialInfinity
+    from sparvar.models.registry import get_spec
+
+    spec = get_spec("infinity-8b")
+    spec = replace(spec, transformer=replace(spec.transformer, depth=2, width=64, heads=1, block_chunks=2,
+                                             text_width=128),
+                   vae=replace(spec.vae, base=32),
+                   text=dict(spec.text, d_model=128, num_layers=1, num_heads=2, d_kv=64, d_ff=256, vocab_size=300))
+    official = OfficialInfinity(CLONE, spec, torch.device("cpu"))
+    image = official("a red fox", spec.schedule("1:1", 256), seed=0)
+    assert image.shape == (256, 256, 3) and image.dtype == torch.uint8
+    assert image.float().std() > 1  # a picture, not a constant
