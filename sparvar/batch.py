@@ -64,8 +64,9 @@ class Job:
         c = self.config
         return {
             "model": self.model, **self.weights, "attention": c.attention, "skip_last": c.skip_last,
-            "prune": c.prune, "adaptive_skip": c.adaptive_skip, "cfg": c.cfg, "tau": c.tau, "top_k": c.top_k,
-            "top_p": c.top_p, "seed_base": c.seed, "schedule": c.schedule.describe(), "cuda_graphs": c.cuda_graphs,
+            "prune": c.prune, "adaptive_skip": c.adaptive_skip, "cfg": c.cfg, "tau": c.tau,
+            "top_k": list(c.top_k) if isinstance(c.top_k, tuple) else c.top_k, "top_p": c.top_p, "seed_base": c.seed,
+            "schedule": c.schedule.describe(), "cuda_graphs": c.cuda_graphs, "system_prompt": c.system_prompt,
         }
 
     def generate(self, pipe: Pipeline, batch: list[Item]):

@@ -37,7 +37,7 @@ class GenerationConfig:
     # sampling; None: the model's own (`resolved`). top_k 0 and top_p 0 or 1 filter nothing.
     cfg: float | None = None  # classifier-free guidance (Infinity: cfg * l_c + (1 - cfg) * l_u)
     tau: float | None = None  # temperature
-    top_k: int | None = None
+    top_k: int | tuple[int, ...] | None = None  # a tuple: one per scale (HART's default)
     top_p: float | None = None
     # the scales: an Infinity aspect ratio (width:height) and pixel budget, or a schedule
     # (a Schedule or text such as "1,2,4,8"; it stands for both)
@@ -55,6 +55,9 @@ class GenerationConfig:
     # shape runs eagerly, the second captures, later ones replay
     cuda_graphs: bool = False
     kv_cache: str = "static"  # one buffer written in place, or "concat": the official code's growing cache
+    # text put before every prompt in the text model's pass (HART's prompt enhancement); None: the
+    # model's own (HART: the official sampler's), "" none. Only models whose text encoder takes one.
+    system_prompt: str | None = None
 
     def __post_init__(self):
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
@@ -67,7 +70,9 @@ class GenerationConfig:
             _real("cfg", self.cfg, 0)
         if self.tau is not None:
             _real("tau", self.tau, 0, above=True)
-        if self.top_k is not None:
+        if isinstance(self.top_k, (list, tuple)):
+            object.__setattr__(self, "top_k", tuple(_integer("top_k", k, 0) for k in self.top_k))
+        elif self.top_k is not None:
             _integer("top_k", self.top_k, 0)
         if self.top_p is not None:
             _real("top_p", self.top_p, 0, 1)
@@ -98,6 +103,8 @@ class GenerationConfig:
             raise SparvarError(f"kv_cache must be 'static' or 'concat', got {self.kv_cache!r}")
         if self.kv_cache != "static" and (self.cuda_graphs or self.prune is not None):
             raise SparvarError("CUDA graphs and token pruning need the static KV cache")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise SparvarError(f"system_prompt must be text ('' for none), not {self.system_prompt!r}")
 
     @classmethod
     def build(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
@@ -124,12 +131,20 @@ class GenerationConfig:
             raise SparvarError(
                 f"skip_last must be in 0..{len(schedule) - 1} for {len(schedule)} scales, got {self.skip_last}")
         if self.prune is not None:  # settings that do not fit the model fail here, not at the pruned scale
+            if spec.family == "hart":
+                raise SparvarError(f"token pruning is not available for {spec.name}")
             prune_plan(_prune_config(self.prune), model.depth, schedule)
+        top_k = model.top_k if self.top_k is None else self.top_k
+        if isinstance(top_k, tuple) and len(top_k) != len(schedule):
+            raise SparvarError(f"{len(top_k)} top_k values for {len(schedule)} scales; give one per scale or one")
+        default_prompt = getattr(model, "system_prompt", None)
+        if self.system_prompt and default_prompt is None:
+            raise SparvarError(f"{spec.name}'s text encoder takes no system prompt")
         return replace(
             self, schedule=schedule, aspect="1:1", resolution=None,
             cfg=model.cfg if self.cfg is None else self.cfg, tau=model.tau if self.tau is None else self.tau,
-            top_k=model.top_k if self.top_k is None else self.top_k,
-            top_p=model.top_p if self.top_p is None else self.top_p,
+            top_k=top_k, top_p=model.top_p if self.top_p is None else self.top_p,
+            system_prompt=default_prompt if self.system_prompt is None else self.system_prompt,
         )
 
     def seeds(self, items: int) -> list[int]:

@@ -25,7 +25,6 @@ from sparvar.generation import GenerationConfig
 from sparvar.graphs import ScaleGraphs
 from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
-from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.sampling import sample
 from sparvar.schedules import Schedule
@@ -140,7 +139,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class Pipeline:
     """The model-independent sampler loop over a family's parts (registry.Family says what they do)."""
 
-    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder: TextEncoder | None = None):
+    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder=None):
         self.spec = spec
         self.transformer = transformer
         self.vae = vae
@@ -171,11 +170,13 @@ class Pipeline:
                                f"{schedule.sizes[-1]}: give {expected[0]}x{expected[1]}")
         return self.codes.tokens_of(self.vae.latent_of(images.to(self.device)), schedule)
 
-    def encode(self, conditions: Sequence, cuda_graph: bool = False) -> object:
-        """Prompts -> text features and mask, or class labels/names -> label tensor."""
+    def encode(self, conditions: Sequence, cuda_graph: bool = False, system_prompt: str | None = None) -> object:
+        """Prompts -> text features and mask, or class labels/names -> label tensor. A system
+        prompt (HART's prompt enhancement) goes to the text encoders that take one."""
         check_conditions(self.spec, conditions)
         if self.spec.text_conditioned:
-            return self.text_encoder(list(conditions), cuda_graph=cuda_graph)
+            options = {"system_prompt": system_prompt} if system_prompt else {}
+            return self.text_encoder(list(conditions), cuda_graph=cuda_graph, **options)
         return torch.tensor(labels_of(self.spec, conditions), device=self.device)
 
     def _graph_runner(self, key: tuple, prep, cache, policy, schedule, num_scales, pruning) -> ScaleGraphs | None:
@@ -240,7 +241,7 @@ class Pipeline:
 
         timer = StageTimer(self.device)
         timer.mark("start")
-        prep = self.transformer.prepare(self.encode(conditions, cuda_graphs), guidance)
+        prep = self.transformer.prepare(self.encode(conditions, cuda_graphs, config.system_prompt), guidance)
         timer.mark("condition")
         if config.kv_cache == "static":
             cache = self._kv_cache(prep.start.shape[0], schedule.total)
@@ -266,14 +267,18 @@ class Pipeline:
                 logits = graphs.run(k, x)
             else:
                 logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy, pruning)
+            logits, hidden = logits if isinstance(logits, tuple) else (logits, None)
             if guidance:
                 cond, uncond = logits.chunk(2)
                 logits = cond + weights[k] * (cond - uncond)
-            drawn = sample(logits / tau, generators, top_k, top_p)
+            drawn = sample(logits / tau, generators, top_k[k] if isinstance(top_k, tuple) else top_k, top_p)
             if on_scale is not None:
                 on_scale(k, logits, drawn)
             tokens.append(drawn)
-            new = self.codes.accumulate(summed, self.codes.to_codes(drawn, k, schedule), k, schedule)
+            codes = self.codes.to_codes(drawn, k, schedule)
+            if hidden is not None:  # a continuous residual on the sampled codes (HART's diffusion head)
+                codes = codes + self.transformer.residual(hidden, codes, weights[k], generators)
+            new = self.codes.accumulate(summed, codes, k, schedule)
             summed = new if refining is None else refining.step(k, summed, new, schedule)
             stopped = refining is not None and refining.finished and not finish
             if k + 1 < num_scales and not stopped:
@@ -327,6 +332,9 @@ def load_pipeline(
     spec = get_spec(model)
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
+    family = FAMILIES[spec.family]
+    if family.configure is not None and not random_weights:
+        spec, weights, vae = family.configure(spec, weights, vae)
     if not random_weights:
         weights = weights or _bundled(spec, "--weights")
         vae = vae or _bundled(spec, "--vae")
@@ -356,8 +364,8 @@ def load_pipeline(
     encoder = None
     if spec.text_conditioned:
         if text_encoder is None or random_weights:
-            encoder = TextEncoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
+            encoder = family.text_encoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
         else:
-            encoder = TextEncoder.from_folder(text_encoder, device, dtype, spec.transformer.text_max_len)
+            encoder = family.text_encoder.from_folder(text_encoder, device, dtype, spec.transformer.text_max_len)
     return Pipeline(spec, transformer, decoder, encoder)
 
