@@ -138,13 +138,7 @@ class DiffusionHead(nn.Module):
         return self._tables
 
     def draw_noise(self, generators: list[torch.Generator], tokens: int, device) -> torch.Tensor:
-        """Noise (steps + 1, B * tokens, C) for the B items: the start and one draw per step, each
-        item's from a generator seeded by its own seed (`noise_generator`), rows item-major."""
-        per_item = []
-        for g in generators:
-            g = noise_generator(g)
-            per_item.append(torch.randn((self.steps + 1, tokens, self.net.channels), generator=g, device=device))
-        return torch.cat(per_item, dim=1)
+        return diffusion_noise(generators, self.steps, tokens, self.net.channels, device)
 
     @torch.inference_mode()
     def sample(self, cond: torch.Tensor, weight: float, noise: torch.Tensor) -> torch.Tensor:
@@ -174,8 +168,13 @@ class DiffusionHead(nn.Module):
         return x * VAE_SCALE
 
 
-def noise_generator(generator: torch.Generator) -> torch.Generator:
-    """The diffusion noise's own generator for an item, seeded from the item's seed: the noise
-    does not depend on how many numbers the token sampler drew before it."""
-    seed = (generator.initial_seed() * 6364136223846793005 + 1442695040888963407) % 2**63
-    return torch.Generator(generator.device).manual_seed(seed)
+def diffusion_noise(generators: list[torch.Generator], steps: int, tokens: int, channels: int, device) -> torch.Tensor:
+    """Noise (steps + 1, B * tokens, channels) of the B items, rows item-major: the start, then one
+    draw per step (the last one unused, as in the official sampler). Item b's comes from a
+    generator seeded from its own seed, so it does not depend on what the token sampler drew."""
+    per_item = []
+    for g in generators:
+        seed = (g.initial_seed() * 6364136223846793005 + 1442695040888963407) % 2**63
+        own = torch.Generator(g.device).manual_seed(seed)
+        per_item.append(torch.randn((steps + 1, tokens, channels), generator=own, device=device))
+    return torch.cat(per_item, dim=1)
