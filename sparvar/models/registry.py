@@ -214,13 +214,13 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "hart-tiny",
-            "tiny HART for tests (random weights, byte tokenizer), 5 scales to 8x8 after 12 text tokens",
-            HARTConfig(depth=2, width=64, heads=2, patch_nums=(1, 2, 3, 5, 8), context_tokens=12, context_width=32,
+            "tiny HART for tests (random weights, byte tokenizer), 7 scales to 16x16 after 12 text tokens",
+            HARTConfig(depth=2, width=64, heads=2, patch_nums=(1, 2, 4, 6, 8, 12, 16), context_tokens=12, context_width=32,
                        diffusion_width=32, diffusion_depth=2, diffusion_steps=4, vocab=32, vae_channels=8),
-            VQVAEConfig(vocab=32, channels=8, base=32, ch_mult=(1, 1, 1, 2), usage_rows=5),
+            VQVAEConfig(vocab=32, channels=8, base=32, ch_mult=(1, 1, 1, 2), usage_rows=7),
             dict(QWEN2_1_5B, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
-            resolution=64,
+            resolution=128,
             family="hart",
         ),
         ModelSpec(
