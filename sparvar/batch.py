@@ -66,7 +66,8 @@ class Job:
             "model": self.model, **self.weights, "attention": c.attention, "skip_last": c.skip_last,
             "prune": c.prune, "adaptive_skip": c.adaptive_skip, "cfg": c.cfg, "tau": c.tau,
             "top_k": list(c.top_k) if isinstance(c.top_k, tuple) else c.top_k, "top_p": c.top_p, "seed_base": c.seed,
-            "schedule": c.schedule.describe(), "cuda_graphs": c.cuda_graphs, "system_prompt": c.system_prompt,
+            "schedule": c.schedule.describe(), "cuda_graphs": c.cuda_graphs,
+            **({"system_prompt": c.system_prompt} if c.system_prompt is not None else {}),  # text models that take one
         }
 
     def generate(self, pipe: Pipeline, batch: list[Item]):
