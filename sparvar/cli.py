@@ -14,7 +14,8 @@ from pathlib import Path
 from sparvar import batch
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
-from sparvar.options import HelpFormatter, add_model_options, output_folder, read_conditions
+from sparvar.generation import SAMPLERS
+from sparvar.options import HelpFormatter, add_model_options, output_folder, per_scale, read_conditions, read_image
 from sparvar.skipping import PRUNE_PRESETS, combination
 
 
@@ -46,8 +47,35 @@ def _generation_config(args) -> GenerationConfig:
     """The sampling and schedule options of `generate` (and `plan`'s schedule), checked."""
     return GenerationConfig(
         seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, aspect=args.aspect,
-        resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs,
+        resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs, sampler=args.sampler,
+        negative_prompt=args.negative_prompt, more_smooth=args.more_smooth,
         system_prompt=getattr(args, "system_prompt", None))
+
+
+def _with_init_image(args, config: GenerationConfig, pipe) -> GenerationConfig:
+    """--init-image: its tokens force the first --init-scales scales (the official gt_leak)."""
+    if not args.init_image:
+        return config
+    h, w = pipe.codes.latent_size(config.schedule.sizes[-1])
+    image = read_image(args.init_image, (h * pipe.spec.vae.patch, w * pipe.spec.vae.patch))
+    tokens = pipe.image_tokens(image, config.schedule)
+    return GenerationConfig.build(config, init_tokens=tokens, init_scales=args.init_scales)
+
+
+def _check_init_image(args, configs: dict) -> None:
+    """--init-image and --init-scales go together and fit the schedule (checked before loading)."""
+    if bool(args.init_image) != bool(args.init_scales):
+        raise SparvarError("--init-image and --init-scales go together: the picture's first N scales are kept")
+    if not args.init_image:
+        return
+    if args.init_scales < 1:
+        raise SparvarError(f"--init-scales must be 1 or more, got {args.init_scales}")
+    for config in configs.values():
+        scales = len(config.schedule) - config.skip_last
+        if args.init_scales > scales:
+            raise SparvarError(f"--init-scales {args.init_scales} is more than the {scales} scales generated")
+    if not Path(args.init_image).is_file():
+        raise SparvarError(f"image not found: {args.init_image}")
 
 
 def cmd_generate(args) -> None:
@@ -58,7 +86,7 @@ def cmd_generate(args) -> None:
 
     spec = get_spec(args.model)
     conditions = _conditions(args, spec)
-    check_conditions(spec, conditions)
+    check_conditions(spec, conditions, args.sampler)
     job = args.batch_size is not None or batch.under_torchrun()
     if args.batch_size is not None and args.batch_size < 1:
         raise SparvarError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -75,6 +103,9 @@ def cmd_generate(args) -> None:
     for name in presets:
         combo = combination(name)
         configs[name] = GenerationConfig.build(base, attention=combo.attention, **combo.options()).resolved(spec)
+    _check_init_image(args, configs)
+    if job and args.init_image:
+        raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
     device = resolve_device(args.device)
     batch_size = (args.batch_size or 1) if job else len(conditions)
     for config in configs.values():
@@ -95,7 +126,7 @@ def cmd_generate(args) -> None:
           + (f", {n} images in one batch" if n > 1 else ""))
     runs = {}
     for name, config in configs.items():
-        out = runs[name] = pipe(conditions, config, progress=not args.quiet)
+        out = runs[name] = pipe(conditions, _with_init_image(args, config, pipe), progress=not args.quiet)
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
         if n > 1:
             stages += f" for the batch ({out.stage_seconds['total'] / n:.2f} s per image)"
@@ -295,15 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
                      "for class-conditional models (demo, VAR); without --batch-size or torchrun all of them run "
                      "in one pass per preset (a comparison), not as a resumable batch job")
     gen.add_argument("--class", dest="label", action="append",
-                     help="class index or name, repeatable (default, without prompts: the first class)")
+                     help="class index or name, or 'random' for a class drawn from the seed; repeatable (default, "
+                     "without prompts: the first class)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (0..2^63-1)")
-    gen.add_argument("--cfg", type=float, help="classifier-free guidance, 0 or more (default: the model's, "
-                     "see `sparvar models`)")
-    gen.add_argument("--tau", type=float, help="sampling temperature, above 0 (default: the model's)")
+    gen.add_argument("--cfg", type=per_scale, help="classifier-free guidance, 0 or more, or one value per scale "
+                     "separated by commas (default: the model's, see `sparvar models`)")
+    gen.add_argument("--tau", type=per_scale, help="sampling temperature, above 0, or one per scale separated by "
+                     "commas (default: the model's)")
     gen.add_argument("--top-k", type=int, help="keep the k likeliest tokens, 0: all (default: the model's)")
     gen.add_argument("--top-p", type=float, help="nucleus sampling mass in [0, 1], 0 or 1: off (default: the model's)")
     gen.add_argument("--system-prompt", help="text put before every prompt in the text model's pass, '' for none "
                      "(HART models; default: the official sampler's prompt-enhancement text)")
+    gen.add_argument("--sampler", default="sparvar", choices=SAMPLERS,
+                     help="sparvar: each image draws from its own seed; official: draws as the official scripts do "
+                     "(one generator for the batch), so a seed gives their images")
+    gen.add_argument("--negative-prompt", help="text models: a prompt to steer away from (it replaces the empty "
+                     "prompt of guidance)")
+    gen.add_argument("--init-image", help="a picture whose first --init-scales scales every image keeps: variations "
+                     "of it (the official gt_leak)")
+    gen.add_argument("--init-scales", type=int, default=0, help="how many first scales --init-image fixes")
+    gen.add_argument("--more-smooth", action="store_true",
+                     help="VAR: smoother images from soft mixtures of codewords (the official more_smooth)")
     _add_schedule_options(gen)
     gen.add_argument(
         "--attention",

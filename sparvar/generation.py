@@ -27,6 +27,9 @@ from sparvar.sparsity import PRESETS
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit integers; item i of a batch takes seed + i
 KV_CACHES = ("static", "concat")
+# "sparvar": every item draws from its own generator (an image depends on its seed alone);
+# "official": the official samplers' draws, one generator for the batch (sampling.OfficialDraws)
+SAMPLERS = ("sparvar", "official")
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,21 @@ class GenerationConfig:
 
     seed: int | tuple[int, ...] = 0  # an int: item i takes seed + i (an image does not depend on its batch)
     # sampling; None: the model's own (`resolved`). top_k 0 and top_p 0 or 1 filter nothing.
-    cfg: float | None = None  # classifier-free guidance (Infinity: cfg * l_c + (1 - cfg) * l_u)
-    tau: float | None = None  # temperature
+    # cfg and tau may also be one value per scale (the official cfg_list and tau_list)
+    cfg: float | tuple[float, ...] | None = None  # classifier-free guidance (Infinity: cfg * l_c + (1 - cfg) * l_u)
+    tau: float | tuple[float, ...] | None = None  # temperature
     top_k: int | tuple[int, ...] | None = None  # a tuple: one per scale (HART's default)
     top_p: float | None = None
+    # "official" draws as the official scripts do, so one seed gives their images (the batch shares
+    # one generator); "sparvar" gives item i its own generator seeded seed + i
+    sampler: str = "sparvar"
+    negative_prompt: str | None = None  # text models: its features take the unconditional half's place
+    # variations of given images: the first `init_scales` scales take `init_tokens` (one tensor a
+    # scale, batch 1 or one per item; Pipeline.image_tokens makes them from pictures) instead of
+    # what was sampled: the official gt_leak
+    init_tokens: tuple[torch.Tensor, ...] | None = None
+    init_scales: int = 0
+    more_smooth: bool = False  # VAR: each scale's codes are Gumbel-softmax mixtures of codewords
     # the scales: an Infinity aspect ratio (width:height) and pixel budget, or a schedule
     # (a Schedule or text such as "1,2,4,8"; it stands for both)
     aspect: str = "1:1"
@@ -66,10 +80,8 @@ class GenerationConfig:
             if isinstance(self.seed, (str, bytes)) or not hasattr(self.seed, "__iter__"):
                 raise SparvarError(f"seed must be an integer or one integer per item, got {self.seed!r}")
             object.__setattr__(self, "seed", tuple(_integer("seed", s, 0, MAX_SEED) for s in self.seed))
-        if self.cfg is not None:
-            _real("cfg", self.cfg, 0)
-        if self.tau is not None:
-            _real("tau", self.tau, 0, above=True)
+        object.__setattr__(self, "cfg", _per_scale("cfg", self.cfg, 0))
+        object.__setattr__(self, "tau", _per_scale("tau", self.tau, 0, above=True))
         if isinstance(self.top_k, (list, tuple)):
             object.__setattr__(self, "top_k", tuple(_integer("top_k", k, 0) for k in self.top_k))
         elif self.top_k is not None:
@@ -99,6 +111,23 @@ class GenerationConfig:
             raise SparvarError(f"adaptive_skip takes True, False or an AdaptiveSkip, not {self.adaptive_skip!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise SparvarError(f"cuda_graphs takes True or False, not {self.cuda_graphs!r}")
+        if self.sampler not in SAMPLERS:
+            raise SparvarError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.sampler == "official" and isinstance(self.seed, tuple):
+            raise SparvarError("the official sampler seeds one generator for the whole batch: give one seed")
+        if self.negative_prompt is not None and (not isinstance(self.negative_prompt, str)
+                                                 or not self.negative_prompt.strip()):
+            raise SparvarError(f"negative_prompt must be a non-empty text, got {self.negative_prompt!r}")
+        _integer("init_scales", self.init_scales, 0)
+        if self.init_tokens is not None:
+            if isinstance(self.init_tokens, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in self.init_tokens):
+                raise SparvarError("init_tokens takes one tensor of tokens per scale (Pipeline.image_tokens)")
+            object.__setattr__(self, "init_tokens", tuple(self.init_tokens))
+        if self.init_scales > len(self.init_tokens or ()):
+            raise SparvarError(f"init_scales {self.init_scales} needs the tokens of that many scales in init_tokens, "
+                               f"got {len(self.init_tokens or ())}")
+        if not isinstance(self.more_smooth, bool):
+            raise SparvarError(f"more_smooth takes True or False, not {self.more_smooth!r}")
         if self.kv_cache not in KV_CACHES:
             raise SparvarError(f"kv_cache must be 'static' or 'concat', got {self.kv_cache!r}")
         if self.kv_cache != "static" and (self.cuda_graphs or self.prune is not None):
@@ -134,6 +163,11 @@ class GenerationConfig:
             if spec.family == "hart":
                 raise SparvarError(f"token pruning is not available for {spec.name}")
             prune_plan(_prune_config(self.prune), model.depth, schedule)
+        for name in ("cfg", "tau"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != len(schedule):
+                raise SparvarError(f"{name} gives {len(value)} values, one per scale, for {len(schedule)} scales")
+        self._check_official_options(spec, schedule)
         top_k = model.top_k if self.top_k is None else self.top_k
         if isinstance(top_k, tuple) and len(top_k) != len(schedule):
             raise SparvarError(f"{len(top_k)} top_k values for {len(schedule)} scales; give one per scale or one")
@@ -146,6 +180,48 @@ class GenerationConfig:
             top_k=top_k, top_p=model.top_p if self.top_p is None else self.top_p,
             system_prompt=default_prompt if self.system_prompt is None else self.system_prompt,
         )
+
+    def _check_official_options(self, spec: ModelSpec, schedule: Schedule) -> None:
+        """The options the official samplers have, where this model has them."""
+        if spec.family == "hart" and (self.sampler == "official" or self.negative_prompt is not None
+                                      or self.init_scales):
+            raise SparvarError(f"{spec.name} takes neither the official sampler, negative prompts nor init tokens "
+                               "(the official HART sampler has none of them)")
+        if self.negative_prompt is not None and not spec.text_conditioned:
+            raise SparvarError(f"{spec.name} is class-conditional: a negative prompt needs a text model")
+        if self.negative_prompt is not None and not any(
+                w != 0 for w in self.guidance_weights(spec, len(schedule), spec.transformer.cfg)):
+            raise SparvarError("a negative prompt takes the unconditional half's place: it needs guidance (cfg != 1)")
+        if self.more_smooth and spec.family != "var":
+            raise SparvarError(f"more_smooth is VAR's option; {spec.name} is not a VAR model")
+        taus = self.tau if isinstance(self.tau, tuple) else (self.tau,)
+        if self.sampler == "official" and spec.family == "var" and any(t not in (None, 1) for t in taus):
+            raise SparvarError(f"the official VAR sampler has no temperature: use tau 1, not {self.tau}")
+        if self.init_scales > len(schedule) - self.skip_last:
+            raise SparvarError(f"init_scales {self.init_scales} is more than the {len(schedule) - self.skip_last} "
+                               "scales generated")
+        for k, tokens in enumerate((self.init_tokens or ())[: self.init_scales]):
+            if tokens.dim() < 2 or tokens.shape[1] != schedule.lengths[k]:
+                raise SparvarError(f"init_tokens of scale {k} have shape {tuple(tokens.shape)}; scale {k} "
+                                   f"({schedule.describe().split()[k]}) has {schedule.lengths[k]} tokens")
+
+    def cfg_at(self, scale: int) -> float:
+        """The guidance of one scale of a resolved config."""
+        return self.cfg[scale] if isinstance(self.cfg, tuple) else self.cfg
+
+    def tau_at(self, scale: int) -> float:
+        """The temperature of one scale of a resolved config."""
+        return self.tau[scale] if isinstance(self.tau, tuple) else self.tau
+
+    def top_k_at(self, scale: int) -> int:
+        """The top-k of one scale of a resolved config."""
+        return self.top_k[scale] if isinstance(self.top_k, tuple) else self.top_k
+
+    def guidance_weights(self, spec: ModelSpec, num_scales: int, default_cfg: float | None = None) -> list[float]:
+        """w_k in l = l_c + w_k (l_c - l_u) per scale; the unconditional half runs where any is not 0."""
+        weight = FAMILIES[spec.family].transformer.guidance_weight
+        cfg = self.cfg if self.cfg is not None else default_cfg
+        return [weight(k, num_scales, cfg[k] if isinstance(cfg, tuple) else cfg) for k in range(num_scales)]
 
     def seeds(self, items: int) -> list[int]:
         """The seed of each of `items` images."""
@@ -162,8 +238,7 @@ class GenerationConfig:
         """What the machine must offer a resolved config: a GPU for CUDA graphs, memory for the KV cache."""
         if self.cuda_graphs and device.type != "cuda":
             raise SparvarError("cuda_graphs needs a CUDA device")
-        weight, K = FAMILIES[spec.family].transformer.guidance_weight, len(self.schedule)
-        guided = any(weight(k, K, self.cfg) != 0 for k in range(K))  # the batch runs twice: cond + uncond
+        guided = any(w != 0 for w in self.guidance_weights(spec, len(self.schedule)))  # the batch runs twice
         need = kv_cache_bytes(spec, self.schedule, batch * (2 if guided else 1), dtype)
         have = device_memory(device)
         if have is not None and need > have:
@@ -228,6 +303,21 @@ def _integer(name: str, value, low: int, high: int | None = None) -> int:
         raise SparvarError(f"{name} must be in {low}..{high}, got {value}" if high is not None
                            else f"{name} must be {low} or more, got {value}")
     return int(value)
+
+
+def _per_scale(name: str, value, low: float, above: bool = False):
+    """None, one number, or one number per scale (a tuple)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        _real(name, value, low, above=above)
+        return value
+    values = tuple(value)
+    if not values:
+        raise SparvarError(f"{name} per scale needs at least one value")
+    for v in values:
+        _real(name, v, low, above=above)
+    return values
 
 
 def _real(name: str, value, low: float, high: float | None = None, above: bool = False) -> None:

@@ -57,3 +57,35 @@ def output_folder(path: str | Path) -> Path:
     except OSError as err:
         raise SparvarError(f"cannot write to {folder}: {err.strerror or err}") from None
     return folder
+
+
+def per_scale(text: str) -> float | tuple[float, ...]:
+    """--cfg / --tau: one number, or one per scale separated by commas (the official cfg_list)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or numbers separated by commas, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def read_image(path: str | Path, size: tuple[int, int]):
+    """A picture as (1, 3, H, W) in [-1, 1] at `size` (H, W): resized to cover it, then centre-cropped,
+    as the official scripts prepare the image of a variation."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path)
+    if not file.is_file():
+        raise SparvarError(f"image not found: {file}")
+    try:
+        image = Image.open(file).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise SparvarError(f"cannot read {file} as an image: {err}") from None
+    h, w = size
+    scale = max(h / image.height, w / image.width)
+    image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.LANCZOS)
+    top, left = (image.height - h) // 2, (image.width - w) // 2
+    pixels = torch.from_numpy(np.asarray(image.crop((left, top, left + w, top + h)))).permute(2, 0, 1)[None]
+    pixels = pixels.float().div(255)
+    return pixels + pixels - 1

@@ -26,7 +26,7 @@ from sparvar.graphs import ScaleGraphs
 from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
-from sparvar.sampling import sample
+from sparvar.sampling import OfficialDraws, filter_logits, item_gumbel, sample, smooth_probs
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning, resolve_adaptive, resolve_pruning
 
@@ -54,10 +54,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def labels_of(spec: ModelSpec, conditions: Sequence) -> list[int]:
-    """Class indices of a class-conditional model's conditions: indices, digit strings or class names."""
+RANDOM_CLASS = "random"  # a condition that asks for a random class (the official label_B None)
+
+
+def labels_of(spec: ModelSpec, conditions: Sequence) -> list[int | None]:
+    """Class indices of a class-conditional model's conditions: indices, digit strings or class names;
+    None (or "random") where a random class is to be drawn."""
     labels = []
     for c in conditions:
+        if c is None or c == RANDOM_CLASS:
+            labels.append(None)
+            continue
         if isinstance(c, str) and c in spec.classes:
             c = spec.classes.index(c)
         if isinstance(c, str) and c.isdigit():
@@ -66,19 +73,21 @@ def labels_of(spec: ModelSpec, conditions: Sequence) -> list[int]:
             raise SparvarError(
                 f"{spec.name} is class-conditional: give class indices 0..{spec.num_classes - 1}"
                 + (f" or names ({', '.join(spec.classes)})" if spec.classes else "")
-                + f", not {c!r}"
+                + f", or {RANDOM_CLASS!r}, not {c!r}"
             )
         labels.append(c)
     return labels
 
 
-def check_conditions(spec: ModelSpec, conditions: Sequence) -> None:
+def check_conditions(spec: ModelSpec, conditions: Sequence, sampler: str = "sparvar") -> None:
     """Prompts for a text model, classes for the others: a bad one fails before any work."""
     if spec.text_conditioned:
         if not all(isinstance(c, str) for c in conditions):
             raise SparvarError(f"{spec.name} is text-conditioned: give prompts (strings)")
-    else:
-        labels_of(spec, conditions)
+        return
+    labels = labels_of(spec, conditions)
+    if sampler == "official" and None in labels and any(label is not None for label in labels):
+        raise SparvarError("the official sampler draws random classes for the whole batch: ask for all or none")
 
 
 def resolve_policy(attention: AttentionPolicy | str | None) -> AttentionPolicy:
@@ -128,6 +137,7 @@ class GenerationOutput:
     # scales whose codes made each image (fewer than len(tokens) where adaptive skip stopped it)
     scales_used: list[int] = field(default_factory=list)
     pixels: torch.Tensor | None = None  # the decoded images (B, 3, H, W) in [-1, 1], float32 on the CPU
+    labels: list[int] | None = None  # the classes of class-conditional models (random ones as drawn)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -177,7 +187,31 @@ class Pipeline:
         if self.spec.text_conditioned:
             options = {"system_prompt": system_prompt} if system_prompt else {}
             return self.text_encoder(list(conditions), cuda_graph=cuda_graph, **options)
-        return torch.tensor(labels_of(self.spec, conditions), device=self.device)
+        labels = labels_of(self.spec, conditions)
+        if None in labels:
+            raise SparvarError("random classes are drawn by a generation's own generators: pass them to pipe(...)")
+        return torch.tensor(labels, device=self.device)
+
+    def _condition(self, conditions: Sequence, config: GenerationConfig, draws: OfficialDraws | None,
+                   generators: list[torch.Generator]) -> tuple[object, object, list[int] | None]:
+        """(condition, negative prompt's features or None, class labels or None) of one generation:
+        a negative prompt is encoded with the prompts, so both are padded alike; random classes
+        are drawn from the generation's generators (the official sampler draws them first)."""
+        check_conditions(self.spec, conditions, config.sampler)
+        if self.spec.text_conditioned:
+            prompts = list(conditions)
+            negatives = [config.negative_prompt] * len(prompts) if config.negative_prompt else []
+            options = {"system_prompt": config.system_prompt} if config.system_prompt else {}
+            feats, mask = self.text_encoder(prompts + negatives, cuda_graph=config.cuda_graphs, **options)
+            b = len(prompts)
+            return (feats[:b], mask[:b]), ((feats[b:], mask[b:]) if negatives else None), None
+        labels = labels_of(self.spec, conditions)
+        if draws is not None and None in labels:
+            labels = draws.labels(self.spec.num_classes, len(labels)).tolist()
+        else:
+            labels = [int(torch.randint(self.spec.num_classes, (1,), generator=g, device=g.device)) if label is None
+                      else label for label, g in zip(labels, generators)]
+        return torch.tensor(labels, device=self.device), None, labels
 
     def _graph_runner(self, key: tuple, prep, cache, policy, schedule, num_scales, pruning) -> ScaleGraphs | None:
         """Graphs for this generation's shapes: none on the first (eager, warm-up) run of a
@@ -220,11 +254,12 @@ class Pipeline:
             raise SparvarError("nothing to generate: give at least one prompt or class")
         config = GenerationConfig.build(config, **options).resolved(self.spec)
         config.check_device(self.spec, self.device, self.transformer.dtype, len(conditions))
-        schedule, tau, top_k, top_p = config.schedule, config.tau, config.top_k, config.top_p
+        schedule = config.schedule
         attention, prune, cuda_graphs = config.attention, config.prune, config.cuda_graphs
         seeds = config.seeds(len(conditions))
         adaptive = resolve_adaptive(config.adaptive_skip)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        draws = OfficialDraws(config.seed, self.device) if config.sampler == "official" else None
         if isinstance(attention, str) and cuda_graphs:  # graphs capture one policy object
             if attention not in self._policies:
                 self._policies[attention] = resolve_policy(attention)
@@ -236,12 +271,13 @@ class Pipeline:
             prune = self._pruners[prune]
         pruning = resolve_pruning(prune)
         # the unconditional half runs only when some scale mixes it in (Infinity: cfg != 1, VAR: cfg != 0)
-        weights = [self.transformer.guidance_weight(k, len(schedule), config.cfg) for k in range(len(schedule))]
+        weights = config.guidance_weights(self.spec, len(schedule))
         guidance = any(w != 0 for w in weights)
 
         timer = StageTimer(self.device)
         timer.mark("start")
-        prep = self.transformer.prepare(self.encode(conditions, cuda_graphs, config.system_prompt), guidance)
+        condition, negative, labels = self._condition(conditions, config, draws, generators)
+        prep = self.transformer.prepare(condition, guidance, negative)
         timer.mark("condition")
         if config.kv_cache == "static":
             cache = self._kv_cache(prep.start.shape[0], schedule.total)
@@ -268,16 +304,12 @@ class Pipeline:
             else:
                 logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy, pruning)
             logits, hidden = logits if isinstance(logits, tuple) else (logits, None)
-            if guidance:
-                cond, uncond = logits.chunk(2)
-                logits = cond + weights[k] * (cond - uncond)
-            drawn = sample(logits / tau, generators, top_k[k] if isinstance(top_k, tuple) else top_k, top_p)
+            drawn, codes, logits = self._draw(k, logits, config, guidance, weights, draws, generators)
+            if hidden is not None:  # a continuous residual on the sampled codes (HART's diffusion head)
+                codes = codes + self.transformer.residual(hidden, codes, weights[k], generators)
             if on_scale is not None:
                 on_scale(k, logits, drawn)
             tokens.append(drawn)
-            codes = self.codes.to_codes(drawn, k, schedule)
-            if hidden is not None:  # a continuous residual on the sampled codes (HART's diffusion head)
-                codes = codes + self.transformer.residual(hidden, codes, weights[k], generators)
             new = self.codes.accumulate(summed, codes, k, schedule)
             summed = new if refining is None else refining.step(k, summed, new, schedule)
             stopped = refining is not None and refining.finished and not finish
@@ -300,7 +332,34 @@ class Pipeline:
         stages["total"] = sum(stages.values())
         used = refining.scales_used if refining is not None else [num_scales] * len(conditions)
         return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy, used,
-                                images.float().cpu())
+                                images.float().cpu(), labels)
+
+    def _draw(self, k: int, logits: torch.Tensor, config: GenerationConfig, guidance: bool, weights: list[float],
+              draws: OfficialDraws | None, generators: list[torch.Generator]):
+        """Scale k's tokens and codes from the transformer's logits (both CFG halves): guidance,
+        temperature, top-k/top-p and the draw, as our sampler or the official one does; then the
+        given tokens of forced scales (init_tokens), or VAR's smoothed codes (more_smooth).
+        Returns (tokens, codes, the guided logits the tokens were drawn from)."""
+        schedule, tau = config.schedule, config.tau_at(k)
+        if draws is not None:
+            guided = self.transformer.official_guidance(logits, guidance, k, len(schedule), config.cfg_at(k), tau)
+            drawn, filtered = draws.tokens(guided, config.top_k_at(k), config.top_p)
+        else:
+            guided = logits
+            if guidance:
+                cond, uncond = logits.chunk(2)
+                guided = cond + weights[k] * (cond - uncond)
+            drawn = sample(guided / tau, generators, config.top_k_at(k), config.top_p)
+        if k < config.init_scales:  # drawn all the same, so the random streams go on as without forcing
+            given = config.init_tokens[k].to(drawn.device)
+            drawn = given.expand_as(drawn) if given.shape[0] == 1 else given
+        elif config.more_smooth:
+            if draws is None:
+                filtered = filter_logits(guided.float() / tau, config.top_k_at(k), config.top_p)
+            noise = draws.gumbel(filtered) if draws is not None else item_gumbel(filtered, generators)
+            probs = smooth_probs(filtered, noise, k / max(len(schedule) - 1, 1))
+            return drawn, self.codes.soft_codes(probs, k, schedule), guided
+        return drawn, self.codes.to_codes(drawn, k, schedule), guided
 
 
 def _bundled(spec: ModelSpec, option: str) -> str | None:

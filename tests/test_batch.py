@@ -65,7 +65,8 @@ def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
         "model": "infinity-tiny", "weights": "random (seed 0)", "vae": "random (seed 0)",
         "text_encoder": "random (seed 0)", "attention": "default", "skip_last": 0, "prune": None,
         "adaptive_skip": False, "cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97, "seed_base": 10,
-        "schedule": "1 2 4", "cuda_graphs": False, "device": "cpu",
+        "schedule": "1 2 4", "cuda_graphs": False, "sampler": "sparvar", "negative_prompt": None,
+        "more_smooth": False, "device": "cpu",
     }
     assert all(r["seconds"] > 0 for r in records.values())
     assert [r["rank"] for r in _manifest(one)] == [0] * 5
@@ -119,7 +120,7 @@ def test_batch_job_errors(tmp_path, capsys):
     assert "--batch-size must be at least 1" in error(job + ["--batch-size", "0"])
     classes = tmp_path / "classes.txt"
     classes.write_text("1\n2\n12\n")
-    assert "class indices 0..9, not 12" in error(job + ["--batch-size", "2", "--prompts", str(classes)])
+    assert "class indices 0..9, or 'random', not 12" in error(job + ["--batch-size", "2", "--prompts", str(classes)])
     assert not list(tmp_path.glob("*.png"))  # a bad line stops the job before any image
 
 

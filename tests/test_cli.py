@@ -128,7 +128,7 @@ def test_var_errors(tmp_path, capsys):
     assert "needs --weights (var_d30.pth), --vae (vae_ch160v4096z32.pth)" in _error(
         capsys, ["generate", "--model", "var-d30", "--class", "207"])
     assert "only 1:1 images at 32x32, not 4:3" in _error(capsys, ["generate", "--model", "var-tiny", "--aspect", "4:3"])
-    assert "class indices 0..9, not 10" in _error(
+    assert "class indices 0..9, or 'random', not 10" in _error(
         capsys, ["generate", "--model", "var-tiny", "--class", "10", "--out", str(tmp_path), "--device", "cpu"])
     assert "only the schedule it was trained on (1 2 3 4 5 6 8 10 13 16), not 1 2" in _error(
         capsys, ["generate", "--model", "var-tiny", "--schedule", "1,2", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
@@ -277,3 +277,49 @@ def test_every_help_shows_the_defaults(monkeypatch, capsys):
                 default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
                 assert f"(default: {action.default})" in text or f"(default: {default})" in text, (command, action)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "var-tiny", "--class", "random", "--class", "3", "--sampler", "official"],
+     "the official sampler draws random classes for the whole batch: ask for all or none"),
+    (["--model", "var-tiny", "--more-smooth", "--tau", "0.5", "--sampler", "official"],
+     "the official VAR sampler has no temperature: use tau 1, not 0.5"),
+    (["--model", "var-tiny", "--negative-prompt", "x"], "var-tiny is class-conditional: a negative prompt needs a text model"),
+    (["--model", "infinity-tiny", "--prompt", "a", "--more-smooth", "--schedule", "1,2"],
+     "more_smooth is VAR's option; infinity-tiny is not a VAR model"),
+    (["--model", "infinity-tiny", "--prompt", "a", "--cfg", "1,2", "--schedule", "1,2,4"],
+     "cfg gives 2 values, one per scale, for 3 scales"),
+    (["--model", "infinity-tiny", "--prompt", "a", "--negative-prompt", "b", "--cfg", "1", "--schedule", "1,2"],
+     "a negative prompt takes the unconditional half's place: it needs guidance"),
+    (["--model", "infinity-tiny", "--prompt", "a", "--init-scales", "2", "--schedule", "1,2"],
+     "--init-image and --init-scales go together"),
+    (["--model", "infinity-tiny", "--prompt", "a", "--init-image", "nope.png", "--init-scales", "1", "--schedule", "1,2"],
+     "image not found: nope.png"),
+    (["--model", "infinity-tiny", "--prompt", "a", "--init-image", "nope.png", "--init-scales", "3", "--schedule", "1,2"],
+     "--init-scales 3 is more than the 2 scales generated"),
+])
+def test_official_generation_options_are_checked_before_loading(tmp_path, capsys, no_loading, args, message):
+    assert message in _error(capsys, ["generate", "--random-weights", "--out", str(tmp_path), *args])
+
+
+def test_per_scale_values_that_are_not_numbers(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--cfg", "3,x"])
+    assert exit.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then its one-line reason
+    assert last.endswith("argument --cfg: expected a number or numbers separated by commas, got '3,x'")
+
+
+def test_variations_of_a_picture_from_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(picture)
+    base = ["generate", "--model", "infinity-tiny", "--random-weights", "--prompt", "a cat", "--schedule", "1,2,4",
+            "--attention", "dense", "--quiet", "--init-image", str(picture)]
+    for scales, seed in [(3, 0), (3, 5), (1, 0), (1, 5)]:
+        assert main(base + ["--init-scales", str(scales), "--seed", str(seed), "--out", str(tmp_path / f"{scales}-{seed}.png")]) == 0
+    pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("3-0", "3-5", "1-0", "1-5")}
+    assert pixels["3-0"].shape == (8, 8, 3)
+    assert np.array_equal(pixels["3-0"], pixels["3-5"])  # every scale is the picture's: the seed does not matter
+    assert not np.array_equal(pixels["1-0"], pixels["1-5"])  # only the first scale is

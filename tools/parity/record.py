@@ -327,7 +327,7 @@ def infinity_cases(off, out: Path) -> dict[str, dict]:
             dict(greedy, aspect="3:4", resolution=512, teacher_forced=True, images=True),
             dict(greedy, aspect="3:4", resolution=256, negative_prompt=NEGATIVE,
                  cfg=[1.0, 2.0, 3.0, 3.0, 4.0, 4.0, 5.0], tau=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5]),
-            dict(prompts=PROMPTS, cfg=4.0, tau=1.0, top_k=900, top_p=0.97, seed=11, aspect="1:1", resolution=256,
+            dict(prompts=PROMPTS, cfg=4.0, tau=1.0, top_k=900, top_p=0.97, seed=12, aspect="1:1", resolution=256,
                  sampler="official", negative_prompt=NEGATIVE),
             dict(greedy, aspect="1:1", resolution=256, init_scales=2),
         ], seed=2, out=out, t5=t5),

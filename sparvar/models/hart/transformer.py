@@ -313,9 +313,10 @@ class HARTTransformer(nn.Module):
         return self
 
     # ---- conditioning -------------------------------------------------------------------
-    def prepare(self, condition, guidance: bool) -> Prepared:
+    def prepare(self, condition, guidance: bool, negative=None) -> Prepared:
         """Text features (B, T, Cctx) float and mask (B, T) bool -> the per-generation tensors;
-        with guidance the batch is [text; empty text]: zero features whose mask keeps the first token."""
+        with guidance the batch is [text; empty text]: zero features whose mask keeps the first token.
+        (HART takes no negative prompt: `negative` is always None.)"""
         feats, mask = condition
         if feats.shape[1] != self.cfg.context_tokens:
             raise SparvarError(f"HART takes {self.cfg.context_tokens} text tokens, got {feats.shape[1]}")
