@@ -24,7 +24,7 @@ from sparvar.models.hart.text import SYSTEM_PROMPT
 from sparvar.models.registry import get_spec
 from sparvar.pipeline import load_pipeline
 
-FIXTURES = Path(__file__).parent / "data" / "parity" / "hart"
+FIXTURES = Path(__file__).parent / "data" / "parity_hart"
 MANIFEST = json.loads((FIXTURES / "cases.json").read_text())
 CASES = MANIFEST["cases"]
 RUNS = [(name, i) for name, case in CASES.items() for i in range(len(case["runs"]))]

@@ -1,6 +1,6 @@
 """Record HART parity fixtures: small random-weight official HART models, run by the official code.
 
-    python tools/parity/record_hart.py --hart ~/src/hart --out tests/data/parity/hart
+    python tools/parity/record_hart.py --hart ~/src/hart --out tests/data/parity_hart
 
 Writes the official folder layout (llm/ with config.json, model.safetensors and the ema_model.bin
 the official sampler loads over it; tokenizer/; a tiny Qwen2 text model with a byte-level
@@ -296,7 +296,7 @@ def layouts(off, path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hart", required=True, help="local clone of mit-han-lab/hart")
-    parser.add_argument("--out", default="tests/data/parity/hart", help="fixture folder")
+    parser.add_argument("--out", default="tests/data/parity_hart", help="fixture folder")
     parser.add_argument("--layouts", help="also write the official hart-0.7b layouts to this JSON file")
     args = parser.parse_args(argv)
     out = Path(args.out)
