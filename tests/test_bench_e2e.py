@@ -35,21 +35,24 @@ CLONE = os.environ.get("SPARVAR_INFINITY_CLONE")
 
 
 @pytest.mark.skipif(not CLONE, reason="set SPARVAR_INFINITY_CLONE to a clone of FoundationVision/Infinity")
-def test_official_runner_makes_an_image_on_a_small_model():
+def test_official_runner_makes_images_of_two_models_in_one_process():
+    """bench e2e builds the official 8B, then the 2B, in one process."""
     from dataclasses import replace
 
     from sparvar.bench.official import OfficialInfinity
     from sparvar.models.registry import get_spec
 
-    spec = get_spec("infinity-8b")
-    spec = replace(spec, transformer=replace(spec.transformer, depth=2, width=64, heads=1, block_chunks=2,
-                                             text_width=128),
-                   vae=replace(spec.vae, base=32),
-                   text=dict(spec.text, d_model=128, num_layers=1, num_heads=2, d_kv=64, d_ff=256, vocab_size=300))
-    official = OfficialInfinity(CLONE, spec, torch.device("cpu"))
-    image = official("a red fox", spec.schedule("1:1", 256), seed=0)
-    assert image.shape == (256, 256, 3) and image.dtype == torch.uint8
-    assert image.float().std() > 1  # a picture, not a constant
+    for name in ("infinity-8b", "infinity-2b"):
+        spec = get_spec(name)
+        spec = replace(spec, transformer=replace(spec.transformer, depth=2, width=64, heads=1, block_chunks=2,
+                                                 text_width=128),
+                       vae=replace(spec.vae, base=32),
+                       text=dict(spec.text, d_model=128, num_layers=1, num_heads=2, d_kv=64, d_ff=256,
+                                 vocab_size=300))
+        official = OfficialInfinity(CLONE, spec, torch.device("cpu"))
+        image = official("a red fox", spec.schedule("1:1", 256), seed=0)
+        assert image.shape == (256, 256, 3) and image.dtype == torch.uint8
+        assert image.float().std() > 1  # a picture, not a constant
 
 
 def test_hart_runs_the_modes_without_token_pruning_and_gets_its_summary():

@@ -117,7 +117,8 @@ def load_infinity(path: str | Path):
     import infinity.models.infinity as model
 
     for name in ("fused_ada_layer_norm", "fused_ada_rms_norm"):  # torch.compile'd: run them eagerly
-        setattr(model, name, getattr(model, name).__wrapped__)
+        compiled = getattr(model, name)  # a second load finds them unwrapped already
+        setattr(model, name, getattr(compiled, "__wrapped__", compiled))
     import infinity.utils.dynamic_resolution as dynamic_resolution
     import tools.run_infinity as run_infinity
 
