@@ -64,9 +64,11 @@ class Job:
         c = self.config
         settings = {
             "model": self.model, **self.weights, "attention": c.attention, "skip_last": c.skip_last,
-            "prune": c.prune, "adaptive_skip": c.adaptive_skip, "cfg": c.cfg, "tau": c.tau, "top_k": c.top_k,
-            "top_p": c.top_p, "seed_base": c.seed, "schedule": c.schedule.describe(), "cuda_graphs": c.cuda_graphs,
+            "prune": c.prune, "adaptive_skip": c.adaptive_skip, "cfg": c.cfg, "tau": c.tau,
+            "top_k": list(c.top_k) if isinstance(c.top_k, tuple) else c.top_k, "top_p": c.top_p, "seed_base": c.seed,
+            "schedule": c.schedule.describe(), "cuda_graphs": c.cuda_graphs,
             "sampler": c.sampler, "negative_prompt": c.negative_prompt, "more_smooth": c.more_smooth,
+            **({"system_prompt": c.system_prompt} if c.system_prompt is not None else {}),  # text models that take one
         }
         if c.kv_cache == "fp8":  # moves the images (older jobs recorded no cache; the others keep them)
             settings["kv_cache"] = c.kv_cache

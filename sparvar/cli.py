@@ -49,7 +49,7 @@ def _generation_config(args) -> GenerationConfig:
         seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, aspect=args.aspect,
         resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs, sampler=args.sampler,
         negative_prompt=args.negative_prompt, more_smooth=args.more_smooth,
-        kv_cache=args.kv_cache)
+        kv_cache=args.kv_cache, system_prompt=getattr(args, "system_prompt", None))
 
 
 def _with_init_image(args, config: GenerationConfig, pipe) -> GenerationConfig:
@@ -208,7 +208,8 @@ def cmd_models(args) -> None:
         elif not spec.text_conditioned:
             print(f"  classes: indices 0..{spec.num_classes - 1} (--class)")
         m = spec.transformer
-        print(f"  sampling defaults: --cfg {m.cfg} --tau {m.tau} --top-k {m.top_k} --top-p {m.top_p}")
+        top_k = m.top_k if isinstance(m.top_k, int) else f"{m.top_k[0]} (per scale: {','.join(map(str, m.top_k))})"
+        print(f"  sampling defaults: --cfg {m.cfg} --tau {m.tau} --top-k {top_k} --top-p {m.top_p}")
         if spec.only_schedules:
             trained = " or ".join(s.describe() for s in spec.only_schedules)
             print(f"  generates only the schedule it was trained on: {trained}")
@@ -354,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "commas (default: the model's)")
     gen.add_argument("--top-k", type=int, help="keep the k likeliest tokens, 0: all (default: the model's)")
     gen.add_argument("--top-p", type=float, help="nucleus sampling mass in [0, 1], 0 or 1: off (default: the model's)")
+    gen.add_argument("--system-prompt", help="text put before every prompt in the text model's pass, '' for none "
+                     "(HART models; default: the official sampler's prompt-enhancement text)")
     gen.add_argument("--sampler", default="sparvar", choices=SAMPLERS,
                      help="sparvar: each image draws from its own seed; official: draws as the official scripts do "
                      "(one generator for the batch), so a seed gives their images")

@@ -41,7 +41,7 @@ class GenerationConfig:
     # cfg and tau may also be one value per scale (the official cfg_list and tau_list)
     cfg: float | tuple[float, ...] | None = None  # classifier-free guidance (Infinity: cfg * l_c + (1 - cfg) * l_u)
     tau: float | tuple[float, ...] | None = None  # temperature
-    top_k: int | None = None
+    top_k: int | tuple[int, ...] | None = None  # a tuple: one per scale (HART's default)
     top_p: float | None = None
     # "official" draws as the official scripts do, so one seed gives their images (the batch shares
     # one generator); "sparvar" gives item i its own generator seeded seed + i
@@ -75,6 +75,9 @@ class GenerationConfig:
     # the VAE decoder in bands of rows with its maps in CPU memory (Infinity): True always; None
     # only when the whole decode runs out of GPU memory; False never
     tiled_decode: bool | None = None
+    # text put before every prompt in the text model's pass (HART's prompt enhancement); None: the
+    # model's own (HART: the official sampler's), "" none. Only models whose text encoder takes one.
+    system_prompt: str | None = None
 
     def __post_init__(self):
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
@@ -85,7 +88,9 @@ class GenerationConfig:
             object.__setattr__(self, "seed", tuple(_integer("seed", s, 0, MAX_SEED) for s in self.seed))
         object.__setattr__(self, "cfg", _per_scale("cfg", self.cfg, 0))
         object.__setattr__(self, "tau", _per_scale("tau", self.tau, 0, above=True))
-        if self.top_k is not None:
+        if isinstance(self.top_k, (list, tuple)):
+            object.__setattr__(self, "top_k", tuple(_integer("top_k", k, 0) for k in self.top_k))
+        elif self.top_k is not None:
             _integer("top_k", self.top_k, 0)
         if self.top_p is not None:
             _real("top_p", self.top_p, 0, 1)
@@ -135,6 +140,8 @@ class GenerationConfig:
             raise SparvarError(f"tiled_decode takes True, False or None, not {self.tiled_decode!r}")
         if self.kv_cache == "concat" and (self.cuda_graphs or self.prune is not None):
             raise SparvarError("CUDA graphs and token pruning need a preallocated KV cache (static, lean or fp8)")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise SparvarError(f"system_prompt must be text ('' for none), not {self.system_prompt!r}")
 
     @classmethod
     def build(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
@@ -163,21 +170,33 @@ class GenerationConfig:
         if self.tiled_decode and not hasattr(FAMILIES[spec.family].decoder, "decode_tiled"):
             raise SparvarError(f"{spec.name}'s decoder has no tiled decode (it attends over the whole image)")
         if self.prune is not None:  # settings that do not fit the model fail here, not at the pruned scale
+            if spec.family == "hart":
+                raise SparvarError(f"token pruning is not available for {spec.name}")
             prune_plan(_prune_config(self.prune), model.depth, schedule)
         for name in ("cfg", "tau"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != len(schedule):
                 raise SparvarError(f"{name} gives {len(value)} values, one per scale, for {len(schedule)} scales")
         self._check_official_options(spec, schedule)
+        top_k = model.top_k if self.top_k is None else self.top_k
+        if isinstance(top_k, tuple) and len(top_k) != len(schedule):
+            raise SparvarError(f"{len(top_k)} top_k values for {len(schedule)} scales; give one per scale or one")
+        default_prompt = getattr(model, "system_prompt", None)
+        if self.system_prompt and default_prompt is None:
+            raise SparvarError(f"{spec.name}'s text encoder takes no system prompt")
         return replace(
             self, schedule=schedule, aspect="1:1", resolution=None,
             cfg=model.cfg if self.cfg is None else self.cfg, tau=model.tau if self.tau is None else self.tau,
-            top_k=model.top_k if self.top_k is None else self.top_k,
-            top_p=model.top_p if self.top_p is None else self.top_p,
+            top_k=top_k, top_p=model.top_p if self.top_p is None else self.top_p,
+            system_prompt=default_prompt if self.system_prompt is None else self.system_prompt,
         )
 
     def _check_official_options(self, spec: ModelSpec, schedule: Schedule) -> None:
         """The options the official samplers have, where this model has them."""
+        if spec.family == "hart" and (self.sampler == "official" or self.negative_prompt is not None
+                                      or self.init_scales):
+            raise SparvarError(f"{spec.name} takes neither the official sampler, negative prompts nor init tokens "
+                               "(the official HART sampler has none of them)")
         if self.negative_prompt is not None and not spec.text_conditioned:
             raise SparvarError(f"{spec.name} is class-conditional: a negative prompt needs a text model")
         if self.negative_prompt is not None and not any(
@@ -203,6 +222,10 @@ class GenerationConfig:
     def tau_at(self, scale: int) -> float:
         """The temperature of one scale of a resolved config."""
         return self.tau[scale] if isinstance(self.tau, tuple) else self.tau
+
+    def top_k_at(self, scale: int) -> int:
+        """The top-k of one scale of a resolved config."""
+        return self.top_k[scale] if isinstance(self.top_k, tuple) else self.top_k
 
     def guidance_weights(self, spec: ModelSpec, num_scales: int, default_cfg: float | None = None) -> list[float]:
         """w_k in l = l_c + w_k (l_c - l_u) per scale; the unconditional half runs where any is not 0."""

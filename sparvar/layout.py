@@ -81,13 +81,14 @@ def block_sizes(length: int, block: int, device="cpu") -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def default_sink_scales(schedule: Schedule, budget: int = 128) -> int:
-    """How many first scales are sinks by default: the longest prefix of at most `budget` tokens.
+    """How many first scales are sinks by default: the longest prefix of at most `budget` image tokens.
 
-    The paper keeps scales 0-4 of Infinity 1024 (121 tokens); with a 128-token budget the sinks
-    fill at most one 128-key block, whatever the schedule. At least scale 0 is a sink.
+    The paper keeps scales 0-4 of Infinity 1024 (121 tokens); with a 128-token budget the image
+    sinks fill at most one 128-key block, whatever the schedule. At least scale 0 is a sink, and
+    with it a text prefix in its slot (HART's), which stays whole like the sink scales.
     """
     count, total = 0, 0
-    for n in schedule.lengths:
+    for n in (h * w for h, w in schedule.sizes):
         if total + n > budget:
             break
         total += n

@@ -26,7 +26,6 @@ from sparvar.graphs import ScaleGraphs
 from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
 from sparvar.models.fp8 import quantize_blocks
-from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.offload import BlockStream, OffloadedModule, move_except_blocks
 from sparvar.sampling import OfficialDraws, filter_logits, item_gumbel, sample, smooth_probs
@@ -152,7 +151,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class Pipeline:
     """The model-independent sampler loop over a family's parts (registry.Family says what they do)."""
 
-    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder: TextEncoder | None = None,
+    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder=None,
                  text_offload: OffloadedModule | None = None):
         self.spec = spec
         self.transformer = transformer
@@ -185,23 +184,26 @@ class Pipeline:
                                f"{schedule.sizes[-1]}: give {expected[0]}x{expected[1]}")
         return self.codes.tokens_of(self.vae.latent_of(images.to(self.device)), schedule)
 
-    def encode(self, conditions: Sequence, cuda_graph: bool = False) -> object:
-        """Prompts -> text features and mask, or class labels/names -> label tensor."""
+    def encode(self, conditions: Sequence, cuda_graph: bool = False, system_prompt: str | None = None) -> object:
+        """Prompts -> text features and mask, or class labels/names -> label tensor. A system
+        prompt (HART's prompt enhancement) goes to the text encoders that take one."""
         check_conditions(self.spec, conditions)
         if self.spec.text_conditioned:
-            return self._text(list(conditions), cuda_graph)
+            return self._text(list(conditions), cuda_graph, system_prompt)
         labels = labels_of(self.spec, conditions)
         if None in labels:
             raise SparvarError("random classes are drawn by a generation's own generators: pass them to pipe(...)")
         return torch.tensor(labels, device=self.device)
 
-    def _text(self, prompts: list[str], cuda_graph: bool):
-        """The text encoder's features and mask; an offloaded encoder visits the device for them."""
+    def _text(self, prompts: list[str], cuda_graph: bool, system_prompt: str | None):
+        """The text encoder's features and mask; an offloaded encoder visits the device for them.
+        A system prompt (HART's prompt enhancement) goes to the text encoders that take one."""
+        options = {"system_prompt": system_prompt} if system_prompt else {}
         if self.text_offload is None:
-            return self.text_encoder(prompts, cuda_graph=cuda_graph)
+            return self.text_encoder(prompts, cuda_graph=cuda_graph, **options)
         self.text_offload.bring()
         try:  # no graphs: the weights sit at another address at every visit
-            return self.text_encoder(prompts)
+            return self.text_encoder(prompts, **options)
         finally:
             self.text_offload.release()
 
@@ -214,7 +216,7 @@ class Pipeline:
         if self.spec.text_conditioned:
             prompts = list(conditions)
             negatives = [config.negative_prompt] * len(prompts) if config.negative_prompt else []
-            feats, mask = self._text(prompts + negatives, config.cuda_graphs)
+            feats, mask = self._text(prompts + negatives, config.cuda_graphs, config.system_prompt)
             b = len(prompts)
             return (feats[:b], mask[:b]), ((feats[b:], mask[b:]) if negatives else None), None
         labels = labels_of(self.spec, conditions)
@@ -317,7 +319,10 @@ class Pipeline:
                 logits = graphs.run(k, x)
             else:
                 logits = self.transformer.forward_scale(x, k, schedule, prep, cache, policy, pruning)
+            logits, hidden = logits if isinstance(logits, tuple) else (logits, None)
             drawn, codes, logits = self._draw(k, logits, config, guidance, weights, draws, generators)
+            if hidden is not None:  # a continuous residual on the sampled codes (HART's diffusion head)
+                codes = codes + self.transformer.residual(hidden, codes, weights[k], generators)
             if on_scale is not None:
                 on_scale(k, logits, drawn)
             tokens.append(drawn)
@@ -360,19 +365,19 @@ class Pipeline:
         schedule, tau = config.schedule, config.tau_at(k)
         if draws is not None:
             guided = self.transformer.official_guidance(logits, guidance, k, len(schedule), config.cfg_at(k), tau)
-            drawn, filtered = draws.tokens(guided, config.top_k, config.top_p)
+            drawn, filtered = draws.tokens(guided, config.top_k_at(k), config.top_p)
         else:
             guided = logits
             if guidance:
                 cond, uncond = logits.chunk(2)
                 guided = cond + weights[k] * (cond - uncond)
-            drawn = sample(guided / tau, generators, config.top_k, config.top_p)
+            drawn = sample(guided / tau, generators, config.top_k_at(k), config.top_p)
         if k < config.init_scales:  # drawn all the same, so the random streams go on as without forcing
             given = config.init_tokens[k].to(drawn.device)
             drawn = given.expand_as(drawn) if given.shape[0] == 1 else given
         elif config.more_smooth:
             if draws is None:
-                filtered = filter_logits(guided.float() / tau, config.top_k, config.top_p)
+                filtered = filter_logits(guided.float() / tau, config.top_k_at(k), config.top_p)
             noise = draws.gumbel(filtered) if draws is not None else item_gumbel(filtered, generators)
             probs = smooth_probs(filtered, noise, k / max(len(schedule) - 1, 1))
             return drawn, self.codes.soft_codes(probs, k, schedule), guided
@@ -452,6 +457,9 @@ def load_pipeline(
         raise SparvarError(f"unknown offload {offload!r}; choose one of {', '.join(map(str, OFFLOADS))}")
     if offload == "text" and not spec.text_conditioned:
         raise SparvarError(f"offload 'text': {spec.name} has no text encoder")
+    family = FAMILIES[spec.family]
+    if family.configure is not None and not random_weights:
+        spec, weights, vae = family.configure(spec, weights, vae)
     if not random_weights:
         weights = weights or _bundled(spec, "--weights")
         vae = vae or _bundled(spec, "--vae")
@@ -494,9 +502,9 @@ def load_pipeline(
     encoder = None
     if spec.text_conditioned:
         if text_encoder is None or random_weights:
-            encoder = TextEncoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
+            encoder = family.text_encoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
         else:
-            encoder = TextEncoder.load(text_encoder, spec.text, device, dtype, spec.transformer.text_max_len)
+            encoder = family.text_encoder.load(text_encoder, spec.text, device, dtype, spec.transformer.text_max_len)
     text_offload = OffloadedModule(encoder.model, device) if encoder is not None and offload else None
     return Pipeline(spec, transformer, decoder, encoder, text_offload)
 

@@ -3,6 +3,11 @@
 A schedule also carries the position grid that Infinity's 2D RoPE uses: positions of a scale are
 its row/column indices stretched onto the grid of the largest (1M-pixel) scale of that aspect
 ratio, so the 512x512 schedule (first 10 scales) shares the positions of the 1024x1024 one.
+
+Scale 0's slot of the sequence holds what the first scale is predicted from: one start token in
+Infinity and VAR (its own 1x1 grid), HART's whole text prefix (`prefix` tokens), whose last
+position predicts the 1x1 token. `lengths`, `offsets` and `total` count sequence tokens (the KV
+cache's layout); `sizes` are the token grids that get sampled.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class Schedule:
 
     sizes: tuple[tuple[int, int], ...]
     pos_grid: tuple[int, int] | None = None  # defaults to the last scale
+    prefix: int | None = None  # tokens in scale 0's slot when they are not its grid's (HART's text)
 
     def __post_init__(self):
         if not self.sizes:
@@ -32,14 +38,17 @@ class Schedule:
         object.__setattr__(self, "sizes", tuple((int(h), int(w)) for h, w in self.sizes))
         if self.pos_grid is None:
             object.__setattr__(self, "pos_grid", self.sizes[-1])
+        if self.prefix is not None and self.prefix < 1:
+            raise SparvarError(f"a schedule's prefix needs at least one token, got {self.prefix}")
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     @cached_property
     def lengths(self) -> tuple[int, ...]:
-        """Tokens per scale, n_k = h_k * w_k."""
-        return tuple(h * w for h, w in self.sizes)
+        """Sequence tokens per scale: n_k = h_k * w_k, except scale 0's `prefix` where there is one."""
+        grid = tuple(h * w for h, w in self.sizes)
+        return grid if self.prefix is None else (self.prefix, *grid[1:])
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -62,7 +71,7 @@ class Schedule:
         """The first `num_scales` scales, keeping the position grid."""
         if not 1 <= num_scales <= len(self):
             raise SparvarError(f"cannot keep {num_scales} of {len(self)} scales")
-        return Schedule(self.sizes[:num_scales], self.pos_grid)
+        return Schedule(self.sizes[:num_scales], self.pos_grid, self.prefix)
 
     def positions(self, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, col) of every token of `scale` on the position grid, row-major, as float32.
@@ -76,7 +85,8 @@ class Schedule:
         return rows[:, None].expand(h, w).reshape(-1), cols[None, :].expand(h, w).reshape(-1)
 
     def describe(self) -> str:
-        return " ".join(f"{h}x{w}" if h != w else str(h) for h, w in self.sizes)
+        grids = " ".join(f"{h}x{w}" if h != w else str(h) for h, w in self.sizes)
+        return grids if self.prefix is None else f"{grids} after {self.prefix} text tokens"
 
 
 # Infinity's 1024x1024-budget tables, keyed by h/w >= 1; the inverse ratio swaps h and w.

@@ -35,18 +35,43 @@ CLONE = os.environ.get("SPARVAR_INFINITY_CLONE")
 
 
 @pytest.mark.skipif(not CLONE, reason="set SPARVAR_INFINITY_CLONE to a clone of FoundationVision/Infinity")
-def test_official_runner_makes_an_image_on_a_small_model():
+def test_official_runner_makes_images_of_two_models_in_one_process():
+    """bench e2e builds the official 8B, then the 2B, in one process."""
     from dataclasses import replace
 
     from sparvar.bench.official import OfficialInfinity
     from sparvar.models.registry import get_spec
 
-    spec = get_spec("infinity-8b")
-    spec = replace(spec, transformer=replace(spec.transformer, depth=2, width=64, heads=1, block_chunks=2,
-                                             text_width=128),
-                   vae=replace(spec.vae, base=32),
-                   text=dict(spec.text, d_model=128, num_layers=1, num_heads=2, d_kv=64, d_ff=256, vocab_size=300))
-    official = OfficialInfinity(CLONE, spec, torch.device("cpu"))
-    image = official("a red fox", spec.schedule("1:1", 256), seed=0)
-    assert image.shape == (256, 256, 3) and image.dtype == torch.uint8
-    assert image.float().std() > 1  # a picture, not a constant
+    for name in ("infinity-8b", "infinity-2b"):
+        spec = get_spec(name)
+        spec = replace(spec, transformer=replace(spec.transformer, depth=2, width=64, heads=1, block_chunks=2,
+                                                 text_width=128),
+                       vae=replace(spec.vae, base=32),
+                       text=dict(spec.text, d_model=128, num_layers=1, num_heads=2, d_kv=64, d_ff=256,
+                                 vocab_size=300))
+        official = OfficialInfinity(CLONE, spec, torch.device("cpu"))
+        image = official("a red fox", spec.schedule("1:1", 256), seed=0)
+        assert image.shape == (256, 256, 3) and image.dtype == torch.uint8
+        assert image.float().std() > 1  # a picture, not a constant
+
+
+def test_hart_runs_the_modes_without_token_pruning_and_gets_its_summary():
+    from sparvar.bench.e2e import E2E_MODES, modes_for
+
+    assert list(modes_for("hart-0.7b", E2E_MODES)) == ["a", "b", "c", "d", "e", "i"]
+    assert list(modes_for("infinity-8b", E2E_MODES)) == list(E2E_MODES)
+    rows = [dict(_row(m, t), model="hart-0.7b") for m, t in (("a", 0.9), ("b", 0.45), ("d", 0.3), ("e", 0.15))]
+    add_speedups(rows)
+    summary = _summary(rows)
+    assert summary["hart_d_over_a"] == pytest.approx(3.0) and summary["hart_e_over_a"] == pytest.approx(6.0)
+    assert summary["hart_d_over_b"] == pytest.approx(1.5)
+
+
+def test_e2e_refuses_unknown_models_and_the_official_infinity_mode_for_hart():
+    from sparvar.bench.e2e import main
+    from sparvar.errors import SparvarError
+
+    with pytest.raises(SparvarError, match="unknown model"):
+        main(["--models", "hart-9b"])
+    with pytest.raises(SparvarError, match="Infinity models only"):
+        main(["--models", "hart-0.7b", "--official", "/nowhere"])

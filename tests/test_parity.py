@@ -172,7 +172,7 @@ def test_our_schedule_tables_are_the_official_ones(param):
 
 def test_fixtures_stay_small_and_say_where_they_come_from():
     size = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
-    assert size < 5e6
+    assert size < 5e6  # HART's own folder has its own budget (test_hart_parity.py)
     assert len(MANIFEST["infinity_commit"]) == 40 and len(MANIFEST["var_commit"]) == 40
     assert any(len(run["schedule"]) == 13 for case in CASES.values() for run in case["runs"])
 

@@ -1,7 +1,8 @@
 """End-to-end generation timing on the GPU: random weights, 1024x1024, batch 1 with CFG, bf16.
 
 `sparvar bench baseline` times the plain dense pipeline (issue 2's reference point);
-`sparvar bench e2e` times the modes below side by side, in one run on one card:
+`sparvar bench e2e` times the modes below side by side, in one run on one card (HART models, e.g.
+`--models hart-0.7b`, run those without token pruning: all but f, g, h):
   a  as users run Infinity today: SDPA's default backend, a KV cache grown by concatenation,
      one PyTorch kernel per elementwise step
   b  our best dense path: static KV cache, SDPA's cuDNN kernel, CUDA graphs per scale, fused
@@ -188,6 +189,15 @@ def time_official(path: str, model: str, repeats: int, seed: int = 0) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def modes_for(model: str, modes: dict[str, Mode]) -> dict[str, Mode]:
+    """The modes a model can run: HART has no token pruning (its default rows are a, b, d, e, i)."""
+    from sparvar.models.registry import get_spec
+
+    if get_spec(model).family == "hart":
+        return {name: mode for name, mode in modes.items() if mode.prune is None}
+    return modes
+
+
 def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0, official: str | None = None) -> list[dict]:
     from sparvar.pipeline import load_pipeline
 
@@ -204,7 +214,7 @@ def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0
             rows.append(row)
             print(f"{model} o: " + (f"{row['latency_s']:.3f} s" if "latency_s" in row else row["error"]), flush=True)
         pipe = load_pipeline(model, device="cuda", random_weights=True, seed=seed)
-        for name, mode in modes.items():
+        for name, mode in modes_for(model, modes).items():
             row = {"model": model, "mode": name, "about": mode.about,
                    "scales": [list(s) for s in pipe.schedule("1:1", 1024).sizes]}
             try:
@@ -286,6 +296,11 @@ def _summary(rows: list[dict]) -> dict:
         "8b_d_latency_s": ("infinity-8b", "d", "latency_s"),
         "8b_d_peak_gib": ("infinity-8b", "d", "peak_gib"),
         "8b_b_peak_gib": ("infinity-8b", "b", "peak_gib"),
+        "hart_b_over_a": ("hart-0.7b", "b", "speedup_over_a"),
+        "hart_d_over_a": ("hart-0.7b", "d", "speedup_over_a"),
+        "hart_d_over_b": ("hart-0.7b", "d", "speedup_over_b"),
+        "hart_e_over_a": ("hart-0.7b", "e", "speedup_over_a"),
+        "hart_d_latency_s": ("hart-0.7b", "d", "latency_s"),
     }
     return {k: v for k, args in pairs.items() if (v := get(*args)) is not None}
 
@@ -352,10 +367,16 @@ def main(argv: list[str] | None = None, which: str = "e2e") -> None:
         parser.add_argument("--official", metavar="PATH",
                             help="local clone of FoundationVision/Infinity: adds mode o, the official code itself")
     args = parser.parse_args(argv)
+    from sparvar.models.registry import get_spec
+
+    for model in args.models:
+        get_spec(model)  # an unknown name fails before any GPU work
     command = f"sparvar bench {which} " + " ".join(argv if argv is not None else sys.argv[1:])
     title = ("Dense generation baseline" if which == "baseline" else "End to end") + (
         ": random weights, 1024x1024, batch 1 with CFG, bf16")
     official = getattr(args, "official", None)
+    if official and any(get_spec(m).family != "infinity" for m in args.models):
+        raise SparvarError("--official runs the official Infinity code: give Infinity models only with it")
     if official and not Path(official, "infinity", "models", "infinity.py").is_file():
         raise SparvarError(f"--official {official} is not a clone of FoundationVision/Infinity "
                            "(infinity/models/infinity.py is missing)")

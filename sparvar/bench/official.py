@@ -1,4 +1,4 @@
-"""Importing the official Infinity and VAR code from local clones, for the parity harness
+"""Importing the official Infinity, VAR and HART code from local clones, for the parity harness
 (tools/parity) and the benchmark's official mode (`sparvar bench e2e --official PATH`), with
 stand-ins for what this machine may lack. Nothing of the official code is copied here: the clones
 are put on sys.path.
@@ -12,7 +12,10 @@ Stand-ins (each one documented in tools/parity/README.md):
   call; `exact_cross_attention()` makes that cast a no-op in its module, so both sides compute
   in float32;
 - `torch.compile`d norms (`fused_norm=True`, needed because the non-fused path drops the scale
-  index under the KV cache) run eagerly: the model module gets the functions they wrap.
+  index under the KV cache) run eagerly: the model module gets the functions they wrap;
+- HART's CUDA extension `hart_backend` (its RMSNorm kernel in PyTorch) and, where not installed,
+  `scipy.stats.truncnorm` (built by its constructor for training-time masking, never sampled here);
+  its model classes call transformers' `post_init()`, which transformers >= 5 needs.
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def load_infinity(path: str | Path):
     import infinity.models.infinity as model
 
     for name in ("fused_ada_layer_norm", "fused_ada_rms_norm"):  # torch.compile'd: run them eagerly
-        setattr(model, name, getattr(model, name).__wrapped__)
+        compiled = getattr(model, name)  # a second load finds them unwrapped already
+        setattr(model, name, getattr(compiled, "__wrapped__", compiled))
     import infinity.utils.dynamic_resolution as dynamic_resolution
     import tools.run_infinity as run_infinity
 
@@ -132,6 +136,78 @@ def load_var(path: str | Path):
     if not Path(models.__file__).resolve().is_relative_to(root):
         raise SystemExit(f"`models` was imported from {models.__file__}, not from {root}")
     return types.SimpleNamespace(models=models, vqvae=vqvae, var=sys.modules["models.var"])
+
+
+def _hart_rms_norm(out, x, weight, eps, use_quant=False):
+    """hart_backend's fused RMSNorm kernel in PyTorch: x / rms(x) in float32, cast back, times weight."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    out.copy_(normed.to(x.dtype) * weight)
+
+
+class _TruncNorm:
+    """scipy.stats.truncnorm as HART's constructor uses it: built, and sampled only in training."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+def load_hart(path: str | Path):
+    """The official `hart` package, with stand-ins for its CUDA extension (`hart_backend`: only its
+    RMSNorm kernel runs at inference; the fused RoPE kernels sit in code the model never calls) and,
+    where scipy is not installed, for the truncated normal of its training-time masking."""
+    _install_stand_ins()
+    root = add_clone(path, "hart/modules/models/transformer/hart_transformer_t2i.py")
+    kernels = _module("hart_backend.fused_kernels", rms_norm=_hart_rms_norm)
+    sys.modules.setdefault("hart_backend", _module("hart_backend", fused_kernels=kernels))
+    sys.modules.setdefault("hart_backend.fused_kernels", kernels)
+    if importlib.util.find_spec("scipy") is None:
+        stats = _module("scipy.stats", truncnorm=_TruncNorm)
+        sys.modules["scipy"], sys.modules["scipy.stats"] = _module("scipy", stats=stats), stats
+    import hart.modules.diffusion.diffloss as diffloss
+    import hart.modules.diffusion.gaussian_diffusion as gaussian_diffusion
+    import hart.modules.models.autoencoder as autoencoder
+    import hart.modules.models.autoencoder.hart_autoencoder as hart_autoencoder
+    import hart.modules.models.transformer.hart_transformer_t2i as transformer
+    import hart.modules.networks.basic_hart as basic
+    import hart.utils as utils
+
+    if not Path(transformer.__file__).resolve().is_relative_to(root):
+        raise SystemExit(f"`hart` was imported from {transformer.__file__}, not from {root}")
+    from hart.modules.losses.vqgan.discriminator import NLayerDiscriminator
+
+    for cls in (transformer.HARTForT2I, hart_autoencoder.HARTAutoEncoder, autoencoder.HARTAutoEncoderWithDisc,
+                NLayerDiscriminator):
+        _calls_post_init(cls)
+    return types.SimpleNamespace(transformer=transformer, autoencoder=autoencoder, hart_autoencoder=hart_autoencoder,
+                                 basic=basic, diffloss=diffloss, gaussian_diffusion=gaussian_diffusion, utils=utils)
+
+
+def _calls_post_init(cls) -> None:
+    """transformers >= 5 needs `post_init()` at the end of a model's constructor (it records the
+    tied weights that loading reads); the official HART classes, written for transformers 4, do
+    not call it."""
+    real = cls.__init__
+    if getattr(real, "calls_post_init", False):
+        return
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if type(self) is cls and not hasattr(self, "all_tied_weights_keys"):
+            self.post_init()
+
+    init.calls_post_init = True
+    cls.__init__ = init
+
+
+@contextlib.contextmanager
+def modules_stay_on_cpu():
+    """`nn.Module.cuda()` returns the module itself (the official loaders move models to CUDA)."""
+    real = nn.Module.cuda
+    nn.Module.cuda = lambda module, *a, **k: module
+    try:
+        yield
+    finally:
+        nn.Module.cuda = real
 
 
 class _Float32As(types.ModuleType):

@@ -3,7 +3,7 @@
 One dense generation; at every query scale from --from-scale on, each layer's attention
 probabilities (the conditional sample, mean over heads) give:
 - sink mass: the share of attention on the sink scales (SparVAR keeps them whole);
-- cross-scale similarity: for each key scale i >= 1, the cosine similarity between the map of
+- cross-scale similarity: for each key scale i >= 1 (>= 2 after a text prefix), the cosine similarity between the map of
   query scale k onto key scale i and the map of scale k-1 onto i-1 resized to it (bilinear on
   both grids); averaged over i (CS4A reuses the coarser scale's choice);
 - locality: the share of the attention on non-sink key scales that lies within Chebyshev radius
@@ -89,7 +89,7 @@ class PropertyProbe(DenseAttention):
     @staticmethod
     def _cross_similarity(p, prev, s: Schedule, k: int) -> float:
         sims = []
-        for i in range(1, k + 1):
+        for i in range(1 if s.prefix is None else 2, k + 1):  # a text prefix in scale 0's slot has no grid
             now = p[:, s.offsets[i] : s.offsets[i] + s.lengths[i]]
             before = prev[:, s.offsets[i - 1] : s.offsets[i - 1] + s.lengths[i - 1]]
             before = resize_map(before, s.sizes[k - 1], s.sizes[i - 1], s.sizes[k], s.sizes[i])

@@ -10,8 +10,12 @@ import torch
 import torch.nn as nn
 
 from sparvar.errors import SparvarError
+from sparvar.models.hart import files as hart_files
+from sparvar.models.hart.text import QWEN2_1_5B, HARTTextEncoder
+from sparvar.models.hart.tokenizer import HARTTokenizer, HybridCodes
+from sparvar.models.hart.transformer import HARTConfig, HARTTransformer
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.infinity.text import T5_XL
+from sparvar.models.infinity.text import T5_XL, TextEncoder
 from sparvar.models.infinity.transformer import InfinityConfig, InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
 from sparvar.models.var.transformer import VARConfig, VARTransformer
@@ -32,20 +36,31 @@ class Family:
     """The model-specific parts the sampler loop drives (see pipeline.py for how it uses them).
 
     transformer: built from spec.transformer; prepare / forward_scale / embed_codes / guidance_weight,
-    and checkpoint_state(file state) -> the state it loads (tensors a file may leave out filled in).
+    and checkpoint_state(file state) -> the state it loads (tensors a file may leave out filled in,
+    tensors it keeps for training only left out). forward_scale returns the logits, or at a scale
+    whose codes it refines (HART's last) (logits, hidden states), and then
+    residual(hidden, codes, weight, generators) -> what is added to the sampled tokens' codes.
     decoder: built from spec.vae; decode(latent) -> images, init_weights(seed), checkpoint_state(file state).
     codes: (spec, decoder) -> tokens <-> latent logic: to_codes / accumulate / next_input.
     schedule: (spec, aspect, resolution or None) -> the scale schedule the model generates.
+    text_encoder: for text models, the class with load(path, config, device, dtype, max_length) and
+    random(config, device, dtype, seed, max_length) whose call gives prepare's condition.
+    configure: (spec, weights, vae) -> (spec, weights, vae): the spec with the architecture the
+    checkpoint folders' config files give and the files to read in them, for families whose
+    checkpoints carry a config (HART); None: the spec as registered and the paths as given.
     """
 
     transformer: type
     decoder: type
     codes: Callable[["ModelSpec", nn.Module], object]
     schedule: Callable[["ModelSpec", str, int | None], Schedule]
+    text_encoder: type | None = None
+    configure: Callable[["ModelSpec", str | None, str | None], tuple] | None = None
 
 
-def _var_schedule(spec: "ModelSpec", aspect: str, resolution: int | None) -> Schedule:
-    """VAR models generate square images at their own resolution only (pos_1LC fixes the scales)."""
+def _own_schedule(spec: "ModelSpec", aspect: str, resolution: int | None) -> Schedule:
+    """VAR and HART models generate square images at their own resolution only (VAR's pos_1LC and
+    HART's level embeddings fix the scales)."""
     if aspect != "1:1" or resolution not in (None, spec.resolution):
         asked = f"{aspect} at {resolution}" if resolution else aspect
         raise SparvarError(
@@ -62,9 +77,12 @@ FAMILIES: dict[str, Family] = {
             spec.transformer.vae_channels, spec.transformer.patchify, spec.transformer.next_input
         ),
         lambda spec, aspect, resolution: infinity_schedule(aspect, resolution or spec.resolution),
+        TextEncoder,
     ),
     # the VQVAE's residual quantiser turns token indices into the latent and the next input
-    "var": Family(VARTransformer, VQVAE, lambda spec, decoder: decoder.quantize, _var_schedule),
+    "var": Family(VARTransformer, VQVAE, lambda spec, decoder: decoder.quantize, _own_schedule),
+    "hart": Family(HARTTransformer, HARTTokenizer, lambda spec, decoder: HybridCodes(decoder.vae.quantize),
+                   _own_schedule, HARTTextEncoder, hart_files.configure),
 }
 
 
@@ -72,9 +90,9 @@ FAMILIES: dict[str, Family] = {
 class ModelSpec:
     name: str
     about: str
-    transformer: InfinityConfig | VARConfig
+    transformer: InfinityConfig | VARConfig | HARTConfig
     vae: VAEConfig | VQVAEConfig
-    text: dict | None  # T5 architecture of the text encoder; None for class-conditional models
+    text: dict | None  # architecture of the text encoder (T5, Qwen2); None for class-conditional models
     files: dict[str, str] = field(default_factory=dict)  # CLI option -> the official file it takes
     resolution: int = 1024  # default pixel budget (Infinity) or the one resolution (VAR)
     classes: tuple[str, ...] = ()  # label names of class-conditional models
@@ -94,8 +112,8 @@ class ModelSpec:
     @property
     def only_schedules(self) -> tuple[Schedule, ...]:
         """The schedules the model can generate when they are a fixed few; empty: any within its limits."""
-        if self.family == "var":
-            return (self.transformer.schedule,)  # pos_1LC has one row per token of its own schedule
+        if self.family in ("var", "hart"):
+            return (self.transformer.schedule,)  # VAR: pos_1LC has a row per token; HART: its level embeddings
         return self.schedules
 
     @property
@@ -204,6 +222,32 @@ MODELS: dict[str, ModelSpec] = {
             files={"--weights": "var_d36.pth", "--vae": "vae_ch160v4096z32.pth"},
             resolution=512,
             family="var",
+        ),
+        ModelSpec(
+            "hart-0.7b",
+            "HART-0.7B text-to-image, 1024x1024, scales 1..64 after 300 text tokens of Qwen2-VL-1.5B-Instruct, "
+            "a diffusion head for the last scale's residual; the architecture is read from the folders' "
+            "config.json (built without them: the believed hart-0.7b-1024px one)",
+            HARTConfig(),
+            VQVAEConfig(usage_rows=len(HARTConfig().patch_nums)),
+            QWEN2_1_5B,
+            files={
+                "--weights": "hart-0.7b-1024px/llm/ (config.json and weights; its ema_model.bin is used)",
+                "--vae": "hart-0.7b-1024px/tokenizer/ (config.json and weights)",
+                "--text-encoder": "folder of mit-han-lab/Qwen2-VL-1.5B-Instruct (config.json, weights, tokenizer)",
+            },
+            family="hart",
+        ),
+        ModelSpec(
+            "hart-tiny",
+            "tiny HART for tests (random weights, byte tokenizer), 7 scales to 16x16 after 12 text tokens",
+            HARTConfig(depth=2, width=64, heads=2, patch_nums=(1, 2, 4, 6, 8, 12, 16), context_tokens=12, context_width=32,
+                       diffusion_width=32, diffusion_depth=2, diffusion_steps=4, vocab=32, vae_channels=8),
+            VQVAEConfig(vocab=32, channels=8, base=32, ch_mult=(1, 1, 1, 2), usage_rows=7),
+            dict(QWEN2_1_5B, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
+            resolution=128,
+            family="hart",
         ),
         ModelSpec(
             "var-tiny",

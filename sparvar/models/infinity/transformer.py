@@ -46,16 +46,17 @@ class CachedAttend(Attend):
     """One generation step: the new keys and values go into the KV cache at the scale's offset
     (written there by the qkv kernel, given the cache's slots), and attention over the cache
     goes through the policy, the seam SparVAR plugs into. With `kept` (token pruning,
-    skipping.py) only those tokens ran: their keys go to their own slots, stand-ins fill the rest."""
+    skipping.py) only those tokens ran: their keys go to their own slots, stand-ins fill the rest.
+    `softmax_scale` is 1 for cosine attention, where q comes scaled."""
 
     def __init__(self, cache: KVCache, policy: AttentionPolicy, scale: int, schedule: Schedule, depth: int,
-                 kept: Kept | None = None):
+                 kept: Kept | None = None, softmax_scale: float = 1.0):
         self.cache, self.policy, self.scale, self.schedule, self.depth = cache, policy, scale, schedule, depth
-        self.start, self.kept = schedule.offsets[scale], kept
+        self.start, self.kept, self.softmax_scale = schedule.offsets[scale], kept, softmax_scale
 
     def pruned(self, kept: Kept) -> "CachedAttend":
         """The same step for layers that run on the kept tokens only."""
-        return CachedAttend(self.cache, self.policy, self.scale, self.schedule, self.depth, kept)
+        return CachedAttend(self.cache, self.policy, self.scale, self.schedule, self.depth, kept, self.softmax_scale)
 
     def slots(self, layer, n):
         return self.cache.slots(layer, self.start, n) if self.kept is None else None
@@ -67,7 +68,8 @@ class CachedAttend(Attend):
             n = self.schedule.lengths[self.scale]
             keys, values = self.cache.write_kept(layer, self.start, n, k, v, self.kept.index, self.kept.stand_in)
         index = None if self.kept is None else self.kept.index
-        return self.policy(q, keys, values, AttentionCall(layer, self.scale, self.depth, self.schedule, 1.0, index))
+        call = AttentionCall(layer, self.scale, self.depth, self.schedule, self.softmax_scale, index)
+        return self.policy(q, keys, values, call)
 
 
 @dataclass(frozen=True)
