@@ -197,7 +197,8 @@ FP8_CASES = [
     pytest.param(2, 3, (1, 3), 130, 300, 128, 64, 128, {}, id="block-d128"),
     pytest.param(1, 2, (1, 1), 140, 333, 64, 128, 32, {}, id="key32-two-per-tile"),
     pytest.param(2, 2, (2, 2), 130, 333, 64, 64, 1, {}, id="gather-tokens"),
-    pytest.param(1, 2, (1, 2), 150, 290, 64, 64, 64, dict(warp_specialize=True), id="block64-warp-specialize"),
+    pytest.param(1, 2, (1, 2), 150, 290, 64, 128, 128, dict(warp_specialize=True, block_m=128, block_n=128),
+                 id="block128-warp-specialize"),
 ]
 
 
@@ -239,6 +240,14 @@ def test_fp8_inputs_need_their_scales():
     scale = torch.ones(1, 1, 64, device=DEVICE)
     with pytest.raises(SparvarError, match="FP8 together"):
         kernels_sparse.triton_sparse_attention(q, v, v, table, 1.0, q_scale=scale)
+
+
+def test_warp_specialize_needs_128_tiles():
+    """Triton 3.6 fails to compile the pass on 64 x 64 tiles; a q_block of 64 clips the tile to 64."""
+    q = torch.randn(1, 1, 128, 64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(SparvarError, match="128 x 128 tiles.*got 64 x 128"):
+        kernels_sparse.triton_sparse_attention(q, q, q, random_table(1, 1, 128, 128, 64, 128), 1.0,
+                                               block_m=128, block_n=128, warp_specialize=True)
 
 
 @pytest.mark.parametrize("fp8_v", [False, True])

@@ -8,6 +8,7 @@ import torch
 from sparvar.generation import GenerationConfig, kv_cache_bytes
 from sparvar.kv_cache import KVCache, StagedKVCache
 from sparvar.models.fused import quantize_rows_reference
+from sparvar.pipeline import load_pipeline
 from sparvar.schedules import parse_schedule
 from sparvar.sparsity import make_policy
 from tests.helpers import teacher_forced_logits, tiny_pipeline, var_pipeline
@@ -41,6 +42,12 @@ def test_lean_cache_gives_the_static_generation(pipe, options):
 def test_lean_cache_gives_the_static_generation_for_var():
     var = var_pipeline()
     assert _same(var([3, 5], seed=1, progress=False), var([3, 5], seed=1, kv_cache="lean", progress=False))
+
+
+def test_lean_cache_gives_the_static_generation_for_hart():
+    """HART's text prefix sits in scale 0's slot of the cache like any scale's tokens."""
+    hart = load_pipeline("hart-tiny", device="cpu", random_weights=True)
+    assert _same(hart(["a cat"], seed=1, progress=False), hart(["a cat"], seed=1, kv_cache="lean", progress=False))
 
 
 def test_fp8_cache_reads_back_the_quantised_prefix_and_the_exact_new_keys():

@@ -30,7 +30,8 @@ def test_flat_tensors_keep_values_and_ties_in_one_buffer():
         assert flat.flat.data_ptr() <= t.data_ptr() < flat.flat.data_ptr() + flat.flat.numel()
 
 
-@pytest.mark.parametrize("model,conditions", [("infinity-tiny", ["a boat", "a tree"]), ("var-tiny", [3, 5])])
+@pytest.mark.parametrize("model,conditions", [("infinity-tiny", ["a boat", "a tree"]), ("var-tiny", [3, 5]),
+                                              ("hart-tiny", ["a boat", "a tree"])])
 @pytest.mark.parametrize("offload", ["text", "blocks"])
 @pytest.mark.parametrize("precision", ["auto", "fp8"])
 def test_offloaded_pipelines_make_the_same_images(model, conditions, offload, precision):

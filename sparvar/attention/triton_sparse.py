@@ -279,8 +279,8 @@ def triton_sparse_attention(
     (block mode through TMA where the views allow) are tuning knobs too.
     FP8 q and k (and optionally v) come with their scales (B, H, L) from `quantize_heads`; the
     output is in v's dtype, bf16 for an FP8 v. warp_specialize: Triton's automatic warp
-    specialisation of block mode's key loop (for Hopper; Triton 3.9's pass fails on it, 3.6's is
-    said to leave the code as it was: benchmarks/kernels_notes.md).
+    specialisation of block mode's key loop, with 128 x 128 tiles only (Triton 3.6's pass fails
+    on 64 x 64; measured slower: benchmarks/kernels_notes.md).
     """
     _check_inputs(q, k, v, table, scale, (q_scale, k_scale, v_scale))
     fp8_qk, fp8_v = q.dtype == FP8, v.dtype == FP8
@@ -294,6 +294,9 @@ def triton_sparse_attention(
         block_n = _pow2_divisor(kb, block_n)
         if block_n < 16:
             raise SparvarError(f"key_block must be a power of two or a multiple of 16, got {kb}")
+    if warp_specialize and (block_m, block_n) != (128, 128):
+        raise SparvarError(f"warp_specialize needs 128 x 128 tiles (Triton's pass fails on smaller ones), "
+                           f"got {block_m} x {block_n} for q_block {table.q_block}, key_block {kb}")
     use_tma = tma and kb >= block_n and tma_ready(k) and tma_ready(v)
 
     out = torch.empty(q.shape, device=q.device, dtype=out_dtype)
