@@ -45,11 +45,9 @@ def fp8_matmul_reference(rows: Fp8Rows, weight, scale, bias, out_dtype) -> torch
 @functools.cache
 def cpu_takes_rowwise_scales() -> bool:
     """Whether this torch's CPU `_scaled_mm` takes rowwise scales (2.13 does; 2.11 takes one scale)."""
-    a, s = torch.ones(1, 16, dtype=FP8), torch.ones(1, 1)
+    rows, weight = torch.ones(2, 16, dtype=FP8), torch.ones(1, 16, dtype=FP8)
     try:
-        torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.t().expand(1, 1), out_dtype=torch.float32)
-        torch._scaled_mm(torch.ones(2, 16, dtype=FP8), a.t(), scale_a=torch.ones(2, 1), scale_b=s,
-                         out_dtype=torch.float32)
+        torch._scaled_mm(rows, weight.t(), scale_a=torch.ones(2, 1), scale_b=torch.ones(1, 1), out_dtype=torch.float32)
     except RuntimeError:
         return False
     return True
