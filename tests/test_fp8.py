@@ -49,6 +49,17 @@ def test_scaled_mm_matches_the_float_reference(m, k, n, bias, out_dtype):
     assert rel_err(out, x @ w.t() + (0 if b is None else b.float())) < 0.08  # FP8 against float32
 
 
+def test_a_cpu_torch_without_rowwise_scales_computes_the_reference(monkeypatch):
+    """torch 2.11's CPU _scaled_mm takes one scale per operand only: the float32 reference stands in."""
+    import sparvar.models.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "cpu_takes_rowwise_scales", lambda: False)
+    rows, (wq, ws) = quantize_rows(torch.randn(3, 5, 32)), quantize_weight(torch.randn(24, 32))
+    out = fp8.fp8_matmul(rows, wq, ws, None, torch.bfloat16)
+    assert out.shape == (3, 5, 24)
+    assert torch.equal(out, fp8_matmul_reference(rows, wq, ws, None, torch.bfloat16))
+
+
 @torch.no_grad()
 def test_fp8_linear_takes_rows_or_tensors_and_a_bias_override():
     linear = nn.Linear(64, 96)
