@@ -62,7 +62,7 @@ class Job:
     def settings(self) -> dict:
         """The job's record in OUT/job.json: what a rerun into the same folder must repeat."""
         c = self.config
-        return {
+        settings = {
             "model": self.model, **self.weights, "attention": c.attention, "skip_last": c.skip_last,
             "prune": c.prune, "adaptive_skip": c.adaptive_skip, "cfg": c.cfg, "tau": c.tau,
             "top_k": list(c.top_k) if isinstance(c.top_k, tuple) else c.top_k, "top_p": c.top_p, "seed_base": c.seed,
@@ -70,6 +70,9 @@ class Job:
             "sampler": c.sampler, "negative_prompt": c.negative_prompt, "more_smooth": c.more_smooth,
             **({"system_prompt": c.system_prompt} if c.system_prompt is not None else {}),  # text models that take one
         }
+        if c.kv_cache == "fp8":  # moves the images (older jobs recorded no cache; the others keep them)
+            settings["kv_cache"] = c.kv_cache
+        return settings
 
     def generate(self, pipe: Pipeline, batch: list[Item]):
         return pipe([item.condition for item in batch], self.config, seed=[item.seed for item in batch],

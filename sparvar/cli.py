@@ -49,7 +49,7 @@ def _generation_config(args) -> GenerationConfig:
         seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, aspect=args.aspect,
         resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs, sampler=args.sampler,
         negative_prompt=args.negative_prompt, more_smooth=args.more_smooth,
-        system_prompt=getattr(args, "system_prompt", None))
+        kv_cache=args.kv_cache, system_prompt=getattr(args, "system_prompt", None))
 
 
 def _with_init_image(args, config: GenerationConfig, pipe) -> GenerationConfig:
@@ -82,7 +82,7 @@ def cmd_generate(args) -> None:
     """Everything is checked (conditions, presets, settings against the model and the machine,
     the output folder) before the model loads."""
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import check_conditions, default_dtype, load_pipeline, resolve_device
+    from sparvar.pipeline import check_conditions, check_precision, default_dtype, load_pipeline, resolve_device
 
     spec = get_spec(args.model)
     conditions = _conditions(args, spec)
@@ -107,15 +107,19 @@ def cmd_generate(args) -> None:
     if job and args.init_image:
         raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
     device = resolve_device(args.device)
+    check_precision(args.precision, device, default_dtype(device))
     batch_size = (args.batch_size or 1) if job else len(conditions)
     for config in configs.values():
         config.check_device(spec, device, default_dtype(device), batch_size)
     seeds = base.seeds(len(conditions))
     paths = _output_paths(args.out, conditions)
     load = lambda device: load_pipeline(  # noqa: E731
-        spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights)
+        spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights,
+        precision=args.precision, offload=args.offload)
     if job:
         weights = batch.weights_identity(spec, args.weights, args.vae, args.text_encoder, args.random_weights)
+        if args.precision != "auto":  # FP8 makes other images (older jobs recorded no precision)
+            weights["precision"] = args.precision
         items = [batch.Item(i, c, s, path) for i, (c, s, path) in enumerate(zip(conditions, seeds, paths))]
         job = batch.Job(spec.name, presets[0], configs[presets[0]], weights)
         batch.run(job, items, load, batch_size, args.device, overwrite=args.overwrite, progress=not args.quiet)
@@ -293,6 +297,14 @@ def cmd_bench(args) -> None:
         from sparvar.bench import profile
 
         profile.main(args.rest)
+    elif args.what == "memory":
+        from sparvar.bench import memory
+
+        memory.main(args.rest)
+    elif args.what == "fp8-fidelity":
+        from sparvar.bench import fp8_fidelity
+
+        fp8_fidelity.main(args.rest)
     else:
         from sparvar.bench import e2e
 
@@ -382,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cuda-graphs", action="store_true",
                      help="replay each scale as a CUDA graph: faster for many batches of one shape (the first "
                      "two batches of a shape warm up and capture)")
+    gen.add_argument("--kv-cache", default="static",
+                     help="static: every scale's keys in one buffer; lean: without the last scale's (none reads "
+                     "them; 39%% less at 1024x1024, one copy per layer); fp8: lean and stored in FP8 (half again)")
     gen.add_argument("--random-weights", action="store_true",
                      help="random weights for every part, no files needed (for benchmarks: the images are noise)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -412,10 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)",
                            formatter_class=HelpFormatter)
-    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu"],
+    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu", "memory", "fp8-fidelity"],
                        help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
                        "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind; "
-                       "multigpu: images/s of a torchrun batch job on 1 and 2 GPUs")
+                       "multigpu: images/s of a torchrun batch job on 1 and 2 GPUs; memory: latency and peak "
+                       "memory of the precision / offload / KV cache settings; fp8-fidelity: what FP8 costs in "
+                       "logits and images")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -20,13 +20,13 @@ import torch
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
+from sparvar.kv_cache import KINDS as KV_CACHES
 from sparvar.models.registry import FAMILIES, ModelSpec
 from sparvar.schedules import Schedule, parse_schedule
 from sparvar.skipping import PRUNE_PRESETS, AdaptiveSkip, PruneConfig, TokenPruning, prune_plan
 from sparvar.sparsity import PRESETS
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit integers; item i of a batch takes seed + i
-KV_CACHES = ("static", "concat")
 # "sparvar": every item draws from its own generator (an image depends on its seed alone);
 # "official": the official samplers' draws, one generator for the batch (sampling.OfficialDraws)
 SAMPLERS = ("sparvar", "official")
@@ -68,7 +68,13 @@ class GenerationConfig:
     # replay each scale and the text encoder as CUDA graphs (GPU only): the first generation of a
     # shape runs eagerly, the second captures, later ones replay
     cuda_graphs: bool = False
-    kv_cache: str = "static"  # one buffer written in place, or "concat": the official code's growing cache
+    # "static": one buffer written in place; "lean": the same without the last scale's keys (none
+    # reads them), at one prefix copy per layer; "fp8": lean with the keys and values stored in
+    # FP8 (kv_cache.py); "concat": the official code's growing cache
+    kv_cache: str = "static"
+    # the VAE decoder in bands of rows with its maps in CPU memory (Infinity): True always; None
+    # only when the whole decode runs out of GPU memory; False never
+    tiled_decode: bool | None = None
     # text put before every prompt in the text model's pass (HART's prompt enhancement); None: the
     # model's own (HART: the official sampler's), "" none. Only models whose text encoder takes one.
     system_prompt: str | None = None
@@ -129,9 +135,11 @@ class GenerationConfig:
         if not isinstance(self.more_smooth, bool):
             raise SparvarError(f"more_smooth takes True or False, not {self.more_smooth!r}")
         if self.kv_cache not in KV_CACHES:
-            raise SparvarError(f"kv_cache must be 'static' or 'concat', got {self.kv_cache!r}")
-        if self.kv_cache != "static" and (self.cuda_graphs or self.prune is not None):
-            raise SparvarError("CUDA graphs and token pruning need the static KV cache")
+            raise SparvarError(f"unknown kv_cache {self.kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+        if self.tiled_decode not in (True, False, None):
+            raise SparvarError(f"tiled_decode takes True, False or None, not {self.tiled_decode!r}")
+        if self.kv_cache == "concat" and (self.cuda_graphs or self.prune is not None):
+            raise SparvarError("CUDA graphs and token pruning need a preallocated KV cache (static, lean or fp8)")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise SparvarError(f"system_prompt must be text ('' for none), not {self.system_prompt!r}")
 
@@ -159,6 +167,8 @@ class GenerationConfig:
         if not self.skip_last < len(schedule):
             raise SparvarError(
                 f"skip_last must be in 0..{len(schedule) - 1} for {len(schedule)} scales, got {self.skip_last}")
+        if self.tiled_decode and not hasattr(FAMILIES[spec.family].decoder, "decode_tiled"):
+            raise SparvarError(f"{spec.name}'s decoder has no tiled decode (it attends over the whole image)")
         if self.prune is not None:  # settings that do not fit the model fail here, not at the pruned scale
             if spec.family == "hart":
                 raise SparvarError(f"token pruning is not available for {spec.name}")
@@ -239,7 +249,7 @@ class GenerationConfig:
         if self.cuda_graphs and device.type != "cuda":
             raise SparvarError("cuda_graphs needs a CUDA device")
         guided = any(w != 0 for w in self.guidance_weights(spec, len(self.schedule)))  # the batch runs twice
-        need = kv_cache_bytes(spec, self.schedule, batch * (2 if guided else 1), dtype)
+        need = kv_cache_bytes(spec, self.schedule, batch * (2 if guided else 1), dtype, self.kv_cache, self.skip_last)
         have = device_memory(device)
         if have is not None and need > have:
             raise SparvarError(
@@ -267,10 +277,19 @@ def check_schedule(spec: ModelSpec, schedule: Schedule) -> None:
                                "from coarse to fine")
 
 
-def kv_cache_bytes(spec: ModelSpec, schedule: Schedule, rows: int, dtype: torch.dtype) -> int:
-    """Bytes of the KV cache: keys and values of every layer for `rows` batch rows over the schedule."""
+def kv_cache_bytes(spec: ModelSpec, schedule: Schedule, rows: int, dtype: torch.dtype, kind: str = "static",
+                   skip_last: int = 0) -> int:
+    """Bytes of a KV cache of `kind` for `rows` batch rows over the schedule: keys and values of
+    every layer (lean and fp8: of the scales before the last one run, plus one layer's staging;
+    fp8: one byte an element and a float32 scale per token and head)."""
     model = spec.transformer
-    return 2 * model.depth * rows * schedule.total * model.width * torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * rows * model.width  # keys and values of one layer
+    if kind in ("static", "concat"):
+        return model.depth * schedule.total * per_token * size
+    stored = schedule.offsets[len(schedule) - skip_last - 1]
+    element = 1 + 4 / model.head_dim if kind == "fp8" else size
+    return int(model.depth * stored * per_token * element) + schedule.total * per_token * size
 
 
 def device_memory(device: torch.device) -> int | None:

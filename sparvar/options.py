@@ -28,6 +28,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", help="VAE checkpoint (default: the shipped one, where the model has one)")
     parser.add_argument("--text-encoder", help="local folder of the text model (T5 for Infinity, Qwen2 for HART)")
     parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", help="auto: matmuls in the model dtype (bf16 on GPU); fp8: "
+                        "the transformer blocks' matmuls in FP8 (Ada/Hopper GPUs; weights quantised as they load)")
+    parser.add_argument("--offload", help="text: the text encoder waits in CPU memory between encodings; blocks: "
+                        "that, and the transformer blocks stream from CPU memory (for cards too small for the "
+                        "weights; slow) (default: everything on the device)")
 
 
 def read_conditions(path: str | Path) -> list[str]:

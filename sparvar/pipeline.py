@@ -25,7 +25,9 @@ from sparvar.generation import GenerationConfig
 from sparvar.graphs import ScaleGraphs
 from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
+from sparvar.models.fp8 import quantize_blocks
 from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
+from sparvar.offload import BlockStream, OffloadedModule, move_except_blocks
 from sparvar.sampling import OfficialDraws, filter_logits, item_gumbel, sample, smooth_probs
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning, resolve_adaptive, resolve_pruning
@@ -149,11 +151,13 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class Pipeline:
     """The model-independent sampler loop over a family's parts (registry.Family says what they do)."""
 
-    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder=None):
+    def __init__(self, spec: ModelSpec, transformer, vae, text_encoder=None,
+                 text_offload: OffloadedModule | None = None):
         self.spec = spec
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
+        self.text_offload = text_offload  # the text encoder's weights visit the GPU only to encode
         self.codes = FAMILIES[spec.family].codes(spec, vae)
         self._cache: tuple[tuple, KVCache] | None = None
         self._policies: dict[str, AttentionPolicy] = {}  # named policies kept for graph replays
@@ -185,12 +189,23 @@ class Pipeline:
         prompt (HART's prompt enhancement) goes to the text encoders that take one."""
         check_conditions(self.spec, conditions)
         if self.spec.text_conditioned:
-            options = {"system_prompt": system_prompt} if system_prompt else {}
-            return self.text_encoder(list(conditions), cuda_graph=cuda_graph, **options)
+            return self._text(list(conditions), cuda_graph, system_prompt)
         labels = labels_of(self.spec, conditions)
         if None in labels:
             raise SparvarError("random classes are drawn by a generation's own generators: pass them to pipe(...)")
         return torch.tensor(labels, device=self.device)
+
+    def _text(self, prompts: list[str], cuda_graph: bool, system_prompt: str | None):
+        """The text encoder's features and mask; an offloaded encoder visits the device for them.
+        A system prompt (HART's prompt enhancement) goes to the text encoders that take one."""
+        options = {"system_prompt": system_prompt} if system_prompt else {}
+        if self.text_offload is None:
+            return self.text_encoder(prompts, cuda_graph=cuda_graph, **options)
+        self.text_offload.bring()
+        try:  # no graphs: the weights sit at another address at every visit
+            return self.text_encoder(prompts, **options)
+        finally:
+            self.text_offload.release()
 
     def _condition(self, conditions: Sequence, config: GenerationConfig, draws: OfficialDraws | None,
                    generators: list[torch.Generator]) -> tuple[object, object, list[int] | None]:
@@ -201,8 +216,7 @@ class Pipeline:
         if self.spec.text_conditioned:
             prompts = list(conditions)
             negatives = [config.negative_prompt] * len(prompts) if config.negative_prompt else []
-            options = {"system_prompt": config.system_prompt} if config.system_prompt else {}
-            feats, mask = self.text_encoder(prompts + negatives, cuda_graph=config.cuda_graphs, **options)
+            feats, mask = self._text(prompts + negatives, config.cuda_graphs, config.system_prompt)
             b = len(prompts)
             return (feats[:b], mask[:b]), ((feats[b:], mask[b:]) if negatives else None), None
         labels = labels_of(self.spec, conditions)
@@ -225,11 +239,13 @@ class Pipeline:
         self._graphs = (key, ScaleGraphs(self.transformer, schedule, num_scales, prep, cache, policy, pruning))
         return self._graphs[1]
 
-    def _kv_cache(self, batch: int, capacity: int) -> KVCache:
-        key = (batch, capacity)
+    def _kv_cache(self, kind: str, batch: int, capacity: int, stored: int) -> KVCache:
+        if kind == "concat":
+            return ConcatKVCache()
+        key = (kind, batch, capacity, stored)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the old buffer before allocating the new one
-            self._cache = (key, self.transformer.new_kv_cache(batch, capacity))
+            self._cache = (key, self.transformer.new_kv_cache(batch, capacity, kind, stored))
         return self._cache[1]
 
     @torch.inference_mode()
@@ -254,6 +270,8 @@ class Pipeline:
             raise SparvarError("nothing to generate: give at least one prompt or class")
         config = GenerationConfig.build(config, **options).resolved(self.spec)
         config.check_device(self.spec, self.device, self.transformer.dtype, len(conditions))
+        if config.cuda_graphs and self.transformer.stream is not None:
+            raise SparvarError("offload 'blocks' streams the weights through the GPU: run it without CUDA graphs")
         schedule = config.schedule
         attention, prune, cuda_graphs = config.attention, config.prune, config.cuda_graphs
         seeds = config.seeds(len(conditions))
@@ -279,11 +297,9 @@ class Pipeline:
         condition, negative, labels = self._condition(conditions, config, draws, generators)
         prep = self.transformer.prepare(condition, guidance, negative)
         timer.mark("condition")
-        if config.kv_cache == "static":
-            cache = self._kv_cache(prep.start.shape[0], schedule.total)
-        else:
-            cache = ConcatKVCache()
         graphs, num_scales = None, len(schedule) - config.skip_last
+        # lean and FP8 caches keep no keys of the last scale that runs: none reads them
+        cache = self._kv_cache(config.kv_cache, prep.start.shape[0], schedule.total, schedule.offsets[num_scales - 1])
         if cuda_graphs:
             key = (schedule, num_scales, graph_shapes(prep), id(policy), id(pruning))
             graphs = self._graph_runner(key, prep, cache, policy, schedule, num_scales, pruning)
@@ -319,7 +335,13 @@ class Pipeline:
             timer.mark(f"scale {k}")
             if stopped:
                 break
-        images = self.vae.decode(summed)
+        if self.text_offload is not None or self.transformer.stream is not None:
+            # memory modes make the cache again for each generation, so that neither the decoder
+            # nor the next text encoding meets it (captured graphs keep theirs)
+            cache = None
+            if graphs is None:
+                self._cache = None
+        images = self._decode(summed, config.tiled_decode)
         timer.mark("decode")
 
         seconds = timer.seconds()
@@ -361,6 +383,36 @@ class Pipeline:
             return drawn, self.codes.soft_codes(probs, k, schedule), guided
         return drawn, self.codes.to_codes(drawn, k, schedule), guided
 
+    def _decode(self, latent: torch.Tensor, tiled: bool | None) -> torch.Tensor:
+        """The decoder's images, whole or in bands (tiled_decode in GenerationConfig)."""
+        if tiled:
+            return self.vae.decode_tiled(latent)
+        try:
+            return self.vae.decode(latent)
+        except torch.cuda.OutOfMemoryError:
+            if tiled is False or not hasattr(self.vae, "decode_tiled"):
+                raise
+        torch.cuda.empty_cache()  # out of the handler, so the failed decode's maps are gone
+        return self.vae.decode_tiled(latent)
+
+
+PRECISIONS = ("auto", "fp8")
+OFFLOADS = (None, "text", "blocks")
+
+
+def check_precision(precision: str, device: torch.device, dtype: torch.dtype) -> None:
+    """`auto`: the matmuls in `dtype`; `fp8`: the blocks' in FP8, where the machine has FP8 matmuls."""
+    if precision not in PRECISIONS:
+        raise SparvarError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp8":
+        return
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            raise SparvarError(f"precision fp8 needs a GPU with FP8 matmuls (Ada or Hopper, compute capability "
+                               f"8.9+); {torch.cuda.get_device_name(device)} has none")
+        if dtype != torch.bfloat16:
+            raise SparvarError(f"precision fp8 runs with dtype bfloat16 on the GPU, not {dtype}")
+
 
 def _bundled(spec: ModelSpec, option: str) -> str | None:
     """The weights shipped in the package for `option`, if the model has any."""
@@ -380,6 +432,8 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     random_weights: bool = False,
     seed: int = 0,
+    precision: str = "auto",
+    offload: str | None = None,
 ) -> Pipeline:
     """A ready pipeline for a named model (or a ModelSpec: a registered one at other sizes).
 
@@ -388,10 +442,21 @@ def load_pipeline(
     that need no files build the parts not given with random weights (seeded).
     `random_weights=True` builds every part with random weights (benchmarks, tests).
     bf16 on GPU, float32 on CPU unless `dtype` says otherwise.
+    precision "fp8": the transformer blocks' projections run as FP8 matmuls (models/fp8.py), their
+    weights quantised as they load (random weights are drawn in `dtype` first, so an FP8 pipeline
+    holds the quantised weights of the same-seeded full-precision one).
+    offload "text": the text encoder waits in CPU memory between encodings; "blocks": that, and
+    the transformer blocks stream from CPU memory (offload.py; random weights are drawn on the
+    device first).
     """
     spec = get_spec(model)
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
+    check_precision(precision, device, dtype)
+    if offload not in OFFLOADS:
+        raise SparvarError(f"unknown offload {offload!r}; choose one of {', '.join(map(str, OFFLOADS))}")
+    if offload == "text" and not spec.text_conditioned:
+        raise SparvarError(f"offload 'text': {spec.name} has no text encoder")
     family = FAMILIES[spec.family]
     if family.configure is not None and not random_weights:
         spec, weights, vae = family.configure(spec, weights, vae)
@@ -406,13 +471,25 @@ def load_pipeline(
 
     if weights is None or random_weights:
         transformer = create_model(spec, device, dtype, seed)
+        if precision == "fp8":
+            quantize_blocks(transformer)
+        if offload == "blocks":
+            transformer.stream = BlockStream(transformer.blocks, device)
     else:
         transformer = create_model(spec, "meta", dtype)
         state = read_state_dict(weights)
         other = guess_model(state)
         hint = f"It looks like a checkpoint of {other}; pass --model {other}." if other and other != spec.name else ""
         load_strict(transformer, transformer.checkpoint_state(state), f"{spec.name}'s transformer ({weights})", hint)
-        transformer = transformer.to(device=device, dtype=dtype).eval()
+        transformer = transformer.to(dtype=dtype).eval()
+        streamed = offload == "blocks"
+        if precision == "fp8":  # layer by layer onto the device, so only FP8 weights pile up there
+            quantize_blocks(transformer, "cpu" if streamed else device)
+        if streamed:
+            move_except_blocks(transformer, device)
+            transformer.stream = BlockStream(transformer.blocks, device)
+        else:
+            transformer = transformer.to(device=device)
 
     if vae is None or random_weights:
         decoder = create_vae(spec, device, dtype, seed)
@@ -428,5 +505,6 @@ def load_pipeline(
             encoder = family.text_encoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
         else:
             encoder = family.text_encoder.load(text_encoder, spec.text, device, dtype, spec.transformer.text_max_len)
-    return Pipeline(spec, transformer, decoder, encoder)
+    text_offload = OffloadedModule(encoder.model, device) if encoder is not None and offload else None
+    return Pipeline(spec, transformer, decoder, encoder, text_offload)
 

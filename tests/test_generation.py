@@ -33,8 +33,9 @@ from sparvar.schedules import VAR_256, VAR_512, infinity_schedule, parse_schedul
     (dict(skip_last=-1), "skip_last must be 0 or more, got -1"),
     (dict(prune="fast"), "unknown token pruning 'fast'"),
     (dict(adaptive_skip="yes"), "adaptive_skip takes True, False or an AdaptiveSkip"),
-    (dict(kv_cache="paged"), "kv_cache must be 'static' or 'concat'"),
-    (dict(kv_cache="concat", prune="fastvar"), "need the static KV cache"),
+    (dict(kv_cache="paged"), "unknown kv_cache 'paged'; choose one of static, concat, lean, fp8"),
+    (dict(kv_cache="concat", prune="fastvar"), "need a preallocated KV cache"),
+    (dict(tiled_decode="yes"), "tiled_decode takes True, False or None"),
 ])
 def test_a_bad_value_fails_when_the_config_is_built(options, message):
     with pytest.raises(SparvarError) as err:

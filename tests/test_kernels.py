@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def _interpreter_fixes():
     - tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584, unsupported upstream);
       upcast bf16 operands to float32 first, which the tensor cores compute exactly.
     - triton 3.6 turns a loaded scalar into an index with int() of a 1-element array, which
-      numpy 2 refuses (later versions squeeze it first)."""
+      numpy 2 refuses (later versions squeeze it first).
+    - float32 -> e4m3 casts lose the carry of a mantissa that rounds up into the next power of
+      two (127.6 becomes 64, not 128: the exponent bits are OR-ed, not added); cast with torch."""
     if ON_GPU:
         yield
         return
@@ -81,6 +84,7 @@ def _interpreter_fixes():
     from triton.runtime.jit import JITFunction
 
     real_dot = InterpreterBuilder.create_dot
+    real_fp_to_fp = InterpreterBuilder.create_fp_to_fp
     real_patch_tensor = interpreter._patch_lang_tensor
     watched = [(tl.tensor, "to"), (tl.tensor, "__index__"), (tl.core, "reduce"), (tl.math, "exp2")]
     compiled_lang = [getattr(obj, name, None) for obj, name in watched]
@@ -91,6 +95,12 @@ def _interpreter_fixes():
         if b.dtype.scalar == tl.bfloat16:
             b = self.cast_impl(b, tl.float32)
         return real_dot(self, a, b, *args, **kwargs)
+
+    def fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar != tl.float8e4nv or src.dtype.scalar != tl.float32:
+            return real_fp_to_fp(self, src, dst_type, rounding_mode)
+        data = torch.from_numpy(src.data.copy()).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return interpreter.TensorHandle(data, dst_type.scalar)
 
     def patch_tensor(tensor, scope):
         real_patch_tensor(tensor, scope)
@@ -105,6 +115,7 @@ def _interpreter_fixes():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(InterpreterBuilder, "create_dot", dot)
+        mp.setattr(InterpreterBuilder, "create_fp_to_fp", fp_to_fp)
         mp.setattr(interpreter, "_patch_lang_tensor", patch_tensor)
         mp.setattr(JITFunction, "__call__", nested_call)
         mp.setattr(InterpretedFunction, "__call__", nested_call)
@@ -180,6 +191,75 @@ def test_sparse_matches_reference(poisoned, b, h, tdims, lq, lk, d, q_block, key
         assert (out[empty.expand_as(out[..., 0])] == 0).all()
         assert torch.equal(torch.isinf(lse), empty.expand_as(lse)) and (lse[torch.isinf(lse)] < 0).all()
         assert torch.allclose(lse[~torch.isinf(lse)], ref_lse.expand_as(lse)[~torch.isinf(lse)], atol=1e-3)
+
+
+FP8_CASES = [
+    pytest.param(2, 3, (1, 3), 130, 300, 128, 64, 128, {}, id="block-d128"),
+    pytest.param(1, 2, (1, 1), 140, 333, 64, 128, 32, {}, id="key32-two-per-tile"),
+    pytest.param(2, 2, (2, 2), 130, 333, 64, 64, 1, {}, id="gather-tokens"),
+    pytest.param(1, 2, (1, 2), 150, 290, 64, 128, 128, dict(warp_specialize=True, block_m=128, block_n=128),
+                 id="block128-warp-specialize"),
+]
+
+
+def _dequantised(x8, scale):
+    return x8.float() * scale[..., None]
+
+
+@pytest.mark.parametrize("b,h,tdims,lq,lk,d,q_block,key_block,opts", FP8_CASES)
+@pytest.mark.parametrize("fp8_v", [False, True])
+def test_fp8_sparse_matches_the_reference_of_its_quantised_inputs(poisoned, b, h, tdims, lq, lk, d, q_block,
+                                                                   key_block, opts, fp8_v):
+    """FP8 q, k (and v) with row scales: the float reference of the dequantised inputs, and FP8
+    error against the bf16 inputs; cosine-attention-like q (unit rows times a temperature)."""
+    q = torch.nn.functional.normalize(torch.randn(b, h, lq, d), dim=-1).to(DEVICE, torch.bfloat16) * 4
+    k, v = cache_views(b, h, lk, d, torch.bfloat16)
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(torch.bfloat16)
+    table = random_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
+    q8, qs = kernels_sparse.quantize_heads(q)
+    k8, ks = kernels_sparse.quantize_heads(k)
+    v8, vs = kernels_sparse.quantize_heads(v) if fp8_v else (v, None)
+    out, lse = kernels_sparse.triton_sparse_attention(q8, k8, v8, table, 1.0, return_lse=True, q_scale=qs,
+                                                      k_scale=ks, v_scale=vs, **opts)
+    v_ref = _dequantised(v8, vs) if fp8_v else v
+    ref, ref_lse = reference_sparse_attention(_dequantised(q8, qs), _dequantised(k8, ks), v_ref, table, 1.0,
+                                              return_lse=True)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, ref) < BF16_TOL
+    seen = ~torch.isinf(ref_lse.expand_as(lse))
+    assert torch.allclose(lse[seen], ref_lse.expand_as(lse)[seen], atol=1e-3)
+    assert rel_err(out, reference_sparse_attention(q, k, v, table, 1.0)) < 0.08
+
+
+def test_fp8_inputs_need_their_scales():
+    q = torch.randn(1, 1, 64, 64, device=DEVICE).to(torch.float8_e4m3fn)
+    v = torch.randn(1, 1, 64, 64, device=DEVICE, dtype=torch.bfloat16)
+    table = random_table(1, 1, 64, 64, 64, 64)
+    with pytest.raises(SparvarError, match="row scales"):
+        kernels_sparse.triton_sparse_attention(q, q, v, table, 1.0)
+    scale = torch.ones(1, 1, 64, device=DEVICE)
+    with pytest.raises(SparvarError, match="FP8 together"):
+        kernels_sparse.triton_sparse_attention(q, v, v, table, 1.0, q_scale=scale)
+
+
+def test_warp_specialize_needs_128_tiles():
+    """Triton 3.6 fails to compile the pass on 64 x 64 tiles; a q_block of 64 clips the tile to 64."""
+    q = torch.randn(1, 1, 128, 64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(SparvarError, match="128 x 128 tiles.*got 64 x 128"):
+        kernels_sparse.triton_sparse_attention(q, q, q, random_table(1, 1, 128, 128, 64, 128), 1.0,
+                                               block_m=128, block_n=128, warp_specialize=True)
+
+
+@pytest.mark.parametrize("fp8_v", [False, True])
+def test_fp8_colsum_matches_the_reference_of_its_quantised_inputs(poisoned, fp8_v):
+    q = torch.nn.functional.normalize(torch.randn(2, 2, 200, 64), dim=-1).to(DEVICE, torch.bfloat16) * 4
+    k, v = cache_views(2, 2, 300, 64, torch.bfloat16)
+    (q8, qs), (k8, ks) = kernels_sparse.quantize_heads(q), kernels_sparse.quantize_heads(k)
+    v8, vs = kernels_sparse.quantize_heads(v) if fp8_v else (v, None)
+    out, colsum = kernels_decision.triton_attention_colsum(q8, k8, v8, 64, 1.0, q_scale=qs, k_scale=ks, v_scale=vs)
+    ref, ref_colsum = reference_attention_colsum(_dequantised(q8, qs), _dequantised(k8, ks),
+                                                 _dequantised(v8, vs) if fp8_v else v, 64, 1.0)
+    assert rel_err(out, ref) < BF16_TOL and rel_err(colsum, ref_colsum) < 1e-3
 
 
 def test_block_mode_uses_tma_only_where_the_views_allow():
@@ -329,20 +409,40 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     bf, kv = "*bf16", "tensordesc<bf16[1,1,128,128]>" if tma else "*bf16"
     k = _compile_for_hopper(
         compiled_sparse._sparse_attention_kernel,
-        dict(Q=bf, K=kv, V=kv, O=bf, LSE="*fp32", COUNTS="*i32", INDICES="*i32"),
+        dict(Q=bf, K=kv, V=kv, O=bf, LSE="*fp32", COUNTS="*i32", INDICES="*i32", QS="*fp32", KS="*fp32", VS="*fp32"),
         dict(Q_BLOCK=128, KEY_BLOCK=128, BLOCK_M=128, BLOCK_N=128, HEAD_DIM=128, USE_TMA=tma, RETURN_LSE=True),
         num_warps=8, num_stages=3)
     assert "wgmma.mma_async" in k.asm["ptx"]
+    fp8 = "tensordesc<fp8e4nv[1,1,64,128]>" if tma else "*fp8e4nv"
+    k = _compile_for_hopper(
+        compiled_sparse._sparse_attention_kernel,
+        dict(Q="*fp8e4nv", K=fp8, V=fp8, O=bf, LSE="*fp32", COUNTS="*i32", INDICES="*i32", QS="*fp32", KS="*fp32",
+             VS="*fp32"),
+        dict(Q_BLOCK=128, KEY_BLOCK=128, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128, USE_TMA=tma, RETURN_LSE=False,
+             FP8_QK=True, FP8_V=True), num_warps=4, num_stages=3)
+    assert re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", k.asm["ptx"])  # QK^T at the FP8 rate
+    k = _compile_for_hopper(  # Triton's automatic warp specialisation of the key loop builds too
+        compiled_sparse._sparse_attention_kernel,
+        dict(Q=bf, K=kv, V=kv, O=bf, LSE="*fp32", COUNTS="*i32", INDICES="*i32", QS="*fp32", KS="*fp32", VS="*fp32"),
+        dict(Q_BLOCK=128, KEY_BLOCK=128, BLOCK_M=128, BLOCK_N=128, HEAD_DIM=128, USE_TMA=tma, RETURN_LSE=False,
+             WARP_SPECIALIZE=True), num_warps=8, num_stages=3)
+    assert "wgmma.mma_async" in k.asm["ptx"]
     q = "tensordesc<bf16[1,1,64,128]>" if tma else "*bf16"
     k = _compile_for_hopper(
-        compiled_decision._colsum_kernel, dict(Q=q, K=kv, LSE="*fp32", PART="*fp32"),
+        compiled_decision._colsum_kernel, dict(Q=q, K=kv, LSE="*fp32", PART="*fp32", QS="*fp32", KS="*fp32"),
         dict(BLOCK_N=128, BLOCK_M=64, HEAD_DIM=128, USE_TMA=tma), num_warps=4, num_stages=3)
     assert "wgmma.mma_async" in k.asm["ptx"]
 
 
 @pytest.mark.parametrize("name,pointers,constexprs,num_warps", [
     ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", X_OUT="*fp32",
-                              OUT="*bf16", eps="fp32"), dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, BLOCK=4096), 16),
+                              OUT="*bf16", SCALE="*fp32", eps="fp32"),
+     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, QUANT=False, BLOCK=4096), 16),
+    ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", X_OUT="*fp32",
+                              OUT="*fp8e4nv", SCALE="*fp32", eps="fp32"),
+     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, QUANT=True, BLOCK=4096), 16),
+    ("_quantize_rows_kernel", dict(X="*bf16", Q="*fp8e4nv", SCALE="*fp32"), dict(GELU=True, BLOCK=16384), 16),
+    ("_dequantize_rows_kernel", dict(SRC="*fp8e4nv", SCALE="*fp32", DST="*bf16"), dict(D=128, BLOCK=32), 4),
     ("_qkv_heads_kernel", dict(QKV="*bf16", LOG_SCALE="*bf16", COS="*fp32", SIN="*fp32", Q="*bf16", K="*bf16",
                                V="*bf16"), dict(HAS_ROPE=True, ROPE_PER_ROW=False, WRITE_V=True, D=128, BLOCK_H=32), 8),
     ("_channel_sums_kernel", dict(X="*bf16", PIVOT="*fp32", SUMS="*fp32"), dict(CHUNK=256, BLOCK_P=32, BLOCK_C=128), 4),
@@ -387,6 +487,54 @@ def test_add_norm_matches_reference(poisoned, b, n, c, branch, gate, mul, dtype)
     else:
         only_x, none = kernels_fused.add_norm_triton(x, y, g, None, None, 0.0, None)
         assert none is None and torch.equal(only_x, new_x)
+
+
+def assert_fp8_rows_close(rows, ref):
+    """Scales within float rounding; FP8 values within one e4m3 step where a division rounded
+    differently (a value near a rounding boundary)."""
+    torch.testing.assert_close(rows.scale, ref.scale, rtol=1e-5, atol=0)
+    steps = (rows.data.view(torch.uint8).int() - ref.data.view(torch.uint8).int()).abs()
+    assert rows.data.dtype == torch.float8_e4m3fn and steps.max() <= 1 and (steps > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("b,n,c", [(2, 5, 96), (1, 1, 130)])
+@pytest.mark.parametrize("branch", [False, True])
+def test_add_norm_fp8_matches_reference(poisoned, b, n, c, branch):
+    gen = torch.Generator().manual_seed(b * 1000 + n * 10 + c)
+    x = (torch.randn(b, n, c, generator=gen) * 3 + 1).to(DEVICE)
+    y = torch.randn(b, n, c, generator=gen).to(DEVICE, torch.bfloat16) if branch else None
+    m, a = _vector("item", b, c, gen), _vector("item", b, c, gen)
+    fp8 = kernels_fused.FP8
+    new_x, rows = kernels_fused.add_norm_triton(x, y, None, m, a, 1e-6, fp8)
+    ref_x, ref = kernels_fused.add_norm_reference(x, y, None, m, a, 1e-6, fp8)
+    torch.testing.assert_close(new_x, ref_x, rtol=1e-6, atol=1e-6)
+    assert rows.shape == (b, n, c) and rows.scale.shape == (b, n, 1)
+    assert_fp8_rows_close(rows, ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 100), (2, 5, 64), (1, 1, 300)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_quantize_rows_matches_reference(poisoned, shape, gelu):
+    x = (torch.randn(shape) * 4).to(DEVICE, torch.bfloat16)
+    x[0, ..., :] = 0  # an all-zero row keeps a finite scale and quantises to zeros
+    rows, ref = kernels_fused.quantize_rows_triton(x, gelu), kernels_fused.quantize_rows_reference(x, gelu)
+    assert rows.shape == shape and rows.scale.shape == (*shape[:-1], 1)
+    assert_fp8_rows_close(rows, ref)
+    assert (rows.data[0].float() == 0).all() and (rows.scale > 0).all()
+    dequantised = rows.data.float() * rows.scale  # within half an e4m3 step (2^-4 relative) of the input
+    source = torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x.float()
+    assert ((dequantised - source).abs() <= (source.abs() / 16 + rows.scale * 2**-10) * 1.001).all()
+
+
+@pytest.mark.parametrize("length,d", [(1, 16), (37, 64), (130, 128)])
+def test_dequantize_rows_writes_into_strided_views(poisoned, length, d):
+    """The FP8 KV cache's prefix (B, H planes of a longer stored buffer) into its staging buffer."""
+    rows = kernels_fused.quantize_rows_reference(torch.randn(2, 2, 3, length + 5, d) * 3)
+    data, scale = rows.data[1].to(DEVICE), rows.scale[1].to(DEVICE)  # one layer of a (layers, ...) cache
+    staging = torch.full((2, 3, length + 9, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    kernels_fused.dequantize_rows(data[:, :, :length], scale[:, :, :length], staging[:, :, :length])
+    ref = (data[:, :, :length].float() * scale[:, :, :length]).to(torch.bfloat16)
+    assert torch.equal(staging[:, :, :length], ref) and staging[:, :, length:].isnan().all()
 
 
 @pytest.mark.parametrize("b,n,heads,d", [(2, 5, 3, 64), (1, 1, 1, 16), (2, 9, 5, 128)])

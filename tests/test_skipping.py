@@ -198,7 +198,7 @@ def test_pruning_needs_the_cache_scale_first_and_the_static_cache(pipe):
     with pytest.raises(SparvarError, match="cache scale"):
         pruning.forward(x, 6, SCHEDULE, 4, None, None, lambda x, rope, attend, layers: x)
     assert plan.cache_scale == 5
-    with pytest.raises(SparvarError, match="static KV cache"):
+    with pytest.raises(SparvarError, match="preallocated KV cache"):
         pipe(["a"], schedule=SCHEDULE, prune="fastvar", kv_cache="concat", progress=False)
     with pytest.raises(SparvarError, match="unknown token pruning"):
         pipe(["a"], schedule=SCHEDULE, prune="fast", progress=False)

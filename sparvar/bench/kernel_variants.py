@@ -18,7 +18,7 @@ from sparvar.bench.kernels import (
 )
 from sparvar.schedules import infinity_schedule
 
-SECTIONS = ("sparse", "probe", "gather", "decision")
+SECTIONS = ("sparse", "probe", "gather", "decision", "fp8", "warp_specialize")
 SM = 1 / math.sqrt(HEAD_DIM)
 
 
@@ -118,6 +118,62 @@ def decision_configs(record, heads: int) -> None:
         record(scale=10, variant=f"decision group{group} {kw}", ms=ms, over_flash=ms / flash)
 
 
+def fp8_configs(record, heads: int, scale: int) -> None:
+    """FP8 q, k (and v) against bf16 on the same tables: time (the quantising pass of q, k, v
+    timed apart, since an FP8 KV cache and a fused qkv kernel would make it free) and error."""
+    from sparvar.attention.triton_decision import triton_attention_colsum
+    from sparvar.attention.triton_sparse import quantize_heads, triton_sparse_attention
+
+    sched = infinity_schedule("1:1", 1024)
+    q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
+    q, k, v = make_inputs(heads, q_len, kv_len)
+    q = torch.nn.functional.normalize(q.float(), dim=-1).to(q.dtype) * 4  # cosine attention's range
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
+    (q8, qs), (k8, ks), (v8, vs) = quantize_heads(q), quantize_heads(k), quantize_heads(v)
+    record(scale=scale, variant="fp8: quantise q, k, v (3 passes)",
+           ms=time_ms(lambda: (quantize_heads(q), quantize_heads(k), quantize_heads(v))))
+    tables = {"paper": _to(paper_csla_table(scale, "cpu")[0], "cuda")}
+    for d in (0.10, 0.25, 0.50, 1.0):
+        tables[f"{d:.0%}"] = _to(random_table(q_len, kv_len, d), "cuda")
+    variants = [("bf16 (default)", (q, k, v), {}), ("fp8 qk", (q8, k8, v), dict(q_scale=qs, k_scale=ks)),
+                ("fp8 qkv", (q8, k8, v8), dict(q_scale=qs, k_scale=ks, v_scale=vs))]
+    for name, table in tables.items():
+        pairs = covered_pairs(table)
+        ref = triton_sparse_attention(q, k, v, table, 1.0)
+        for label, args, kw in variants:
+            fn = lambda: triton_sparse_attention(*args, table, 1.0, **kw)  # noqa: E731
+            ms = time_ms(fn)
+            record(scale=scale, table=name, variant=label, ms=ms, tflops=tflops(pairs, heads, ms), err=rel_err(fn(), ref))
+    if scale == 10:
+        ref = triton_attention_colsum(q, k, v, 192, 1.0)
+        for label, args, kw in variants:
+            fn = lambda: triton_attention_colsum(*args, 192, 1.0, **kw)  # noqa: E731
+            ms = time_ms(fn)
+            out, colsum = fn()
+            record(scale=10, variant=f"decision {label}", ms=ms, err=rel_err(out, ref[0]), colsum_err=rel_err(colsum, ref[1]))
+
+
+def warp_specialize_configs(record, heads: int, scale: int) -> None:
+    """Triton's automatic warp specialisation of the bf16 block loop, against the default."""
+    from sparvar.attention.triton_sparse import triton_sparse_attention
+
+    sched = infinity_schedule("1:1", 1024)
+    q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
+    q, k, v = make_inputs(heads, q_len, kv_len)
+    tables = {"paper": _to(paper_csla_table(scale, "cpu")[0], "cuda"), "100%": _to(random_table(q_len, kv_len, 1.0), "cuda")}
+    for name, table in tables.items():
+        pairs = covered_pairs(table)
+        ref = triton_sparse_attention(q, k, v, table, SM)
+        for label, kw in [("bm64 bn64 st3 (default)", {}), ("warp_specialize", dict(warp_specialize=True)),
+                          ("bm128 bn128 warp_specialize", dict(block_m=128, block_n=128, warp_specialize=True))]:
+            try:
+                fn = lambda: triton_sparse_attention(q, k, v, table, SM, **kw)  # noqa: E731
+                ms = time_ms(fn)
+                record(scale=scale, table=name, variant=label, ms=ms, tflops=tflops(pairs, heads, ms), err=rel_err(fn(), ref))
+            except Exception as err:  # a compiler that refuses the variant is a result too
+                record(scale=scale, table=name, variant=label, error=f"{type(err).__name__}: {err}"[:300])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="variants.jsonl")
@@ -138,6 +194,10 @@ def main() -> None:
                 sparse_configs(record, args.heads, scale)
             if "probe" in sections:
                 overhead_probe(record, args.heads, scale)
+            if "fp8" in sections:
+                fp8_configs(record, args.heads, scale)
+            if "warp_specialize" in sections:
+                warp_specialize_configs(record, args.heads, scale)
         if "gather" in sections:
             gather_configs(record, args.heads)
         if "decision" in sections:

@@ -178,7 +178,8 @@ def main(argv=None) -> dict:
     out = output_folder(args.out)
     say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))  # noqa: E731
 
-    pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device)
+    pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device,
+                         precision=args.precision, offload=args.offload)
     probe = PropertyProbe(max(from_scale, 1), radii, sinks)
     say(f"1/3 dense generation, measuring attention at query scales {probe.from_scale}-{len(schedule) - 1}")
     pipe([condition], config, attention=probe, progress=not args.quiet)

@@ -264,7 +264,8 @@ def main(argv=None) -> dict:
     conditions = conditions_of(spec, args.prompts, args.labels)
     check_conditions(spec, conditions)
     out = output_folder(args.out)
-    pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device)
+    pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device,
+                         precision=args.precision, offload=args.offload)
     results = evaluate(pipe, conditions, list(range(args.seeds)), presets, config, args.batch,
                        progress=not args.quiet)
     results["summary"] = summary(results)

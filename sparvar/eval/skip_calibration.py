@@ -159,7 +159,8 @@ def main(argv=None) -> dict:
     if args.seeds < 1 or args.batch < 1:
         raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
     out = output_folder(args.out)
-    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
+    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device,
+                         precision=args.precision, offload=args.offload)
     conditions = conditions_of(pipe.spec, args.prompts)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     measured = measure(pipe, conditions, seeds, args.attention, args.batch, progress=not args.quiet)

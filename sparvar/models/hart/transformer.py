@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache
+from sparvar.kv_cache import KVCache, make_kv_cache
 from sparvar.models.hart.diffusion import DiffusionHead
 from sparvar.models.hart.text import SYSTEM_PROMPT
 from sparvar.models.infinity.transformer import Attend, CachedAttend
@@ -265,6 +265,11 @@ class HARTTransformer(nn.Module):
         self.head = nn.Linear(c, cfg.vocab)
         self.decoder_norm = RMSNorm(c, cfg.norm_eps)
         self.diffloss = DiffusionHead(cfg.vae_channels, c, cfg.diffusion_width, cfg.diffusion_depth, cfg.diffusion_steps)
+        self.stream = None  # an offload.BlockStream when the blocks stream from CPU memory
+
+    def block(self, layer: int) -> Block:
+        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
+        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -291,9 +296,11 @@ class HARTTransformer(nn.Module):
                                    "made for another schedule or text length than its config.json says")
         return {k: v for k, v in state.items() if k not in derived}
 
-    def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
+        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
         c = self.cfg
-        return KVCache(c.depth, batch, c.heads, capacity, c.head_dim, self.dtype, self.device)
+        stored = capacity if stored is None else stored
+        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
 
     def init_weights(self, seed: int = 0) -> "HARTTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
@@ -334,7 +341,8 @@ class HARTTransformer(nn.Module):
         else:
             weight = mask[..., None].float()
             pooled = (text * weight / weight.sum(1).clamp(min=1)[:, None]).sum(1)
-        mods = torch.stack([b.ada_lin(pooled.to(dtype)).float().view(-1, 1, 6, self.cfg.width) for b in self.blocks])
+        mods = torch.stack([self.block(i).ada_lin(pooled.to(dtype)).float().view(-1, 1, 6, self.cfg.width)
+                            for i in range(self.cfg.depth)])
         head = self.head_nm.ada_lin(text.max(1).values.to(dtype)).float().view(-1, 1, 2, self.cfg.width)
         cos, sin = text_rope(positions, self.cfg.head_dim)
         return Prepared(start=text, mods=mods, head=head, text_cos=cos, text_sin=sin, offsets=positions[:, -1].float())
@@ -345,8 +353,8 @@ class HARTTransformer(nn.Module):
 
     # ---- the transformer ----------------------------------------------------------------
     def _blocks(self, x, prep: Prepared, cos, sin, attend: Attend) -> torch.Tensor:
-        for layer, block in enumerate(self.blocks):
-            x = block(x, prep.mods[layer], cos, sin, attend, layer)
+        for layer in range(self.cfg.depth):
+            x = self.block(layer)(x, prep.mods[layer], cos, sin, attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, prep: Prepared) -> torch.Tensor:

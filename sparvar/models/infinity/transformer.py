@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionCall, AttentionPolicy
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache
+from sparvar.kv_cache import KVCache, make_kv_cache
+from sparvar.models.fp8 import Fp8Linear, project
 from sparvar.models.fused import add_norm, gated_add, linear_gelu, qkv_heads
 from sparvar.schedules import Schedule
 from sparvar.skipping import Kept, TokenPruning
@@ -163,10 +164,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(c, c)
 
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv_out=None):
-        """q, k, v (B, H, L, D) in x's dtype, normalised (and rotated, given RoPE angles); k, v
-        possibly written into kv_out (see fused.qkv_heads)."""
+        """q, k, v (B, H, L, D) in the matmul dtype, normalised (and rotated, given RoPE angles); k, v
+        possibly written into kv_out (see fused.qkv_heads). x may come as FP8 rows (models/fp8.py)."""
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        return qkv_heads(F.linear(x, self.mat_qkv.weight, bias), self.heads, self.scale_mul_1H11.flatten(), rope, kv_out)
+        return qkv_heads(project(x, self.mat_qkv, bias), self.heads, self.scale_mul_1H11.flatten(), rope, kv_out)
 
     def forward(self, x, rope, attend: Attend, layer: int):
         q, k, v = self.qkv(x, rope, attend.slots(layer, x.shape[1]))
@@ -192,7 +193,7 @@ class CrossAttention(nn.Module):
     def text_kv(self, text: torch.Tensor):
         """Keys and values (B, H, T, D) of the text; computed once per generation."""
         b, t, _ = text.shape
-        kv = F.linear(text, self.mat_kv.weight, torch.cat([self.zero_k_bias, self.v_bias]))
+        kv = project(text, self.mat_kv, torch.cat([self.zero_k_bias, self.v_bias]))
         k, v = kv.view(b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
@@ -215,6 +216,8 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x):
+        if isinstance(self.fc1, Fp8Linear):  # the GELU runs in the pass that quantises fc2's input
+            return self.fc2(self.fc1.gelu_rows(x))
         return self.fc2(linear_gelu(x, self.fc1))
 
 
@@ -261,7 +264,7 @@ class Block(nn.Module):
 
     def forward(self, x, mod, text, rope, attend: Attend, layer: int):
         """mod: this block's adaLN (Prepared.mods). Each residual add is fused with the norm that
-        follows it (models/fused.py)."""
+        follows it (models/fused.py); with FP8 projections the norms hand them FP8 rows."""
         dtype = self.ffn.fc1.weight.dtype
         gamma1, gamma2, mul1, mul2, shift1, shift2 = mod.unbind(2)
         _, normed = add_norm(x, None, None, mul1, shift1, self.eps, dtype)
@@ -320,6 +323,11 @@ class InfinityTransformer(nn.Module):
         self.head_nm = HeadNorm(c, cfg.norm_eps)
         self.head = nn.Linear(c, 2 * cfg.bits)
         self._ropes: dict = {}
+        self.stream = None  # an offload.BlockStream when the blocks stream from CPU memory
+
+    def block(self, layer: int) -> Block:
+        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
+        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
 
     @property
     def blocks(self) -> list[Block]:
@@ -354,9 +362,11 @@ class InfinityTransformer(nn.Module):
         """An official file's tensors as this module loads them: the same."""
         return state
 
-    def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
+        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
         c = self.cfg
-        return KVCache(c.depth, batch, c.heads, capacity, c.head_dim, self.dtype, self.device)
+        stored = capacity if stored is None else stored
+        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
 
     def init_weights(self, seed: int = 0) -> "InfinityTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
@@ -399,7 +409,7 @@ class InfinityTransformer(nn.Module):
             text_tokens = self.text_proj_for_ca(feats)
             # the mask in the additive form SDPA would otherwise make from it in every call
             bias = torch.zeros(mask.shape, device=mask.device, dtype=dtype).masked_fill(~mask, float("-inf"))
-            text = [(b.ca.text_kv(text_tokens), bias) for b in self.blocks]
+            text = [(self.block(i).ca.text_kv(text_tokens), bias) for i in range(self.cfg.depth)]
         else:
             labels = condition
             if guidance:
@@ -408,7 +418,7 @@ class InfinityTransformer(nn.Module):
             text = None
         gss = self.shared_ada_lin(cond.to(dtype)).float().view(-1, 1, 6, self.cfg.width)
         # every block's modulation once per generation, not at every scale (small scales are launch-bound)
-        mods = torch.stack([b.ada_gss[0] for b in self.blocks]).float()[:, None] + gss
+        mods = torch.stack([self.block(i).ada_gss[0].clone() for i in range(self.cfg.depth)]).float()[:, None] + gss
         mods = mods + torch.tensor([0, 0, 1, 1, 0, 0], device=mods.device, dtype=mods.dtype)[:, None]
         start = cond[:, None] + self.pos_start.float()
         return Prepared(start=start, cond=cond, mods=mods, text=text)
@@ -426,9 +436,8 @@ class InfinityTransformer(nn.Module):
 
     # ---- the transformer ----------------------------------------------------------------
     def _blocks(self, x, prep: Prepared, rope, attend: Attend, layers: range | None = None) -> torch.Tensor:
-        blocks = self.blocks
-        for layer in range(len(blocks)) if layers is None else layers:
-            x = blocks[layer](x, prep.mods[layer], prep.text, rope, attend, layer)
+        for layer in range(self.cfg.depth) if layers is None else layers:
+            x = self.block(layer)(x, prep.mods[layer], prep.text, rope, attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
 from sparvar.models.fused import channels_last_on_gpu, group_norm_silu
+from sparvar.models.infinity.tiled_decode import BAND_PIXELS, TiledDecoder
 
 
 @dataclass(frozen=True)
@@ -192,4 +193,11 @@ class InfinityVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         dtype = self.decoder.conv_in.weight.dtype
         return self.decoder(channels_last_on_gpu(z.to(dtype))).float().clamp(-1, 1)
+
+    def decode_tiled(self, z: torch.Tensor, band_pixels: int = BAND_PIXELS) -> torch.Tensor:
+        """`decode` in bands of rows with the maps in CPU memory (tiled_decode.py): for images whose
+        whole decode does not fit on the device."""
+        dtype = self.decoder.conv_in.weight.dtype
+        out = TiledDecoder(self.decoder, z.device, band_pixels=band_pixels)(z.to(dtype))
+        return out.to(z.device).float().clamp(-1, 1)
 

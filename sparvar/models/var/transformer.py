@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache
+from sparvar.kv_cache import KVCache, make_kv_cache
 from sparvar.models.fused import add_norm, gated_add
 from sparvar.models.infinity.transformer import FFN, Attend, CachedAttend, HeadNorm, SelfAttention, adaptive_norm
 from sparvar.schedules import VAR_256, Schedule
@@ -108,7 +108,12 @@ class VARTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_nm = HeadNorm(c, cfg.norm_eps)
         self.head = nn.Linear(c, cfg.vocab)
+        self.stream = None  # an offload.BlockStream when the blocks stream from CPU memory
         self._fill_buffers()
+
+    def block(self, layer: int) -> Block:
+        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
+        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
 
     @staticmethod
     def _levels(schedule: Schedule, device=None) -> torch.Tensor:
@@ -161,9 +166,11 @@ class VARTransformer(nn.Module):
         cond, uncond = logits.chunk(2)
         return (1 + t) * cond - t * uncond
 
-    def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
+        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
         c = self.cfg
-        return KVCache(c.depth, batch, c.heads, capacity, c.head_dim, self.dtype, self.device)
+        stored = capacity if stored is None else stored
+        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
 
     def init_weights(self, seed: int = 0) -> "VARTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
@@ -200,7 +207,7 @@ class VARTransformer(nn.Module):
         shared = None
         if self.shared_ada_lin is not None:
             shared = self.shared_ada_lin(cond.to(self.dtype)).float().view(-1, 1, 6, self.cfg.width)
-        mods = [block.modulation(cond, shared) for block in self.blocks]
+        mods = [self.block(i).modulation(cond, shared) for i in range(len(self.blocks))]
         return Prepared(start=cond[:, None] + self.pos_start.float(), cond=cond, mods=mods)
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -210,7 +217,7 @@ class VARTransformer(nn.Module):
     # ---- the transformer ----------------------------------------------------------------
     def _blocks(self, x, prep: Prepared, attend: Attend, layers: range | None = None) -> torch.Tensor:
         for layer in range(len(self.blocks)) if layers is None else layers:
-            x = self.blocks[layer](x, prep.mods[layer], attend, layer)
+            x = self.block(layer)(x, prep.mods[layer], attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""What FP8 costs in fidelity: logits on random weights, images on the trained demo model.
+
+1. Random Infinity-2B and 8B weights (the FP8 pipeline holds the quantised weights of the same
+   seeded bf16 one): a greedy bf16 generation (every bit its likelier value) fixes the tokens,
+   then each variant runs the scale loop on those same tokens (teacher forcing through its own
+   KV cache). Per scale: the relative error of its guided logits against bf16's, and the share
+   of greedy choices (bits, or VAR token indices) it agrees with.
+2. The demo model: the PSNR of each variant's images against the bf16 dense images of the same
+   classes and seeds (mean of per-image PSNR, and pooled over all pixels). Target of issue 18:
+   FP8 alone costs less PSNR than the `default` preset does.
+Variants: FP8 matmuls, FP8 KV cache, both; on the demo also `default` and FP8 with `default`.
+Run: sparvar bench fp8-fidelity [--models infinity-2b infinity-8b] [--samples 60] [--out benchmarks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sparvar.bench.e2e import PROMPT
+from sparvar.eval.metrics import psnr
+from sparvar.options import HelpFormatter
+
+VARIANTS = {"fp8": ("fp8", "static"), "fp8-kv": ("auto", "fp8"), "fp8 + fp8-kv": ("fp8", "fp8")}  # precision, cache
+DEMO_VARIANTS = {"default": ("auto", "static", "default"), "fp8": ("fp8", "static", None),
+                 "fp8-kv": ("auto", "fp8", None), "fp8 + fp8-kv": ("fp8", "fp8", None),
+                 "fp8 + default": ("fp8", "static", "default")}  # precision, cache, attention
+
+
+def scale_loop(pipe, conditions: list, schedule, kv_cache: str, tokens: list | None = None):
+    """Guided logits of every scale of one generation and its tokens: greedy (top-k 1, every bit
+    or token its likeliest value) without `tokens`, else forced to `tokens` at every scale
+    (init_tokens: teacher forcing through the variant's own KV cache). Dense attention."""
+    logits = []
+    options = dict(top_k=1) if tokens is None else dict(init_tokens=tokens, init_scales=len(tokens))
+    out = pipe(conditions, seed=0, schedule=schedule, kv_cache=kv_cache, progress=False,
+               on_scale=lambda k, guided, drawn: logits.append(guided.float()), **options)
+    return logits, out.tokens
+
+
+def logit_rows(model: str, device: str, resolution: int | None, seed: int = 0) -> list[dict]:
+    """Per-scale logit error and greedy agreement of every variant on one model's random weights."""
+    from sparvar.pipeline import load_pipeline
+
+    pipes = {}
+    for precision in ("auto", "fp8"):
+        pipes[precision] = load_pipeline(model, device=device, random_weights=True, seed=seed, precision=precision)
+    base = pipes["auto"]
+    schedule = base.schedule("1:1", resolution)
+    conditions = [PROMPT] if base.spec.text_conditioned else [0]
+    ref_logits, tokens = scale_loop(base, conditions, schedule, "static")
+    rows = []
+    for name, (precision, kv_cache) in VARIANTS.items():
+        logits, _ = scale_loop(pipes[precision], conditions, schedule, kv_cache, tokens)
+        for k, (a, b) in enumerate(zip(logits, ref_logits)):
+            rows.append({"model": model, "variant": name, "scale": k, "size": list(schedule.sizes[k]),
+                         "logit_rel_err": float((a - b).norm() / b.norm()),
+                         "greedy_agreement": float((a.argmax(-1) == tokens[k]).float().mean())})
+    return rows
+
+
+def demo_rows(device: str, samples: int) -> list[dict]:
+    """PSNR against bf16 dense images of `samples` demo images (classes cycled, one seed each)."""
+    from sparvar.pipeline import load_pipeline
+
+    pipes = {p: load_pipeline("infinity-demo", device=device, precision=p) for p in ("auto", "fp8")}
+    classes = [i % pipes["auto"].spec.num_classes for i in range(samples)]
+    seeds = list(range(samples))
+
+    def images(precision, kv_cache, attention):
+        out = [pipes[precision](classes[i:i + 10], seed=seeds[i:i + 10], kv_cache=kv_cache, attention=attention,
+                                progress=False).pixels for i in range(0, samples, 10)]
+        return (torch.cat(out) + 1) / 2
+
+    ref = images("auto", "static", None)
+    rows = []
+    for name, (precision, kv_cache, attention) in DEMO_VARIANTS.items():
+        got = images(precision, kv_cache, attention)
+        per_image = psnr(got, ref)
+        pooled = 10 * torch.log10(1 / ((got.double() - ref.double()) ** 2).mean())
+        rows.append({"variant": name, "samples": samples, "psnr_mean_db": float(per_image[per_image.isfinite()].mean())
+                     if per_image.isfinite().any() else float("inf"),
+                     "psnr_pooled_db": float(pooled), "identical_images": int((~per_image.isfinite()).sum())})
+    return rows
+
+
+def summarize(logits: list[dict], demo: list[dict]) -> dict:
+    summary = {}
+    for row in logits:  # the worst scale of each (model, variant)
+        key = f"{row['model'].replace('infinity-', '')}_{row['variant'].replace(' + ', '_').replace('-', '_')}"
+        summary[f"{key}_max_logit_rel_err"] = max(summary.get(f"{key}_max_logit_rel_err", 0.0), row["logit_rel_err"])
+        summary[f"{key}_min_greedy_agreement"] = min(summary.get(f"{key}_min_greedy_agreement", 1.0),
+                                                     row["greedy_agreement"])
+    by = {r["variant"]: r for r in demo}
+    for name, r in by.items():
+        summary[f"demo_{name.replace(' + ', '_').replace('-', '_')}_psnr_db"] = r["psnr_pooled_db"]
+    if "fp8" in by and "default" in by:
+        summary["demo_fp8_costs_less_than_default"] = by["fp8"]["psnr_pooled_db"] > by["default"]["psnr_pooled_db"]
+    return summary
+
+
+def to_markdown(result: dict) -> str:
+    lines = ["# FP8 fidelity", "", f"Device: {result['device']}; torch {result['torch']}; {result['date']}",
+             f"Command: `{result['command']}`", "", "Random weights, teacher-forced on bf16's greedy tokens, dense "
+             "attention; per scale: relative error of the guided logits against bf16, and greedy agreement.", ""]
+    models = sorted({r["model"] for r in result["logits"]})
+    for model in models:
+        rows = [r for r in result["logits"] if r["model"] == model]
+        sizes = {r["scale"]: r["size"] for r in rows}
+        lines += [f"## {model}", "", "| variant | " + " | ".join(f"{h}x{w}" for h, w in sizes.values()) + " |",
+                  "|---" * (len(sizes) + 1) + "|"]
+        for variant in VARIANTS:
+            mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["scale"])
+            lines.append(f"| {variant} rel err | " + " | ".join(f"{r['logit_rel_err']:.4f}" for r in mine) + " |")
+            lines.append(f"| {variant} agreement | " + " | ".join(f"{r['greedy_agreement']:.4f}" for r in mine) + " |")
+        lines.append("")
+    if result["demo"]:
+        lines += ["## Demo model, PSNR against bf16 dense images", "",
+                  "| variant | samples | PSNR mean (dB) | PSNR pooled (dB) | identical images |", "|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['samples']} | {r['psnr_mean_db']:.2f} | {r['psnr_pooled_db']:.2f} | "
+                  f"{r['identical_images']} |" for r in result["demo"]]
+    lines += ["", "## Summary", ""] + [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}"
+                                       for k, v in result["summary"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(models: list[str], device: str, resolution: int | None, samples: int, out_dir: str, command: str) -> dict:
+    from sparvar.pipeline import resolve_device
+
+    device = str(resolve_device(device))
+    logits = [row for model in models for row in logit_rows(model, device, resolution)]
+    demo = demo_rows(device, samples) if samples else []
+    result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+              "date": datetime.date.today().isoformat(), "command": command, "torch": torch.__version__,
+              "logits": logits, "demo": demo, "summary": summarize(logits, demo)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fp8_fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "fp8_fidelity.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sparvar bench fp8-fidelity", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"],
+                        help="models whose random weights are compared")
+    parser.add_argument("--resolution", type=int, help="pixel budget of the Infinity models (default: theirs)")
+    parser.add_argument("--samples", type=int, default=60, help="demo images per variant (0: none)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", default="benchmarks", help="folder for fp8_fidelity.json and .md")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    run(args.models, args.device, args.resolution, args.samples, args.out,
+        " ".join(["sparvar bench fp8-fidelity", *argv]))
+
+
+if __name__ == "__main__":
+    main()

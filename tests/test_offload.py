@@ -1,0 +1,81 @@
+"""Memory modes (offload.py): the same images with weights kept in CPU memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparvar.errors import SparvarError
+from sparvar.offload import BlockStream, FlatTensors, OffloadedModule
+from sparvar.pipeline import load_pipeline
+
+ON_GPU = torch.cuda.is_available()
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens)) and torch.equal(a.pixels, b.pixels)
+
+
+def test_flat_tensors_keep_values_and_ties_in_one_buffer():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 3).to(torch.bfloat16))
+    module.register_buffer("steps", torch.arange(7))
+    module.tied = torch.nn.Linear(3, 5)
+    module.tied.weight = module[0].weight
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    flat = FlatTensors(module, "cpu")
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert module.tied.weight.data_ptr() == module[0].weight.data_ptr()
+    for t in after.values():  # every tensor is a view of the flat buffer
+        assert flat.flat.data_ptr() <= t.data_ptr() < flat.flat.data_ptr() + flat.flat.numel()
+
+
+@pytest.mark.parametrize("model,conditions", [("infinity-tiny", ["a boat", "a tree"]), ("var-tiny", [3, 5]),
+                                              ("hart-tiny", ["a boat", "a tree"])])
+@pytest.mark.parametrize("offload", ["text", "blocks"])
+@pytest.mark.parametrize("precision", ["auto", "fp8"])
+def test_offloaded_pipelines_make_the_same_images(model, conditions, offload, precision):
+    if offload == "text" and model == "var-tiny":
+        with pytest.raises(SparvarError, match="has no text encoder"):
+            load_pipeline(model, device="cpu", random_weights=True, offload=offload)
+        return
+    plain = load_pipeline(model, device="cpu", random_weights=True, precision=precision)
+    moved = load_pipeline(model, device="cpu", random_weights=True, precision=precision, offload=offload)
+    assert (moved.transformer.stream is not None) == (offload == "blocks")
+    for _ in range(2):  # streaming state carries over between generations
+        assert _same(plain(conditions, seed=1, progress=False), moved(conditions, seed=1, progress=False))
+
+
+def test_block_stream_serves_any_order():
+    blocks = [torch.nn.Linear(4, 4) for _ in range(3)]
+    weights = [b.weight.detach().clone() for b in blocks]
+    stream = BlockStream(blocks, "cpu")
+    for layer in (0, 1, 2, 0, 2, 2, 1):  # prefetches of layer + 1 that miss are copied again
+        assert torch.equal(stream.fetch(layer).weight, weights[layer])
+
+
+def test_offload_values_are_checked():
+    with pytest.raises(SparvarError, match="unknown offload 'gpu'"):
+        load_pipeline("var-tiny", device="cpu", random_weights=True, offload="gpu")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_offloaded_weights_leave_the_gpu():
+    pipe = load_pipeline("infinity-2b", device="cuda", random_weights=True, offload="blocks")
+    on_gpu = sum(t.numel() * t.element_size() for t in pipe.transformer.state_dict().values() if t.is_cuda)
+    assert on_gpu < 0.05 * sum(t.numel() * t.element_size() for t in pipe.transformer.state_dict().values())
+    assert not next(pipe.text_encoder.model.parameters()).is_cuda
+    ref = load_pipeline("infinity-2b", device="cuda", random_weights=True)
+    schedule = ref.schedule("1:1", 256)
+    a = ref(["a fox"], seed=0, schedule=schedule, progress=False)
+    b = pipe(["a fox"], seed=0, schedule=schedule, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+
+
+def test_offloaded_module_moves_nothing_back():
+    module = torch.nn.Linear(3, 3)
+    store = OffloadedModule(module, "cpu")
+    host = store.store.flat.data_ptr()
+    store.bring()
+    store.release()
+    assert module.weight.data_ptr() - host < store.store.flat.numel()
