@@ -2,10 +2,11 @@
 
 CS4A gives every group of queries its own list of keys. Gathering those keys and values per
 group and running SDPA over the (batch, head, group) batch keeps memory at
-O(groups x list length) instead of the O(q_len x kv_len) of a masked dense reference, so it
-runs on any device at full model sizes. The result is exact for the table (rows with an empty
-list give zeros). Block tables (CSLA's) are first expanded into their key tokens, so on the CPU
-only the kept blocks are computed (the masked reference computes all of them, then masks).
+O(groups x list length) instead of the O(q_len x kv_len) of a masked dense reference, and it
+never reads the table on the host, so it runs inside CUDA graphs: the GPU path for float32 and
+for FlexAttention's key lists. The result is exact for the table (rows with an empty list give
+zeros). Block tables (CSLA's) are first expanded into their key tokens. On the CPU, cpu.py is
+several times faster (benchmarks/demo_cpu_attention.md).
 """
 
 from __future__ import annotations
