@@ -34,12 +34,12 @@ def grouped_attention_colsum(
     this is 5x faster than the reference (benchmarks/demo_cpu_attention.md).
     """
     b, h, lq, _ = q.shape
-    q32, kt, v32 = q.float(), k.float().transpose(-1, -2), v.float()
+    q32, kt, v32 = q.float() * scale, k.float().transpose(-1, -2), v.float()
     out = q.new_empty(b, h, lq, v.shape[-1], dtype=torch.float32)
     colsum = q.new_empty(b, h, -(-lq // group), k.shape[2], dtype=torch.float32)
     for i in range(colsum.shape[2]):
         rows = slice(i * group, (i + 1) * group)
-        p = torch.matmul(q32[:, :, rows], kt).mul_(scale).softmax(dim=-1)
+        p = torch.matmul(q32[:, :, rows], kt).softmax(dim=-1)
         torch.sum(p, dim=2, out=colsum[:, :, i])
         torch.matmul(p, v32, out=out[:, :, rows])
     return out.to(q.dtype), colsum

@@ -3,7 +3,9 @@
 Times dense SDPA at every scale, each sparse backend on the tables the `default` policy builds
 (CSLA block tables, CS4A key lists, the decision scale's residual list) and the decision pass,
 then adds them up over one generation's plan; --e2e also runs a random-weight model of that size
-through the pipeline, dense against `default`. Wall-clock medians of interleaved repeats.
+through the pipeline, dense against `default`. Medians of interleaved repeats, in wall-clock
+seconds, or with --clock cpu in CPU seconds of this process (steadier on a shared machine; run
+with OMP_NUM_THREADS=1 so they are the seconds of one core).
 
     python -m sparvar.bench.cpu_attention --out benchmarks/demo_cpu_attention.json [--flex] [--e2e]
 """
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sparvar.attention.decision import grouped_attention_colsum, reference_attention_colsum
+from sparvar.attention.flex import flex_attention
 from sparvar.attention.policy import AttentionCall
 from sparvar.attention.sparse import sparse_attention
 from sparvar.schedules import infinity_schedule
@@ -55,16 +58,19 @@ def _inputs(heads: int, gen: torch.Generator) -> dict:
     return out
 
 
-def _median_s(fns: dict, repeats: int) -> dict:
-    """Median wall seconds of each callable, timed in `repeats` interleaved rounds after one warm-up."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _median_s(fns: dict, repeats: int, clock) -> dict:
+    """Median seconds of each callable, timed in `repeats` interleaved rounds after one warm-up."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
@@ -72,7 +78,7 @@ def _rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def bench_kernels(heads: int, depth: int, repeats: int, flex: bool) -> dict:
+def bench_kernels(heads: int, depth: int, repeats: int, flex: bool, clock=time.perf_counter) -> dict:
     gen = torch.Generator().manual_seed(0)
     policy = _Recorder(get_config("default"), "default")
     plan = policy.plan(depth, SCHEDULE)
@@ -85,12 +91,13 @@ def bench_kernels(heads: int, depth: int, repeats: int, flex: bool) -> dict:
     rows = []
     for k, (q, kk, vv) in inputs.items():
         rows.append({"scale": k, "kind": "dense", "q_len": q.shape[2], "kv_len": kk.shape[2],
-                     "seconds": _median_s({"sdpa": lambda: F.scaled_dot_product_attention(q, kk, vv, scale=1.0)}, repeats)})
+                     "seconds": _median_s({"sdpa": lambda: F.scaled_dot_product_attention(q, kk, vv, scale=1.0)}, repeats, clock)})
     for (layer, k), table in sorted(policy.tables.items()):
         q, kk, vv = inputs[k]
         kind = "csla" if table.key_block > 1 else ("residual" if plan.modes[layer][k] == "decision" else "cs4a")
-        names = ("cpu", "gather", "flex") if flex and kind == "csla" else ("cpu", "gather")
-        options = {name: (lambda name=name: sparse_attention(q, kk, vv, table, 1.0, backend=name)) for name in names}
+        options = {name: (lambda name=name: sparse_attention(q, kk, vv, table, 1.0, backend=name)) for name in ("cpu", "gather")}
+        if flex and kind == "csla":  # compiled: the flex backend compiles only on CUDA
+            options["flex"] = lambda: flex_attention(q, kk, vv, table, 1.0, compile=True)
         row = {"scale": k, "kind": kind, "q_len": q.shape[2], "kv_len": kk.shape[2],
                "density": float(table_density(table).mean())}
         if "flex" in options:  # its first call compiles
@@ -99,7 +106,7 @@ def bench_kernels(heads: int, depth: int, repeats: int, flex: bool) -> dict:
             row["flex_first_call_s"] = time.perf_counter() - start
             row["rel_err_flex_vs_gather"] = _rel(out, options["gather"]())
         row["rel_err_cpu_vs_gather"] = _rel(options["cpu"](), options["gather"]())
-        rows.append(row | {"seconds": _median_s(options, repeats)})
+        rows.append(row | {"seconds": _median_s(options, repeats, clock)})
     q, kk, vv = inputs[plan.decision_scale]
     group = policy.config.group
     grouped, ref = grouped_attention_colsum(q, kk, vv, group, 1.0), reference_attention_colsum(q, kk, vv, group, 1.0)
@@ -107,7 +114,7 @@ def bench_kernels(heads: int, depth: int, repeats: int, flex: bool) -> dict:
         "scale": plan.decision_scale, "kind": "decision", "q_len": q.shape[2], "kv_len": kk.shape[2],
         "rel_err_grouped_vs_reference": max(_rel(grouped[0], ref[0]), _rel(grouped[1], ref[1])),
         "seconds": _median_s({"grouped": lambda: grouped_attention_colsum(q, kk, vv, group, 1.0),
-                              "reference": lambda: reference_attention_colsum(q, kk, vv, group, 1.0)}, repeats),
+                              "reference": lambda: reference_attention_colsum(q, kk, vv, group, 1.0)}, repeats, clock),
     })
     return {"rows": rows, "estimate": estimate(rows, plan, depth)}
 
@@ -170,13 +177,14 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clock", choices=CLOCKS, default="wall")
     parser.add_argument("--flex", action="store_true", help="also compiled FlexAttention on the CSLA tables (minutes to compile)")
     parser.add_argument("--e2e", action="store_true", help="also dense vs default through the pipeline, random weights")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "load_before": os.getloadavg(), "settings": vars(args)}
-    result |= bench_kernels(args.heads, args.depth, args.repeats, args.flex)
+    result |= bench_kernels(args.heads, args.depth, args.repeats, args.flex, CLOCKS[args.clock])
     if args.e2e:
         result["e2e"] = bench_e2e(args.heads, args.depth, max(1, args.repeats // 2))
     result["load_after"] = os.getloadavg()
