@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparvar.attention.cpu import cpu_sparse_attention, key_runs
+from sparvar.attention.cpu import cpu_sparse_attention
 from sparvar.attention.decision import attention_with_colsum, grouped_attention_colsum, reference_attention_colsum
 from sparvar.attention.sparse import resolve_backend, sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
@@ -75,11 +75,6 @@ def test_fp16_and_dense_tables():
     out = cpu_sparse_attention(q, k, v, full, 0.25)
     dense = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.25)
     assert _rel(out, dense) < TOL[torch.float16]
-
-
-def test_key_runs_merge_consecutive_blocks_and_clip_the_last():
-    assert key_runs([5, 0, 1, 3, 4], 10, 52) == [(0, 20), (30, 52)]
-    assert key_runs([2], 4, 100) == [(8, 12)]
 
 
 def test_auto_takes_the_cpu_backend_on_the_cpu():

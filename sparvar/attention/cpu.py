@@ -1,41 +1,41 @@
-"""Sparse attention on the CPU: torch's flash SDPA over contiguous key slices or copied key rows.
+"""Sparse attention on the CPU: torch's flash SDPA over the listed keys, in a few large calls.
 
-Torch's CPU flash kernel is fast when it runs unmasked, or masked with at least 192 queries per
-call (below 192 it works on 32-query tiles, and a mask then costs several times the unmasked
-run); torch.gather of single elements is slow. Hence two paths, both exact for the table (rows
-with an empty list give zeros), chosen by the table's form:
-- block tables (key_block > 1, CSLA): for each query block, the runs of consecutive listed key
-  blocks are sliced out of k and v and concatenated, and one unmasked SDPA runs over every
-  (batch, head) that shares the table row. The table is read on the host.
-- key lists (key_block == 1, CS4A): for each (batch, head), the listed rows of k and v are
-  copied by index_select into one buffer, reused across (batch, head) so it stays in cache, and
-  one SDPA over all query groups runs with the list lengths as a mask.
-benchmarks/demo_cpu_attention.md has the measurements behind these choices.
+Two things measured on a 2-core CPU shape it (benchmarks/demo_cpu_attention.md). Torch's CPU
+flash kernel is fast unmasked, or masked with at least 192 queries per call (below that it works
+in 32-query tiles, where a mask costs several times the unmasked run). And on a loaded machine
+every parallel region may wait for a descheduled thread, so one SDPA call per query block ran
+slower than dense attention there. Hence:
+- block tables (key_block > 1, CSLA): query blocks whose listed key blocks hold the same number
+  of tokens share one unmasked SDPA call; their keys are copied side by side by index_select
+  (CSLA's 32 query blocks at the last scale make 7 calls). The table is read on the host.
+- key lists (key_block == 1, CS4A's groups of 192 queries): gather.py, one masked SDPA call
+  over every (batch, head, group).
+Both are exact for the table; query blocks with no key give zeros.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.nn.functional as F
 
+from sparvar.attention.gather import gather_attention
 from sparvar.attention.tables import BlockTable
 
 
-def key_runs(blocks: list[int], key_block: int, kv_len: int) -> list[tuple[int, int]]:
-    """Token ranges [start, end) covering the listed key blocks, consecutive blocks merged."""
-    runs: list[list[int]] = []
-    for i in sorted(blocks):
-        start, end = i * key_block, min((i + 1) * key_block, kv_len)
-        if runs and runs[-1][1] == start:
-            runs[-1][1] = end
-        else:
-            runs.append([start, end])
-    return [(s, e) for s, e in runs]
-
-
-def _slices(x: torch.Tensor, runs) -> torch.Tensor:
-    parts = [x[:, :, s:e] for s, e in runs]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+def _batches(counts: list[int], indices: list[list[int]], table: BlockTable) -> dict:
+    """(query rows, key tokens) -> [(row indices, key token indices)] of the blocks of that shape."""
+    kb, qb, offsets = table.key_block, table.q_block, torch.arange(table.key_block)
+    batches = defaultdict(list)
+    for r, count in enumerate(counts):
+        if count == 0:
+            continue
+        tokens = (torch.tensor(indices[r][:count])[:, None] * kb + offsets).flatten()
+        tokens = tokens[tokens < table.kv_len]  # the last key block may be short
+        rows = torch.arange(r * qb, min(table.q_len, (r + 1) * qb))
+        batches[len(rows), len(tokens)].append((rows, tokens))
+    return batches
 
 
 def _block_attention(q, k, v, table: BlockTable, scale: float) -> torch.Tensor:
@@ -47,39 +47,24 @@ def _block_attention(q, k, v, table: BlockTable, scale: float) -> torch.Tensor:
         bs = slice(None) if tb == 1 else slice(bi, bi + 1)  # a size-1 table dim serves every sample
         for hi in range(th):
             hs = slice(None) if th == 1 else slice(hi, hi + 1)
-            kk, vv = k[bs, hs], v[bs, hs]
-            for r, count in enumerate(counts[bi][hi]):
-                if count == 0:
-                    continue
-                runs = key_runs(indices[bi][hi][r][:count], table.key_block, table.kv_len)
-                rows = slice(r * table.q_block, (r + 1) * table.q_block)
-                out[bs, hs, rows] = F.scaled_dot_product_attention(
-                    q[bs, hs, rows], _slices(kk, runs), _slices(vv, runs), scale=scale
+            qs, ks, vs, outs = q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs]
+            for (n_rows, n_keys), members in _batches(counts[bi][hi], indices[bi][hi], table).items():
+                n = len(members)
+                rows, keys = torch.cat([m[0] for m in members]), torch.cat([m[1] for m in members])
+
+                def side_by_side(x, idx, length):  # (B', H', n * length, D) -> (B', H' * n, length, D)
+                    return x.index_select(2, idx).unflatten(2, (n, length)).flatten(1, 2)
+
+                o = F.scaled_dot_product_attention(
+                    side_by_side(qs, rows, n_rows), side_by_side(ks, keys, n_keys), side_by_side(vs, keys, n_keys),
+                    scale=scale,
                 )
+                outs.index_copy_(2, rows, o.reshape(*qs.shape[:2], n * n_rows, -1))
     return out
-
-
-def _list_attention(q, k, v, table: BlockTable, scale: float) -> torch.Tensor:
-    b, h, lq, d = q.shape
-    g, m, qb, dv = table.num_q_blocks, table.indices.shape[-1], table.q_block, v.shape[-1]
-    tb, th = table.counts.shape[:2]
-    queries = F.pad(q, (0, 0, 0, g * qb - lq))  # the last group may be short
-    out = q.new_empty(b, h, g * qb, dv)
-    keys, values = k.new_empty(1, g, m, d), v.new_empty(1, g, m, dv)
-    for bi in range(b):
-        for hi in range(h):
-            counts, rows = table.counts[bi % tb, hi % th], table.indices[bi % tb, hi % th].reshape(-1).long()
-            torch.index_select(k[bi, hi], 0, rows, out=keys.view(g * m, d))
-            torch.index_select(v[bi, hi], 0, rows, out=values.view(g * m, dv))
-            mask = (torch.arange(m, device=q.device) < counts[:, None])[None, :, None, :]
-            o = F.scaled_dot_product_attention(queries[bi, hi].reshape(1, g, qb, d), keys, values, attn_mask=mask, scale=scale)
-            # torch >= 2.5 gives zeros on rows with no key; older versions give NaN
-            out[bi, hi] = torch.where(counts[:, None, None] > 0, o[0], 0.0).reshape(g * qb, dv)
-    return out[:, :, :lq]
 
 
 def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: BlockTable, scale: float) -> torch.Tensor:
     """q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D) attending to the keys `table` lists."""
     if table.key_block == 1:
-        return _list_attention(q, k, v, table, scale)
+        return gather_attention(q, k, v, table, scale)
     return _block_attention(q, k, v, table, scale)
