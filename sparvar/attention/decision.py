@@ -24,10 +24,34 @@ def reference_attention_colsum(
     return out, p.view(b, h, -1, group, lk).sum(dim=3)
 
 
+def grouped_attention_colsum(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's result, one query group at a time in float32 (any device, no host sync).
+
+    Each group's probabilities serve both its output and its column sums, so scores are computed
+    once, and the group's (B, H, group, Lk) block stays small enough for the cache; on a CPU
+    this is 5x faster than the reference (benchmarks/demo_cpu_attention.md).
+    """
+    b, h, lq, _ = q.shape
+    q32, kt, v32 = q.float() * scale, k.float().transpose(-1, -2), v.float()
+    out = q.new_empty(b, h, lq, v.shape[-1], dtype=torch.float32)
+    colsum = q.new_empty(b, h, -(-lq // group), k.shape[2], dtype=torch.float32)
+    for i in range(colsum.shape[2]):
+        rows = slice(i * group, (i + 1) * group)
+        p = torch.matmul(q32[:, :, rows], kt).softmax(dim=-1)
+        torch.sum(p, dim=2, out=colsum[:, :, i])
+        torch.matmul(p, v32, out=out[:, :, rows])
+    return out.to(q.dtype), colsum
+
+
 def attention_with_colsum(q, k, v, group: int, scale: float, backend: str = "auto"):
     """Dense attention and per-group column sums of its probabilities in one call."""
-    if resolve_backend(backend, q) == "triton":
+    chosen = resolve_backend(backend, q)
+    if chosen == "triton":
         from sparvar.attention.triton_decision import triton_attention_colsum
 
         return triton_attention_colsum(q, k, v, group, scale)
-    return reference_attention_colsum(q, k, v, group, scale)
+    if chosen == "reference":
+        return reference_attention_colsum(q, k, v, group, scale)
+    return grouped_attention_colsum(q, k, v, group, scale)

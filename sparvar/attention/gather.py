@@ -2,10 +2,11 @@
 
 CS4A gives every group of queries its own list of keys. Gathering those keys and values per
 group and running SDPA over the (batch, head, group) batch keeps memory at
-O(groups x list length) instead of the O(q_len x kv_len) of a masked dense reference, so it
-runs on any device at full model sizes. The result is exact for the table (rows with an empty
-list give zeros). Block tables (CSLA's) are first expanded into their key tokens, so on the CPU
-only the kept blocks are computed (the masked reference computes all of them, then masks).
+O(groups x list length) instead of the O(q_len x kv_len) of a masked dense reference, and it
+never reads the table on the host, so it runs inside CUDA graphs: the GPU path for float32 and
+for FlexAttention's key lists. The result is exact for the table (rows with an empty list give
+zeros). Block tables (CSLA's) are first expanded into their key tokens; on the CPU, cpu.py runs
+them several times faster (benchmarks/demo_cpu_attention.md) and sends key lists here.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: B
         table = expand_blocks(table)
     b, h, lq, d = q.shape
     g, m, qb = table.num_q_blocks, table.indices.shape[-1], table.q_block
-    idx = table.indices.expand(b, h, g, m).reshape(b, h, g * m, 1).long()
-    keys = torch.gather(k, 2, idx.expand(b, h, g * m, d)).view(b, h * g, m, d)
-    values = torch.gather(v, 2, idx.expand(b, h, g * m, v.shape[-1])).view(b, h * g, m, v.shape[-1])
+    # indexing copies whole rows; torch.gather, which indexes every element, was 1.3x slower on a CPU
+    idx = table.indices.expand(b, h, g, m).reshape(b, h, g * m)
+    bi = torch.arange(b, device=q.device)[:, None, None]
+    hi = torch.arange(h, device=q.device)[None, :, None]
+    keys = k[bi, hi, idx].view(b, h * g, m, d)
+    values = v[bi, hi, idx].view(b, h * g, m, v.shape[-1])
     counts = table.counts.expand(b, h, g).reshape(b, h * g, 1, 1)
     mask = torch.arange(m, device=q.device) < counts
     queries = F.pad(q, (0, 0, 0, g * qb - lq)).reshape(b, h * g, qb, d)  # q may be a strided view

@@ -1,10 +1,11 @@
 """One entry for sparse attention over a BlockTable; picks a backend by device and table form.
 
 Backends: "triton" (our kernels, CUDA), "flex" (FlexAttention for block tables, CUDA; gathered
-key lists go to "gather"), "gather" (per query block, SDPA over the gathered keys; any device),
-"reference" (masked float32 attention; the definition, for tests). "auto" takes triton for
-fp16/bf16 on CUDA, and elsewhere gather (block tables expanded into their keys, so only kept
-blocks are computed), or the reference where the log-sum-exp is asked for.
+key lists go to "gather"), "cpu" (SDPA over key slices or copied key rows, reading the table on
+the host; cpu.py), "gather" (per query block, SDPA over gathered keys; any device, no host sync,
+so it runs inside CUDA graphs), "reference" (masked float32 attention; the definition, for
+tests). "auto" takes triton for fp16/bf16 on CUDA, the reference where the log-sum-exp is asked
+for, and otherwise cpu on the CPU and gather elsewhere.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
-BACKENDS = ("auto", "reference", "triton", "flex", "gather")
+BACKENDS = ("auto", "reference", "triton", "flex", "cpu", "gather")
 
 
 @lru_cache(maxsize=None)
@@ -29,15 +30,16 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, q: torch.Tensor, table: BlockTable | None = None, lse: bool = False) -> str:
-    """The backend that will run: 'auto' becomes triton for fp16/bf16 on CUDA (when triton imports)."""
+    """The backend that will run for q and `table` (module docstring); `lse`: the log-sum-exp is asked for."""
     if backend not in BACKENDS:
         raise SparvarError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    gathered = table is not None and table.key_block == 1
     if backend == "auto":
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available():
             return "triton"
-        return "gather" if table is not None and not lse else "reference"
-    if backend == "flex" and gathered:
+        if lse:
+            return "reference"
+        return "cpu" if q.device.type == "cpu" else "gather"
+    if backend == "flex" and table is not None and table.key_block == 1:
         return "gather"
     return backend
 
@@ -66,6 +68,10 @@ def sparse_attention(
         from sparvar.attention.flex import flex_attention
 
         return flex_attention(q, k, v, table, scale)
+    if backend == "cpu":
+        from sparvar.attention.cpu import cpu_sparse_attention
+
+        return cpu_sparse_attention(q, k, v, table, scale)
     if backend == "gather":
         from sparvar.attention.gather import gather_attention
 

@@ -13,7 +13,7 @@ from sparvar.sparsity.presets import PRESETS, SparVARConfig, get_config, make_pl
 def make_policy(name: str, backend: str = "auto", sdpa_backend: str = "auto", **overrides) -> SparVARPolicy:
     """The policy of preset `name` ("dense", "paper", "default", ...), some settings replaced.
 
-    `backend` picks the sparse kernel ("auto": the fast one on CUDA, the reference elsewhere);
+    `backend` picks the sparse kernel ("auto": Triton on CUDA, the CPU backend on the CPU);
     `sdpa_backend` pins torch's kernel for the dense calls ("auto", "flash", "cudnn", ...).
     """
     return SparVARPolicy(get_config(name, **overrides), name=name, backend=backend, sdpa_backend=sdpa_backend)
