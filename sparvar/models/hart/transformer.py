@@ -38,7 +38,7 @@ from sparvar.errors import SparvarError
 from sparvar.kv_cache import KVCache, make_kv_cache
 from sparvar.models.hart.diffusion import DiffusionHead
 from sparvar.models.hart.text import SYSTEM_PROMPT
-from sparvar.models.infinity.transformer import Attend, CachedAttend
+from sparvar.models.infinity.transformer import Attend, CachedAttend, RMSNorm  # RMSNorm: float32, as HART's fused kernel
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning
 
@@ -136,19 +136,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise SparvarError(f"cannot read {path}: {err}") from None
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, in float32 (the official fused kernel's arithmetic)."""
-
-    def __init__(self, width: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(width))
-
-    def forward(self, x):
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
