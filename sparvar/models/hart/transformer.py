@@ -35,10 +35,11 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache, make_kv_cache
+from sparvar.kv_cache import KVCache
 from sparvar.models.hart.diffusion import DiffusionHead
 from sparvar.models.hart.text import SYSTEM_PROMPT
-from sparvar.models.infinity.transformer import Attend, CachedAttend, RMSNorm  # RMSNorm: float32, as HART's fused kernel
+from sparvar.models.infinity.transformer import (  # RMSNorm: float32, as HART's fused kernel
+    Attend, CachedAttend, RMSNorm, ScaleTransformer)
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning
 
@@ -238,7 +239,7 @@ class Prepared:
     offsets: torch.Tensor  # (B,) float32: each row's last text position, added to the image positions
 
 
-class HARTTransformer(nn.Module):
+class HARTTransformer(ScaleTransformer):
     def __init__(self, cfg: HARTConfig):
         super().__init__()
         self.cfg = cfg
@@ -252,19 +253,6 @@ class HARTTransformer(nn.Module):
         self.head = nn.Linear(c, cfg.vocab)
         self.decoder_norm = RMSNorm(c, cfg.norm_eps)
         self.diffloss = DiffusionHead(cfg.vae_channels, c, cfg.diffusion_width, cfg.diffusion_depth, cfg.diffusion_steps)
-        self.stream = None  # an offload.BlockStream when the blocks stream from CPU memory
-
-    def block(self, layer: int) -> Block:
-        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
-        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.weight.device
 
     @staticmethod
     def guidance_weight(scale: int, num_scales: int, cfg: float) -> float:
@@ -282,12 +270,6 @@ class HARTTransformer(nn.Module):
                 raise SparvarError(f"the checkpoint's {key} has shape {tuple(state[key].shape)}, not {shape}: it was "
                                    "made for another schedule or text length than its config.json says")
         return {k: v for k, v in state.items() if k not in derived}
-
-    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
-        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
-        c = self.cfg
-        stored = capacity if stored is None else stored
-        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
 
     def init_weights(self, seed: int = 0) -> "HARTTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""

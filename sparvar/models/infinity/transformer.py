@@ -72,6 +72,32 @@ class CachedAttend(Attend):
         return self.policy(q, keys, values, call)
 
 
+class ScaleTransformer(nn.Module):
+    """What the sampler loop asks of every family's transformer besides its steps: where its
+    weights are, a KV cache of any kind, and its blocks one layer at a time. Subclasses hold
+    `cfg` (depth, heads, head_dim), `blocks` and `head`."""
+
+    stream = None  # an offload.BlockStream when the blocks stream from CPU memory
+
+    def block(self, layer: int) -> nn.Module:
+        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
+        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
+        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
+        c = self.cfg
+        stored = capacity if stored is None else stored
+        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
+
+
 @dataclass(frozen=True)
 class InfinityConfig:
     depth: int
@@ -296,7 +322,7 @@ class Prepared:
     text: list | None  # per layer ((k, v), additive mask (B, T)) of the cross-attention, or None
 
 
-class InfinityTransformer(nn.Module):
+class InfinityTransformer(ScaleTransformer):
     def __init__(self, cfg: InfinityConfig):
         super().__init__()
         self.cfg = cfg
@@ -323,23 +349,10 @@ class InfinityTransformer(nn.Module):
         self.head_nm = HeadNorm(c, cfg.norm_eps)
         self.head = nn.Linear(c, 2 * cfg.bits)
         self._ropes: dict = {}
-        self.stream = None  # an offload.BlockStream when the blocks stream from CPU memory
-
-    def block(self, layer: int) -> Block:
-        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
-        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
 
     @property
     def blocks(self) -> list[Block]:
         return [b for chunk in self.block_chunks for b in chunk.module]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.weight.device
 
     @staticmethod
     def guidance_weight(scale: int, num_scales: int, cfg: float) -> float:
@@ -361,12 +374,6 @@ class InfinityTransformer(nn.Module):
     def checkpoint_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An official file's tensors as this module loads them: the same."""
         return state
-
-    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
-        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
-        c = self.cfg
-        stored = capacity if stored is None else stored
-        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
 
     def init_weights(self, seed: int = 0) -> "InfinityTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""

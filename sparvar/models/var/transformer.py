@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache, make_kv_cache
+from sparvar.kv_cache import KVCache
 from sparvar.models.fused import add_norm, gated_add
-from sparvar.models.infinity.transformer import FFN, Attend, CachedAttend, HeadNorm, SelfAttention, adaptive_norm
+from sparvar.models.infinity.transformer import (
+    FFN, Attend, CachedAttend, HeadNorm, ScaleTransformer, SelfAttention, adaptive_norm)
 from sparvar.schedules import VAR_256, Schedule
 from sparvar.skipping import TokenPruning
 
@@ -91,7 +92,7 @@ class Prepared:
     mods: list[torch.Tensor]  # per block, its AdaLN modulation (B, 1, 6, C)
 
 
-class VARTransformer(nn.Module):
+class VARTransformer(ScaleTransformer):
     def __init__(self, cfg: VARConfig):
         super().__init__()
         self.cfg = cfg
@@ -108,12 +109,7 @@ class VARTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_nm = HeadNorm(c, cfg.norm_eps)
         self.head = nn.Linear(c, cfg.vocab)
-        self.stream = None  # an offload.BlockStream when the blocks stream from CPU memory
         self._fill_buffers()
-
-    def block(self, layer: int) -> Block:
-        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
-        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
 
     @staticmethod
     def _levels(schedule: Schedule, device=None) -> torch.Tensor:
@@ -140,14 +136,6 @@ class VARTransformer(nn.Module):
             return state
         return {**state, "attn_bias_for_masking": self._mask(self.cfg.schedule)}
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.weight.device
-
     @staticmethod
     def guidance_weight(scale: int, num_scales: int, cfg: float) -> float:
         """w in l = l_c + w (l_c - l_u): VAR ramps t = cfg * k / (K - 1) from 0 at the first scale."""
@@ -165,12 +153,6 @@ class VARTransformer(nn.Module):
         t = cfg * (scale / max(num_scales - 1, 1))
         cond, uncond = logits.chunk(2)
         return (1 + t) * cond - t * uncond
-
-    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
-        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
-        c = self.cfg
-        stored = capacity if stored is None else stored
-        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
 
     def init_weights(self, seed: int = 0) -> "VARTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
