@@ -153,6 +153,18 @@ def test_missing_text_encoder_folder_is_not_downloaded(tmp_path):
         TextEncoder.from_folder(tmp_path / "flan-t5-xl", "cpu", torch.float32)
 
 
+def test_missing_or_broken_hart_text_model_folder_is_one_line(tmp_path):
+    from sparvar.models.hart.text import HARTTextEncoder
+
+    with pytest.raises(SparvarError, match="^text model folder not found or incomplete: .*Qwen2-VL-1.5B-Instruct"):
+        HARTTextEncoder.from_folder(tmp_path / "qwen", "cpu", torch.float32, 300)
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text("{not json")
+    with pytest.raises(SparvarError, match="^cannot load the text model from ") as err:
+        HARTTextEncoder.from_folder(tmp_path / "qwen", "cpu", torch.float32, 300)
+    assert "\n" not in str(err.value)
+
+
 def _official_var_state(official_layouts: dict, name: str, cfg, gen: torch.Generator) -> dict:
     """A state dict for the small config `cfg`: the key names of the released model `name` (from the
     official layout, blocks cut to cfg.depth), the shapes by the official formulas, random values,

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sparvar.errors import SparvarError
-from sparvar.models.infinity.text import ByteTokenizer
+from sparvar.models.infinity.text import ByteTokenizer, read_hf_folder
 
 # The official sampler's default (hart/utils/constants.py `llm_system_prompt`, use_llm_system_prompt=True).
 SYSTEM_PROMPT = """Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for image generation.
@@ -72,18 +71,9 @@ class HARTTextEncoder:
     @classmethod
     def from_folder(cls, path: str | Path, device, dtype, max_length: int) -> "HARTTextEncoder":
         """`transformers`' model and tokenizer of a local folder (Qwen2-VL-1.5B-Instruct); never downloads."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise SparvarError(
-                f"text model folder not found or incomplete: {path} (needs config.json, weights and tokenizer "
-                "files); download mit-han-lab/Qwen2-VL-1.5B-Instruct to a local folder and pass its path")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise SparvarError(f"cannot load the text model from {path}: {err}") from None
+        tokenizer, model = read_hf_folder(path, AutoModel, "text model", "mit-han-lab/Qwen2-VL-1.5B-Instruct")
         return cls(model.to(device=device, dtype=dtype), _HFTokens(tokenizer), max_length)
 
     @classmethod

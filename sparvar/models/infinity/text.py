@@ -85,19 +85,9 @@ class TextEncoder:
     @classmethod
     def from_folder(cls, path: str | Path, device, dtype, max_length: int = 512) -> "TextEncoder":
         """Load `transformers`' T5 encoder and tokenizer from a local folder; never downloads."""
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise SparvarError(
-                f"T5 text encoder folder not found or incomplete: {path} (needs config.json, weights and "
-                "tokenizer files); download google/flan-t5-xl to a local folder and pass its path"
-            )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = T5EncoderModel.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise SparvarError(f"cannot load the T5 encoder from {path}: {err}") from None
+        tokenizer, model = read_hf_folder(path, T5EncoderModel, "T5 text encoder", "google/flan-t5-xl")
         return cls(model.to(device=device, dtype=dtype), _HFTokenizer(tokenizer), max_length)
 
     @classmethod
@@ -175,6 +165,22 @@ class TextEncoder:
             warnings.warn(f"the T5 encoder could not be captured in a CUDA graph ({err}); it runs eagerly")
             return None
         return graph, static_ids, static_mask, out
+
+
+def read_hf_folder(path: str | Path, model_class, what: str, source: str):
+    """(tokenizer, model) of a local `transformers` folder, never downloaded; one-line errors that
+    name `what` and the public `source` to download."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise SparvarError(f"{what} folder not found or incomplete: {path} (needs config.json, weights and "
+                           f"tokenizer files); download {source} to a local folder and pass its path")
+    try:
+        return (AutoTokenizer.from_pretrained(str(path), local_files_only=True),
+                model_class.from_pretrained(str(path), local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise SparvarError(f"cannot load the {what} from {path}: {err}") from None
 
 
 class _HFTokenizer:
