@@ -27,6 +27,7 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -199,15 +200,9 @@ def _calls_post_init(cls) -> None:
     cls.__init__ = init
 
 
-@contextlib.contextmanager
 def modules_stay_on_cpu():
     """`nn.Module.cuda()` returns the module itself (the official loaders move models to CUDA)."""
-    real = nn.Module.cuda
-    nn.Module.cuda = lambda module, *a, **k: module
-    try:
-        yield
-    finally:
-        nn.Module.cuda = real
+    return mock.patch.object(nn.Module, "cuda", lambda module, *a, **k: module)
 
 
 class _Float32As(types.ModuleType):
@@ -219,26 +214,14 @@ class _Float32As(types.ModuleType):
         return getattr(torch, name)
 
 
-@contextlib.contextmanager
 def exact_cross_attention(basic):
     """Run Infinity's cross-attention in float32: its `.to(torch.bfloat16)` becomes a no-op."""
-    real = basic.torch
-    basic.torch = _Float32As("torch")
-    try:
-        yield
-    finally:
-        basic.torch = real
+    return mock.patch.object(basic, "torch", _Float32As("torch"))
 
 
-@contextlib.contextmanager
 def cuda_calls_stay_on_cpu():
     """`Tensor.cuda()` returns the tensor itself (the official prompt encoder moves ids to CUDA)."""
-    real = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = real
+    return mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self)
 
 
 @contextlib.contextmanager

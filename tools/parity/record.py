@@ -142,7 +142,7 @@ class InfinityCase:
 
     def load_transformer(self, vae):
         run = self.off.run
-        with official.cuda_calls_stay_on_cpu(), _module_cuda_stays_on_cpu():
+        with official.cuda_calls_stay_on_cpu(), official.modules_stay_on_cpu():
             model = run.load_infinity(
                 rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2, use_scale_schedule_embedding=0, pn="1M",
                 use_bit_label=1, add_lvl_embeding_only_first_block=1, model_path=str(self.dir / "transformer.pth"),
@@ -163,7 +163,7 @@ class InfinityCase:
         self.save_vae(vae)
         vae = self.build_vae(self.dir / "vae.pth")  # reloaded through the official loader
 
-        with official.cuda_calls_stay_on_cpu(), _module_cuda_stays_on_cpu():
+        with official.cuda_calls_stay_on_cpu(), official.modules_stay_on_cpu():
             fresh = self.off.model.Infinity(
                 vae_local=vae, text_channels=TEXT_CHANNELS, text_maxlen=512, shared_aln=True, fused_norm=True,
                 pad_to_multiplier=128, add_lvl_embeding_only_first_block=1, use_bit_label=1,
@@ -276,17 +276,6 @@ class InfinityCase:
         lens = [n for p in parts for n in p[1]]
         cu = F.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
         return kv, lens, cu, max(lens)
-
-
-class _module_cuda_stays_on_cpu:
-    """nn.Module.cuda() is a no-op (the official loader moves the model to CUDA)."""
-
-    def __enter__(self):
-        self.real = torch.nn.Module.cuda
-        torch.nn.Module.cuda = lambda module, *a, **k: module
-
-    def __exit__(self, *exc):
-        torch.nn.Module.cuda = self.real
 
 
 def tiny_t5(out: Path, seed: int):
