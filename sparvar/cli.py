@@ -82,7 +82,8 @@ def cmd_generate(args) -> None:
     """Everything is checked (conditions, presets, settings against the model and the machine,
     the output folder) before the model loads."""
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import check_conditions, check_precision, default_dtype, load_pipeline, resolve_device
+    from sparvar.pipeline import (
+        check_conditions, check_offload, check_precision, default_dtype, load_pipeline, resolve_device)
 
     spec = get_spec(args.model)
     conditions = _conditions(args, spec)
@@ -108,6 +109,7 @@ def cmd_generate(args) -> None:
         raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
     device = resolve_device(args.device)
     check_precision(args.precision, device, default_dtype(device))
+    check_offload(args.offload, spec)
     batch_size = (args.batch_size or 1) if job else len(conditions)
     for config in configs.values():
         config.check_device(spec, device, default_dtype(device), batch_size)

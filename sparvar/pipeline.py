@@ -400,6 +400,14 @@ PRECISIONS = ("auto", "fp8")
 OFFLOADS = (None, "text", "blocks")
 
 
+def check_offload(offload: str | None, spec: ModelSpec) -> None:
+    """An offload load_pipeline knows, of a part the model has."""
+    if offload not in OFFLOADS:
+        raise SparvarError(f"unknown offload {offload!r}; choose text or blocks, or leave it out")
+    if offload == "text" and not spec.text_conditioned:
+        raise SparvarError(f"offload 'text': {spec.name} has no text encoder")
+
+
 def check_precision(precision: str, device: torch.device, dtype: torch.dtype) -> None:
     """`auto`: the matmuls in `dtype`; `fp8`: the blocks' in FP8, where the machine has FP8 matmuls."""
     if precision not in PRECISIONS:
@@ -453,10 +461,7 @@ def load_pipeline(
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     check_precision(precision, device, dtype)
-    if offload not in OFFLOADS:
-        raise SparvarError(f"unknown offload {offload!r}; choose one of {', '.join(map(str, OFFLOADS))}")
-    if offload == "text" and not spec.text_conditioned:
-        raise SparvarError(f"offload 'text': {spec.name} has no text encoder")
+    check_offload(offload, spec)
     family = FAMILIES[spec.family]
     if family.configure is not None and not random_weights:
         spec, weights, vae = family.configure(spec, weights, vae)

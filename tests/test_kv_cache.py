@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparvar.cli import main as cli_main
 from sparvar.generation import GenerationConfig, kv_cache_bytes
 from sparvar.kv_cache import KVCache, StagedKVCache
 from sparvar.models.fused import quantize_rows_reference
@@ -90,6 +91,12 @@ def test_kv_cache_bytes_counts_the_buffers(pipe, kind, skip_last):
     tensors = [cache.buffer] if kind == "static" else [cache.data, cache.staging] + ([cache.scale] * (kind == "fp8"))
     have = sum(t.numel() * t.element_size() for t in tensors)
     assert kv_cache_bytes(pipe.spec, SCHEDULE, 2, torch.float32, kind, skip_last) == have
+
+
+def test_kv_cache_option_is_one_line_on_the_command_line(capsys, tmp_path):
+    assert cli_main(["generate", "--model", "var-tiny", "--kv-cache", "huge", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "error: unknown kv_cache 'huge'; choose one of static, concat, lean, fp8\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_kv_cache_kinds_are_checked():

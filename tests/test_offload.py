@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparvar.cli import main as cli_main
 from sparvar.errors import SparvarError
 from sparvar.offload import BlockStream, FlatTensors, OffloadedModule
 from sparvar.pipeline import load_pipeline
@@ -54,9 +55,14 @@ def test_block_stream_serves_any_order():
         assert torch.equal(stream.fetch(layer).weight, weights[layer])
 
 
-def test_offload_values_are_checked():
-    with pytest.raises(SparvarError, match="unknown offload 'gpu'"):
+def test_offload_values_are_checked(capsys, tmp_path):
+    with pytest.raises(SparvarError, match="unknown offload 'gpu'; choose text or blocks, or leave it out"):
         load_pipeline("var-tiny", device="cpu", random_weights=True, offload="gpu")
+    for option, message in (("gpu", "unknown offload 'gpu'"), ("text", "offload 'text': var-tiny has no text encoder")):
+        assert cli_main(["generate", "--model", "var-tiny", "--offload", option, "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == f"error: {message}" + ("; choose text or blocks, or leave it out\n"
+                                                                  if option == "gpu" else "\n")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
