@@ -1,14 +1,17 @@
 """Tuning sweep for the Triton kernels: tile shapes, pipeline depth, load path, and variants that
-isolate one cost each. Prints one line per variant and appends JSON lines to --out; the numbers
-and what they showed are in benchmarks/kernels_notes.md.
+isolate one cost each. Prints one line per variant and appends JSON lines to --out (a run's first
+line: card, date, versions and command); the numbers and what they showed are in
+benchmarks/kernels_notes.md.
 Run: python -m sparvar.bench.kernel_variants [--out variants.jsonl] [--sections sparse,probe,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import sys
 
 import torch
 
@@ -187,6 +190,11 @@ def main() -> None:
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+        import triton  # the sweep needs a GPU and Triton; its first line says which
+
+        record(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+               triton=triton.__version__, command="python -m sparvar.bench.kernel_variants " + " ".join(sys.argv[1:]))
 
         sections = args.sections.split(",")
         for scale in (12, 10):
