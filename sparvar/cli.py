@@ -307,6 +307,10 @@ def cmd_bench(args) -> None:
         from sparvar.bench import fp8_fidelity
 
         fp8_fidelity.main(args.rest)
+    elif args.what == "train-step":
+        from sparvar.bench import train_step
+
+        train_step.main(args.rest)
     else:
         from sparvar.bench import e2e
 
@@ -429,12 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)",
                            formatter_class=HelpFormatter)
-    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu", "memory", "fp8-fidelity"],
+    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu", "memory", "fp8-fidelity",
+                                        "train-step"],
                        help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
                        "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind; "
                        "multigpu: images/s of a torchrun batch job on 1 and 2 GPUs; memory: latency and peak "
                        "memory of the precision / offload / KV cache settings; fp8-fidelity: what FP8 costs in "
-                       "logits and images")
+                       "logits and images; train-step: the demo model's training step per variant")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

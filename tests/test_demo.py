@@ -1,19 +1,23 @@
 """The demo models: emoji data, tokenizer quantiser, training in resumable calls, export, shipped weights."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
 from sparvar.cli import main
 from sparvar.demo import checkpoint, data, train
+from sparvar.demo.step import BlockCausalFlex, TeacherForcing
 from sparvar.demo.tokenizer import Encoder, quantize
 from sparvar.errors import SparvarError
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.infinity.text import build_t5
+from sparvar.models.infinity.text import ByteTokenizer, build_t5
+from sparvar.models.infinity.transformer import PrefixAttend
 from sparvar.models.registry import FASHION_MNIST_CLASSES, MODELS, create_model, create_vae
 from sparvar.pipeline import load_pipeline
 from sparvar.schedules import parse_schedule
@@ -142,25 +146,28 @@ def test_demo_model_is_shaped_like_infinity():
 
 
 def _smoke(out, data_file, *extra):
-    """The full-size model on three scales (16x16 px), a few steps each."""
-    return ["--out", str(out), "--data", str(data_file), "--schedule", "1,2,4", "--encoder-width", "32",
-            "--tokenizer-steps", "3", "--steps", "3", "--tokenizer-batch", "4", "--batch", "2", "--device", "cpu",
-            *extra]
+    """The full-size model on three scales (16x16 px), its prefix phase on two (8x8 px), a few steps each."""
+    return ["--out", str(out), "--data", str(data_file), "--schedule", "1,2,4", "--prefix-scales", "2",
+            "--encoder-width", "32", "--tokenizer-steps", "3", "--prefix-steps", "3", "--full-steps", "2",
+            "--tokenizer-batch", "4", "--prefix-batch", "2", "--full-batch", "2", "--device", "cpu", *extra]
 
 
 def test_training_in_calls_resumes_like_one_run(emoji_file, tmp_path):
     one = train.main(_smoke(tmp_path / "one", emoji_file))
-    assert one["tokenizer"]["done"] and one["transformer"]["done"] and one["transformer"]["steps"] == 3
-    assert one["tokenizer"]["held_out_psnr"] > 0 and one["data"] == {
-        "source": str(emoji_file), "train_emoji": 9, "held_out_emoji": 3, "image_size": 16}
+    assert all(one[p]["done"] for p in train.PHASES) and one["prefix"]["steps"] == 3 and one["full"]["steps"] == 2
+    assert one["tokenizer"]["held_out_psnr_16px"] > 0 and one["tokenizer"]["held_out_psnr_8px"] > 0
+    assert one["data"] == {"source": str(emoji_file), "train_emoji": 9, "held_out_emoji": 3,
+                           "image_sizes": {"prefix": 8, "full": 16}}
     assert one["calls"][0]["command"].startswith("sparvar train-demo --out")
     assert (tmp_path / "one" / "preview.png").is_file()
 
     train.main(_smoke(tmp_path / "two", emoji_file, "--phase", "tokenizer"))
     with pytest.raises(SparvarError, match="--resume"):
         train.main(_smoke(tmp_path / "two", emoji_file))
+    train.main(["--out", str(tmp_path / "two"), "--data", str(emoji_file), "--resume", "--device", "cpu",
+                "--phase", "prefix"])
     two = train.main(["--out", str(tmp_path / "two"), "--data", str(emoji_file), "--resume", "--device", "cpu"])
-    assert len(two["calls"]) == 2 and two["transformer"]["steps"] == 3
+    assert len(two["calls"]) == 3 and two["prefix"]["steps"] == 3 and two["full"]["steps"] == 2
     a, _ = checkpoint.load(tmp_path / "one")
     b, _ = checkpoint.load(tmp_path / "two")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -178,8 +185,9 @@ def test_checkpoint_shards_and_export_load_as_a_pipeline(emoji_file, tmp_path, m
     train.main(["export", "--out", str(out), "--assets", str(assets), "--log", str(log)])
     files = {option: str(assets / name) for option, name in MODELS[DEMO].bundled.items()}
     assert all(t.dtype == torch.bfloat16 for f in files.values() for t in load_file(f).values())
-    assert json.loads(log.read_text())["transformer"]["steps"] == 3
-    pipe = load_pipeline(DEMO, weights=files["--weights"], vae=files["--vae"], text_encoder=files["--text-encoder"],
+    assert json.loads(log.read_text())["prefix"]["steps"] == 3
+    spec = dataclasses.replace(MODELS[DEMO], schedules=())  # the smoke run's schedule is none of the model's
+    pipe = load_pipeline(spec, weights=files["--weights"], vae=files["--vae"], text_encoder=files["--text-encoder"],
                          device="cpu")
     tensors, _ = checkpoint.load(out)
     assert torch.equal(pipe.transformer.head.weight, tensors["transformer.head.weight"].bfloat16().float())
@@ -192,7 +200,7 @@ def test_checkpoint_shards_and_export_load_as_a_pipeline(emoji_file, tmp_path, m
 
 
 def test_generate_without_a_prompt_draws_the_example(tmp_path, capsys):
-    argv = ["generate", "--model", DEMO, "--random-weights", "--schedule", "1,2", "--attention", "dense",
+    argv = ["generate", "--model", DEMO, "--random-weights", "--skip-last", "11", "--attention", "dense",
             "--out", str(tmp_path), "--quiet", "--device", "cpu"]
     assert main(argv) == 0
     assert [p.name for p in tmp_path.glob("*.png")] == ["000_cat-face.png"]
@@ -225,7 +233,8 @@ def test_default_generate_compares_dense_and_default(tmp_path, capsys):
 def test_prompts_train_the_text_encoder_and_the_empty_prompt(emoji_file, tmp_path):
     args = train.parse_args(_smoke(tmp_path, emoji_file))
     run = train.Run(args, torch.device("cpu"), train._new_state(args, torch.device("cpu")))
-    run.latent_set, run.token_weights = run.latents(), train.scale_weights(run.schedule, "cpu")
+    run.latent_set, run.batch = run.latents("full"), 2
+    run.teacher = TeacherForcing(run.model, run.text, run.codes, run.schedules["full"])
     for dropout in (0.0, 1.0):
         run.args.text_dropout = dropout
         run.model.zero_grad(set_to_none=True)
@@ -234,3 +243,46 @@ def test_prompts_train_the_text_encoder_and_the_empty_prompt(emoji_file, tmp_pat
         text_grad = run.text.shared.weight.grad
         assert (text_grad is not None and text_grad.abs().sum() > 0) == (dropout == 0.0)
         assert (run.model.cfg_uncond.grad is not None and run.model.cfg_uncond.grad.abs().sum() > 0) == (dropout == 1.0)
+
+
+def _teacher_inputs(schedule, batch=3):
+    spec = MODELS[DEMO]
+    cfg = dataclasses.replace(spec.transformer, width=64, heads=1, depth=2)
+    model = create_model(dataclasses.replace(spec, transformer=cfg), "cpu", torch.float32, seed=0)
+    text = build_t5(spec.text).eval()  # no dropout: two runs see the same features
+    ids, mask = ByteTokenizer(spec.text["vocab_size"])(["cat face", "flag: Japan", "x"][:batch], cfg.text_max_len)
+    latents = torch.randn(batch, cfg.vae_channels, *schedule.sizes[-1])
+    return model, text, BitwiseCodes(cfg.vae_channels, patchify=False), latents, ids, mask
+
+
+def test_step_loss_is_the_weighted_bit_cross_entropy():
+    """The step's loss (BCE on logit differences, step.py) against the 2-way softmax cross-entropy
+    of the logits, scale k weighing sqrt(n_k), with dropped prompts taking the learned empty one."""
+    schedule = parse_schedule("1,2,3,5")
+    model, text, codes, latents, ids, mask = _teacher_inputs(schedule)
+    with torch.no_grad():
+        model.cfg_uncond.normal_()
+    flip, drop = torch.tensor([0.0, 0.1, 0.2]), torch.tensor([False, True, False])
+    metrics = TeacherForcing(model, text, codes, schedule)(latents, ids, mask, flip, drop, torch.Generator().manual_seed(0))
+
+    bits, inputs, _ = quantize(latents, schedule, codes, flip, torch.Generator().manual_seed(0))
+    bits = torch.cat(bits, dim=1)
+    feats = text(input_ids=ids, attention_mask=mask).last_hidden_state
+    feats[1] = model.cfg_uncond[: feats.shape[1]]
+    logits = model.forward_full(inputs, schedule, model.prepare((feats, mask), guidance=False))
+    ce = F.cross_entropy(logits.flatten(0, 2), bits.flatten(), reduction="none").view(bits.shape).mean(-1)
+    weights = torch.cat([torch.full((n,), n**-0.5) for n in schedule.lengths])
+    expected = (ce * weights / weights.sum()).sum(-1).mean()
+    assert torch.allclose(metrics["loss"], expected, rtol=1e-5)
+    last = logits[:, -25:].argmax(-1) == bits[:, -25:]
+    assert torch.allclose(metrics["acc3"], last.float().mean())
+
+
+@pytest.mark.parametrize("sizes", ["1,2,3,5", "1,2,4,6,8,12,16"])
+def test_block_causal_flex_mask_is_the_per_scale_prefix(sizes):
+    """One FlexAttention call with the block-causal BlockMask computes what one SDPA per scale does
+    (schedules of one and of several 128-token blocks, lengths no multiple of 128)."""
+    schedule = parse_schedule(sizes)
+    q, k, v = (torch.randn(2, 2, schedule.total, 16) for _ in range(3))
+    flex = BlockCausalFlex(schedule, "cpu")(0, q, k, v)
+    assert torch.allclose(flex, PrefixAttend(schedule)(0, q, k, v), atol=1e-5)

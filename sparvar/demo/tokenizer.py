@@ -74,15 +74,16 @@ def quantize(
 
 
 class Tokenizer(nn.Module):
-    """Encoder + quantiser + decoder, trained together with a straight-through estimator."""
+    """Encoder + quantiser + decoder, trained together with a straight-through estimator. Both
+    convolutional halves take any image size; the schedule's last grid must be the latent's."""
 
-    def __init__(self, encoder: Encoder, decoder: InfinityVAE, schedule: Schedule, codes: BitwiseCodes):
+    def __init__(self, encoder: Encoder, decoder: InfinityVAE, codes: BitwiseCodes):
         super().__init__()
-        self.encoder, self.decoder, self.schedule, self.codes = encoder, decoder, schedule, codes
+        self.encoder, self.decoder, self.codes = encoder, decoder, codes
 
-    def forward(self, x: torch.Tensor, flip: torch.Tensor | None = None, generator=None):
+    def forward(self, x: torch.Tensor, schedule: Schedule, flip: torch.Tensor | None = None, generator=None):
         """(reconstruction, latent z, quantised latent); gradients pass the quantiser unchanged."""
         z = self.encoder(x).float()
-        _, _, quantised = quantize(z, self.schedule, self.codes, flip, generator)
+        _, _, quantised = quantize(z, schedule, self.codes, flip, generator)
         straight = z + (quantised - z).detach()
         return self.decoder.decoder(straight.to(x.dtype)), z, quantised

@@ -1,16 +1,22 @@
 """Train the demo model: `sparvar train-demo [prepare | train | export | prompts]`.
 
 - `prepare` draws the emoji data set from the installed packages into one file (--data, ~10 MB).
-- `train` (the default) spends at most --budget-minutes of wall time on what remains of two
+- `train` (the default) spends at most --budget-minutes of wall time on what remains of three
   phases and leaves a resumable checkpoint in --out (`--resume` continues it):
   1. the tokenizer: encoder + bitwise multi-scale quantiser + BSQ-VAE decoder, MSE plus commitment,
-     straight-through, with a few random bit flips so the decoder tolerates the sampler's mistakes;
-  2. the transformer with its text encoder, by teacher forcing on the frozen encoder's bits:
-     cross-entropy per bit, random bit flips for self-correction, prompts dropped to the learned
-     empty prompt for classifier-free guidance, attention temperatures learning faster (--scale-lr).
-  Each phase runs a fixed number of steps: --tokenizer-steps / --steps, or what fits its planned
-  minutes, timed on its first steps and recorded, so later calls (and a replay) keep it. A call
-  ends with a preview grid (preview.png) once the transformer has trained.
+     straight-through, with a few random bit flips so the decoder tolerates the sampler's mistakes,
+     on the emoji at both sizes the transformer sees (its last scale's pixels, and its prefix's);
+  2. the transformer with its text encoder on the schedule's first --prefix-scales scales (128 px
+     for the demo): most of the steps, at a fifth of the cost of a full-schedule step;
+  3. the same on every scale (256 px), starting from phase 2's weights, as Infinity was trained
+     at 512 then 1024.
+  The transformer phases teach by teacher forcing on the frozen encoder's bits (step.py): bit
+  cross-entropy, random bit flips for self-correction, prompts dropped to the learned empty prompt
+  for classifier-free guidance, attention temperatures learning faster (--scale-lr).
+  Each phase runs a fixed number of steps: its --*-steps option, or what fits its planned minutes,
+  timed on its first steps and recorded, so later calls (and a replay) keep it. A call ends with
+  a preview grid (preview.png) once a transformer phase has trained; `--travel DIR` also writes
+  the checkpoint there in bf16, small enough to come back from a GPU machine and travel to the next.
 - `export` writes the bf16 weights the package ships (sparvar/assets) and the log (benchmarks/).
 - `prompts` writes the prompts of one split, one a line (held-out ones for `sparvar eval --prompts`).
 """
@@ -34,7 +40,8 @@ from safetensors.torch import save_file
 
 from sparvar.demo import checkpoint, data
 from sparvar.demo.grid import grid
-from sparvar.demo.tokenizer import Encoder, Tokenizer, quantize
+from sparvar.demo.step import ATTENTION, TeacherForcing
+from sparvar.demo.tokenizer import Encoder, Tokenizer
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import psnr
 from sparvar.models.infinity.bitwise import BitwiseCodes
@@ -48,10 +55,11 @@ from sparvar.schedules import parse_schedule
 PROBE_STEPS = 10  # steps timed (after 3 warm-up steps) to turn planned minutes into a step count
 REWARM_STEPS = 50  # a resumed phase has fresh optimiser moments: its learning rate ramps up again
 END_MARGIN = 45.0  # seconds a call keeps for its last save and the preview
+PHASES = ("tokenizer", "prefix", "full")  # the transformer's phases: the schedule's prefix, then all of it
 # options of one call (or of the other actions); the others belong to the run and come from the
 # checkpoint on --resume
 CALL_OPTIONS = ("action", "data", "out", "resume", "phase", "budget_minutes", "save_every_minutes", "device",
-                "assets", "log", "split", "prompts_out")
+                "travel", "attention", "compile", "assets", "log", "split", "prompts_out")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,10 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="runs/emoji.npz", help="the emoji data set (`prepare` writes it)")
     p.add_argument("--out", default="runs/demo", help="checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out with its options")
-    p.add_argument("--phase", default="all", choices=("all", "tokenizer", "transformer"),
-                   help="which phases this call may train")
+    p.add_argument("--phase", default="all", choices=("all",) + PHASES, help="which phases this call may train")
     p.add_argument("--budget-minutes", type=float, default=8.5, help="wall time of this call, saving included")
     p.add_argument("--save-every-minutes", type=float, default=2.0)
+    p.add_argument("--travel", help="also write the checkpoint here at the end, in bf16 (what a GPU call sends back)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer-minutes", type=float, default=3.0, help="planned time of the whole tokenizer phase")
@@ -72,15 +80,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-lr", type=float, default=1e-3)
     p.add_argument("--tokenizer-flip", type=float, default=0.05, help="max share of bits flipped per sample")
     p.add_argument("--encoder-width", type=int, default=64)
-    p.add_argument("--transformer-minutes", type=float, default=10.5,
-                   help="planned time of the whole transformer phase, over all calls")
-    p.add_argument("--steps", type=int, help="transformer steps (default: what fits --transformer-minutes)")
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prefix-scales", type=int, default=10, help="scales of the first transformer phase")
+    p.add_argument("--prefix-minutes", type=float, default=20.0,
+                   help="planned time of the prefix phase, over all calls")
+    p.add_argument("--prefix-steps", type=int, help="prefix-phase steps (default: what fits --prefix-minutes)")
+    p.add_argument("--prefix-batch", type=int, default=48)
+    p.add_argument("--prefix-lr", type=float, default=1e-3)
+    p.add_argument("--full-minutes", type=float, default=30.0, help="planned time of the full phase, over all calls")
+    p.add_argument("--full-steps", type=int, help="full-phase steps (default: what fits --full-minutes)")
+    p.add_argument("--full-batch", type=int, default=16)
+    p.add_argument("--full-lr", type=float, default=5e-4)
     p.add_argument("--flip", type=float, default=0.2, help="max share of bits flipped per sample (self-correction)")
     p.add_argument("--text-dropout", type=float, default=0.1, help="share of prompts replaced by the empty one")
     p.add_argument("--scale-lr", type=float, default=10.0,
                    help="learning-rate factor of the attention temperatures (log-scale, start at 4)")
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION, help="teacher forcing's attention (step.py)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the transformer step (auto: on CUDA)")
     p.add_argument("--model", default="infinity-demo256", help="registry config to train")
     p.add_argument("--schedule", help="other scales than the model's (small test runs)")
     p.add_argument("--depth", type=int, help="other depth than the model's (small test runs)")
@@ -102,13 +118,6 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def scale_weights(schedule, device) -> torch.Tensor:
-    """Per-token loss weights: scale k weighs sqrt(n_k) in all, so the few coarse tokens that set
-    the layout are not drowned by the 4096 of the last scale; normalised to sum 1."""
-    w = torch.cat([torch.full((n,), n**-0.5) for n in schedule.lengths])
-    return (w / w.sum()).to(device)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -120,7 +129,8 @@ class Phase:
 
     def __init__(self, name: str, groups: list[dict], peak: float, record: dict, planned_seconds: float, device):
         self.name, self.peak, self.record, self.planned, self.device = name, peak, record, planned_seconds, device
-        self.opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), weight_decay=0.01)
+        self.opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), weight_decay=0.01,
+                                     fused=device.type == "cuda")
         self.params = [p for group in self.opt.param_groups for p in group["params"]]
 
     def lr(self, step: int, first: int) -> float:
@@ -182,10 +192,13 @@ class Run:
         spec = get_spec(args.model)
         overrides = {k: getattr(args, k) for k in ("depth", "width", "heads") if getattr(args, k)}
         self.cfg = cfg = replace(spec.transformer, **overrides)
-        self.spec = replace(spec, transformer=cfg)
-        self.schedule = parse_schedule(args.schedule) if args.schedule else spec.schedule()
-        self.size = self.schedule.sizes[-1][0] * spec.vae.patch
-        if cfg.patchify or self.schedule.sizes[-1][0] != self.schedule.sizes[-1][1]:
+        full = parse_schedule(args.schedule) if args.schedule else spec.schedule()
+        if not 1 <= args.prefix_scales <= len(full):
+            raise SparvarError(f"--prefix-scales must be 1 to {len(full)}, got {args.prefix_scales}")
+        self.schedules = {"prefix": full.truncated(args.prefix_scales), "full": full}
+        self.spec = replace(spec, transformer=cfg, schedules=(full, self.schedules["prefix"]))
+        self.sizes = {k: s.sizes[-1][0] * spec.vae.patch for k, s in self.schedules.items()}  # pixels
+        if cfg.patchify or full.sizes[-1][0] != full.sizes[-1][1]:
             raise SparvarError("the demo tokenizer makes square images without patchified tokens")
         if cfg.text_width != spec.text["d_model"]:
             raise SparvarError(f"{spec.name}: text_width {cfg.text_width} is not its T5's width {spec.text['d_model']}")
@@ -193,7 +206,7 @@ class Run:
         self.encoder = Encoder(cfg.vae_channels, args.encoder_width).to(device)
         self.decoder = InfinityVAE(spec.vae).to(device).init_weights(args.seed)
         self.codes = BitwiseCodes(cfg.vae_channels, patchify=False, next_input=cfg.next_input)
-        self.tokenizer = Tokenizer(self.encoder, self.decoder, self.schedule, self.codes)
+        self.tokenizer = Tokenizer(self.encoder, self.decoder, self.codes)
         self.text = build_t5(spec.text).to(device)
         self.model = InfinityTransformer(cfg).to(device).init_weights(args.seed)
         self.gen = torch.Generator(device).manual_seed(args.seed)
@@ -207,16 +220,18 @@ class Run:
         self.ids, self.mask = ids.to(device), mask.to(device)
 
     # ---- checkpoint ----------------------------------------------------------------------
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, travel: bool = False) -> dict[str, torch.Tensor]:
         """What the checkpoint holds: the frozen tokenizer in bf16 (what ships), trained parts in
-        float32, the transformer and text encoder once their phase has begun, and the RNG states."""
-        dtype = torch.bfloat16 if self.state["tokenizer"]["done"] else torch.float32
+        float32 (bf16 for `travel`), the transformer and text encoder once they have trained, and
+        the RNG states."""
+        dtype = torch.bfloat16 if self.state["tokenizer"]["done"] or travel else torch.float32
         out = {}
         for prefix, module in (("encoder.", self.encoder), ("vae.", self.decoder)):
             out.update({prefix + k: v.to(dtype) for k, v in module.state_dict().items()})
-        if self.state["transformer"]["steps"] > 0:
-            out.update({"transformer." + k: v.float() for k, v in self.model.state_dict().items()})
-            out.update({"text." + k: v.float() for k, v in t5_state(self.text).items()})
+        if self.state["prefix"]["steps"] > 0:
+            dtype = torch.bfloat16 if travel else torch.float32
+            out.update({"transformer." + k: v.to(dtype) for k, v in self.model.state_dict().items()})
+            out.update({"text." + k: v.to(dtype) for k, v in t5_state(self.text).items()})
         out["rng.data"] = self.gen.get_state()
         out["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -229,7 +244,7 @@ class Run:
 
         self.encoder.load_state_dict(part("encoder."))
         self.decoder.load_state_dict(part("vae."))
-        if part("transformer."):  # saved once the transformer phase has begun
+        if part("transformer."):  # saved once the transformer has begun
             self.model.load_state_dict(part("transformer."))
             load_t5(self.text, part("text."), "the checkpoint's text encoder")
         if self.state["device_type"] == self.device.type:
@@ -241,35 +256,37 @@ class Run:
             print(f"note: the checkpoint was made on {self.state['device_type']}: its random streams restart here")
             self.state["device_type"] = self.device.type
 
-    def save(self) -> list[Path]:
-        tag = f"t{self.state['tokenizer']['steps']}-x{self.state['transformer']['steps']}"
-        return checkpoint.save(self.args.out, self.tensors(), self.state, tag)
+    def save(self, folder: str | Path | None = None, travel: bool = False) -> list[Path]:
+        tag = "-".join(f"{name[0]}{self.state[name]['steps']}" for name in PHASES)
+        return checkpoint.save(folder or self.args.out, self.tensors(travel), self.state, tag)
 
-    # ---- phase 1 -------------------------------------------------------------------------
+    # ---- phase 1: the tokenizer ------------------------------------------------------------
     def tokenizer_step(self) -> dict:
         """One batch of random training emoji, half of them mirrored (only the tokenizer sees mirrored
-        emoji: prompts say "left" and "right")."""
-        args, n = self.args, self.args.tokenizer_batch
+        emoji: prompts say "left" and "right"), at the transformer phases' sizes in turn."""
+        args, n, rec = self.args, self.args.tokenizer_batch, self.state["tokenizer"]
+        kind = ("full", "prefix")[rec["steps"] % 2]
         idx = torch.randint(len(self.images), (n,), device=self.device, generator=self.gen)
-        x = data.to_pixels(self.images[idx], self.size)
+        x = data.to_pixels(self.images[idx], self.sizes[kind])
         mirror = torch.rand(n, device=self.device, generator=self.gen) < 0.5
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
         flip = torch.rand(len(x), device=self.device, generator=self.gen) * args.tokenizer_flip
         with self.autocast:
-            recon, z, quantised = self.tokenizer(x, flip, self.gen)
+            recon, z, quantised = self.tokenizer(x, self.schedules[kind], flip, self.gen)
         mse = F.mse_loss(recon.float(), x)
         commit = F.mse_loss(z, quantised)
         return {"loss": mse + 0.25 * commit, "mse": mse.detach(), "commit": commit.detach()}
 
     @torch.no_grad()
-    def reconstruction_psnr(self, images: np.ndarray) -> float:
-        """Mean PSNR (dB) of the tokenizer's reconstructions of uint8 images, quantised without flips."""
+    def reconstruction_psnr(self, images: np.ndarray, kind: str) -> float:
+        """Mean PSNR (dB) of the tokenizer's reconstructions of uint8 images at a phase's size,
+        quantised without flips."""
         self.tokenizer.eval()
         values = []
         for chunk in torch.from_numpy(images).split(32):
-            x = data.to_pixels(chunk.to(self.device), self.size)
+            x = data.to_pixels(chunk.to(self.device), self.sizes[kind])
             with self.autocast:
-                recon = self.tokenizer(x)[0].float()
+                recon = self.tokenizer(x, self.schedules[kind])[0].float()
             values.append(psnr((recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2))
         self.tokenizer.train()
         return float(torch.cat(values).mean())
@@ -285,63 +302,54 @@ class Run:
         with torch.no_grad():  # frozen from here on as it ships, in bf16, so a resumed run sees the same weights
             for p in self.tokenizer.parameters():
                 p.copy_(p.bfloat16())
-        rec["held_out_psnr"] = self.reconstruction_psnr(self.held_out.images)
-        rec["train_psnr"] = self.reconstruction_psnr(self.train_set.images[:256])
+        for kind in ("full", "prefix"):
+            rec[f"held_out_psnr_{self.sizes[kind]}px"] = self.reconstruction_psnr(self.held_out.images, kind)
+            rec[f"train_psnr_{self.sizes[kind]}px"] = self.reconstruction_psnr(self.train_set.images[:256], kind)
         rec["done"] = True
-        print(f"[tokenizer] reconstruction PSNR {rec['held_out_psnr']:.2f} dB on the {len(self.held_out.prompts)} "
-              f"held-out emoji, {rec['train_psnr']:.2f} dB on 256 training ones", flush=True)
+        print("[tokenizer] reconstruction PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in rec.items()
+                                                              if "psnr" in k), flush=True)
         self.save()
         return True
 
-    # ---- phase 2 -------------------------------------------------------------------------
+    # ---- phases 2 and 3: the transformer ---------------------------------------------------
     @torch.no_grad()
-    def latents(self) -> torch.Tensor:
-        """The frozen encoder's latents of every training image (B, c, h, w), float32."""
+    def latents(self, kind: str) -> torch.Tensor:
+        """The frozen encoder's latents of every training image at a phase's size (B, c, h, w), float32."""
         self.encoder.eval()
         out = []
         for chunk in self.images.split(64):
             with self.autocast:
-                out.append(self.encoder(data.to_pixels(chunk, self.size)).float())
+                out.append(self.encoder(data.to_pixels(chunk, self.sizes[kind])).float())
         return torch.cat(out)
 
     def transformer_step(self) -> dict:
         """One batch of teacher forcing on the frozen encoder's latents (`self.latent_set`)."""
-        args, model, schedule, n = self.args, self.model, self.schedule, self.args.batch
+        args, n = self.args, self.batch
         idx = torch.randint(len(self.latent_set), (n,), device=self.device, generator=self.gen)
         flip = torch.rand(n, device=self.device, generator=self.gen) * args.flip
-        bits, inputs, _ = quantize(self.latent_set[idx], schedule, self.codes, flip, self.gen)
-        bits = torch.cat(bits, dim=1)
-        ids, mask = self.ids[idx], self.mask[idx]
         drop = torch.rand(n, device=self.device, generator=self.gen) < args.text_dropout
-        with self.autocast:
-            feats = self.text(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-            empty = model.cfg_uncond[: feats.shape[1]].float()  # the learned empty prompt CFG runs with
-            feats = torch.where(drop[:, None, None], empty, feats)
-            logits = model.forward_full(inputs, schedule, model.prepare((feats, mask), guidance=False))
-        ce = F.cross_entropy(logits.flatten(0, 2), bits.flatten(), reduction="none").view(bits.shape).mean(-1)
-        correct = (logits.argmax(-1) == bits).float().mean((0, 2)).detach()
-        metrics = {"loss": (ce * self.token_weights).sum(-1).mean()}
-        bounds, k = np.cumsum((0,) + schedule.lengths), len(schedule)
-        for scale in sorted({0, k // 3, 2 * k // 3, k - 1}):
-            metrics[f"acc{scale}"] = correct[bounds[scale] : bounds[scale + 1]].mean()
-        return metrics
+        return self.teacher(self.latent_set[idx], self.ids[idx], self.mask[idx], flip, drop, self.gen)
 
-    def train_transformer(self, deadline: float) -> bool:
-        args, model, rec = self.args, self.model, self.state["transformer"]
-        rec["total"] = rec["total"] or args.steps
-        self.latent_set = self.latents()
-        self.token_weights = scale_weights(self.schedule, self.device)
+    def train_transformer(self, kind: str, deadline: float) -> bool:
+        """Phase `kind` ("prefix" or "full") until its steps are done or the call's time is up."""
+        args, model, rec = self.args, self.model, self.state[kind]
+        rec["total"] = rec["total"] or getattr(args, f"{kind}_steps")
+        self.batch = getattr(args, f"{kind}_batch")
+        self.latent_set = self.latents(kind)
+        compile = args.compile == "on" or (args.compile == "auto" and self.device.type == "cuda")
+        self.teacher = TeacherForcing(model, self.text, self.codes, self.schedules[kind], args.attention, compile)
         model.train()
         self.text.train()
         temperatures = [p for n, p in model.named_parameters() if n.endswith("scale_mul_1H11")]
         others = [p for n, p in model.named_parameters() if not n.endswith("scale_mul_1H11")]
         groups = [{"params": others + list(self.text.parameters())},
                   {"params": temperatures, "lr_scale": args.scale_lr, "weight_decay": 0.0}]
-        phase = Phase("transformer", groups, args.lr, rec, args.transformer_minutes * 60, self.device)
+        phase = Phase(kind, groups, getattr(args, f"{kind}_lr"), rec, getattr(args, f"{kind}_minutes") * 60,
+                      self.device)
         rec["done"] = phase.run(self.transformer_step, deadline, self.save, args.save_every_minutes * 60)
         return rec["done"]
 
-    def preview(self, path: Path) -> None:
+    def preview(self, path: Path, kind: str) -> None:
         """Two seeds of four training and four held-out prompts, dense, as the model is now."""
         self.model.eval()
         self.decoder.eval()
@@ -349,7 +357,7 @@ class Run:
         pipe = Pipeline(self.spec, self.model, self.decoder, encoder)
         train, held = self.train_set.prompts, self.held_out.prompts
         prompts = train[:: max(1, len(train) // 4)][:4] + held[:4]
-        grid(pipe, prompts, [0, 1], schedule=self.schedule).save(path)
+        grid(pipe, prompts, [0, 1], schedule=self.schedules[kind]).save(path)
         self.model.train()
         self.text.train()
 
@@ -359,7 +367,7 @@ def _new_state(args, device: torch.device) -> dict:
     phase = lambda: {"steps": 0, "total": None, "seconds": 0.0, "history": [], "done": False}  # noqa: E731
     return {"model": args.model, "args": {k: v for k, v in vars(args).items() if k not in CALL_OPTIONS},
             "device_type": device.type, "text_config": spec.text, "vae_config": asdict(spec.vae),
-            "calls": [], "tokenizer": phase(), "transformer": phase()}
+            "calls": [], **{name: phase() for name in PHASES}}
 
 
 def train(args, argv: list[str]) -> dict:
@@ -369,8 +377,8 @@ def train(args, argv: list[str]) -> dict:
     if args.resume:
         tensors, state = checkpoint.load(out)
         args = argparse.Namespace(**{**vars(args), **state["args"]})
-        print(f"resuming {out}: tokenizer step {state['tokenizer']['steps']}, transformer step "
-              f"{state['transformer']['steps']} (run options of the first call: {state['args']})")
+        print(f"resuming {out}: " + ", ".join(f"{p} step {state[p]['steps']}" for p in PHASES)
+              + f" (run options of the first call: {state['args']})")
     elif checkpoint.exists(out):
         raise SparvarError(f"{out} holds a training checkpoint: pass --resume to continue it, or another --out")
     else:
@@ -382,29 +390,35 @@ def train(args, argv: list[str]) -> dict:
     run = Run(args, device, state)
     if tensors is not None:
         run.restore(tensors)
-    state.update(transformer_config=asdict(run.cfg), schedule=run.schedule.describe(),
+    state.update(transformer_config=asdict(run.cfg), schedules={k: s.describe() for k, s in run.schedules.items()},
                  data={"source": args.data, "train_emoji": len(run.train_set.prompts),
-                       "held_out_emoji": len(run.held_out.prompts), "image_size": run.size})
+                       "held_out_emoji": len(run.held_out.prompts), "image_sizes": run.sizes})
     call = {"command": "sparvar train-demo " + " ".join(argv), "phase": args.phase,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "steps_before": {p: state[p]["steps"] for p in ("tokenizer", "transformer")}}
+            "steps_before": {p: state[p]["steps"] for p in PHASES}}
     state["calls"].append(call)
 
-    tokenizer_ready = state["tokenizer"]["done"]
-    if not tokenizer_ready and args.phase in ("all", "tokenizer"):
-        tokenizer_ready = run.train_tokenizer(deadline)
-    if args.phase == "transformer" and not tokenizer_ready:
+    ready = state["tokenizer"]["done"]
+    if not ready and args.phase in ("all", "tokenizer"):
+        ready = run.train_tokenizer(deadline)
+    if args.phase in ("prefix", "full") and not ready:
         raise SparvarError(f"the tokenizer of {out} is not trained yet: run --phase tokenizer (or all) first")
-    if tokenizer_ready and not state["transformer"]["done"] and args.phase in ("all", "transformer"):
-        run.train_transformer(deadline)
+    trained = None
+    for kind in ("prefix", "full"):
+        if ready and not state[kind]["done"] and args.phase in ("all", kind):
+            trained = kind
+            ready = run.train_transformer(kind, deadline)
+        ready = ready and state[kind]["done"]
     call.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                steps_after={p: state[p]["steps"] for p in ("tokenizer", "transformer")})
+                steps_after={p: state[p]["steps"] for p in PHASES})
     if device.type == "cuda":
         call["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     files = run.save()  # before the preview, which uses no random stream of the training
-    if state["transformer"]["steps"] > 0:
-        run.preview(out / "preview.png")
+    if args.travel:
+        files += run.save(args.travel, travel=True)
+    if trained is not None:
+        run.preview(out / "preview.png", trained)
         files.append(out / "preview.png")
     print(f"wrote {', '.join(str(f) for f in files)}")
     return state
@@ -414,8 +428,9 @@ def export(args) -> list[Path]:
     """The checkpoint's transformer, decoder and text encoder as the bf16 files the model ships."""
     tensors, state = checkpoint.load(args.out)
     spec = get_spec(state["model"])
-    if not state["transformer"]["done"]:
-        print(f"note: the transformer is at step {state['transformer']['steps']} of {state['transformer']['total']}")
+    for kind in ("prefix", "full"):
+        if not state[kind]["done"]:
+            print(f"note: the transformer's {kind} phase is at step {state[kind]['steps']} of {state[kind]['total']}")
     assets = Path(args.assets)
     assets.mkdir(parents=True, exist_ok=True)
     written = []

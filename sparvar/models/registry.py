@@ -183,10 +183,12 @@ MODELS: dict[str, ModelSpec] = {
             "small text-to-image Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 256x256 px), "
             "trained on Noto's colour emoji and their Unicode names (sparvar train-demo, docs/demo_model.md); "
             "its weights go to sparvar/assets once trained",
-            InfinityConfig(depth=12, width=128, heads=2, vae_channels=16, text_width=256, text_max_len=128,
+            InfinityConfig(depth=12, width=256, heads=4, vae_channels=16, text_width=256, text_max_len=128,
                            block_chunks=1, cfg=3.0, tau=1.0),
             VAEConfig(channels=16, ch_mult=(1, 2, 2), base=32),
             DEMO_TEXT,
+            # trained as Infinity was: first on the 10-scale prefix (128x128 px), then on all 13
+            schedules=(infinity_schedule("1:1", 1024), infinity_schedule("1:1", 512)),
             bundled={"--weights": "infinity_demo256.safetensors", "--vae": "infinity_demo256_vae.safetensors",
                      "--text-encoder": "infinity_demo256_text.safetensors"},
             example="cat face",

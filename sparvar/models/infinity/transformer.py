@@ -289,7 +289,8 @@ class Block(nn.Module):
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.width))
 
     def forward(self, x, mod, text, rope, attend: Attend, layer: int):
-        """mod: this block's adaLN (Prepared.mods). Each residual add is fused with the norm that
+        """mod: this block's adaLN (Prepared.mods); text: this block's ((k, v), mask) of the
+        cross-attention (Prepared.text[layer]). Each residual add is fused with the norm that
         follows it (models/fused.py); with FP8 projections the norms hand them FP8 rows."""
         dtype = self.ffn.fc1.weight.dtype
         gamma1, gamma2, mul1, mul2, shift1, shift2 = mod.unbind(2)
@@ -297,7 +298,7 @@ class Block(nn.Module):
         attended = self.sa(normed, rope, attend, layer)
         if self.ca is not None:
             x, normed = add_norm(x, attended, gamma1, self.ca_norm.weight, self.ca_norm.bias, self.eps, dtype)
-            kv, mask = text[layer]
+            kv, mask = text
             x, normed = add_norm(x, self.ca(normed, kv, mask), None, mul2, shift2, self.eps, dtype)
         else:
             x, normed = add_norm(x, attended, gamma1, mul2, shift2, self.eps, dtype)
@@ -444,7 +445,8 @@ class InfinityTransformer(ScaleTransformer):
     # ---- the transformer ----------------------------------------------------------------
     def _blocks(self, x, prep: Prepared, rope, attend: Attend, layers: range | None = None) -> torch.Tensor:
         for layer in range(self.cfg.depth) if layers is None else layers:
-            x = self.block(layer)(x, prep.mods[layer], prep.text, rope, attend, layer)
+            text = None if prep.text is None else prep.text[layer]
+            x = self.block(layer)(x, prep.mods[layer], text, rope, attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -470,25 +472,31 @@ class InfinityTransformer(ScaleTransformer):
             x = pruning.forward(x, scale, schedule, self.cfg.depth, rope, attend, run)
         return self.logits(x, prep.cond)
 
-    def forward_full(self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared) -> torch.Tensor:
+    def forward_full(
+        self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared, attend: Attend | None = None
+    ) -> torch.Tensor:
         """Teacher forcing: inputs of scales 1.. (each (B, n_k, bits)) -> logits of all tokens.
 
-        The block-causal mask is applied as one unmasked attention per scale (its queries over the
-        prefix of keys up to its end): the same result, without an L x L mask, so training can use
-        flash kernels and skips the masked half.
-        """
+        `attend` applies the block-causal mask over the whole sequence; by default one SDPA per
+        scale (`PrefixAttend`)."""
         x = torch.cat([prep.start] + [self.embed_codes(c) for c in inputs], dim=1)
         scale_of_token = torch.repeat_interleave(torch.arange(len(schedule)), torch.tensor(schedule.lengths))
         x = x + self.lvl_embed.weight[scale_of_token.to(x.device)].float()
-
-        def attend(layer, q, k, v):
-            q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast v is already in the low precision
-            ends = [start + n for start, n in zip(schedule.offsets, schedule.lengths)]
-            outs = [
-                F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=1.0)
-                for start, end in zip(schedule.offsets, ends)
-            ]
-            return torch.cat(outs, dim=2)
-
-        x = self._blocks(x, prep, self.rope(schedule).slice(0, schedule.total), Attend(attend))
+        attend = PrefixAttend(schedule) if attend is None else attend
+        x = self._blocks(x, prep, self.rope(schedule).slice(0, schedule.total), attend)
         return self.logits(x, prep.cond)
+
+
+class PrefixAttend(Attend):
+    """The block-causal mask of teacher forcing as one unmasked attention per scale, its queries
+    over the keys of every scale up to its own: the same result without an L x L mask, so flash
+    kernels run and the masked half is skipped."""
+
+    def __init__(self, schedule: Schedule):
+        self.bounds = [(start, start + n) for start, n in zip(schedule.offsets, schedule.lengths)]
+
+    def __call__(self, layer, q, k, v):
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast v is already in the low precision
+        outs = [F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=1.0)
+                for start, end in self.bounds]
+        return torch.cat(outs, dim=2)
