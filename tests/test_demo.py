@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sparvar.cli import main
-from sparvar.demo import checkpoint, data, train
+from sparvar.demo import checkpoint, data, score, train
 from sparvar.demo.step import BlockCausalFlex, TeacherForcing
 from sparvar.demo.tokenizer import Encoder, quantize
 from sparvar.errors import SparvarError
@@ -41,7 +42,8 @@ def emoji_file(tmp_path_factory):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (128, 136, 3), dtype=np.uint8) // 64 * 64) for _ in range(12)]
     path = tmp_path_factory.mktemp("emoji") / "emoji.npz"
-    data.write(path, images, [f"emoji number {i}" for i in range(12)], [i % 4 == 3 for i in range(12)])
+    data.write(path, images, [f"emoji number {i}" for i in range(12)], [i % 4 == 3 for i in range(12)],
+               [f"{0x1F600 + i // 2:X}" for i in range(12)])  # pairs of variants of one design
     return path
 
 
@@ -92,6 +94,7 @@ def test_prepare_draws_sequences_from_the_installed_font(tmp_path):
     drawn = (emoji.images < 250).any(-1).mean((1, 2))  # share of pixels that are not background
     assert (drawn > 0.05).all() and emoji.images.astype(int).std(-1).max() > 50  # colour, not only grey
     assert len({image.tobytes() for image in emoji.images}) == 5
+    assert emoji.designs[1] == "263A" and emoji.designs[2] == "1F44D"  # without U+FE0F and the skin tone
 
 
 def test_quantiser_builds_what_the_sampler_loop_builds():
@@ -194,6 +197,18 @@ def test_checkpoint_shards_and_export_load_as_a_pipeline(emoji_file, tmp_path, m
     images = pipe(["emoji number 1"], seed=0, schedule=parse_schedule("1,2,4"), progress=False).images
     assert images[0].size == (16, 16)
 
+    # a new session continues from the export alone (weights in bf16, fresh random streams)
+    again = train.main(["--resume-from-export", "--out", str(tmp_path / "again"), "--assets", str(assets),
+                        "--log", str(log), "--data", str(emoji_file), "--device", "cpu", "--phase", "tokenizer"])
+    assert again["prefix"]["steps"] == 3 and len(again["calls"]) == 2
+    resumed, _ = checkpoint.load(tmp_path / "again")
+    assert set(resumed) - {"rng.cuda"} == set(tensors) - {"rng.cuda"}
+    assert all(torch.equal(resumed[k], tensors[k].bfloat16().to(resumed[k].dtype)) for k in tensors
+               if not k.startswith("rng."))
+    with pytest.raises(SparvarError, match="--resume"):  # it never overwrites a checkpoint
+        train.main(["--resume-from-export", "--out", str(tmp_path / "again"), "--assets", str(assets),
+                    "--log", str(log), "--data", str(emoji_file), "--device", "cpu"])
+
     prompts = tmp_path / "held_out.txt"
     train.main(["prompts", "--data", str(emoji_file), "--prompts-out", str(prompts)])
     assert prompts.read_text().splitlines() == ["emoji number 3", "emoji number 7", "emoji number 11"]
@@ -286,3 +301,52 @@ def test_block_causal_flex_mask_is_the_per_scale_prefix(sizes):
     q, k, v = (torch.randn(2, 2, schedule.total, 16) for _ in range(3))
     flex = BlockCausalFlex(schedule, "cpu")(0, q, k, v)
     assert torch.allclose(flex, PrefixAttend(schedule)(0, q, k, v), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_step_matches_the_eager_step():
+    """torch.compile per block (one graph every block shares) changes no loss and no gradient."""
+    schedule = parse_schedule("1,2,3,5")
+    model, text, codes, latents, ids, mask = _teacher_inputs(schedule)
+    flip, drop = torch.tensor([0.0, 0.1, 0.2]), torch.tensor([False, True, False])
+    results = []
+    for compile in ("off", "blocks"):
+        model.zero_grad(set_to_none=True)
+        metrics = TeacherForcing(model, text, codes, schedule, compile=compile)(
+            latents, ids, mask, flip, drop, torch.Generator().manual_seed(0))
+        metrics["loss"].backward()
+        results.append((metrics["loss"].detach(), [p.grad.clone() for p in model.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    assert all(torch.allclose(c, e, rtol=1e-4, atol=1e-7) for c, e in zip(compiled_grads, eager_grads))
+
+
+class _Drawer:
+    """A stand-in pipeline that draws, for each prompt, the training emoji `pick` names."""
+
+    def __init__(self, train_set, pick):
+        self.train_set, self.pick = train_set, pick
+
+    def __call__(self, prompts, seed, attention, schedule, progress):
+        images = [self.train_set.images[self.pick(self.train_set.prompts.index(p))] for p in prompts]
+        return types.SimpleNamespace(images=[Image.fromarray(i) for i in images])
+
+
+@pytest.mark.parametrize("pick, expected", [
+    (lambda i: i, 1.0),  # its own emoji
+    (lambda i: i ^ 1, 1.0),  # its skin-tone variant (designs pair up in the fixture)
+    (lambda i: i + 2, 0.0),  # another design
+])
+def test_retrieval_counts_the_prompts_own_design(emoji_file, pick, expected):
+    train_set = data.load(emoji_file).split(held_out=False)
+    train_set = dataclasses.replace(train_set, images=train_set.images[:8], prompts=train_set.prompts[:8],
+                                    designs=[f"design {i // 2}" for i in range(8)], held_out=train_set.held_out[:8])
+    result = score.retrieval_top1(_Drawer(train_set, lambda i: pick(i) % 8), train_set, samples=6, batch=4,
+                                  progress=lambda _: None)
+    assert result["samples"] == 6 and result["train_prompt_retrieval_top1"] == expected
+
+
+def test_score_sample_is_fixed_and_distinct():
+    a, b = score.sample(3461, 500), score.sample(3461, 500)
+    assert np.array_equal(a, b) and len(set(a.tolist())) == 500 and a.max() < 3461
+    assert np.array_equal(score.sample(5, 500), np.arange(5))

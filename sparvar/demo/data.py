@@ -37,16 +37,23 @@ class EmojiSet:
     images: np.ndarray  # (N, S, S, 3) uint8 on white, S the padded glyph side (136)
     prompts: list[str]
     held_out: np.ndarray  # (N,) bool
+    designs: list[str]  # each emoji's design: its sequence without skin tones (`design`)
 
     def split(self, held_out: bool) -> "EmojiSet":
         keep = self.held_out == held_out
-        return EmojiSet(self.images[keep], [p for p, k in zip(self.prompts, keep) if k], self.held_out[keep])
+        pick = lambda items: [item for item, k in zip(items, keep) if k]  # noqa: E731
+        return EmojiSet(self.images[keep], pick(self.prompts), self.held_out[keep], pick(self.designs))
+
+
+def design(codepoints: list[int]) -> str:
+    """The sequence without its variant code points (skin tones, U+FE0F), in hex: what an emoji
+    shares with its skin-tone variants."""
+    return " ".join(f"{c:X}" for c in codepoints if c not in _VARIANT_CODEPOINTS)
 
 
 def is_held_out(codepoints: list[int]) -> bool:
-    """The fixed evaluation rule: a CRC of the sequence without its variant code points."""
-    base = " ".join(f"{c:X}" for c in codepoints if c not in _VARIANT_CODEPOINTS)
-    return zlib.crc32(base.encode()) % HELD_OUT_EVERY == 0
+    """The fixed evaluation rule: a CRC of the design, so every variant of a design is held out with it."""
+    return zlib.crc32(design(codepoints).encode()) % HELD_OUT_EVERY == 0
 
 
 def read_emoji_names(path: Path = EMOJI_NAMES) -> list[tuple[list[int], str]]:
@@ -83,7 +90,7 @@ def prepare(out: str | Path, font_path: Path = EMOJI_FONT, names_path: Path = EM
         raise SparvarError("Pillow's raqm text layout, needed to draw emoji sequences, is off: its wheels load "
                            "FriBiDi from the system (`apt-get install libfribidi0`)")
     font = ImageFont.truetype(str(font_path), GLYPH_SIZE, layout_engine=ImageFont.Layout.RAQM)
-    images, prompts, held_out, missing = [], [], [], []
+    images, prompts, designs, missing = [], [], [], []
     for codepoints, name in read_emoji_names(names_path):
         image = render(font, "".join(map(chr, codepoints)))
         if image is None:
@@ -91,12 +98,14 @@ def prepare(out: str | Path, font_path: Path = EMOJI_FONT, names_path: Path = EM
             continue
         images.append(image)
         prompts.append(name)
-        held_out.append(is_held_out(codepoints))
-    size = write(out, images, prompts, held_out)
+        designs.append(codepoints)
+    held_out = [is_held_out(c) for c in designs]
+    size = write(out, images, prompts, held_out, [design(c) for c in designs])
     return {"emoji": len(prompts), "held_out": sum(held_out), "missing_from_font": missing, "bytes": size}
 
 
-def write(out: str | Path, images: list[Image.Image], prompts: list[str], held_out: list[bool]) -> int:
+def write(out: str | Path, images: list[Image.Image], prompts: list[str], held_out: list[bool],
+          designs: list[str]) -> int:
     """RGB images with their prompts as one .npz of PNGs (what `load` reads); returns the PNG bytes."""
     blobs = []
     for image in images:
@@ -107,7 +116,7 @@ def write(out: str | Path, images: list[Image.Image], prompts: list[str], held_o
         blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     np.savez_compressed(out, png=np.concatenate(blobs), offsets=offsets, prompts=np.array(prompts),
-                        held_out=np.array(held_out, dtype=bool))
+                        held_out=np.array(held_out, dtype=bool), designs=np.array(designs))
     return int(offsets[-1])
 
 
@@ -118,7 +127,11 @@ def load(path: str | Path) -> EmojiSet:
         raise SparvarError(f"emoji data not found: {path}; build it with `sparvar train-demo prepare --data {path}` "
                            "(needs `apt-get install fonts-noto-color-emoji unicode-data`)")
     with np.load(path) as f:
+        if "designs" not in f:
+            raise SparvarError(f"{path} was made by an older `prepare`: make it again with "
+                               f"`sparvar train-demo prepare --data {path}`")
         png, offsets, prompts, held_out = f["png"], f["offsets"], [str(p) for p in f["prompts"]], f["held_out"]
+        designs = [str(d) for d in f["designs"]]
     images = [np.asarray(Image.open(io.BytesIO(png[a:b].tobytes())).convert("RGB"))
               for a, b in zip(offsets, offsets[1:])]
     side = max(max(i.shape[:2]) for i in images)
@@ -127,7 +140,7 @@ def load(path: str | Path) -> EmojiSet:
         h, w = image.shape[:2]
         top, left = (side - h) // 2, (side - w) // 2
         square[n, top : top + h, left : left + w] = image
-    return EmojiSet(square, prompts, held_out.astype(bool))
+    return EmojiSet(square, prompts, held_out.astype(bool), designs)
 
 
 def to_pixels(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -7,8 +7,10 @@ takes the bits' cross-entropy, scale k weighing sqrt(n_k) in all. What makes it 
 
 - the loss is the binary cross-entropy of each bit's logit difference (l1 - l0): the same number
   as the 2-way softmax cross-entropy, computed from half the values;
-- `compile=True` runs the transformer and the loss as one torch.compile'd graph: the blocks'
-  elementwise work (norms, modulation, RoPE, residual adds, which dominate at width 256) fuses;
+- torch.compile fuses the blocks' elementwise work (norms, modulation, RoPE, residual adds,
+  which dominate at width 256): `compile="graph"` compiles the transformer and the loss as one
+  graph, `compile="blocks"` one block, whose code every block then shares (a tenth of the
+  compile time: it starts afresh on every new GPU machine);
 - `attention="flex"` gives each layer one FlexAttention call over the whole sequence with a
   block-causal BlockMask, where "sdpa" makes one SDPA call per scale (`PrefixAttend`).
 
@@ -27,6 +29,7 @@ from sparvar.models.infinity.transformer import Attend, InfinityTransformer, Pre
 from sparvar.schedules import Schedule
 
 ATTENTION = ("sdpa", "flex")
+COMPILE = ("off", "graph", "blocks")
 
 
 def scale_weights(schedule: Schedule, device) -> torch.Tensor:
@@ -63,16 +66,18 @@ class TeacherForcing:
     """The loss of one batch for a transformer, its text encoder and one schedule."""
 
     def __init__(self, model: InfinityTransformer, text: torch.nn.Module, codes: BitwiseCodes, schedule: Schedule,
-                 attention: str = "sdpa", compile: bool = False):
-        if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+                 attention: str = "sdpa", compile: str = "off"):
+        if attention not in ATTENTION or compile not in COMPILE:
+            raise ValueError(f"attention must be one of {ATTENTION} and compile one of {COMPILE}, "
+                             f"got {attention!r} and {compile!r}")
         self.model, self.text, self.codes, self.schedule = model, text, codes, schedule
         device = model.device
         self.token_weights = scale_weights(schedule, device)
         self.attend = PrefixAttend(schedule) if attention == "sdpa" else BlockCausalFlex(schedule, device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         model.rope(schedule)  # built outside the compiled graph
-        self.transformer_loss = torch.compile(self._transformer_loss) if compile else self._transformer_loss
+        self.blocks = [torch.compile(block) for block in model.blocks] if compile == "blocks" else None
+        self.transformer_loss = torch.compile(self._transformer_loss) if compile == "graph" else self._transformer_loss
         bounds, k = np.cumsum((0,) + schedule.lengths), len(schedule)
         self.reported = {f"acc{s}": (int(bounds[s]), int(bounds[s + 1])) for s in sorted({0, k // 3, 2 * k // 3, k - 1})}
 
@@ -81,7 +86,8 @@ class TeacherForcing:
         with self.autocast:
             empty = model.cfg_uncond[: feats.shape[1]].float()  # the learned empty prompt guidance runs with
             feats = torch.where(drop[:, None, None], empty, feats)
-            logits = model.forward_full(inputs, self.schedule, model.prepare((feats, mask), guidance=False), self.attend)
+            prep = model.prepare((feats, mask), guidance=False)
+            logits = model.forward_full(inputs, self.schedule, prep, self.attend, self.blocks)
         diff = logits[..., 1] - logits[..., 0]  # (B, L, bits): a bit is 1 where its logit difference is positive
         ce = F.binary_cross_entropy_with_logits(diff, bits.float(), reduction="none").mean(-1)
         correct = ((diff > 0) == bits.bool()).float().mean((0, 2))

@@ -17,7 +17,10 @@
   timed on its first steps and recorded, so later calls (and a replay) keep it. A call ends with
   a preview grid (preview.png) once a transformer phase has trained; `--travel DIR` also writes
   the checkpoint there in bf16, small enough to come back from a GPU machine and travel to the next.
-- `export` writes the bf16 weights the package ships (sparvar/assets) and the log (benchmarks/).
+- `export` writes the bf16 weights the package ships (sparvar/assets), with the tokenizer's encoder,
+  and the log (benchmarks/); `--resume-from-export` continues from them on another machine.
+- `score` generates --samples training prompts with the exported weights and records in the log's
+  summary how many show their own emoji (score.py).
 - `prompts` writes the prompts of one split, one a line (held-out ones for `sparvar eval --prompts`).
 """
 
@@ -36,11 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sparvar.demo import checkpoint, data
 from sparvar.demo.grid import grid
-from sparvar.demo.step import ATTENTION, TeacherForcing
+from sparvar.demo.score import retrieval_top1
+from sparvar.demo.step import ATTENTION, COMPILE, TeacherForcing
 from sparvar.demo.tokenizer import Encoder, Tokenizer
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import psnr
@@ -49,25 +53,29 @@ from sparvar.models.infinity.text import ByteTokenizer, TextEncoder, build_t5, l
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
 from sparvar.models.registry import ASSETS, get_spec
-from sparvar.pipeline import Pipeline, resolve_device
+from sparvar.pipeline import Pipeline, load_pipeline, resolve_device
 from sparvar.schedules import parse_schedule
 
 PROBE_STEPS = 10  # steps timed (after 3 warm-up steps) to turn planned minutes into a step count
 REWARM_STEPS = 50  # a resumed phase has fresh optimiser moments: its learning rate ramps up again
 END_MARGIN = 45.0  # seconds a call keeps for its last save and the preview
+EVAL_EVERY = 500  # steps between two held-out losses
 PHASES = ("tokenizer", "prefix", "full")  # the transformer's phases: the schedule's prefix, then all of it
 # options of one call (or of the other actions); the others belong to the run and come from the
 # checkpoint on --resume
-CALL_OPTIONS = ("action", "data", "out", "resume", "phase", "budget_minutes", "save_every_minutes", "device",
-                "travel", "attention", "compile", "assets", "log", "split", "prompts_out")
+CALL_OPTIONS = ("action", "data", "out", "resume", "resume_from_export", "phase", "budget_minutes", "save_every_minutes",
+                "device", "travel", "attention", "compile", "assets", "log", "samples", "scales", "score_batch", "split",
+                "prompts_out")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sparvar train-demo", description=__doc__.splitlines()[0])
-    p.add_argument("action", nargs="?", default="train", choices=("train", "prepare", "export", "prompts"))
+    p.add_argument("action", nargs="?", default="train", choices=("train", "prepare", "export", "score", "prompts"))
     p.add_argument("--data", default="runs/emoji.npz", help="the emoji data set (`prepare` writes it)")
     p.add_argument("--out", default="runs/demo", help="checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out with its options")
+    p.add_argument("--resume-from-export", action="store_true",
+                   help="continue what `export` wrote (--assets, --log) into a new --out, with fresh random streams")
     p.add_argument("--phase", default="all", choices=("all",) + PHASES, help="which phases this call may train")
     p.add_argument("--budget-minutes", type=float, default=8.5, help="wall time of this call, saving included")
     p.add_argument("--save-every-minutes", type=float, default=2.0)
@@ -95,15 +103,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale-lr", type=float, default=10.0,
                    help="learning-rate factor of the attention temperatures (log-scale, start at 4)")
     p.add_argument("--attention", default="sdpa", choices=ATTENTION, help="teacher forcing's attention (step.py)")
-    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                   help="torch.compile the transformer step (auto: on CUDA)")
+    p.add_argument("--compile", default="auto", choices=("auto",) + COMPILE,
+                   help="torch.compile the transformer step as one graph or per block (step.py; auto: graph on CUDA)")
     p.add_argument("--model", default="infinity-demo256", help="registry config to train")
     p.add_argument("--schedule", help="other scales than the model's (small test runs)")
     p.add_argument("--depth", type=int, help="other depth than the model's (small test runs)")
     p.add_argument("--width", type=int, help="other width than the model's (small test runs)")
     p.add_argument("--heads", type=int, help="other head count than the model's (small test runs)")
-    p.add_argument("--assets", default=str(ASSETS), help="export: folder for the bf16 weights")
-    p.add_argument("--log", default="benchmarks/demo_training.json", help="export: where the training log goes")
+    p.add_argument("--assets", default=str(ASSETS),
+                   help="export: folder for the bf16 weights (--resume-from-export reads them)")
+    p.add_argument("--log", default="benchmarks/demo_training.json",
+                   help="export: where the training log goes (--resume-from-export reads it)")
+    p.add_argument("--samples", type=int, default=500, help="score: training prompts generated (a fixed sample)")
+    p.add_argument("--scales", default="full", choices=("full", "prefix"), help="score: the schedule generated")
+    p.add_argument("--score-batch", type=int, default=16, help="score: images per batch")
     p.add_argument("--split", default="held-out", choices=("held-out", "train"), help="prompts: which split")
     p.add_argument("--prompts-out", help="prompts: file to write (default: print them)")
     return p.parse_args(argv)
@@ -137,9 +150,10 @@ class Phase:
         rate = lr_at(step, self.record["total"] or 10**9, self.peak)
         return rate * min(1.0, (step - first + 1) / REWARM_STEPS) if first > 0 else rate
 
-    def run(self, step_fn, deadline: float, save, save_every: float) -> bool:
+    def run(self, step_fn, deadline: float, save, save_every: float, evaluate=None) -> bool:
         """Steps until the phase's total or until `deadline` (time.monotonic()) comes near; True
-        when the phase is complete."""
+        when the phase is complete. `evaluate()` -> metrics runs every EVAL_EVERY steps and at the
+        end, into the record's "evaluations"."""
         rec = self.record
         first, start = rec["steps"], time.monotonic()
         last_save, last_step, step_seconds, probe_start = start, start, 0.0, None
@@ -175,6 +189,10 @@ class Phase:
                        "seconds": rec["seconds"] + now - start}
                 row.update({k: float(v.detach()) for k, v in metrics.items()})
                 rec["history"].append(row)
+                print(f"[{self.name}] " + " ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+            if evaluate is not None and (rec["steps"] % EVAL_EVERY == 0 or rec["steps"] == rec["total"]):
+                row = {"step": rec["steps"], **evaluate()}
+                rec.setdefault("evaluations", []).append(row)
                 print(f"[{self.name}] " + " ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
             if now - last_save > save_every:
                 rec["seconds"] += now - start
@@ -216,8 +234,11 @@ class Run:
         self.train_set, self.held_out = emoji.split(held_out=False), emoji.split(held_out=True)
         self.images = torch.from_numpy(self.train_set.images).to(device)
         self.byte_tokenizer = ByteTokenizer(spec.text["vocab_size"])
-        ids, mask = self.byte_tokenizer(self.train_set.prompts, cfg.text_max_len)
-        self.ids, self.mask = ids.to(device), mask.to(device)
+        # one padded length for both splits, so the held-out loss runs the training step's shapes
+        ids, mask = self.byte_tokenizer(self.train_set.prompts + self.held_out.prompts, cfg.text_max_len)
+        n = len(self.train_set.prompts)
+        self.ids, self.mask = ids[:n].to(device), mask[:n].to(device)
+        self.held_ids, self.held_mask = ids[n:].to(device), mask[n:].to(device)
 
     # ---- checkpoint ----------------------------------------------------------------------
     def tensors(self, travel: bool = False) -> dict[str, torch.Tensor]:
@@ -247,7 +268,13 @@ class Run:
         if part("transformer."):  # saved once the transformer has begun
             self.model.load_state_dict(part("transformer."))
             load_t5(self.text, part("text."), "the checkpoint's text encoder")
-        if self.state["device_type"] == self.device.type:
+        if "rng.data" not in tensors:  # an export: the streams go on from a seed of their own
+            print("note: no random streams saved (an export): they restart from the seed and the steps done")
+            seed = self.args.seed + sum(self.state[p]["steps"] for p in PHASES)
+            self.gen.manual_seed(seed)
+            torch.manual_seed(seed)
+            self.state["device_type"] = self.device.type
+        elif self.state["device_type"] == self.device.type:
             self.gen.set_state(tensors["rng.data"])
             torch.set_rng_state(tensors["rng.torch"])
             if self.device.type == "cuda":
@@ -313,11 +340,12 @@ class Run:
 
     # ---- phases 2 and 3: the transformer ---------------------------------------------------
     @torch.no_grad()
-    def latents(self, kind: str) -> torch.Tensor:
-        """The frozen encoder's latents of every training image at a phase's size (B, c, h, w), float32."""
+    def latents(self, kind: str, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen encoder's latents (B, c, h, w), float32, of uint8 images (the training set's
+        by default) at a phase's size."""
         self.encoder.eval()
         out = []
-        for chunk in self.images.split(64):
+        for chunk in (self.images if images is None else images).split(64):
             with self.autocast:
                 out.append(self.encoder(data.to_pixels(chunk, self.sizes[kind])).float())
         return torch.cat(out)
@@ -330,13 +358,28 @@ class Run:
         drop = torch.rand(n, device=self.device, generator=self.gen) < args.text_dropout
         return self.teacher(self.latent_set[idx], self.ids[idx], self.mask[idx], flip, drop, self.gen)
 
+    def held_out_loss(self) -> dict:
+        """The step's loss on the held-out emoji, without bit flips or dropped prompts, in batches of
+        the training step's size (the same compiled graph; no gradient is taken)."""
+        n = self.batch
+        losses = []
+        self.text.eval()
+        for start in range(0, len(self.held_latents) - n + 1, n):
+            part = slice(start, start + n)
+            metrics = self.teacher(self.held_latents[part], self.held_ids[part], self.held_mask[part],
+                                   torch.zeros(n, device=self.device), torch.zeros(n, dtype=torch.bool, device=self.device))
+            losses.append(float(metrics["loss"].detach()))
+        self.text.train()
+        return {"held_out_loss": float(np.mean(losses))} if losses else {}
+
     def train_transformer(self, kind: str, deadline: float) -> bool:
         """Phase `kind` ("prefix" or "full") until its steps are done or the call's time is up."""
         args, model, rec = self.args, self.model, self.state[kind]
         rec["total"] = rec["total"] or getattr(args, f"{kind}_steps")
         self.batch = getattr(args, f"{kind}_batch")
         self.latent_set = self.latents(kind)
-        compile = args.compile == "on" or (args.compile == "auto" and self.device.type == "cuda")
+        self.held_latents = self.latents(kind, torch.from_numpy(self.held_out.images).to(self.device))
+        compile = args.compile if args.compile != "auto" else "graph" if self.device.type == "cuda" else "off"
         self.teacher = TeacherForcing(model, self.text, self.codes, self.schedules[kind], args.attention, compile)
         model.train()
         self.text.train()
@@ -346,7 +389,8 @@ class Run:
                   {"params": temperatures, "lr_scale": args.scale_lr, "weight_decay": 0.0}]
         phase = Phase(kind, groups, getattr(args, f"{kind}_lr"), rec, getattr(args, f"{kind}_minutes") * 60,
                       self.device)
-        rec["done"] = phase.run(self.transformer_step, deadline, self.save, args.save_every_minutes * 60)
+        rec["done"] = phase.run(self.transformer_step, deadline, self.save, args.save_every_minutes * 60,
+                                self.held_out_loss)
         return rec["done"]
 
     def preview(self, path: Path, kind: str) -> None:
@@ -374,8 +418,12 @@ def train(args, argv: list[str]) -> dict:
     deadline = time.monotonic() + args.budget_minutes * 60
     out = Path(args.out)
     device = resolve_device(args.device)
-    if args.resume:
-        tensors, state = checkpoint.load(out)
+    if args.resume and args.resume_from_export:
+        raise SparvarError("--resume continues --out; --resume-from-export continues --assets and --log: pick one")
+    if args.resume_from_export and checkpoint.exists(out):
+        raise SparvarError(f"{out} holds a training checkpoint: continue it with --resume, or give another --out")
+    if args.resume or args.resume_from_export:
+        tensors, state = checkpoint.load(out) if args.resume else load_export(args)
         args = argparse.Namespace(**{**vars(args), **state["args"]})
         print(f"resuming {out}: " + ", ".join(f"{p} step {state[p]['steps']}" for p in PHASES)
               + f" (run options of the first call: {state['args']})")
@@ -424,27 +472,76 @@ def train(args, argv: list[str]) -> dict:
     return state
 
 
+def exported_files(spec, assets: str | Path) -> dict[str, Path]:
+    """Checkpoint prefix -> the bf16 file `export` writes it to: the three the pipeline loads, and
+    the tokenizer's encoder, which training needs (and which turns images into tokens)."""
+    assets = Path(assets)
+    files = {prefix: assets / spec.bundled[option] for option, prefix in
+             (("--weights", "transformer."), ("--vae", "vae."), ("--text-encoder", "text."))}
+    files["encoder."] = assets / spec.bundled["--vae"].replace("_vae.", "_encoder.")
+    return files
+
+
 def export(args) -> list[Path]:
-    """The checkpoint's transformer, decoder and text encoder as the bf16 files the model ships."""
+    """The checkpoint's weights as the bf16 files the model ships, and its state as the log."""
     tensors, state = checkpoint.load(args.out)
     spec = get_spec(state["model"])
     for kind in ("prefix", "full"):
         if not state[kind]["done"]:
             print(f"note: the transformer's {kind} phase is at step {state[kind]['steps']} of {state[kind]['total']}")
-    assets = Path(args.assets)
-    assets.mkdir(parents=True, exist_ok=True)
     written = []
-    for option, prefix in (("--weights", "transformer."), ("--vae", "vae."), ("--text-encoder", "text.")):
+    for prefix, path in exported_files(spec, args.assets).items():
         part = {k[len(prefix):]: v.to(torch.bfloat16) for k, v in tensors.items() if k.startswith(prefix)}
         if not part:
             raise SparvarError(f"{args.out} holds no {prefix[:-1]} weights yet: train further first")
-        path = assets / spec.bundled[option]
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(part, str(path))
         written.append(path)
+    tokenizer = state["tokenizer"]
+    state["summary"] = {  # what `score` adds refers to these weights only: an export starts it anew
+        "tokenizer_heldout_psnr_db": tokenizer.get(f"held_out_psnr_{state['data']['image_sizes']['full']}px"),
+        "tokenizer_heldout_psnr_db_prefix": tokenizer.get(f"held_out_psnr_{state['data']['image_sizes']['prefix']}px"),
+    }
     log = Path(args.log)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(json.dumps(state, indent=1))
     return written + [log]
+
+
+def score(args, argv: list[str]) -> dict:
+    """Retrieval top-1 of the exported model on training prompts, recorded in the log's summary."""
+    log = Path(args.log)
+    if not log.is_file():
+        raise SparvarError(f"no training log at {log}: `score` measures what `export` wrote")
+    state = json.loads(log.read_text())
+    spec = get_spec(state["model"])
+    files = exported_files(spec, args.assets)
+    pipe = load_pipeline(spec, weights=str(files["transformer."]), vae=str(files["vae."]),
+                         text_encoder=str(files["text."]), device=args.device)
+    schedule = spec.schedules[0] if args.scales == "full" else spec.schedules[0].truncated(state["args"]["prefix_scales"])
+    train_set = data.load(args.data).split(held_out=False)
+    result = retrieval_top1(pipe, train_set, args.samples, args.score_batch, schedule)
+    key = "train_prompt_retrieval_top1" + ("" if args.scales == "full" else "_prefix")
+    state.setdefault("summary", {}).update({
+        key: result["train_prompt_retrieval_top1"], f"{key}_samples": result["samples"],
+        f"{key}_command": "sparvar train-demo " + " ".join(argv), f"{key}_misses": result["misses_shown"]})
+    log.write_text(json.dumps(state, indent=1))
+    print(f"{key}: {result['train_prompt_retrieval_top1']:.3f} of {result['samples']} prompts (written to {log})")
+    return result
+
+
+def load_export(args) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of what `export` wrote (--assets and --log), to resume from in a new place."""
+    log = Path(args.log)
+    if not log.is_file():
+        raise SparvarError(f"no training log at {log}: --resume-from-export continues what `export` wrote")
+    state = json.loads(log.read_text())
+    tensors = {}
+    for prefix, path in exported_files(get_spec(state["model"]), args.assets).items():
+        if not path.is_file():
+            raise SparvarError(f"{path} is missing: --resume-from-export needs every file `export` writes")
+        tensors.update({prefix + k: v for k, v in load_file(str(path)).items()})
+    return tensors, state
 
 
 def main(argv=None) -> dict | None:
@@ -460,6 +557,8 @@ def main(argv=None) -> dict | None:
     if args.action == "export":
         print("wrote " + ", ".join(map(str, export(args))))
         return None
+    if args.action == "score":
+        return score(args, argv)
     if args.action == "prompts":
         prompts = data.load(args.data).split(held_out=args.split == "held-out").prompts
         if args.prompts_out:

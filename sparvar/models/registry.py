@@ -166,7 +166,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "infinity-demo",
             "small class-conditional Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 64x64 px), "
-            "trained on Fashion-MNIST (sparvar train-demo, benchmarks/demo_training.json); weights ship "
+            "trained on Fashion-MNIST (benchmarks/demo_fm_training.json); weights ship "
             "with the package",
             InfinityConfig(
                 depth=6, width=128, heads=2, vae_channels=8, text_width=0, num_classes=10, block_chunks=1,
@@ -182,7 +182,7 @@ MODELS: dict[str, ModelSpec] = {
             "infinity-demo256",
             "small text-to-image Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 256x256 px), "
             "trained on Noto's colour emoji and their Unicode names (sparvar train-demo, docs/demo_model.md); "
-            "its weights go to sparvar/assets once trained",
+            "training under way: so far its first 10 scales (128x128 px) only",
             InfinityConfig(depth=12, width=256, heads=4, vae_channels=16, text_width=256, text_max_len=128,
                            block_chunks=1, cfg=3.0, tau=1.0),
             VAEConfig(channels=16, ch_mult=(1, 2, 2), base=32),

@@ -443,10 +443,13 @@ class InfinityTransformer(ScaleTransformer):
         return self._ropes[key]
 
     # ---- the transformer ----------------------------------------------------------------
-    def _blocks(self, x, prep: Prepared, rope, attend: Attend, layers: range | None = None) -> torch.Tensor:
+    def _blocks(self, x, prep: Prepared, rope, attend: Attend, layers: range | None = None, blocks=None):
+        """x through the blocks of `layers` (all by default); `blocks` may stand in for the model's
+        (torch.compile'd wrappers of them, in training)."""
         for layer in range(self.cfg.depth) if layers is None else layers:
             text = None if prep.text is None else prep.text[layer]
-            x = self.block(layer)(x, prep.mods[layer], text, rope, attend, layer)
+            block = self.block(layer) if blocks is None else blocks[layer]
+            x = block(x, prep.mods[layer], text, rope, attend, layer)
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -473,17 +476,18 @@ class InfinityTransformer(ScaleTransformer):
         return self.logits(x, prep.cond)
 
     def forward_full(
-        self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared, attend: Attend | None = None
+        self, inputs: list[torch.Tensor], schedule: Schedule, prep: Prepared, attend: Attend | None = None,
+        blocks=None,
     ) -> torch.Tensor:
         """Teacher forcing: inputs of scales 1.. (each (B, n_k, bits)) -> logits of all tokens.
 
         `attend` applies the block-causal mask over the whole sequence; by default one SDPA per
-        scale (`PrefixAttend`)."""
+        scale (`PrefixAttend`). `blocks` may stand in for the model's blocks (see _blocks)."""
         x = torch.cat([prep.start] + [self.embed_codes(c) for c in inputs], dim=1)
         scale_of_token = torch.repeat_interleave(torch.arange(len(schedule)), torch.tensor(schedule.lengths))
         x = x + self.lvl_embed.weight[scale_of_token.to(x.device)].float()
         attend = PrefixAttend(schedule) if attend is None else attend
-        x = self._blocks(x, prep, self.rope(schedule).slice(0, schedule.total), attend)
+        x = self._blocks(x, prep, self.rope(schedule).slice(0, schedule.total), attend, blocks=blocks)
         return self.logits(x, prep.cond)
 
 
