@@ -62,8 +62,9 @@ def _with_init_image(args, config: GenerationConfig, pipe) -> GenerationConfig:
     return GenerationConfig.build(config, init_tokens=tokens, init_scales=args.init_scales)
 
 
-def _check_init_image(args, configs: dict) -> None:
-    """--init-image and --init-scales go together and fit the schedule (checked before loading)."""
+def _check_init_image(args, spec, configs: dict) -> None:
+    """--init-image and --init-scales go together and fit the model and schedule (checked before loading)."""
+    spec.family.refuse(spec.name, init_images=bool(args.init_image))
     if bool(args.init_image) != bool(args.init_scales):
         raise SparvarError("--init-image and --init-scales go together: the picture's first N scales are kept")
     if not args.init_image:
@@ -104,7 +105,7 @@ def cmd_generate(args) -> None:
     for name in presets:
         combo = combination(name)
         configs[name] = GenerationConfig.build(base, attention=combo.attention, **combo.options()).resolved(spec)
-    _check_init_image(args, configs)
+    _check_init_image(args, spec, configs)
     if job and args.init_image:
         raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
     device = resolve_device(args.device)

@@ -26,7 +26,7 @@ from sparvar.graphs import ScaleGraphs
 from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
 from sparvar.models.fp8 import quantize_blocks
-from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
+from sparvar.models.registry import ModelSpec, create_model, create_vae, get_spec, guess_model
 from sparvar.offload import BlockStream, OffloadedModule, move_except_blocks
 from sparvar.sampling import OfficialDraws, filter_logits, item_gumbel, sample, smooth_probs
 from sparvar.schedules import Schedule
@@ -149,7 +149,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 class Pipeline:
-    """The model-independent sampler loop over a family's parts (registry.Family says what they do)."""
+    """The model-independent sampler loop over a family's parts (models/base.py says what they do)."""
 
     def __init__(self, spec: ModelSpec, transformer, vae, text_encoder=None,
                  text_offload: OffloadedModule | None = None):
@@ -158,7 +158,7 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.text_offload = text_offload  # the text encoder's weights visit the GPU only to encode
-        self.codes = FAMILIES[spec.family].codes(spec, vae)
+        self.codes = spec.family.codes(spec, vae)
         self._cache: tuple[tuple, KVCache] | None = None
         self._policies: dict[str, AttentionPolicy] = {}  # named policies kept for graph replays
         self._pruners: dict[str, TokenPruning] = {}  # named token prunings, likewise
@@ -390,7 +390,7 @@ class Pipeline:
         try:
             return self.vae.decode(latent)
         except torch.cuda.OutOfMemoryError:
-            if tiled is False or not hasattr(self.vae, "decode_tiled"):
+            if tiled is False or not self.spec.family.tiled_decode:
                 raise
         torch.cuda.empty_cache()  # out of the handler, so the failed decode's maps are gone
         return self.vae.decode_tiled(latent)
@@ -462,7 +462,7 @@ def load_pipeline(
     dtype = dtype or default_dtype(device)
     check_precision(precision, device, dtype)
     check_offload(offload, spec)
-    family = FAMILIES[spec.family]
+    family = spec.family
     if family.configure is not None and not random_weights:
         spec, weights, vae = family.configure(spec, weights, vae)
     if not random_weights:

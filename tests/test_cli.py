@@ -286,7 +286,7 @@ def test_every_help_shows_the_defaults(monkeypatch, capsys):
      "the official VAR sampler has no temperature: use tau 1, not 0.5"),
     (["--model", "var-tiny", "--negative-prompt", "x"], "var-tiny is class-conditional: a negative prompt needs a text model"),
     (["--model", "infinity-tiny", "--prompt", "a", "--more-smooth", "--schedule", "1,2"],
-     "more_smooth is VAR's option; infinity-tiny is not a VAR model"),
+     "infinity-tiny (Infinity) takes no more_smooth"),
     (["--model", "infinity-tiny", "--prompt", "a", "--cfg", "1,2", "--schedule", "1,2,4"],
      "cfg gives 2 values, one per scale, for 3 scales"),
     (["--model", "infinity-tiny", "--prompt", "a", "--negative-prompt", "b", "--cfg", "1", "--schedule", "1,2"],

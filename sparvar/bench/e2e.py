@@ -193,7 +193,7 @@ def modes_for(model: str, modes: dict[str, Mode]) -> dict[str, Mode]:
     """The modes a model can run: HART has no token pruning (its default rows are a, b, d, e, i)."""
     from sparvar.models.registry import get_spec
 
-    if get_spec(model).family == "hart":
+    if not get_spec(model).family.token_pruning:
         return {name: mode for name, mode in modes.items() if mode.prune is None}
     return modes
 
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None, which: str = "e2e") -> None:
     title = ("Dense generation baseline" if which == "baseline" else "End to end") + (
         ": random weights, 1024x1024, batch 1 with CFG, bf16")
     official = getattr(args, "official", None)
-    if official and any(get_spec(m).family != "infinity" for m in args.models):
+    if official and not all(get_spec(m).family.official_bench for m in args.models):
         raise SparvarError("--official runs the official Infinity code: give Infinity models only with it")
     if official and not Path(official, "infinity", "models", "infinity.py").is_file():
         raise SparvarError(f"--official {official} is not a clone of FoundationVision/Infinity "

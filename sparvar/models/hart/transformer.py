@@ -38,8 +38,8 @@ from sparvar.errors import SparvarError
 from sparvar.kv_cache import KVCache
 from sparvar.models.hart.diffusion import DiffusionHead
 from sparvar.models.hart.text import SYSTEM_PROMPT
-from sparvar.models.infinity.transformer import (  # RMSNorm: float32, as HART's fused kernel
-    Attend, CachedAttend, RMSNorm, ScaleTransformer)
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
+from sparvar.models.infinity.transformer import RMSNorm  # float32, as HART's fused kernel
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning
 

@@ -3,7 +3,7 @@
 Parameter and buffer names follow the official checkpoints (var_d16.pth ... var_d36.pth), so
 they load strictly. A token's input is its embedding plus a learned absolute position (pos_1LC,
 one row per token of the model's own schedule) and its scale's level embedding; no RoPE. The
-blocks use the same cosine attention as Infinity (imported from there) and AdaLN from the class
+blocks use the same cosine attention and FFN as Infinity (imported from there) and AdaLN from the class
 embedding: per block (ada_lin) or, for d36, one shared projection plus a learned per-block offset.
 As in the Infinity transformer, the residual stream stays in float32 and the products run in
 the model's dtype; `forward_scale` (KV cache + attention policy) and `forward_full` (teacher
@@ -23,8 +23,8 @@ from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kv_cache import KVCache
 from sparvar.models.fused import add_norm, gated_add
-from sparvar.models.infinity.transformer import (
-    FFN, Attend, CachedAttend, HeadNorm, ScaleTransformer, SelfAttention, adaptive_norm)
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
+from sparvar.models.infinity.transformer import FFN, HeadNorm, SelfAttention, adaptive_norm
 from sparvar.schedules import VAR_256, Schedule
 from sparvar.skipping import TokenPruning
 
