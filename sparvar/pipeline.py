@@ -450,8 +450,8 @@ def load_pipeline(
     that need no files build the parts not given with random weights (seeded).
     `random_weights=True` builds every part with random weights (benchmarks, tests).
     bf16 on GPU, float32 on CPU unless `dtype` says otherwise.
-    precision "fp8": the transformer blocks' projections run as FP8 matmuls (models/fp8.py), their
-    weights quantised as they load (random weights are drawn in `dtype` first, so an FP8 pipeline
+    precision "fp8": the transformer blocks' projections (`Family.fp8_layers`) run as FP8 matmuls
+    (models/fp8.py), their weights quantised as they load (random weights are drawn in `dtype` first, so an FP8 pipeline
     holds the quantised weights of the same-seeded full-precision one).
     offload "text": the text encoder waits in CPU memory between encodings; "blocks": that, and
     the transformer blocks stream from CPU memory (offload.py; random weights are drawn on the
@@ -477,7 +477,7 @@ def load_pipeline(
     if weights is None or random_weights:
         transformer = create_model(spec, device, dtype, seed)
         if precision == "fp8":
-            quantize_blocks(transformer)
+            quantize_blocks(transformer, family.fp8_layers)
         if offload == "blocks":
             transformer.stream = BlockStream(transformer.blocks, device)
     else:
@@ -489,7 +489,7 @@ def load_pipeline(
         transformer = transformer.to(dtype=dtype).eval()
         streamed = offload == "blocks"
         if precision == "fp8":  # layer by layer onto the device, so only FP8 weights pile up there
-            quantize_blocks(transformer, "cpu" if streamed else device)
+            quantize_blocks(transformer, family.fp8_layers, "cpu" if streamed else device)
         if streamed:
             move_except_blocks(transformer, device)
             transformer.stream = BlockStream(transformer.blocks, device)

@@ -52,5 +52,6 @@ def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: flo
     if not guidance:
         return logits
     cond, uncond = logits.chunk(2)
-    w = torch.repeat_interleave(torch.tensor(weights), torch.tensor(schedule.lengths))
+    grids = [h * w for h, w in schedule.sizes]  # HART's logits of scale 0 are its text's last position's
+    w = torch.repeat_interleave(torch.tensor(weights), torch.tensor(grids))
     return cond + w.view(1, -1, *[1] * (cond.dim() - 2)) * (cond - uncond)

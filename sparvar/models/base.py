@@ -237,6 +237,10 @@ class Family:
     tiled_decode: bool = False  # decoder.decode_tiled
     system_prompt: bool = False  # text put before every prompt (config.system_prompt is the default)
     official_bench: bool = False  # `sparvar bench e2e --official` times its official code
+    # the linear layers of a block (paths within it) that precision="fp8" quantises, and those it keeps
+    # in the model dtype on purpose; every nn.Linear of a block is in one of the two (tests/test_fp8.py)
+    fp8_layers: tuple[str, ...] = ()
+    kept_layers: tuple[str, ...] = ()
 
     def refuse(self, model: str, **asked: bool) -> None:
         """One line naming every option asked for (capability name=True) that this family lacks."""

@@ -52,16 +52,21 @@ INFINITY = Family(
     lambda spec, aspect, resolution: infinity_schedule(aspect, resolution or spec.resolution),
     TextEncoder,
     negative_prompts=True, tiled_decode=True, official_bench=True,
+    fp8_layers=("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj", "ffn.fc1", "ffn.fc2"),
 )
 # the VQVAE's residual quantiser turns token indices into the latent and the next input
 VAR = Family(
     "VAR", VARTransformer, VQVAE, lambda spec, decoder: decoder.quantize, _own_schedule,
     fixed_schedule=True, official_temperature=False, more_smooth=True,
+    fp8_layers=("attn.mat_qkv", "attn.proj", "ffn.fc1", "ffn.fc2"),
+    kept_layers=("ada_lin.1",),  # the adaLN of models without a shared one: once per generation (prepare)
 )
 HART = Family(
     "HART", HARTTransformer, HARTTokenizer, lambda spec, decoder: HybridCodes(decoder.vae.quantize), _own_schedule,
     HARTTextEncoder, hart_files.configure,
     fixed_schedule=True, token_pruning=False, official_sampler=False, init_images=False, system_prompt=True,
+    fp8_layers=("attn.qkv_proj", "attn.proj", "ffn.gate_proj", "ffn.up_proj", "ffn.down_proj"),
+    kept_layers=("ada_lin.1",),  # the blocks' adaLN: once per generation (prepare)
 )
 FAMILIES = {family.name: family for family in (INFINITY, VAR, HART)}
 

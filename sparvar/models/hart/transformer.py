@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kv_cache import KVCache
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
+from sparvar.models.fp8 import Fp8Linear, project
+from sparvar.models.fused import quantize_rows
 from sparvar.models.hart.diffusion import DiffusionHead
 from sparvar.models.hart.text import SYSTEM_PROMPT
-from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
 from sparvar.models.infinity.transformer import RMSNorm  # float32, as HART's fused kernel
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning
@@ -183,7 +185,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attend: Attend, layer: int):
         b, n, _ = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        q, k, v = F.linear(x, self.qkv_proj.weight, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = project(x, self.qkv_proj, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.scale_mul_1H11 is not None:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100)).exp()
             k = F.normalize(k, dim=-1)
@@ -200,6 +202,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x):
+        if isinstance(self.gate_proj, Fp8Linear):  # one quantising pass for both projections
+            x = quantize_rows(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -214,7 +218,7 @@ class Block(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
     def forward(self, x, mod, cos, sin, attend: Attend, layer: int):
-        dtype = self.ffn.up_proj.weight.dtype
+        dtype = self.ada_lin[1].weight.dtype  # the model dtype: the projections' may be FP8
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
         x = x + self.attn((self.ln_wo_grad(x) * (1 + scale1) + shift1).to(dtype), cos, sin, attend, layer).float() * gamma1
         return x + self.ffn((self.ln_wo_grad(x) * (1 + scale2) + shift2).to(dtype)).float() * gamma2
