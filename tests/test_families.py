@@ -61,3 +61,13 @@ def test_no_family_name_is_compared_outside_the_models():
     found = [f"{path.relative_to(PACKAGE)}:{i}" for path in PACKAGE.rglob("*.py") if "models" not in path.parts
              for i, line in enumerate(path.read_text().splitlines(), 1) if compared.search(line)]
     assert not found
+
+
+@pytest.mark.parametrize("floor", ["kernels", "attention", "kv_cache.py"])
+def test_lower_floors_import_nothing_from_the_models(floor):
+    """kv_cache, attention and kernels sit under the models: a family may use them, not the reverse."""
+    root = PACKAGE / floor
+    files = [root] if root.is_file() else sorted(root.rglob("*.py"))
+    upward = [f"{path.relative_to(PACKAGE)}: {line.strip()}" for path in files for line in path.read_text().splitlines()
+              if re.match(r"\s*(from|import)\s+sparvar\.models\b", line)]
+    assert not upward

@@ -9,8 +9,14 @@ import torch.nn as nn
 
 from sparvar.cli import main as cli_main
 from sparvar.errors import SparvarError
-from sparvar.models.fp8 import Fp8Linear, fp8_matmul, fp8_matmul_reference, quantize_blocks, quantize_weight
-from sparvar.models.fused import FP8, quantize_rows, quantize_rows_reference
+from sparvar.kernels.fp8 import FP8, quantize_rows, quantize_rows_reference
+from sparvar.models.fp8 import (
+    Fp8Linear,
+    fp8_matmul,
+    fp8_matmul_reference,
+    quantize_blocks,
+    quantize_weight,
+)
 from sparvar.models.registry import FAMILIES, MODELS, create_model
 from sparvar.pipeline import load_pipeline
 from tests.helpers import teacher_forced_logits, tiny_pipeline

@@ -17,30 +17,30 @@ import sys
 from pathlib import Path
 
 import pytest
-import triton
 import torch
+import triton
 
-import sparvar.attention.triton_decision as compiled_decision
-import sparvar.attention.triton_sparse as compiled_sparse
-import sparvar.models.fused as compiled_fused
+import sparvar.kernels.decision as compiled_decision
+import sparvar.kernels.fp8 as compiled_fp8
+import sparvar.kernels.fused as compiled_fused
+import sparvar.kernels.sparse_attention as compiled_sparse
 from sparvar.attention.decision import attention_with_colsum, reference_attention_colsum
 from sparvar.attention.sparse import resolve_backend, sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
-ATTENTION_DIR = Path(compiled_sparse.__file__).parent
-BF16_TOL = 1e-2  # relative error for bf16 operands (METHOD.md)
+KERNELS_DIR = Path(compiled_sparse.__file__).parent
+BF16_TOL = 1e-2  # relative error for bf16 operands
 
 
-def _load_interpreted(name: str, deps: dict | None = None, folder: Path = ATTENTION_DIR):
-    """An interpreted copy of sparvar.attention.<name> (or of <folder>/<name>.py), importing
-    `deps` (module name -> copy)."""
+def _load_interpreted(name: str, deps: dict | None = None):
+    """An interpreted copy of sparvar.kernels.<name>, importing `deps` (module name -> copy)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     saved = {m: sys.modules.get(m) for m in deps or {}}
     sys.modules.update(deps or {})
     try:
-        spec = importlib.util.spec_from_file_location(f"_interpreted_{name}", folder / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"_interpreted_{name}", KERNELS_DIR / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -55,11 +55,14 @@ def _load_interpreted(name: str, deps: dict | None = None, folder: Path = ATTENT
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 if ON_GPU:
-    kernels_sparse, kernels_decision, kernels_fused = compiled_sparse, compiled_decision, compiled_fused
+    kernels_sparse, kernels_decision = compiled_sparse, compiled_decision
+    kernels_fused, kernels_fp8 = compiled_fused, compiled_fp8
 else:
-    kernels_sparse = _load_interpreted("triton_sparse")
-    kernels_fused = _load_interpreted("fused", folder=Path(compiled_fused.__file__).parent)
-    kernels_decision = _load_interpreted("triton_decision", {"sparvar.attention.triton_sparse": kernels_sparse})
+    kernels_fp8 = _load_interpreted("fp8")
+    kernels_fused = _load_interpreted("fused", {"sparvar.kernels.fp8": kernels_fp8})
+    kernels_sparse = _load_interpreted("sparse_attention", {"sparvar.kernels.fp8": kernels_fp8})
+    kernels_decision = _load_interpreted("decision", {"sparvar.kernels.sparse_attention": kernels_sparse,
+                                                      "sparvar.kernels.fp8": kernels_fp8})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -452,14 +455,15 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
 def test_fused_kernels_build_for_hopper(name, pointers, constexprs, num_warps):
     """The blocks' elementwise kernels assemble into sm_90 machine code at Infinity-8B's width and
     heads, for the threads asked, within a Hopper block's shared memory and without scratch memory."""
-    kernel = _compile_for_hopper(getattr(compiled_fused, name), pointers, constexprs, num_warps=num_warps)
+    module = compiled_fp8 if hasattr(compiled_fp8, name) else compiled_fused
+    kernel = _compile_for_hopper(getattr(module, name), pointers, constexprs, num_warps=num_warps)
     ptx = kernel.asm["ptx"]
     assert ".target sm_90" in ptx and f".visible .entry {name}(" in ptx
     assert f".reqntid {32 * num_warps}" in ptx and len(kernel.asm["cubin"]) > 0  # ptxas built it
     assert kernel.metadata.shared <= 227 * 1024 and kernel.metadata.global_scratch_size == 0
 
 
-# ---- the blocks' fused elementwise kernels (sparvar/models/fused.py) --------------------------
+# ---- the blocks' fused elementwise kernels and FP8 rows (sparvar/kernels/fused.py, fp8.py) ---
 def _vector(kind, b, c, gen):
     """A gate/mul/add vector: per item (a float32 strided slice of a (B, 1, 6, C) tensor), or
     shared (bf16, like a LayerNorm's weights in a bf16 model)."""
@@ -504,7 +508,7 @@ def test_add_norm_fp8_matches_reference(poisoned, b, n, c, branch):
     x = (torch.randn(b, n, c, generator=gen) * 3 + 1).to(DEVICE)
     y = torch.randn(b, n, c, generator=gen).to(DEVICE, torch.bfloat16) if branch else None
     m, a = _vector("item", b, c, gen), _vector("item", b, c, gen)
-    fp8 = kernels_fused.FP8
+    fp8 = kernels_fp8.FP8
     new_x, rows = kernels_fused.add_norm_triton(x, y, None, m, a, 1e-6, fp8)
     ref_x, ref = kernels_fused.add_norm_reference(x, y, None, m, a, 1e-6, fp8)
     torch.testing.assert_close(new_x, ref_x, rtol=1e-6, atol=1e-6)
@@ -517,7 +521,7 @@ def test_add_norm_fp8_matches_reference(poisoned, b, n, c, branch):
 def test_quantize_rows_matches_reference(poisoned, shape, gelu):
     x = (torch.randn(shape) * 4).to(DEVICE, torch.bfloat16)
     x[0, ..., :] = 0  # an all-zero row keeps a finite scale and quantises to zeros
-    rows, ref = kernels_fused.quantize_rows_triton(x, gelu), kernels_fused.quantize_rows_reference(x, gelu)
+    rows, ref = kernels_fp8.quantize_rows_triton(x, gelu), kernels_fp8.quantize_rows_reference(x, gelu)
     assert rows.shape == shape and rows.scale.shape == (*shape[:-1], 1)
     assert_fp8_rows_close(rows, ref)
     assert (rows.data[0].float() == 0).all() and (rows.scale > 0).all()
@@ -529,10 +533,10 @@ def test_quantize_rows_matches_reference(poisoned, shape, gelu):
 @pytest.mark.parametrize("length,d", [(1, 16), (37, 64), (130, 128)])
 def test_dequantize_rows_writes_into_strided_views(poisoned, length, d):
     """The FP8 KV cache's prefix (B, H planes of a longer stored buffer) into its staging buffer."""
-    rows = kernels_fused.quantize_rows_reference(torch.randn(2, 2, 3, length + 5, d) * 3)
+    rows = kernels_fp8.quantize_rows_reference(torch.randn(2, 2, 3, length + 5, d) * 3)
     data, scale = rows.data[1].to(DEVICE), rows.scale[1].to(DEVICE)  # one layer of a (layers, ...) cache
     staging = torch.full((2, 3, length + 9, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    kernels_fused.dequantize_rows(data[:, :, :length], scale[:, :, :length], staging[:, :, :length])
+    kernels_fp8.dequantize_rows(data[:, :, :length], scale[:, :, :length], staging[:, :, :length])
     ref = (data[:, :, :length].float() * scale[:, :, :length]).to(torch.bfloat16)
     assert torch.equal(staging[:, :, :length], ref) and staging[:, :, length:].isnan().all()
 
@@ -593,7 +597,7 @@ def test_group_norm_silu_matches_reference(poisoned, n, c, h, w, groups, pixels,
 @torch.inference_mode()
 def test_fused_kernels_match_their_reference_in_the_demo_model_cuda():
     """The whole transformer (teacher forcing) and the decoder, kernels against their reference."""
-    from sparvar.models.fused import reference_only
+    from sparvar.kernels import reference_only
     from sparvar.pipeline import load_pipeline
 
     pipe = load_pipeline("infinity-demo", device="cuda")

@@ -6,7 +6,7 @@
   a  as users run Infinity today: SDPA's default backend, a KV cache grown by concatenation,
      one PyTorch kernel per elementwise step
   b  our best dense path: static KV cache, SDPA's cuDNN kernel, CUDA graphs per scale, fused
-     elementwise kernels (models/fused.py)
+     elementwise kernels (kernels/fused.py)
   c  SparVAR `paper` preset with CSLA on FlexAttention tables (how the paper ran it)
   d  SparVAR `default` preset on our Triton kernels
   e  (d) with the last two scales skipped
@@ -41,7 +41,7 @@ import torch
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
-from sparvar.models.fused import reference_only
+from sparvar.kernels import reference_only
 from sparvar.options import HelpFormatter
 
 PROMPT = "a photo of a red fox sitting in fresh snow at dawn, highly detailed"

@@ -41,7 +41,7 @@ def _sdpa_flash(q, k, v) -> float:
 
 def sparse_configs(record, heads: int, scale: int) -> None:
     """Tile shapes, pipeline depth and load path on random and CSLA tables."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
@@ -70,7 +70,7 @@ def sparse_configs(record, heads: int, scale: int) -> None:
 def overhead_probe(record, heads: int, scale: int) -> None:
     """Tables of 1, 2 and 4 key blocks per query block: the time a block adds, and what a
     program costs besides its blocks (load q, start the pipeline, store the output)."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
@@ -89,7 +89,7 @@ def overhead_probe(record, heads: int, scale: int) -> None:
 
 def gather_configs(record, heads: int) -> None:
     """Column-sparse (gather) mode, CS4A-like: 192-query groups, ~20% of the key tokens."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[12], sched.kv_length(12)
@@ -103,8 +103,8 @@ def gather_configs(record, heads: int) -> None:
 
 def decision_configs(record, heads: int) -> None:
     """The decision call at scale 10: its dense part alone, then the whole call."""
-    from sparvar.attention.triton_decision import dense_table, triton_attention_colsum
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.decision import dense_table, triton_attention_colsum
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[10], sched.kv_length(10)
@@ -124,8 +124,8 @@ def decision_configs(record, heads: int) -> None:
 def fp8_configs(record, heads: int, scale: int) -> None:
     """FP8 q, k (and v) against bf16 on the same tables: time (the quantising pass of q, k, v
     timed apart, since an FP8 KV cache and a fused qkv kernel would make it free) and error."""
-    from sparvar.attention.triton_decision import triton_attention_colsum
-    from sparvar.attention.triton_sparse import quantize_heads, triton_sparse_attention
+    from sparvar.kernels.decision import triton_attention_colsum
+    from sparvar.kernels.sparse_attention import quantize_heads, triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
@@ -158,7 +158,7 @@ def fp8_configs(record, heads: int, scale: int) -> None:
 
 def warp_specialize_configs(record, heads: int, scale: int) -> None:
     """Triton's automatic warp specialisation of the bf16 block loop, against the default."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)

@@ -168,7 +168,7 @@ def time_rounds(contenders: dict) -> dict:
 
 def bench_sparse(model: str, scale: int, flex: _Flex) -> list[dict]:
     """Rows for one (model, query scale): every table, our kernel vs Flex and the SDPA backends."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     heads = MODELS[model]
     sched = infinity_schedule("1:1", 1024)
@@ -220,7 +220,7 @@ def bench_sparse(model: str, scale: int, flex: _Flex) -> list[dict]:
 
 
 def bench_decision(model: str) -> dict:
-    from sparvar.attention.triton_decision import triton_attention_colsum
+    from sparvar.kernels.decision import triton_attention_colsum
 
     heads = MODELS[model]
     sched = infinity_schedule("1:1", 1024)

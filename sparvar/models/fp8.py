@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
-from sparvar.models.fused import AMAX_FLOOR, FP8, FP8_MAX, Fp8Rows, quantize_rows
+from sparvar.kernels.fp8 import AMAX_FLOOR, FP8, FP8_MAX, Fp8Rows, quantize_rows
+
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) weight -> (FP8 weight (N, K), float32 scale (N,)): one scale per output channel."""

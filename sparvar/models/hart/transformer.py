@@ -35,13 +35,15 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
+from sparvar.kernels.fp8 import quantize_rows
 from sparvar.kv_cache import KVCache
 from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
 from sparvar.models.fp8 import Fp8Linear, project
-from sparvar.models.fused import quantize_rows
 from sparvar.models.hart.diffusion import DiffusionHead
 from sparvar.models.hart.text import SYSTEM_PROMPT
-from sparvar.models.infinity.transformer import RMSNorm  # float32, as HART's fused kernel
+from sparvar.models.infinity.transformer import (
+    RMSNorm,  # float32, as HART's fused kernel
+)
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning
 

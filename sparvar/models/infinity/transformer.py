@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
+from sparvar.kernels.fused import add_norm, gated_add, linear_gelu, qkv_heads
 from sparvar.kv_cache import KVCache
 from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
 from sparvar.models.fp8 import Fp8Linear, project
-from sparvar.models.fused import add_norm, gated_add, linear_gelu, qkv_heads
 from sparvar.schedules import Schedule
 from sparvar.skipping import TokenPruning
 

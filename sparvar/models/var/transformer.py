@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
+from sparvar.kernels.fused import add_norm, gated_add
 from sparvar.kv_cache import KVCache
-from sparvar.models.fused import add_norm, gated_add
 from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
 from sparvar.models.infinity.transformer import FFN, HeadNorm, SelfAttention, adaptive_norm
 from sparvar.schedules import VAR_256, Schedule
