@@ -16,7 +16,8 @@ from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.generation import SAMPLERS
 from sparvar.options import HelpFormatter, add_model_options, output_folder, per_scale, read_conditions, read_image
-from sparvar.skipping import PRUNE_PRESETS, combination
+from sparvar.pruning import PRUNE_PRESETS
+from sparvar.sparsity import combination
 
 
 def _slug(text: str) -> str:
@@ -52,14 +53,15 @@ def _generation_config(args) -> GenerationConfig:
         kv_cache=args.kv_cache, system_prompt=getattr(args, "system_prompt", None))
 
 
-def _with_init_image(args, config: GenerationConfig, pipe) -> GenerationConfig:
-    """--init-image: its tokens force the first --init-scales scales (the official gt_leak)."""
+def _with_init_image(args, conditions: list, config: GenerationConfig, pipe) -> GenerationConfig:
+    """--init-image: its tokens force the first --init-scales scales (the official gt_leak); the
+    config with them is checked again, as they come from the loaded model's VAE."""
     if not args.init_image:
         return config
     h, w = pipe.codes.latent_size(config.schedule.sizes[-1])
     image = read_image(args.init_image, (h * pipe.spec.vae.patch, w * pipe.spec.vae.patch))
     tokens = pipe.image_tokens(image, config.schedule)
-    return GenerationConfig.build(config, init_tokens=tokens, init_scales=args.init_scales)
+    return pipe.validate(conditions, GenerationConfig.build(config, init_tokens=tokens, init_scales=args.init_scales))
 
 
 def _check_init_image(args, spec, configs: dict) -> None:
@@ -81,39 +83,38 @@ def _check_init_image(args, spec, configs: dict) -> None:
 
 def cmd_generate(args) -> None:
     """Everything is checked (conditions, presets, settings against the model and the machine,
-    the output folder) before the model loads."""
+    the output folder) before the model loads, once (validation.validate)."""
+    from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import (
-        check_conditions, check_offload, check_precision, default_dtype, load_pipeline, resolve_device)
+    from sparvar.validation import default_dtype, resolve_device, validate
 
     spec = get_spec(args.model)
     conditions = _conditions(args, spec)
-    check_conditions(spec, conditions, args.sampler)
     job = args.batch_size is not None or batch.under_torchrun()
     if args.batch_size is not None and args.batch_size < 1:
         raise SparvarError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.attention is None:  # the demo shows the comparison; official models and batch jobs run SparVAR
         args.attention = "default" if spec.files or job else "dense,default"
-    presets = [p.strip() + _accelerators(args) for p in args.attention.split(",") if p.strip()]
-    if not presets:
+    entries = [p.strip() for p in args.attention.split(",") if p.strip()]
+    if not entries:
         raise SparvarError("--attention names no preset; see `sparvar presets`")
-    if job and len(presets) > 1:
-        raise SparvarError(f"a batch job (--batch-size or torchrun) runs one --attention preset, not {len(presets)}; "
+    if job and len(entries) > 1:
+        raise SparvarError(f"a batch job (--batch-size or torchrun) runs one --attention preset, not {len(entries)}; "
                            "run one job per preset, each with its own --out")
+    accelerators, suffix = _accelerators(args)
+    device = resolve_device(args.device)
+    batch_size = (args.batch_size or 1) if job else len(conditions)
     base = _generation_config(args)
-    configs = {}
-    for name in presets:
-        combo = combination(name)
-        configs[name] = GenerationConfig.build(base, attention=combo.attention, **combo.options()).resolved(spec)
+    configs = {}  # name (the entry with the accelerator options, as written) -> its checked config
+    for entry in entries:
+        combo = combination(entry).with_accelerators(**accelerators)
+        config = GenerationConfig.build(base, attention=combo.attention, **combo.options())
+        configs[entry + suffix] = validate(spec, conditions, config, device, default_dtype(device), args.precision,
+                                           args.offload, batch_size)
+    presets = list(configs)
     _check_init_image(args, spec, configs)
     if job and args.init_image:
         raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
-    device = resolve_device(args.device)
-    check_precision(args.precision, device, default_dtype(device))
-    check_offload(args.offload, spec)
-    batch_size = (args.batch_size or 1) if job else len(conditions)
-    for config in configs.values():
-        config.check_device(spec, device, default_dtype(device), batch_size)
     seeds = base.seeds(len(conditions))
     paths = _output_paths(args.out, conditions)
     load = lambda device: load_pipeline(  # noqa: E731
@@ -133,7 +134,8 @@ def cmd_generate(args) -> None:
           + (f", {n} images in one batch" if n > 1 else ""))
     runs = {}
     for name, config in configs.items():
-        out = runs[name] = pipe(conditions, _with_init_image(args, config, pipe), progress=not args.quiet)
+        out = runs[name] = pipe.generate(conditions, _with_init_image(args, conditions, config, pipe),
+                                         progress=not args.quiet)
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
         if n > 1:
             stages += f" for the batch ({out.stage_seconds['total'] / n:.2f} s per image)"
@@ -152,19 +154,21 @@ def cmd_generate(args) -> None:
         print(f"wrote {target} and one image per preset beside it")
 
 
-def _accelerators(args) -> str:
-    """--skip-last, --prune and --adaptive-skip as a suffix of every --attention entry ("+skip2")."""
+def _accelerators(args) -> tuple[dict, str]:
+    """--skip-last, --prune and --adaptive-skip: what they add to every --attention entry
+    (Combination.with_accelerators), and the suffix that names it ("+skip2") in outputs."""
     if args.skip_last is not None and args.skip_last < 0:
         raise SparvarError(f"--skip-last must be 0 or more, got {args.skip_last}")
     if args.prune is not None and args.prune not in PRUNE_PRESETS:
         raise SparvarError(f"unknown --prune {args.prune!r}; choose one of {', '.join(PRUNE_PRESETS)}")
     suffix = f"+skip{args.skip_last}" if args.skip_last else ""
     suffix += f"+{args.prune}" if args.prune else ""
-    return suffix + ("+adaptive" if args.adaptive_skip else "")
+    suffix += "+adaptive" if args.adaptive_skip else ""
+    return dict(skip_last=args.skip_last or 0, prune=args.prune, adaptive=args.adaptive_skip), suffix
 
 
 def _density(policy) -> float:
-    from sparvar.eval.quality import attention_density
+    from sparvar.eval.flops import attention_density
 
     return attention_density(policy)
 

@@ -23,7 +23,8 @@ from sparvar.errors import SparvarError
 from sparvar.kv_cache import KINDS as KV_CACHES
 from sparvar.models.registry import ModelSpec
 from sparvar.schedules import Schedule, parse_schedule
-from sparvar.skipping import PRUNE_PRESETS, AdaptiveSkip, PruneConfig, TokenPruning, prune_plan
+from sparvar.pruning import PRUNE_PRESETS, PruneConfig, TokenPruning, prune_plan
+from sparvar.skipping import AdaptiveSkip
 from sparvar.sparsity import PRESETS
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit integers; item i of a batch takes seed + i
@@ -60,7 +61,7 @@ class GenerationConfig:
     schedule: Schedule | str | None = None
     attention: str | AttentionPolicy | None = None  # a preset name (`sparvar presets`), a policy; None: dense SDPA
     skip_last: int = 0  # stop that many scales early and decode the codes summed so far (at full size)
-    prune: str | PruneConfig | TokenPruning | None = None  # FastVAR token pruning ("fastvar", skipping.py)
+    prune: str | PruneConfig | TokenPruning | None = None  # FastVAR token pruning ("fastvar", pruning.py)
     # True or an AdaptiveSkip: each item stops early once its estimate holds little fine detail; the
     # batch runs while any item still refines, a stopped item's codes stay as they were
     # (`out.scales_used`). One host sync per decision scale.

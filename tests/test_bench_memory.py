@@ -83,7 +83,7 @@ def test_fp8_fidelity_rows_on_tiny_models(tmp_path):
 
 
 def test_the_greedy_loop_feeds_its_own_choices():
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipe = load_pipeline("var-tiny", device="cpu", random_weights=True)
     schedule = pipe.schedule()

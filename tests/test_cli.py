@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import sparvar.pipeline
+import sparvar.loading
 from sparvar import create_model, generation
 from sparvar.cli import main
 
@@ -32,6 +32,19 @@ def test_generate_writes_images(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "infinity-tiny on cpu, 3 scales (1 2 4), 2 images in one batch" in out
     assert "for the batch (" in out and " s per image)" in out  # times of a batch say what they are
+
+
+@pytest.mark.parametrize("extra", [[], ["--batch-size", "1"]], ids=["one-pass", "batch-job"])
+def test_generate_checks_each_generation_once(tmp_path, capsys, monkeypatch, extra):
+    """validation.validate resolves each --attention entry's config once, before the model loads;
+    the loop (and a batch job's batches) run it as checked."""
+    resolved = []
+    real = generation.GenerationConfig.resolved
+    monkeypatch.setattr(generation.GenerationConfig, "resolved", lambda self, spec: resolved.append(1) or real(self, spec))
+    argv = ["generate", "--model", "var-tiny", "--class", "1", "--class", "2", "--attention", "dense", "--random-weights",
+            "--out", str(tmp_path), "--quiet", "--device", "cpu", *extra]
+    assert main(argv) == 0
+    assert len(resolved) == 1 and len(list(tmp_path.glob("*.png"))) == 2
 
 
 def test_generate_one_png_path(tmp_path):
@@ -165,7 +178,7 @@ def no_loading(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was caught")
 
-    monkeypatch.setattr(sparvar.pipeline, "load_pipeline", load)
+    monkeypatch.setattr(sparvar.loading, "load_pipeline", load)
 
 
 def _read_only_folder(tmp_path) -> Path:

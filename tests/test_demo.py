@@ -15,7 +15,7 @@ from sparvar.errors import SparvarError
 from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.text import build_t5
 from sparvar.models.registry import FASHION_MNIST_CLASSES, MODELS, create_model, create_vae
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 from sparvar.schedules import parse_schedule
 
 DEMO = "infinity-demo256"

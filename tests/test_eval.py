@@ -14,7 +14,7 @@ from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.cli import main
 from sparvar.eval.analyze import PropertyProbe, TableRecorder, draw_tables, head_mean_probs, locality, resize_map
 from sparvar.eval.metrics import lpips_model, psnr, ssim, to_tensor
-from sparvar.eval.quality import ErrorProbe, evaluate, summary, to_markdown
+from sparvar.eval.quality import ErrorProbe, evaluate, preset_configs, summary, to_markdown
 from sparvar.generation import GenerationConfig
 from sparvar.schedules import parse_schedule
 from sparvar.sparsity import make_policy
@@ -64,8 +64,9 @@ def test_error_probe_returns_the_inner_output_and_measures_its_error():
 
 def test_evaluate_compares_presets_on_the_same_seeds():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
-    results = evaluate(pipe, [0, 2], [0, 1], ["dense", "paper"], GenerationConfig(schedule=SCHEDULE), batch=3,
-                       progress=False)
+    runs = preset_configs(pipe.spec, [0, 2], ["dense", "paper"], GenerationConfig(schedule=SCHEDULE), pipe.device,
+                          pipe.transformer.dtype, batch=3)
+    results = evaluate(pipe, [0, 2], [0, 1], runs, batch=3, progress=False)
     dense, paper = results["presets"]["dense"], results["presets"]["paper"]
     assert results["samples"] == 4 and dense["density"] == 1.0 and dense["attention_rel_error_max"] == 0.0
     assert 0 < paper["density"] < 1 and paper["attention_rel_error_max"] > 0
@@ -145,7 +146,9 @@ def test_analyze_command_writes_measurements_and_pictures(tmp_path, capsys):
 def test_evaluate_takes_skipping_and_pruning_combinations():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
     presets = ["dense", "default+skip2", "fastvar", "fastvar+skip2", "dense+adaptive"]
-    results = evaluate(pipe, [0, 2], [0], presets, GenerationConfig(schedule=SCHEDULE), batch=2, progress=False)
+    runs = preset_configs(pipe.spec, [0, 2], presets, GenerationConfig(schedule=SCHEDULE), pipe.device,
+                          pipe.transformer.dtype, batch=2)
+    results = evaluate(pipe, [0, 2], [0], runs, batch=2, progress=False)
     rows = results["presets"]
     assert rows["dense"]["flops_share"] == 1.0 and rows["dense"]["scales_used_mean"] == len(SCHEDULE)
     assert rows["default+skip2"]["scales_used_mean"] == len(SCHEDULE) - 2

@@ -18,7 +18,7 @@ from sparvar.models.fp8 import (
     quantize_weight,
 )
 from sparvar.models.registry import FAMILIES, MODELS, create_model
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 from tests.helpers import teacher_forced_logits, tiny_pipeline
 
 ON_GPU = torch.cuda.is_available()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from sparvar.models.hart.text import SYSTEM_PROMPT
 from sparvar.models.registry import get_spec
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 
 FIXTURES = Path(__file__).parent / "data" / "parity_hart"
 MANIFEST = json.loads((FIXTURES / "cases.json").read_text())

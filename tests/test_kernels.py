@@ -598,7 +598,7 @@ def test_group_norm_silu_matches_reference(poisoned, n, c, h, w, groups, pixels,
 def test_fused_kernels_match_their_reference_in_the_demo_model_cuda():
     """The whole transformer (teacher forcing) and the decoder, kernels against their reference."""
     from sparvar.kernels import reference_only
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipe = load_pipeline("infinity-demo", device="cuda")
     schedule, bits = pipe.schedule(), pipe.transformer.cfg.bits

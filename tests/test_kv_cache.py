@@ -9,7 +9,7 @@ from sparvar.cli import main as cli_main
 from sparvar.generation import GenerationConfig, kv_cache_bytes
 from sparvar.kernels.fp8 import quantize_rows_reference
 from sparvar.kv_cache import KVCache, StagedKVCache
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 from sparvar.schedules import parse_schedule
 from sparvar.sparsity import make_policy
 from tests.helpers import teacher_forced_logits, tiny_pipeline, var_pipeline

@@ -8,7 +8,7 @@ import torch
 from sparvar.cli import main as cli_main
 from sparvar.errors import SparvarError
 from sparvar.offload import BlockStream, FlatTensors, OffloadedModule
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 
 ON_GPU = torch.cuda.is_available()
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from sparvar.models.registry import get_spec
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 from sparvar.schedules import Schedule
 
 FIXTURES = Path(__file__).parent / "data" / "parity"

@@ -12,18 +12,10 @@ from sparvar.errors import SparvarError
 from sparvar.eval.quality import ErrorProbe
 from sparvar.kv_cache import KVCache
 from sparvar.schedules import infinity_schedule, parse_schedule
-from sparvar.skipping import (
-    AdaptiveSkip,
-    Combination,
-    PruneConfig,
-    TokenPruning,
-    combination,
-    farthest_from_mean,
-    prune_plan,
-    stand_in_positions,
-    transformer_flops,
-)
-from sparvar.sparsity import make_policy
+from sparvar.eval.flops import transformer_flops
+from sparvar.pruning import PruneConfig, TokenPruning, farthest_from_mean, prune_plan, stand_in_positions
+from sparvar.skipping import AdaptiveSkip
+from sparvar.sparsity import Combination, combination, make_policy
 
 SCHEDULE = infinity_schedule("4:3", 512)  # 10 scales: cache scale 5 (16x12), pruned 6 and 7, sparse 7-9
 

@@ -7,7 +7,7 @@ import torch
 
 from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
 from sparvar.models.registry import MODELS
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 
 
 @pytest.mark.parametrize("model", ["infinity-2b", "infinity-8b"])  # the d32 and the d14-patchify decoders

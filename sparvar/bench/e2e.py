@@ -10,7 +10,7 @@
   c  SparVAR `paper` preset with CSLA on FlexAttention tables (how the paper ran it)
   d  SparVAR `default` preset on our Triton kernels
   e  (d) with the last two scales skipped
-  f  FastVAR-style token pruning (skipping.py) on (b)
+  f  FastVAR-style token pruning (pruning.py) on (b)
   g  FastVAR as published: (f) with the last two scales skipped
   h  (d) with FastVAR-style token pruning
   i  (d) with adaptive skip (the demo model's thresholds; on random weights its decisions mean
@@ -155,7 +155,7 @@ def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
     median = statistics.median
     longest = max(len(o.scale_seconds) for _, o in runs)  # adaptive skip may stop some runs earlier
     scale_s = [median([o.scale_seconds[k] for _, o in runs if k < len(o.scale_seconds)]) for k in range(longest)]
-    stats = policy.stats() if hasattr(policy, "stats") else None
+    stats = policy.stats()
     return {
         "latency_s": median([t for t, _ in runs]),
         "latencies_s": [t for t, _ in runs],
@@ -199,7 +199,7 @@ def modes_for(model: str, modes: dict[str, Mode]) -> dict[str, Mode]:
 
 
 def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0, official: str | None = None) -> list[dict]:
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     rows = []
     for model in models:

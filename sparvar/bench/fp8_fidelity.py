@@ -45,7 +45,7 @@ def scale_loop(pipe, conditions: list, schedule, kv_cache: str, tokens: list | N
 
 def logit_rows(model: str, device: str, resolution: int | None, seed: int = 0) -> list[dict]:
     """Per-scale logit error and greedy agreement of every variant on one model's random weights."""
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipes = {}
     for precision in ("auto", "fp8"):
@@ -66,7 +66,7 @@ def logit_rows(model: str, device: str, resolution: int | None, seed: int = 0) -
 
 def demo_rows(device: str, samples: int) -> list[dict]:
     """PSNR against bf16 dense images of `samples` demo images (classes cycled, one seed each)."""
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipes = {p: load_pipeline("infinity-demo", device=device, precision=p) for p in ("auto", "fp8")}
     classes = [i % pipes["auto"].spec.num_classes for i in range(samples)]
@@ -130,7 +130,7 @@ def to_markdown(result: dict) -> str:
 
 
 def run(models: list[str], device: str, resolution: int | None, samples: int, out_dir: str, command: str) -> dict:
-    from sparvar.pipeline import resolve_device
+    from sparvar.validation import resolve_device
 
     device = str(resolve_device(device))
     logits = [row for model in models for row in logit_rows(model, device, resolution)]

@@ -83,7 +83,7 @@ def time_setting(pipe, setting: Setting, repeats: int) -> dict:
 
 
 def _load(model: str, setting: Setting):
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipe = load_pipeline(model, device="cuda", random_weights=True, precision=setting.precision,
                          offload=setting.offload)

@@ -38,7 +38,7 @@ def profile(model: str, attention: str, sdpa_backend: str = "cudnn") -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
     from sparvar.sparsity import make_policy
 
     pipe = load_pipeline(model, device="cuda", random_weights=True)

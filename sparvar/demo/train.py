@@ -42,7 +42,8 @@ from sparvar.models.infinity.text import ByteTokenizer, TextEncoder, build_t5, l
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
 from sparvar.models.registry import ASSETS, get_spec
-from sparvar.pipeline import Pipeline, resolve_device
+from sparvar.pipeline import Pipeline
+from sparvar.validation import resolve_device
 from sparvar.schedules import parse_schedule
 
 PROBE_STEPS = 10  # steps timed (after 3 warm-up steps) to turn planned minutes into a step count

@@ -150,19 +150,22 @@ def parse_args(argv) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Every option is checked, and the output folder made, before the model loads."""
+    from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import check_conditions, default_dtype, load_pipeline, resolve_device
     from sparvar.sparsity import make_policy
+    from sparvar.validation import default_dtype, resolve_device, validate
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     spec = get_spec(args.model)
-    config = GenerationConfig(seed=args.seed, resolution=args.resolution, attention=args.attention).resolved(spec)
-    schedule = config.schedule
     condition = args.condition or spec.default_condition
     if condition is None:  # a text model without an example prompt
         condition = "a photo of a cat"
-    check_conditions(spec, [condition])
+    device = resolve_device(args.device)
+    config = validate(spec, [condition], GenerationConfig(seed=args.seed, resolution=args.resolution,
+                                                          attention=args.attention),
+                      device, default_dtype(device), args.precision, args.offload)
+    schedule = config.schedule
     sinks = layout.default_sink_scales(schedule)
     from_scale = args.from_scale if args.from_scale is not None else sinks
     if not 0 <= from_scale < len(schedule):
@@ -173,8 +176,6 @@ def main(argv=None) -> dict:
         raise SparvarError(f"--radii takes integers separated by commas, not {args.radii!r}") from None
     if min(radii) < 0:
         raise SparvarError(f"--radii must be 0 or more, got {args.radii}")
-    device = resolve_device(args.device)
-    config.check_device(spec, device, default_dtype(device), 1)
     out = output_folder(args.out)
     say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))  # noqa: E731
 
@@ -182,11 +183,11 @@ def main(argv=None) -> dict:
                          precision=args.precision, offload=args.offload)
     probe = PropertyProbe(max(from_scale, 1), radii, sinks)
     say(f"1/3 dense generation, measuring attention at query scales {probe.from_scale}-{len(schedule) - 1}")
-    pipe([condition], config, attention=probe, progress=not args.quiet)
+    pipe.generate([condition], GenerationConfig.build(config, attention=probe), progress=not args.quiet)
     say(f"2/3 {args.attention} generation, recording its block tables")
     policy = make_policy(args.attention)
     recorder = TableRecorder(policy)
-    pipe([condition], config, attention=policy, progress=not args.quiet)
+    pipe.generate([condition], GenerationConfig.build(config, attention=policy), progress=not args.quiet)
     say(f"3/3 drawing into {out}")
     layers, scales = spec.transformer.depth, list(range(probe.from_scale, len(schedule)))
     rows, cols = [f"layer {i}" for i in range(layers)], [str(k) for k in scales]

@@ -23,7 +23,8 @@ import torch
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import to_tensor
 from sparvar.options import HelpFormatter, add_model_options, output_folder
-from sparvar.skipping import AdaptiveSkip, transformer_flops
+from sparvar.eval.flops import transformer_flops
+from sparvar.skipping import AdaptiveSkip
 
 
 def measure(pipe, conditions: list, seeds: list[int], attention: str = "dense", batch: int = 10,
@@ -118,7 +119,7 @@ def to_markdown(result: dict) -> str:
         f"{result['samples']} samples ({result['conditions']} conditions x {len(result['seeds'])} seeds {result['seeds'][0]}"
         f"-{result['seeds'][-1]}), `{result['attention']}` attention, on {result['device']}. Each item generated in full;"
         " errors are against its full image (uint8 RGB in [0, 1]). Pooled PSNR = 10 log10(1 / mean MSE);"
-        " transformer FLOPs against the full generation (skipping.transformer_flops).",
+        " transformer FLOPs against the full generation (eval/flops.py).",
         "",
         f"Command: `{result['command']}`; date: {result['date']}.",
         "",
@@ -152,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     from sparvar.eval.quality import conditions_of
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)

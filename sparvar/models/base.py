@@ -19,7 +19,7 @@ import torch.nn as nn
 from sparvar.attention.policy import AttentionCall, AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kv_cache import KVCache, make_kv_cache
-from sparvar.skipping import Kept, TokenPruning
+from sparvar.pruning import Kept, TokenPruning
 from sparvar.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class CachedAttend(Attend):
     """One generation step: the new keys and values go into the KV cache at the scale's offset
     (written there by the qkv kernel, given the cache's slots), and attention over the cache
     goes through the policy, the seam SparVAR plugs into. With `kept` (token pruning,
-    skipping.py) only those tokens ran: their keys go to their own slots, stand-ins fill the rest.
+    pruning.py) only those tokens ran: their keys go to their own slots, stand-ins fill the rest.
     `softmax_scale` is 1 for cosine attention, where q comes scaled."""
 
     def __init__(self, cache: KVCache, policy: AttentionPolicy, scale: int, schedule: Schedule, depth: int,
@@ -75,6 +75,19 @@ class Prepared(Protocol):
     and None allowed), which CUDA graphs copy field by field; the batch is CFG-doubled."""
 
     start: torch.Tensor  # (B, n_0, C) float32: scale 0's input
+
+
+class TransformerConfig:
+    """Base of a family's transformer config (a frozen dataclass). Code outside the family reads
+    depth, width, heads, head_dim and ffn_hidden; the sampling defaults cfg, tau, top_k (one, or
+    one per scale) and top_p; num_classes (0 for text models); text_max_len (text models);
+    system_prompt (families with one); schedule (families with a fixed schedule)."""
+
+    cross_attention = False  # whether the blocks attend to text through cross-attention (FLOPs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
 
 
 class ScaleTransformer(nn.Module, metaclass=ABCMeta):

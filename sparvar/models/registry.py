@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparvar.errors import SparvarError
-from sparvar.models.base import Family
+from sparvar.models.base import Family, TransformerConfig
 from sparvar.models.hart import files as hart_files
 from sparvar.models.hart.text import QWEN2_1_5B, HARTTextEncoder
 from sparvar.models.hart.tokenizer import HARTTokenizer, HybridCodes
@@ -75,7 +75,7 @@ FAMILIES = {family.name: family for family in (INFINITY, VAR, HART)}
 class ModelSpec:
     name: str
     about: str
-    transformer: InfinityConfig | VARConfig | HARTConfig
+    transformer: TransformerConfig
     vae: VAEConfig | VQVAEConfig
     text: dict | None  # architecture of the text encoder (T5, Qwen2); None for class-conditional models
     files: dict[str, str] = field(default_factory=dict)  # CLI option -> the official file it takes

@@ -37,7 +37,7 @@ from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kernels.fp8 import quantize_rows
 from sparvar.kv_cache import KVCache
-from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer, TransformerConfig
 from sparvar.models.fp8 import Fp8Linear, project
 from sparvar.models.hart.diffusion import DiffusionHead
 from sparvar.models.hart.text import SYSTEM_PROMPT
@@ -45,14 +45,14 @@ from sparvar.models.infinity.transformer import (
     RMSNorm,  # float32, as HART's fused kernel
 )
 from sparvar.schedules import Schedule
-from sparvar.skipping import TokenPruning
+from sparvar.pruning import TokenPruning
 
 HART_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)  # patch_nums of hart-0.7b-1024px
 ROPE_BASE = 10000.0
 
 
 @dataclass(frozen=True)
-class HARTConfig:
+class HARTConfig(TransformerConfig):
     """The architecture (config.json's names in comments) and the official sampling defaults."""
 
     depth: int = 16  # depth
@@ -76,10 +76,6 @@ class HARTConfig:
     top_p: float = 0.0
     system_prompt: str = SYSTEM_PROMPT  # the official sampler's prompt enhancement (use_llm_system_prompt)
     num_classes: int = 0
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
 
     @property
     def text_max_len(self) -> int:

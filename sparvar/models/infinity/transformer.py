@@ -23,14 +23,14 @@ from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kernels.fused import add_norm, gated_add, linear_gelu, qkv_heads
 from sparvar.kv_cache import KVCache
-from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer, TransformerConfig
 from sparvar.models.fp8 import Fp8Linear, project
 from sparvar.schedules import Schedule
-from sparvar.skipping import TokenPruning
+from sparvar.pruning import TokenPruning
 
 
 @dataclass(frozen=True)
-class InfinityConfig:
+class InfinityConfig(TransformerConfig):
     depth: int
     width: int
     heads: int
@@ -49,10 +49,6 @@ class InfinityConfig:
     top_p: float = 0.97
 
     @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
     def bits(self) -> int:
         """Bits per transformer token: the latent channels, times 4 when patchified."""
         return self.vae_channels * (4 if self.patchify else 1)
@@ -64,6 +60,10 @@ class InfinityConfig:
     @property
     def text_conditioned(self) -> bool:
         return self.text_width > 0
+
+    @property
+    def cross_attention(self) -> bool:
+        return self.text_conditioned
 
 
 def adaptive_norm(x, scale, shift, eps, dtype):
@@ -388,7 +388,7 @@ class InfinityTransformer(ScaleTransformer):
     ) -> torch.Tensor:
         """One generation step: inputs of scale `scale` (B, n, C) -> bit logits (B, n, bits, 2).
 
-        `pruning` (skipping.py) may run a range of layers on part of the tokens (`kept`)."""
+        `pruning` (pruning.py) may run a range of layers on part of the tokens (`kept`)."""
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float()
 

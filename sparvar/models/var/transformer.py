@@ -23,14 +23,14 @@ from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kernels.fused import add_norm, gated_add
 from sparvar.kv_cache import KVCache
-from sparvar.models.base import Attend, CachedAttend, ScaleTransformer
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer, TransformerConfig
 from sparvar.models.infinity.transformer import FFN, HeadNorm, SelfAttention, adaptive_norm
 from sparvar.schedules import VAR_256, Schedule
-from sparvar.skipping import TokenPruning
+from sparvar.pruning import TokenPruning
 
 
 @dataclass(frozen=True)
-class VARConfig:
+class VARConfig(TransformerConfig):
     depth: int
     width: int  # 64 * depth for the official models
     heads: int  # = depth for the official models (head_dim 64)
@@ -45,10 +45,6 @@ class VARConfig:
     tau: float = 1.0
     top_k: int = 900
     top_p: float = 0.95
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -212,7 +208,7 @@ class VARTransformer(ScaleTransformer):
     ) -> torch.Tensor:
         """One generation step: inputs of scale `scale` (B, n, C) -> logits (B, n, vocab).
 
-        `pruning` (skipping.py) may run a range of layers on part of the tokens (`kept`)."""
+        `pruning` (pruning.py) may run a range of layers on part of the tokens (`kept`)."""
         self.check_schedule(schedule)
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float() + self.pos_1LC[0, start : start + n].float()
