@@ -291,31 +291,26 @@ def cmd_train_demo(args) -> None:
     train.main(args.rest)
 
 
+# `sparvar bench NAME` -> (module of sparvar.bench, what it measures)
+BENCHES = {
+    "baseline": ("e2e", "dense generation time of 2B and 8B"),
+    "e2e": ("e2e", "all modes side by side"),
+    "kernels": ("kernels", "attention kernels on the 1024x1024 shapes"),
+    "kernel-variants": ("kernel_variants", "tile shapes and variants of the Triton kernels (JSON lines)"),
+    "cpu-attention": ("cpu_attention", "the CPU attention backends on a small Infinity's shapes"),
+    "profile": ("profile", "GPU time by kernel kind"),
+    "multigpu": ("multigpu", "images/s of a torchrun batch job on 1 and 2 GPUs"),
+    "memory": ("memory", "latency and peak memory of the precision / offload / KV cache settings"),
+    "fp8-fidelity": ("fp8_fidelity", "what FP8 costs in logits and images"),
+}
+
+
 def cmd_bench(args) -> None:
-    if args.what == "kernels":
-        from sparvar.bench import kernels
+    import importlib
 
-        kernels.main(args.rest, prog="sparvar bench kernels")
-    elif args.what == "multigpu":
-        from sparvar.bench import multigpu
-
-        multigpu.main(args.rest)
-    elif args.what == "profile":
-        from sparvar.bench import profile
-
-        profile.main(args.rest)
-    elif args.what == "memory":
-        from sparvar.bench import memory
-
-        memory.main(args.rest)
-    elif args.what == "fp8-fidelity":
-        from sparvar.bench import fp8_fidelity
-
-        fp8_fidelity.main(args.rest)
-    else:
-        from sparvar.bench import e2e
-
-        e2e.main(args.rest, which=args.what)
+    module = importlib.import_module(f"sparvar.bench.{BENCHES[args.what][0]}")
+    options = {"which": args.what} if args.what in ("baseline", "e2e") else {}  # e2e.py serves both
+    module.main(args.rest, **options)
 
 
 def _add_schedule_options(parser) -> None:
@@ -432,14 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 
-    bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)",
+    bench = sub.add_parser("bench", help="benchmarks written under benchmarks/ (see --help of each)",
                            formatter_class=HelpFormatter)
-    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu", "memory", "fp8-fidelity"],
-                       help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
-                       "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind; "
-                       "multigpu: images/s of a torchrun batch job on 1 and 2 GPUs; memory: latency and peak "
-                       "memory of the precision / offload / KV cache settings; fp8-fidelity: what FP8 costs in "
-                       "logits and images")
+    bench.add_argument("what", choices=list(BENCHES),
+                       help="; ".join(f"{name}: {about}" for name, (_, about) in BENCHES.items()))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparvar.bench import fp8_fidelity, memory
+from sparvar.bench.common import provenance
 from sparvar.bench.memory import SETTINGS, fastest_within, summarize, to_markdown
 
 
@@ -53,7 +54,7 @@ def test_summary_keys_stay_when_nothing_fits_or_rows_failed():
 
 
 def test_markdown_lists_every_row_and_the_proofs():
-    result = {"title": "t", "card": "fake", "torch": torch.__version__, "date": "today", "command": "c", "rows": ROWS,
+    result = {**provenance("c"), "title": "t", "rows": ROWS,
               "summary": summarize(ROWS), "proofs": {"16g": {"setting": "x", "peak_gib": 13.0, "latency_s": 0.5},
                                                       "24g": {"setting": "y", "error": "OutOfMemoryError"}}}
     md = to_markdown(result)

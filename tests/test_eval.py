@@ -11,6 +11,7 @@ from PIL import Image
 
 from helpers import tiny_pipeline
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.bench.common import provenance
 from sparvar.cli import main
 from sparvar.eval.analyze import PropertyProbe, TableRecorder, draw_tables, head_mean_probs, locality, resize_map
 from sparvar.eval.metrics import lpips_model, psnr, ssim, to_tensor
@@ -73,7 +74,7 @@ def test_evaluate_compares_presets_on_the_same_seeds():
     assert paper["psnr"] > 0 and -1 <= paper["ssim"] <= 1
     errors = np.array(paper["attention_rel_error"])
     assert errors.shape == (pipe.spec.transformer.depth, len(SCHEDULE)) and (errors[:, :5] == 0).all()
-    results["summary"] = summary(results)
+    results = {**provenance("sparvar eval"), **results, "summary": summary(results)}
     assert results["summary"]["paper_density"] == paper["density"]
     text = to_markdown(results)
     assert "| dense |" in text and "| paper |" in text and "paper_psnr" in text
@@ -157,6 +158,6 @@ def test_evaluate_takes_skipping_and_pruning_combinations():
     assert rows["fastvar"]["density"] == 1.0 and 0 < rows["fastvar"]["psnr"] < 100
     assert len(SCHEDULE) - 2 <= rows["dense+adaptive"]["scales_used_mean"] <= len(SCHEDULE)
     assert "skipped" in rows["default+skip2"]["description"] and "FastVAR" in rows["fastvar"]["description"]
-    results["summary"] = summary(results)
+    results = {**provenance("sparvar eval"), **results, "summary": summary(results)}
     assert {"default+skip2_psnr", "fastvar+skip2_flops"} <= set(results["summary"])
     assert "| fastvar+skip2 |" in to_markdown(results)

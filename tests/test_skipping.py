@@ -8,6 +8,7 @@ import torch
 
 from helpers import tiny_pipeline, var_pipeline
 from sparvar.attention.policy import DenseAttention
+from sparvar.bench.common import provenance
 from sparvar.errors import SparvarError
 from sparvar.eval.quality import ErrorProbe
 from sparvar.kv_cache import KVCache
@@ -290,9 +291,9 @@ def test_calibration_picks_the_cheapest_rule_at_static_skip1_quality():
     chosen = choose(measured)
     budget = float(np.mean(measured["mse"][1]))
     assert chosen["outcome"]["mean_mse"] <= budget and chosen["outcome"]["flops_share"] <= measured["flops_share"][1]
-    result = {"model": "tiny", "device": "cpu", "attention": "dense", "conditions": 3, "seeds": [0, 1],
-              **report(measured, chosen), "thresholds": chosen["thresholds"], "mse_budget": budget,
-              "command": "sparvar calibrate-skip", "date": "today"}
+    result = {**provenance("sparvar calibrate-skip"), "model": "tiny", "device": "cpu", "attention": "dense",
+              "conditions": 3, "seeds": [0, 1], **report(measured, chosen), "thresholds": chosen["thresholds"],
+              "mse_budget": budget}
     assert "| adaptive |" in to_markdown(result)
 
 

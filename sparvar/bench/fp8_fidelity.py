@@ -15,14 +15,11 @@ Run: sparvar bench fp8-fidelity [--models infinity-2b infinity-8b] [--samples 60
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
-from pathlib import Path
 
 import torch
 
-from sparvar.bench.e2e import PROMPT
+from sparvar.bench.common import PROMPT, header, provenance, write
 from sparvar.eval.metrics import psnr
 from sparvar.options import HelpFormatter
 
@@ -105,8 +102,7 @@ def summarize(logits: list[dict], demo: list[dict]) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    lines = ["# FP8 fidelity", "", f"Device: {result['device']}; torch {result['torch']}; {result['date']}",
-             f"Command: `{result['command']}`", "", "Random weights, teacher-forced on bf16's greedy tokens, dense "
+    lines = [*header("FP8 fidelity", result), "Random weights, teacher-forced on bf16's greedy tokens, dense "
              "attention; per scale: relative error of the guided logits against bf16, and greedy agreement.", ""]
     models = sorted({r["model"] for r in result["logits"]})
     for model in models:
@@ -135,13 +131,8 @@ def run(models: list[str], device: str, resolution: int | None, samples: int, ou
     device = str(resolve_device(device))
     logits = [row for model in models for row in logit_rows(model, device, resolution)]
     demo = demo_rows(device, samples) if samples else []
-    result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-              "date": datetime.date.today().isoformat(), "command": command, "torch": torch.__version__,
-              "logits": logits, "demo": demo, "summary": summarize(logits, demo)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fp8_fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "fp8_fidelity.md").write_text(to_markdown(result))
+    result = {**provenance(command, device), "logits": logits, "demo": demo, "summary": summarize(logits, demo)}
+    write(out_dir, "fp8_fidelity", result, to_markdown(result))
     print(to_markdown(result))
     return result
 

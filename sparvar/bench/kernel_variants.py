@@ -1,14 +1,13 @@
 """Tuning sweep for the Triton kernels: tile shapes, pipeline depth, load path, and variants that
 isolate one cost each. Prints one line per variant and appends JSON lines to --out (a run's first
-line: card, date, versions and command); the numbers and what they showed are in
+line: its provenance, bench/common.py); the numbers and what they showed are in
 benchmarks/kernels_notes.md.
-Run: python -m sparvar.bench.kernel_variants [--out variants.jsonl] [--sections sparse,probe,...]
+Run: sparvar bench kernel-variants [--out variants.jsonl] [--sections sparse,probe,...]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import sys
@@ -16,9 +15,12 @@ import sys
 import torch
 
 from sparvar.attention.tables import BlockTable
+from sparvar.bench.common import provenance
 from sparvar.bench.kernels import (
     HEAD_DIM, _to, covered_pairs, make_inputs, paper_csla_table, random_table, rel_err, tflops, time_ms,
 )
+from sparvar.errors import SparvarError
+from sparvar.options import HelpFormatter
 from sparvar.schedules import infinity_schedule
 
 SECTIONS = ("sparse", "probe", "gather", "decision", "fp8", "warp_specialize")
@@ -177,12 +179,16 @@ def warp_specialize_configs(record, heads: int, scale: int) -> None:
                 record(scale=scale, table=name, variant=label, error=f"{type(err).__name__}: {err}"[:300])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="variants.jsonl")
-    parser.add_argument("--heads", type=int, default=28)
-    parser.add_argument("--sections", default=",".join(SECTIONS))
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sparvar bench kernel-variants", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--out", default="variants.jsonl", help="JSON lines file the run is appended to")
+    parser.add_argument("--heads", type=int, default=28, help="attention heads (Infinity-8B: 28)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sweeps to run")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if not torch.cuda.is_available():
+        raise SparvarError("the kernel sweep needs a CUDA GPU")
     torch.manual_seed(0)
     with open(args.out, "a") as out:
 
@@ -191,10 +197,7 @@ def main() -> None:
             out.flush()
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-        import triton  # the sweep needs a GPU and Triton; its first line says which
-
-        record(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-               triton=triton.__version__, command="python -m sparvar.bench.kernel_variants " + " ".join(sys.argv[1:]))
+        record(**provenance(" ".join(["sparvar bench kernel-variants", *argv])))
 
         sections = args.sections.split(",")
         for scale in (12, 10):

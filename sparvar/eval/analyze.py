@@ -14,7 +14,6 @@ Then a generation with the chosen preset records its block tables and draws them
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from sparvar import layout
 from sparvar.attention.policy import DenseAttention
+from sparvar.bench.common import header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.draw import heatmap, mask_picture
 from sparvar.generation import GenerationConfig
@@ -205,6 +205,7 @@ def main(argv=None) -> dict:
         heatmap(grid, rows, cols, titles[name]).save(out / f"{name}.png")
     table_files = draw_tables(recorder.tables, policy.plan(layers, schedule).modes, schedule, out)
     report = {
+        **provenance("sparvar analyze " + " ".join(argv), pipe.device),
         "model": spec.name,
         "condition": str(condition),
         "seed": config.seed,
@@ -212,13 +213,23 @@ def main(argv=None) -> dict:
         "sink_scales": sinks,
         "query_scales": scales,
         "preset": args.attention,
-        "command": "sparvar analyze " + " ".join(argv),
         "layers": {name: [[float(v) for v in row] for row in grid] for name, grid in grids.items()},
         "means_per_scale": {name: [float(grid[:, j].mean()) for j in range(len(scales))] for name, grid in grids.items()},
         "pictures": [f"{name}.png" for name in grids] + table_files,
     }
-    (out / "analyze.json").write_text(json.dumps(report, indent=1))
-    for name, means in report["means_per_scale"].items():
-        print(f"{name:24s} " + " ".join(f"{k}:{m:.2f}" for k, m in zip(scales, means)))
-    print(f"wrote {out}/analyze.json and {len(report['pictures'])} pictures")
+    files = write(out, "analyze", report, to_markdown(report))
+    print(to_markdown(report))
+    print(f"wrote {files[0]}, {files[1]} and {len(report['pictures'])} pictures")
     return report
+
+
+def to_markdown(report: dict) -> str:
+    """The measurements' means per query scale, and the pictures beside them."""
+    scales = report["query_scales"]
+    lines = [*header(f"Attention properties: {report['model']}", report),
+             f"Condition {report['condition']!r}, seed {report['seed']}, schedule {report['schedule']}; sinks: scales "
+             f"0-{report['sink_scales'] - 1}; tables of the `{report['preset']}` preset. Means over the layers:", "",
+             "| measurement | " + " | ".join(f"scale {k}" for k in scales) + " |", "|---" * (len(scales) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{m:.2f}" for m in means) + " |"
+              for name, means in report["means_per_scale"].items()]
+    return "\n".join(lines + ["", "Pictures: " + ", ".join(report["pictures"]), ""])

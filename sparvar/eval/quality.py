@@ -14,15 +14,14 @@ JSON and markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
-from datetime import datetime, timezone
 
 import torch
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.bench.common import header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.flops import attention_density, flops_shares
 from sparvar.eval.metrics import lpips_distance, lpips_model, psnr, ssim, to_tensor
@@ -175,8 +174,7 @@ def to_markdown(results: dict) -> str:
     cols = ["preset", "PSNR (dB)", "pooled PSNR", "SSIM", "LPIPS", "attn rel. error (mean / max)", "density",
             "FLOPs", "scales", "s / image", "speed-up"]
     lines = [
-        f"# Quality of sparse attention: {results['model']}",
-        "",
+        *header(f"Quality of sparse attention: {results['model']}", results),
         f"{results['samples']} samples ({len(results['conditions'])} conditions x {len(results['seeds'])} seeds), "
         f"cfg {results['cfg']}, tau {results['tau']}, on {results['device']}; schedule {results['schedule']}. "
         f"Images are compared with `{results['reference']}` on the same seeds; attention outputs with "
@@ -196,8 +194,6 @@ def to_markdown(results: dict) -> str:
             f"{row['density']:.1%} | {row['flops_share']:.1%} | {row['scales_used_mean']:.2f} | "
             f"{row['seconds_per_image']:.3f} | {row['speedup']:.2f}x |"
         )
-    if "command" in results:
-        lines += ["", f"Command: `{results['command']}`; date: {results['date']}."]
     lines += ["", "Presets:", ""] + [f"- `{n}`: {r['description']}" for n, r in results["presets"].items()]
     if "summary" in results:
         lines += ["", "Summary: " + ", ".join(f"{k} {v:.4g}" for k, v in results["summary"].items() if v is not None)]
@@ -258,11 +254,8 @@ def main(argv=None) -> dict:
     pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device,
                          precision=args.precision, offload=args.offload)
     results = evaluate(pipe, conditions, list(range(args.seeds)), runs, args.batch, progress=not args.quiet)
-    results["summary"] = summary(results)
-    results["command"] = "sparvar eval " + " ".join(argv)
-    results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (out / "eval.json").write_text(json.dumps(results, indent=1, allow_nan=False))
-    (out / "eval.md").write_text(to_markdown(results))
+    results = {**provenance("sparvar eval " + " ".join(argv), pipe.device), **results, "summary": summary(results)}
+    files = write(out, "eval", results, to_markdown(results))
     print(to_markdown(results))
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    print(f"wrote {files[0]} and {files[1]}")
     return results
