@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def commit() -> str | None:
     return head + ("+dirty" if changed else "")
 
 
+def command_line(prog: str, argv: list[str] | None) -> str:
+    """The command a run records: `prog` and its options (the shell's, where argv is None)."""
+    return " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
+
+
 def provenance(command: str, device: str | torch.device | None = None) -> dict:
     """The record a result starts with (PROVENANCE's keys)."""
     try:
@@ -66,10 +72,12 @@ def header(title: str, result: dict) -> list[str]:
 
 
 def write(out_dir: str | Path, name: str, result: dict, markdown: str) -> list[Path]:
-    """NAME.json (strict JSON: no NaN) and NAME.md under out_dir, made if missing."""
+    """NAME.json (strict JSON: no NaN) and NAME.md under out_dir, made if missing; the markdown
+    is printed too, as the run's report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / f"{name}.json", out / f"{name}.md"]
     files[0].write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     files[1].write_text(markdown)
+    print(markdown)
     return files

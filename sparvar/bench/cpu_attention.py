@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import replace
 
@@ -25,7 +24,7 @@ from sparvar.attention.decision import grouped_attention_colsum, reference_atten
 from sparvar.attention.flex import flex_attention
 from sparvar.attention.policy import AttentionCall, AttentionPolicy
 from sparvar.attention.sparse import sparse_attention
-from sparvar.bench.common import header, provenance, write
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.options import HelpFormatter
 from sparvar.schedules import infinity_schedule
 from sparvar.sparsity import SparVARPolicy, get_config, make_policy
@@ -221,16 +220,14 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks", help="folder for NAME.json and NAME.md")
     parser.add_argument("--name", default="cpu_attention", help="file name of the results (NAME.json, NAME.md)")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
-    result = {**provenance(" ".join(["sparvar bench cpu-attention", *argv]), "cpu"), "load_before": os.getloadavg(),
+    result = {**provenance(command_line("sparvar bench cpu-attention", argv), "cpu"), "load_before": os.getloadavg(),
               "settings": settings}
     result |= bench_kernels(args.heads, args.depth, args.repeats, args.flex, CLOCKS[args.clock])
     if args.e2e:
         result["e2e"] = bench_e2e(args.heads, args.depth, max(1, args.repeats // 2), CLOCKS[args.clock])
     result["load_after"] = os.getloadavg()
     write(args.out, args.name, result, to_markdown(result))
-    print(to_markdown(result))
 
 
 if __name__ == "__main__":

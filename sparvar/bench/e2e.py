@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from typing import Callable
 import torch
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
-from sparvar.bench.common import PROMPT, header, provenance, write
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.kernels import reference_only
@@ -331,7 +330,6 @@ def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, t
     write(out_dir, name, result, markdown(result))
     if len(modes) > 1:
         plot(result, Path(out_dir) / f"{name}.png")
-    print(markdown(result))
     return result
 
 
@@ -352,7 +350,7 @@ def main(argv: list[str] | None = None, which: str = "e2e") -> None:
 
     for model in args.models:
         get_spec(model)  # an unknown name fails before any GPU work
-    command = f"sparvar bench {which} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(f"sparvar bench {which}", argv)
     title = ("Dense generation baseline" if which == "baseline" else "End to end") + (
         ": random weights, 1024x1024, batch 1 with CFG, bf16")
     official = getattr(args, "official", None)

@@ -15,11 +15,10 @@ Run: sparvar bench fp8-fidelity [--models infinity-2b infinity-8b] [--samples 60
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-from sparvar.bench.common import PROMPT, header, provenance, write
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.eval.metrics import psnr
 from sparvar.options import HelpFormatter
 
@@ -133,7 +132,6 @@ def run(models: list[str], device: str, resolution: int | None, samples: int, ou
     demo = demo_rows(device, samples) if samples else []
     result = {**provenance(command, device), "logits": logits, "demo": demo, "summary": summarize(logits, demo)}
     write(out_dir, "fp8_fidelity", result, to_markdown(result))
-    print(to_markdown(result))
     return result
 
 
@@ -147,9 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", default="benchmarks", help="folder for fp8_fidelity.json and .md")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     run(args.models, args.device, args.resolution, args.samples, args.out,
-        " ".join(["sparvar bench fp8-fidelity", *argv]))
+        command_line("sparvar bench fp8-fidelity", argv))
 
 
 if __name__ == "__main__":

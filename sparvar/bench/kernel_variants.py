@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
 import torch
 
 from sparvar.attention.tables import BlockTable
-from sparvar.bench.common import provenance
+from sparvar.bench.common import command_line, provenance
 from sparvar.bench.kernels import (
     HEAD_DIM, _to, covered_pairs, make_inputs, paper_csla_table, random_table, rel_err, tflops, time_ms,
 )
@@ -186,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=28, help="attention heads (Infinity-8B: 28)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sweeps to run")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
         raise SparvarError("the kernel sweep needs a CUDA GPU")
     torch.manual_seed(0)
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             out.flush()
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-        record(**provenance(" ".join(["sparvar bench kernel-variants", *argv])))
+        record(**provenance(command_line("sparvar bench kernel-variants", argv)))
 
         sections = args.sections.split(",")
         for scale in (12, 10):

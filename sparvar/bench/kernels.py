@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from contextlib import nullcontext
 
 import torch
 
 from sparvar.attention.tables import BlockTable
-from sparvar.bench.common import header, provenance, write
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import HelpFormatter
 from sparvar.schedules import infinity_schedule
@@ -328,13 +327,11 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench 
 
 
 def main(argv: list[str] | None = None) -> None:
-    prog = "sparvar bench kernels"
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="sparvar bench kernels", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out-dir", default="benchmarks", help="folder for kernels.json and kernels.md")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    result = run_kernel_bench(args.out_dir, command=" ".join([prog, *argv]))
-    print(to_markdown(result))
+    run_kernel_bench(args.out_dir, command=command_line("sparvar bench kernels", argv))
 
 
 if __name__ == "__main__":

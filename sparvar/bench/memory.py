@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
 
 import torch
 
-from sparvar.bench.common import PROMPT, header, provenance, write
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import HelpFormatter
 
@@ -219,7 +218,6 @@ def run(models: list[str], repeats: int, out_dir: str, command: str) -> dict:
               "settings": {k: asdict(v) for k, v in SETTINGS.items()}, "rows": rows, "summary": summary,
               "proofs": prove(rows, summary, repeats)}
     write(out_dir, "memory", result, to_markdown(result))
-    print(to_markdown(result))
     return result
 
 
@@ -230,8 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per setting (the median is kept)")
     parser.add_argument("--out", default="benchmarks", help="folder for memory.json and memory.md")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    run(args.models, args.repeats, args.out, " ".join(["sparvar bench memory", *argv]))
+    run(args.models, args.repeats, args.out, command_line("sparvar bench memory", argv))
 
 
 if __name__ == "__main__":

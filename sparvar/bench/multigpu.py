@@ -23,7 +23,7 @@ import torch
 
 import sparvar
 from sparvar.batch import MANIFEST
-from sparvar.bench.common import PROMPT, header, provenance, write
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import HelpFormatter
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_scaling(rows)
     shape = f"scales {args.schedule}" if args.schedule else f"{args.resolution}x{args.resolution}"
     result = {
-        **provenance("sparvar bench multigpu " + " ".join(argv if argv is not None else sys.argv[1:]), args.device),
+        **provenance(command_line("sparvar bench multigpu", argv), args.device),
         "title": "Batch generation on several GPUs (torchrun)",
         "setup": f"{args.model}, {shape}, random weights, preset {args.attention}, "
         f"{'CUDA graphs, ' if args.device == 'cuda' else ''}batch {args.batch_size} per process with CFG, "
@@ -137,5 +137,4 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     write(args.out, "multigpu", result, markdown(result))
-    print(markdown(result))
     return result

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections import defaultdict
 
 import torch
 
-from sparvar.bench.common import PROMPT, header, provenance, write
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import HelpFormatter
 
@@ -71,11 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SparvarError("profiling needs a CUDA GPU")
-    argv = sys.argv[1:] if argv is None else argv
-    result = {**provenance(" ".join(["sparvar bench profile", *argv])),
+    result = {**provenance(command_line("sparvar bench profile", argv)),
               "rows": [profile(m, a) for m in args.models for a in args.attention]}
     write(args.out, "profile", result, to_markdown(result))
-    print(to_markdown(result))
 
 
 def to_markdown(result: dict) -> str:

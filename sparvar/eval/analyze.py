@@ -14,7 +14,6 @@ Then a generation with the chosen preset records its block tables and draws them
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from sparvar import layout
 from sparvar.attention.policy import DenseAttention
-from sparvar.bench.common import header, provenance, write
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.draw import heatmap, mask_picture
 from sparvar.generation import GenerationConfig
@@ -155,7 +154,6 @@ def main(argv=None) -> dict:
     from sparvar.sparsity import make_policy
     from sparvar.validation import default_dtype, resolve_device, validate
 
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     spec = get_spec(args.model)
     condition = args.condition or spec.default_condition
@@ -205,7 +203,7 @@ def main(argv=None) -> dict:
         heatmap(grid, rows, cols, titles[name]).save(out / f"{name}.png")
     table_files = draw_tables(recorder.tables, policy.plan(layers, schedule).modes, schedule, out)
     report = {
-        **provenance("sparvar analyze " + " ".join(argv), pipe.device),
+        **provenance(command_line("sparvar analyze", argv), pipe.device),
         "model": spec.name,
         "condition": str(condition),
         "seed": config.seed,
@@ -218,7 +216,6 @@ def main(argv=None) -> dict:
         "pictures": [f"{name}.png" for name in grids] + table_files,
     }
     files = write(out, "analyze", report, to_markdown(report))
-    print(to_markdown(report))
     print(f"wrote {files[0]}, {files[1]} and {len(report['pictures'])} pictures")
     return report
 

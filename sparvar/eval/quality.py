@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections import defaultdict
 
 import torch
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
-from sparvar.bench.common import header, provenance, write
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.flops import attention_density, flops_shares
 from sparvar.eval.metrics import lpips_distance, lpips_model, psnr, ssim, to_tensor
@@ -237,7 +236,6 @@ def main(argv=None) -> dict:
     from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
 
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.seeds < 1 or args.batch < 1:
         raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
@@ -254,8 +252,7 @@ def main(argv=None) -> dict:
     pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device,
                          precision=args.precision, offload=args.offload)
     results = evaluate(pipe, conditions, list(range(args.seeds)), runs, args.batch, progress=not args.quiet)
-    results = {**provenance("sparvar eval " + " ".join(argv), pipe.device), **results, "summary": summary(results)}
+    results = {**provenance(command_line("sparvar eval", argv), pipe.device), **results, "summary": summary(results)}
     files = write(out, "eval", results, to_markdown(results))
-    print(to_markdown(results))
     print(f"wrote {files[0]} and {files[1]}")
     return results

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 import numpy as np
 import torch
 
-from sparvar.bench.common import header, provenance, write
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.flops import transformer_flops
 from sparvar.eval.metrics import to_tensor
@@ -151,7 +150,6 @@ def main(argv=None) -> dict:
     from sparvar.eval.quality import conditions_of
     from sparvar.loading import load_pipeline
 
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.seeds < 1 or args.batch < 1:
         raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
@@ -162,11 +160,10 @@ def main(argv=None) -> dict:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     measured = measure(pipe, conditions, seeds, args.attention, args.batch, progress=not args.quiet)
     chosen = choose(measured)
-    result = {**provenance("sparvar calibrate-skip " + " ".join(argv), pipe.device),
+    result = {**provenance(command_line("sparvar calibrate-skip", argv), pipe.device),
               "model": pipe.spec.name, "device": str(pipe.device), "attention": args.attention,
               "conditions": len(conditions), "seeds": seeds, **report(measured, chosen),
               "thresholds": chosen["thresholds"], "mse_budget": chosen["mse_budget"], "measured": measured}
     files = write(out, "calibrate-skip", result, to_markdown(result))
-    print(to_markdown(result))
     print(f"wrote {files[0]} and {files[1]}")
     return result

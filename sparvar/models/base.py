@@ -9,6 +9,7 @@ models share them (VAR's attention is Infinity's, HART's tokenizer is VAR's VQVA
 
 from __future__ import annotations
 
+import math
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -117,6 +118,25 @@ class ScaleTransformer(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def init_weights(self, seed: int = 0) -> "ScaleTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
+
+    def draw_weights(self, seed: int, std: float | Callable[[torch.Tensor], float],
+                     ones: tuple[str, ...] = ("norm.weight",)) -> None:
+        """init_weights' draw, in parameter order on the model's device: the cosine attention's log
+        temperatures log 4, norm scales (names ending in `ones`) 1, biases 0, every other parameter
+        normal with `std` (or std(parameter)); buffers 0."""
+        gen = torch.Generator(self.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("scale_mul_1H11"):
+                    p.fill_(math.log(4.0))
+                elif name.endswith(ones):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std(p) if callable(std) else std, generator=gen)
+            for b in self.buffers():
+                b.zero_()
 
     @abstractmethod
     def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -275,19 +275,8 @@ class HARTTransformer(ScaleTransformer):
 
     def init_weights(self, seed: int = 0) -> "HARTTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
-        gen = torch.Generator(self.device).manual_seed(seed)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("scale_mul_1H11"):
-                    p.fill_(math.log(4.0))
-                elif name.endswith("norm.weight") or name.endswith("ln_wo_grad.weight") or name.endswith("in_ln.weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, 1 / math.sqrt(p.shape[-1]), generator=gen)
-            for name, b in self.named_buffers():
-                b.zero_()  # the zero k biases
+        ones = ("norm.weight", "ln_wo_grad.weight", "in_ln.weight")  # RMSNorm scales
+        self.draw_weights(seed, lambda p: 1 / math.sqrt(p.shape[-1]), ones)
         return self
 
     # ---- conditioning -------------------------------------------------------------------

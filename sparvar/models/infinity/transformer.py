@@ -308,20 +308,7 @@ class InfinityTransformer(ScaleTransformer):
 
     def init_weights(self, seed: int = 0) -> "InfinityTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
-        gen = torch.Generator(self.device).manual_seed(seed)
-        std = math.sqrt(1 / self.cfg.width / 3)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("scale_mul_1H11"):
-                    p.fill_(math.log(4.0))
-                elif name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=gen)
-            for name, b in self.named_buffers():
-                b.zero_()  # the zero k biases
+        self.draw_weights(seed, math.sqrt(1 / self.cfg.width / 3))
         return self
 
     # ---- conditioning -------------------------------------------------------------------

@@ -152,19 +152,8 @@ class VARTransformer(ScaleTransformer):
 
     def init_weights(self, seed: int = 0) -> "VARTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
-        gen = torch.Generator(self.device).manual_seed(seed)
-        std = math.sqrt(1 / self.cfg.width / 3)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("scale_mul_1H11"):
-                    p.fill_(math.log(4.0))
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=gen)
-            for block in self.blocks:
-                block.attn.zero_k_bias.zero_()
-        self._fill_buffers()
+        self.draw_weights(seed, math.sqrt(1 / self.cfg.width / 3))
+        self._fill_buffers()  # the scale of every token and the block-causal mask
         return self
 
     def check_schedule(self, schedule: Schedule) -> None:
