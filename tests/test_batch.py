@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import cli_error
 from sparvar import batch
 from sparvar.batch import MANIFEST, SETTINGS, Item, pending, save_png
 from sparvar.checkpoint import fingerprint
@@ -147,22 +148,15 @@ def _images(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: _pixels(p) for p in sorted(folder.glob("*.png"))}
 
 
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
-
-
 def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     assert main(_job(tmp_path)) == 0
     before, manifest = _images(tmp_path), (tmp_path / MANIFEST).read_text()
-    err = _error(capsys, _job(tmp_path, "--cfg", "2", "--seed", "5"))
+    err = cli_error(capsys, _job(tmp_path, "--cfg", "2", "--seed", "5"))
     assert f"{tmp_path} holds a job with other settings (cfg 4.0 there, 2.0 now; seed_base 0 there, 5 now)" in err
     assert "--overwrite" in err
-    assert "attention 'default' there, 'paper' now" in _error(capsys, _job(tmp_path, "--attention", "paper"))
-    assert "skip_last 0 there, 1 now" in _error(capsys, _job(tmp_path, "--skip-last", "1"))
-    assert "top_k 900 there, 5 now" in _error(capsys, _job(tmp_path, "--top-k", "5"))
+    assert "attention 'default' there, 'paper' now" in cli_error(capsys, _job(tmp_path, "--attention", "paper"))
+    assert "skip_last 0 there, 1 now" in cli_error(capsys, _job(tmp_path, "--skip-last", "1"))
+    assert "top_k 900 there, 5 now" in cli_error(capsys, _job(tmp_path, "--top-k", "5"))
     assert "weights 'random (seed 0)' there, 'random (seed 0)' now" not in err
     after = _images(tmp_path)
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
@@ -183,7 +177,7 @@ def test_overwrite_makes_every_image_again_with_the_new_settings(tmp_path, capsy
 
 def test_a_folder_of_a_job_without_a_record_is_refused(tmp_path, capsys):
     (tmp_path / MANIFEST).write_text('{"item": 0, "file": "000_3.png"}\n')
-    assert "holds images of a job whose settings were not recorded" in _error(capsys, _job(tmp_path))
+    assert "holds images of a job whose settings were not recorded" in cli_error(capsys, _job(tmp_path))
 
 
 def test_a_job_killed_between_its_lines_and_its_images_leaves_no_image_without_a_line(tmp_path, monkeypatch):

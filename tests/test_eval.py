@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import tiny_pipeline
+from helpers import difference_picture, tiny_pipeline
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.bench.common import provenance
 from sparvar.cli import main
 from sparvar.eval.analyze import PropertyProbe, TableRecorder, draw_tables, head_mean_probs, locality, resize_map
+from sparvar.eval.draw import difference_map
 from sparvar.eval.metrics import lpips_model, psnr, ssim, to_tensor
 from sparvar.eval.quality import ErrorProbe, evaluate, preset_configs, summary, to_markdown
 from sparvar.generation import GenerationConfig
@@ -32,6 +33,30 @@ def test_psnr_and_ssim_on_known_images():
     assert (s < 0.9).all() and torch.allclose(s, ssim(noisy, a))
     image = Image.fromarray(np.full((4, 4, 3), 255, dtype=np.uint8))
     assert to_tensor([image]).shape == (1, 3, 4, 4) and to_tensor([image]).max() == 1.0
+
+
+def test_ssim_is_scikit_image_s():
+    """Wang et al.'s SSIM as scikit-image computes it (Gaussian window of sigma 1.5, population
+    covariances, means over the positions whose window fits): an independent implementation."""
+    from skimage.metrics import structural_similarity
+
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand(3, 3, 24, 20, generator=gen, dtype=torch.float64)
+    b = (a + 0.15 * torch.randn(a.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    b[2] = a[2].flip(-1)  # structure moved, not noise
+    want = [structural_similarity(x.numpy(), y.numpy(), channel_axis=0, data_range=1.0, gaussian_weights=True,
+                                  sigma=1.5, use_sample_covariance=False) for x, y in zip(a, b)]
+    assert ssim(a, b).tolist() == pytest.approx(want, abs=1e-9)
+
+
+def test_difference_map_draws_the_gained_difference():
+    gen = np.random.default_rng(0)
+    a, b = (Image.fromarray(gen.integers(0, 256, (6, 5, 3), dtype=np.uint8)) for _ in range(2))
+    drawn = np.asarray(difference_map(a, b)).astype(int)
+    assert np.abs(drawn - difference_picture(a, b)).max() <= 1  # the ramp's rounding
+    black, grey = Image.new("RGB", (2, 2)), Image.new("RGB", (2, 2), (16, 16, 16))
+    # 16 levels of 255 times the gain 4 is a quarter of full scale: the ramp's second colour
+    assert np.abs(np.asarray(difference_map(black, grey))[0, 0].astype(int) - [59, 82, 139]).max() <= 1
 
 
 def test_lpips_runs_when_it_can_and_says_why_not(monkeypatch, tmp_path):

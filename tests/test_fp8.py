@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import rel_err, teacher_forced_logits, tiny_pipeline
 from sparvar.cli import main as cli_main
 from sparvar.errors import SparvarError
 from sparvar.kernels.fp8 import FP8, quantize_rows, quantize_rows_reference
@@ -19,13 +20,9 @@ from sparvar.models.fp8 import (
 )
 from sparvar.models.registry import FAMILIES, MODELS, create_model
 from sparvar.loading import load_pipeline
-from tests.helpers import teacher_forced_logits, tiny_pipeline
+
 
 ON_GPU = torch.cuda.is_available()
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def test_weight_quantisation_is_per_output_channel():

@@ -20,6 +20,7 @@ import pytest
 import torch
 import triton
 
+from helpers import random_table, rel_err
 import sparvar.kernels.decision as compiled_decision
 import sparvar.kernels.fp8 as compiled_fp8
 import sparvar.kernels.fused as compiled_fused
@@ -139,10 +140,6 @@ def poisoned(monkeypatch):
     return monkeypatch
 
 
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def cache_views(b, h, lk, d, dtype, device=DEVICE, spare=40):
     """k, v as length slices of one bigger cache whose unused tail holds NaN."""
     cache = torch.randn(2, b, h, lk + spare, d, dtype=dtype, device=device)
@@ -150,16 +147,11 @@ def cache_views(b, h, lk, d, dtype, device=DEVICE, spare=40):
     return cache[0, :, :, :lk], cache[1, :, :, :lk]
 
 
-def random_table(tb, th, lq, lk, q_block, key_block, max_entries=None, device=DEVICE):
-    """Distinct random entries per row, random counts, row 0 empty, garbage past the count."""
-    nq, units = -(-lq // q_block), -(-lk // key_block)
-    m = min(units, max_entries or units)
-    counts = torch.randint(1, m + 1, (tb, th, nq))
-    counts[..., 0] = 0
-    indices = torch.full((tb, th, nq, m), units + 1000, dtype=torch.int32)
-    for i, c in enumerate(counts.view(-1).tolist()):
-        indices.view(-1, m)[i, :c] = torch.randperm(units)[:c].int()
-    return BlockTable(counts.int().to(device), indices.to(device), q_block, key_block, lq, lk)
+def kernel_table(tb, th, lq, lk, q_block, key_block, max_entries=None, device=DEVICE, seed=0):
+    """A random plan whose entries past the counts point past every key: the kernels never read them."""
+    units = -(-lk // key_block)
+    return random_table(tb, th, lq, lk, q_block, key_block, max_entries=max_entries, junk=units + 1000, seed=seed,
+                        device=device)
 
 
 SPARSE_CASES = [
@@ -179,7 +171,7 @@ SPARSE_CASES = [
 def test_sparse_matches_reference(poisoned, b, h, tdims, lq, lk, d, q_block, key_block, dtype, opts):
     q = torch.randn(b, h, lq, d, dtype=dtype, device=DEVICE)
     k, v = cache_views(b, h, lk, d, dtype)
-    table = random_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
+    table = kernel_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
     scale = 1 / math.sqrt(d)
     ref, ref_lse = reference_sparse_attention(q, k, v, table, scale, return_lse=True)
     # block mode runs through TMA descriptors and through pointer loads; gather mode has one path
@@ -218,7 +210,7 @@ def test_fp8_sparse_matches_the_reference_of_its_quantised_inputs(poisoned, b, h
     q = torch.nn.functional.normalize(torch.randn(b, h, lq, d), dim=-1).to(DEVICE, torch.bfloat16) * 4
     k, v = cache_views(b, h, lk, d, torch.bfloat16)
     k = torch.nn.functional.normalize(k.float(), dim=-1).to(torch.bfloat16)
-    table = random_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
+    table = kernel_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
     q8, qs = kernels_sparse.quantize_heads(q)
     k8, ks = kernels_sparse.quantize_heads(k)
     v8, vs = kernels_sparse.quantize_heads(v) if fp8_v else (v, None)
@@ -237,7 +229,7 @@ def test_fp8_sparse_matches_the_reference_of_its_quantised_inputs(poisoned, b, h
 def test_fp8_inputs_need_their_scales():
     q = torch.randn(1, 1, 64, 64, device=DEVICE).to(torch.float8_e4m3fn)
     v = torch.randn(1, 1, 64, 64, device=DEVICE, dtype=torch.bfloat16)
-    table = random_table(1, 1, 64, 64, 64, 64)
+    table = kernel_table(1, 1, 64, 64, 64, 64)
     with pytest.raises(SparvarError, match="row scales"):
         kernels_sparse.triton_sparse_attention(q, q, v, table, 1.0)
     scale = torch.ones(1, 1, 64, device=DEVICE)
@@ -249,7 +241,7 @@ def test_warp_specialize_needs_128_tiles():
     """Triton 3.6 fails to compile the pass on 64 x 64 tiles; a q_block of 64 clips the tile to 64."""
     q = torch.randn(1, 1, 128, 64, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(SparvarError, match="128 x 128 tiles.*got 64 x 128"):
-        kernels_sparse.triton_sparse_attention(q, q, q, random_table(1, 1, 128, 128, 64, 128), 1.0,
+        kernels_sparse.triton_sparse_attention(q, q, q, kernel_table(1, 1, 128, 128, 64, 128), 1.0,
                                                block_m=128, block_n=128, warp_specialize=True)
 
 
@@ -271,7 +263,7 @@ def test_block_mode_uses_tma_only_where_the_views_allow():
     odd = torch.randn(1, 2, 100, 68, dtype=torch.float16, device=DEVICE)[..., :64]  # rows 136 bytes apart
     assert not kernels_sparse.tma_ready(odd)
     q = torch.randn(1, 2, 130, 64, dtype=torch.float16, device=DEVICE)
-    table = random_table(1, 1, 130, 100, 64, 64)
+    table = kernel_table(1, 1, 130, 100, 64, 64)
     out = kernels_sparse.triton_sparse_attention(q, odd, odd, table, 0.125)  # falls back to pointer loads
     assert rel_err(out, reference_sparse_attention(q, odd, odd, table, 0.125)) < BF16_TOL
 
@@ -318,11 +310,11 @@ def test_colsum_matches_reference(poisoned, b, h, lq, lk, d, group, dtype, tma):
 def test_rejects_unsupported_shapes():
     q = torch.randn(1, 1, 64, 96, dtype=torch.float16, device=DEVICE)
     k = v = torch.randn(1, 1, 64, 96, dtype=torch.float16, device=DEVICE)
-    table = random_table(1, 1, 64, 64, 64, 64)
+    table = kernel_table(1, 1, 64, 64, 64, 64)
     with pytest.raises(SparvarError, match="head dims"):
         kernels_sparse.triton_sparse_attention(q, k, v, table, 1.0)
     q, k = q[..., :64].contiguous(), k[..., :64].contiguous()
-    odd = random_table(1, 1, 64, 64, 8, 64)
+    odd = kernel_table(1, 1, 64, 64, 8, 64)
     with pytest.raises(SparvarError, match="q_block"):
         kernels_sparse.triton_sparse_attention(q, k, k, odd, 1.0)
     with pytest.raises(SparvarError, match="multiple of 16"):
@@ -332,7 +324,7 @@ def test_rejects_unsupported_shapes():
 def test_dispatch():
     q = torch.randn(1, 1, 70, 64)
     k, v = torch.randn(1, 1, 90, 64), torch.randn(1, 1, 90, 64)
-    table = random_table(1, 1, 70, 90, 64, 64, device="cpu")
+    table = kernel_table(1, 1, 70, 90, 64, 64, device="cpu")
     assert resolve_backend("auto", q) == "cpu"  # CPU tensors
     assert resolve_backend("triton", q) == "triton"
     with pytest.raises(SparvarError, match="unknown attention backend"):
@@ -368,7 +360,7 @@ def test_sparse_full_size_cuda(q_block, key_block, per_head):
     b, h, lq, lk, d = 2, 28, 4096, 10521, 128
     q = torch.randn(b, h, lq, d, dtype=torch.bfloat16, device="cuda")
     k, v = cache_views(b, h, lk, d, torch.bfloat16, device="cuda")
-    table = random_table(1, h if per_head else 1, lq, lk, q_block, key_block,
+    table = kernel_table(1, h if per_head else 1, lq, lk, q_block, key_block,
                          max_entries=2100 if key_block == 1 else None, device="cuda")
     out, lse = sparse_attention(q, k, v, table, 1.0, return_lse=True)
     chunk = 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import same_generation, teacher_forced_logits, tiny_pipeline, var_pipeline
 from sparvar.cli import main as cli_main
 from sparvar.generation import GenerationConfig, kv_cache_bytes
 from sparvar.kernels.fp8 import quantize_rows_reference
@@ -12,7 +13,6 @@ from sparvar.kv_cache import KVCache, StagedKVCache
 from sparvar.loading import load_pipeline
 from sparvar.schedules import parse_schedule
 from sparvar.sparsity import make_policy
-from tests.helpers import teacher_forced_logits, tiny_pipeline, var_pipeline
 
 SCHEDULE = parse_schedule("1,2,3x4,4,6x5")
 
@@ -20,10 +20,6 @@ SCHEDULE = parse_schedule("1,2,3x4,4,6x5")
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline()
-
-
-def _same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens)) and torch.equal(a.pixels, b.pixels)
 
 
 def test_a_cache_of_the_last_scale_run_is_left_out(pipe):
@@ -37,18 +33,19 @@ def test_a_cache_of_the_last_scale_run_is_left_out(pipe):
 def test_lean_cache_gives_the_static_generation(pipe, options):
     static = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, progress=False, **options)
     lean = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, kv_cache="lean", progress=False, **options)
-    assert _same(static, lean)
+    assert same_generation(static, lean)
 
 
 def test_lean_cache_gives_the_static_generation_for_var():
     var = var_pipeline()
-    assert _same(var([3, 5], seed=1, progress=False), var([3, 5], seed=1, kv_cache="lean", progress=False))
+    assert same_generation(var([3, 5], seed=1, progress=False), var([3, 5], seed=1, kv_cache="lean", progress=False))
 
 
 def test_lean_cache_gives_the_static_generation_for_hart():
     """HART's text prefix sits in scale 0's slot of the cache like any scale's tokens."""
     hart = load_pipeline("hart-tiny", device="cpu", random_weights=True)
-    assert _same(hart(["a cat"], seed=1, progress=False), hart(["a cat"], seed=1, kv_cache="lean", progress=False))
+    assert same_generation(hart(["a cat"], seed=1, progress=False),
+                           hart(["a cat"], seed=1, kv_cache="lean", progress=False))
 
 
 def test_fp8_cache_reads_back_the_quantised_prefix_and_the_exact_new_keys():

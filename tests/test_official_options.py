@@ -4,7 +4,7 @@ forced first scales, per-scale guidance, the official sampler's batch-wide gener
 import pytest
 import torch
 
-from helpers import tiny_pipeline, var_pipeline
+from helpers import teacher_forced_logits, tiny_pipeline, var_pipeline
 from sparvar.errors import SparvarError
 from sparvar.schedules import parse_schedule
 
@@ -21,6 +21,13 @@ def test_forced_scales_take_the_given_tokens_and_the_rest_are_drawn():
         assert torch.equal(out.tokens[k], given[k].expand(2, -1, -1))
     free = pipe(["a", "b"], schedule=SCHEDULE, top_k=0, progress=False)
     assert not torch.equal(free.tokens[0], out.tokens[0]) or not torch.equal(free.tokens[1], out.tokens[1])
+    # the scale after the forced ones is the model's: greedy, it is the argmax of the guided logits a
+    # full forward pass gives over the forced tokens (teacher forcing), not the picture's own tokens
+    greedy = pipe(["a", "b"], schedule=SCHEDULE, init_tokens=given, init_scales=2, top_k=1, progress=False)
+    logits = teacher_forced_logits(pipe, ["a", "b"], SCHEDULE, greedy.tokens, pipe.spec.transformer.cfg)
+    last = logits[:, SCHEDULE.offsets[2]:]
+    assert torch.equal(greedy.tokens[2], last.argmax(-1))
+    assert not torch.equal(greedy.tokens[2], given[2].expand(2, -1, -1))
 
 
 def test_forcing_every_scale_decodes_the_picture_as_the_vae_encodes_it():

@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import same_generation
 from sparvar.cli import main as cli_main
 from sparvar.errors import SparvarError
-from sparvar.offload import BlockStream, FlatTensors, OffloadedModule
 from sparvar.loading import load_pipeline
+from sparvar.offload import BlockStream, FlatTensors, OffloadedModule
 
 ON_GPU = torch.cuda.is_available()
-
-
-def _same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens)) and torch.equal(a.pixels, b.pixels)
 
 
 def test_flat_tensors_keep_values_and_ties_in_one_buffer():
@@ -44,7 +41,7 @@ def test_offloaded_pipelines_make_the_same_images(model, conditions, offload, pr
     moved = load_pipeline(model, device="cpu", random_weights=True, precision=precision, offload=offload)
     assert (moved.transformer.stream is not None) == (offload == "blocks")
     for _ in range(2):  # streaming state carries over between generations
-        assert _same(plain(conditions, seed=1, progress=False), moved(conditions, seed=1, progress=False))
+        assert same_generation(plain(conditions, seed=1, progress=False), moved(conditions, seed=1, progress=False))
 
 
 def test_block_stream_serves_any_order():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_pipeline, var_pipeline
+from helpers import detail_energy, tiny_pipeline, var_pipeline
 from sparvar.attention.policy import DenseAttention
 from sparvar.bench.common import provenance
 from sparvar.errors import SparvarError
@@ -198,11 +198,22 @@ def test_pruning_needs_the_cache_scale_first_and_the_static_cache(pipe):
 
 
 def _scores(pipe, out, schedule, scale):
-    """Detail energy of every item's estimate after `scale`, from its tokens."""
+    """Detail energy of every item's estimate after `scale`, from its tokens (the numpy oracle)."""
     summed = None
     for k in range(scale + 1):
         summed = pipe.codes.accumulate(summed, pipe.codes.to_codes(out.tokens[k], k, schedule), k, schedule)
-    return AdaptiveSkip.score(summed)
+    return torch.from_numpy(detail_energy(summed.double().numpy()))
+
+
+def test_detail_energy_is_what_is_finer_than_a_quarter_of_the_image():
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((3, 4, 16, 24), (2, 3, 27, 36), (1, 2, 6, 3)):  # cells of unequal sizes where 4 does not divide
+        latent = torch.randn(shape, generator=gen, dtype=torch.float64)
+        assert AdaptiveSkip.score(latent).tolist() == pytest.approx(detail_energy(latent.numpy()).tolist(), rel=1e-9)
+    # stripes two pixels wide vanish in 4-pixel blocks: all of their energy is detail
+    stripes = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64).repeat(4).expand(1, 1, 16, 16)
+    assert AdaptiveSkip.score(stripes).item() == pytest.approx(1.0)
+    assert AdaptiveSkip.score(torch.full((1, 2, 8, 8), 3.0)).item() == 0.0
 
 
 def test_adaptive_skip_at_threshold_zero_never_skips_and_at_inf_stops_at_the_first_decision(pipe):
