@@ -41,6 +41,7 @@ def _manifest(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / MANIFEST).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -85,6 +86,7 @@ def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
     assert "error: " + f"{two} holds a job with other settings (cfg 3.0 there, 2.0 now)" in err
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_job_makes_nothing_again(tmp_path, capsys):
     job = ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--batch-size", "4",
            "--out", str(tmp_path), "--device", "cpu", "--quiet"]
@@ -95,6 +97,7 @@ def test_rerun_of_a_finished_job_makes_nothing_again(tmp_path, capsys):
     assert (tmp_path / MANIFEST).read_text() == first
 
 
+@pytest.mark.slow
 def test_class_file_for_class_conditional_models(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("sneaker\n\nbag\n3\n")
@@ -148,6 +151,7 @@ def _images(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: _pixels(p) for p in sorted(folder.glob("*.png"))}
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     assert main(_job(tmp_path)) == 0
     before, manifest = _images(tmp_path), (tmp_path / MANIFEST).read_text()
@@ -163,6 +167,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     assert (tmp_path / MANIFEST).read_text() == manifest  # nothing was made, nothing mixed in
 
 
+@pytest.mark.slow
 def test_overwrite_makes_every_image_again_with_the_new_settings(tmp_path, capsys):
     assert main(_job(tmp_path, "--class", "5")) == 0  # four images
     before = _images(tmp_path)
@@ -180,6 +185,7 @@ def test_a_folder_of_a_job_without_a_record_is_refused(tmp_path, capsys):
     assert "holds images of a job whose settings were not recorded" in cli_error(capsys, _job(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_job_killed_between_its_lines_and_its_images_leaves_no_image_without_a_line(tmp_path, monkeypatch):
     assert main(_job(tmp_path / "whole")) == 0
     written = []

@@ -41,6 +41,7 @@ def test_every_bench_and_eval_writer_goes_through_the_common_writer():
     assert not found
 
 
+@pytest.mark.slow
 def test_cpu_attention_is_a_sparvar_command(tmp_path, capsys):
     assert main(["bench", "cpu-attention", "--heads", "1", "--depth", "1", "--repeats", "1", "--out", str(tmp_path),
                  "--name", "cpu"]) == 0

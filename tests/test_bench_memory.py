@@ -69,6 +69,7 @@ def test_memory_bench_needs_a_gpu():
         memory.run(["infinity-2b"], 1, "unused", "c")
 
 
+@pytest.mark.slow
 def test_fp8_fidelity_rows_on_tiny_models(tmp_path):
     rows = fp8_fidelity.logit_rows("infinity-tiny", "cpu", None) + fp8_fidelity.logit_rows("var-tiny", "cpu", None)
     variants = {r["variant"] for r in rows}

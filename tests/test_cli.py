@@ -29,6 +29,7 @@ def test_generate_writes_images(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra", [[], ["--batch-size", "1"]], ids=["one-pass", "batch-job"])
+@pytest.mark.slow
 def test_generate_checks_each_generation_once(tmp_path, capsys, monkeypatch, extra):
     """validation.validate resolves each --attention entry's config once, before the model loads;
     the loop (and a batch job's batches) run it as checked."""
@@ -41,6 +42,7 @@ def test_generate_checks_each_generation_once(tmp_path, capsys, monkeypatch, ext
     assert len(resolved) == 1 and len(list(tmp_path.glob("*.png"))) == 2
 
 
+@pytest.mark.slow
 def test_generate_one_png_path(tmp_path):
     target = tmp_path / "sub" / "img.png"
     argv = ["generate", "--model", "var-tiny", "--class", "3", "--attention", "dense", "--out", str(target), "--quiet",
@@ -114,6 +116,7 @@ def test_plan_text_and_presets(capsys):
     assert "unknown attention preset" in cli_error(capsys, ["plan", "--attention", "fastest"])
 
 
+@pytest.mark.slow
 def test_generate_var(tmp_path, capsys):
     argv = ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--seed", "0",
             "--attention", "dense", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
@@ -145,6 +148,7 @@ def test_var_errors(tmp_path, capsys):
         capsys, ["generate", "--model", "var-tiny", "--schedule", "1,2", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
 
 
+@pytest.mark.slow
 def test_generate_with_skipping_and_pruning(tmp_path, capsys):
     argv = ["generate", "--model", "infinity-tiny", "--prompt", "a cat", "--schedule", "1,2,3,4,5,6",
             "--attention", "dense,paper", "--skip-last", "1", "--prune", "fastvar", "--adaptive-skip",
@@ -324,6 +328,7 @@ def test_per_scale_values_that_are_not_numbers(capsys):
     assert last.endswith("argument --cfg: expected a number or numbers separated by commas, got '3,x'")
 
 
+@pytest.mark.slow
 def test_variations_of_a_picture_from_the_command_line(tmp_path, capsys):
     from PIL import Image
 

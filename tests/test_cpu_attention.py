@@ -94,6 +94,7 @@ def test_decision_dispatch():
     assert torch.equal(ref[1], reference_attention_colsum(q, k, v, 16, 1.0)[1])
 
 
+@pytest.mark.slow
 def test_cpu_generation_agrees_with_the_reference_backend():
     from sparvar.schedules import infinity_schedule
     from sparvar.sparsity import make_policy

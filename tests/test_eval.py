@@ -74,6 +74,7 @@ def test_lpips_runs_when_it_can_and_says_why_not(monkeypatch, tmp_path):
     assert isinstance(model, torch.nn.Identity) and note == "LPIPS: AlexNet"
 
 
+@pytest.mark.slow
 def test_error_probe_returns_the_inner_output_and_measures_its_error():
     class Zero(AttentionPolicy):
         def __call__(self, q, k, v, call):
@@ -88,6 +89,7 @@ def test_error_probe_returns_the_inner_output_and_measures_its_error():
     assert np.allclose(dense.errors(depth, len(SCHEDULE)), 0.0)
 
 
+@pytest.mark.slow
 def test_evaluate_compares_presets_on_the_same_seeds():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
     runs = preset_configs(pipe.spec, [0, 2], ["dense", "paper"], GenerationConfig(schedule=SCHEDULE), pipe.device,
@@ -105,6 +107,7 @@ def test_evaluate_compares_presets_on_the_same_seeds():
     assert "| dense |" in text and "| paper |" in text and "paper_psnr" in text
 
 
+@pytest.mark.slow
 def test_eval_command_writes_json_and_markdown(tmp_path):
     out, prompts = tmp_path / "q", tmp_path / "prompts.txt"
     prompts.write_text("a boat\n\na tree\n")
@@ -169,6 +172,7 @@ def test_analyze_command_writes_measurements_and_pictures(tmp_path, capsys):
     assert any(name.startswith("table_") for name in report["pictures"])
 
 
+@pytest.mark.slow
 def test_evaluate_takes_skipping_and_pruning_combinations():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
     presets = ["dense", "default+skip2", "fastvar", "fastvar+skip2", "dense+adaptive"]

@@ -112,6 +112,7 @@ def test_every_linear_layer_of_the_blocks_is_quantised_or_kept_on_purpose(family
 
 
 @pytest.mark.parametrize("model", ["infinity-tiny", "var-tiny", "hart-tiny"])
+@pytest.mark.slow
 def test_fp8_pipeline_stays_close_to_full_precision(model):
     """Teacher-forced on the full-precision run's tokens, the FP8 model's logits stay within FP8
     error at every scale, and most greedy bits agree."""

@@ -398,6 +398,7 @@ def _compile_for_hopper(fn, pointers, constexprs, **options):
 
 
 @pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.slow
 def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     """The regular (compiled) kernels still build in a process that ran the interpreter, and
     their matrix products lower to wgmma."""
@@ -444,6 +445,7 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     ("_norm_silu_kernel", dict(X="*bf16", OUT="*bf16", MEAN="*fp32", RSTD="*fp32", WEIGHT="*fp32", BIAS="*fp32"),
      dict(BLOCK_P=32, BLOCK_C=128), 4),
 ])
+@pytest.mark.slow
 def test_fused_kernels_build_for_hopper(name, pointers, constexprs, num_warps):
     """The blocks' elementwise kernels assemble into sm_90 machine code at Infinity-8B's width and
     heads, for the threads asked, within a Hopper block's shared memory and without scratch memory."""

@@ -30,17 +30,20 @@ def test_a_cache_of_the_last_scale_run_is_left_out(pipe):
 
 
 @pytest.mark.parametrize("options", [{}, dict(skip_last=2), dict(attention="default"), dict(prune="fastvar")])
+@pytest.mark.slow
 def test_lean_cache_gives_the_static_generation(pipe, options):
     static = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, progress=False, **options)
     lean = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, kv_cache="lean", progress=False, **options)
     assert same_generation(static, lean)
 
 
+@pytest.mark.slow
 def test_lean_cache_gives_the_static_generation_for_var():
     var = var_pipeline()
     assert same_generation(var([3, 5], seed=1, progress=False), var([3, 5], seed=1, kv_cache="lean", progress=False))
 
 
+@pytest.mark.slow
 def test_lean_cache_gives_the_static_generation_for_hart():
     """HART's text prefix sits in scale 0's slot of the cache like any scale's tokens."""
     hart = load_pipeline("hart-tiny", device="cpu", random_weights=True)
@@ -66,6 +69,7 @@ def test_fp8_cache_reads_back_the_quantised_prefix_and_the_exact_new_keys():
     assert staged.data.dtype == torch.float8_e4m3fn and staged.data.shape[4] == sum(lengths[:-1])
 
 
+@pytest.mark.slow
 def test_fp8_cache_stays_close_to_the_static_one(pipe):
     static = pipe(["a boat"], seed=3, schedule=SCHEDULE, progress=False)
     logits = []
@@ -82,6 +86,7 @@ def test_fp8_cache_stays_close_to_the_static_one(pipe):
 
 @pytest.mark.parametrize("kind", ["static", "lean", "fp8"])
 @pytest.mark.parametrize("skip_last", [0, 1])
+@pytest.mark.slow
 def test_kv_cache_bytes_counts_the_buffers(pipe, kind, skip_last):
     pipe(["a"], seed=0, schedule=SCHEDULE, kv_cache=kind, skip_last=skip_last, progress=False)
     cache = pipe._cache[1]

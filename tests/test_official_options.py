@@ -11,6 +11,7 @@ from sparvar.schedules import parse_schedule
 SCHEDULE = parse_schedule("1,2,4")
 
 
+@pytest.mark.slow
 def test_forced_scales_take_the_given_tokens_and_the_rest_are_drawn():
     pipe = tiny_pipeline()
     picture = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -30,6 +31,7 @@ def test_forced_scales_take_the_given_tokens_and_the_rest_are_drawn():
     assert not torch.equal(greedy.tokens[2], given[2].expand(2, -1, -1))
 
 
+@pytest.mark.slow
 def test_forcing_every_scale_decodes_the_picture_as_the_vae_encodes_it():
     pipe = tiny_pipeline()
     picture = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -49,6 +51,7 @@ def test_tokens_that_do_not_fit_a_scale_are_refused():
         pipe.image_tokens(torch.zeros(1, 3, 16, 16), SCHEDULE)
 
 
+@pytest.mark.slow
 def test_one_guidance_value_per_scale_equals_the_same_value_everywhere():
     pipe = tiny_pipeline()
     scalar = pipe(["a"], schedule=SCHEDULE, cfg=2.5, tau=0.7, progress=False)
@@ -62,6 +65,7 @@ def test_one_guidance_value_per_scale_equals_the_same_value_everywhere():
     assert not torch.allclose(guided["varied"][2], guided["scalar"][2])
 
 
+@pytest.mark.slow
 def test_the_official_sampler_shares_one_generator_across_the_batch():
     pipe = var_pipeline()
     alone = pipe([3], seed=7, sampler="official", top_k=0, top_p=0, progress=False)
@@ -74,6 +78,7 @@ def test_the_official_sampler_shares_one_generator_across_the_batch():
     assert all(torch.equal(a[0], b[1]) for a, b in zip(ours.tokens, ours_pair.tokens))
 
 
+@pytest.mark.slow
 def test_random_classes_come_from_the_seed():
     pipe = var_pipeline()
     first = pipe([None, "random", 4], seed=3, progress=False)

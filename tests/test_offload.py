@@ -32,6 +32,7 @@ def test_flat_tensors_keep_values_and_ties_in_one_buffer():
                                               ("hart-tiny", ["a boat", "a tree"])])
 @pytest.mark.parametrize("offload", ["text", "blocks"])
 @pytest.mark.parametrize("precision", ["auto", "fp8"])
+@pytest.mark.slow
 def test_offloaded_pipelines_make_the_same_images(model, conditions, offload, precision):
     if offload == "text" and model == "var-tiny":
         with pytest.raises(SparvarError, match="has no text encoder"):

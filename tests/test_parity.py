@@ -181,6 +181,7 @@ def input_image() -> torch.Tensor:
 
 # ---- every family ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family, name, index", [p for f in FAMILIES for p in f.runs()])
+@pytest.mark.slow
 def test_tokens_equal_the_official_code_at_every_scale(family, name, index):
     run, out = family.run(name, index), family.generated(name, index)
     labels = family.results(name).get(f"run{index}_labels")
@@ -195,6 +196,7 @@ def test_tokens_equal_the_official_code_at_every_scale(family, name, index):
 
 
 @pytest.mark.parametrize("family, name, index", [p for f in (INFINITY, VAR) for p in f.runs("images")] + HART.runs())
+@pytest.mark.slow
 def test_images_equal_the_official_code(family, name, index):
     pixels = family.generated(name, index).pixels
     stored = {k.split("_image_")[1]: v.float() for k, v in family.results(name).items()

@@ -22,6 +22,7 @@ def pipe():
     return tiny_pipeline()
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_other_seed_other_image(pipe):
     a = pipe(["a boat"], seed=4, schedule=SCHEDULE, progress=False)
     b = pipe(["a boat"], seed=4, schedule=SCHEDULE, progress=False)
@@ -148,6 +149,7 @@ RECORDED = {"dense": (0.0, 0.0), "paper": (0.4322, 0.0116), "default": (0.1399, 
 
 
 @pytest.mark.parametrize("preset", RECORDED)
+@pytest.mark.slow
 def test_a_small_model_generates_with_each_preset(pipe, dense_last_logits, preset):
     last = {}
     out = pipe(["a boat"], seed=2, schedule=PRESET_SCHEDULE, attention=preset, progress=False,

@@ -23,6 +23,7 @@ def _sdpa(q, k, v):
 
 @pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
 @pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.slow
 def test_every_preset_runs_a_generation(preset, schedule):
     policy = make_policy(preset, group=64)
     layers = 3
@@ -194,6 +195,7 @@ def test_paper_plan_report_at_infinity_1024():
         assert 0.5 < report["pairs"]["saved_fraction"] < 0.9
 
 
+@pytest.mark.slow
 def test_plans_for_other_schedules():
     # 512x512 and other aspect ratios follow the same rules, counted from the last scale
     p512 = plan_report(32, infinity_schedule("1:1", 512), "paper")

@@ -28,6 +28,7 @@ def _table_psnr(table: str) -> float:
     return float(re.search(r"\| ([\d.]+|inf) dB \|", table).group(1))
 
 
+@pytest.mark.slow
 def test_compare_dense_against_a_preset():
     pipe, seen = var_pipeline(), []
     dense, other, diff, table = compare(pipe, "3", 0, 4.0, "1:1", "default+skip1", lambda d, what: seen.append(d))
@@ -41,6 +42,7 @@ def test_compare_dense_against_a_preset():
     assert len(seen) == 2 * scales - 1 and seen == sorted(seen) and seen[-1] == 1.0  # one step per scale run
 
 
+@pytest.mark.slow
 def test_compare_runs_dense_once_per_image():
     pipe, last_dense, seen = var_pipeline(), {}, []
     first = compare(pipe, "3", 0, 4.0, "1:1", "default", last_dense=last_dense)
@@ -72,6 +74,7 @@ def test_compare_bad_input_fails_before_any_scale(condition, aspect, preset, mes
     assert seen == []
 
 
+@pytest.mark.slow
 def test_page_asks_for_a_prompt_or_a_class():
     pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
     from sparvar.serve import build_app
@@ -135,6 +138,7 @@ def _condition(spec) -> str:
     return "a red apple" if spec.text_conditioned else spec.classes[7]
 
 
+@pytest.mark.slow
 def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, tmp_path):
     from gradio_client.exceptions import AppError
 
@@ -150,6 +154,7 @@ def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, tmp_path
     assert urllib.request.urlopen(server, timeout=5).status == 200
 
 
+@pytest.mark.slow
 def test_generate_through_the_client(server, tmp_path):
     spec = get_spec("infinity-demo")
     dense, other, diff, table = _client(server, tmp_path).predict(

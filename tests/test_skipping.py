@@ -125,6 +125,7 @@ def test_pruned_tokens_take_the_cache_scales_update_upsampled():
     assert torch.allclose(out, expected + 8 - plan.last, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_keep_everything_is_exactly_no_pruning(pipe):
     full = PruneConfig(keep=(1.0, 1.0))
     plain = pipe(["a boat", "a tree"], seed=2, schedule=SCHEDULE, progress=False)
@@ -135,6 +136,7 @@ def test_keep_everything_is_exactly_no_pruning(pipe):
     assert all(_same_tokens(var([3], seed=1, progress=False), var([3], seed=1, prune=full, progress=False)))
 
 
+@pytest.mark.slow
 def test_pruning_changes_only_the_pruned_scales_and_after(pipe):
     plain = pipe(["a boat"], seed=2, schedule=SCHEDULE, progress=False)
     pruned = pipe(["a boat"], seed=2, schedule=SCHEDULE, prune="fastvar", progress=False)
@@ -145,12 +147,14 @@ def test_pruning_changes_only_the_pruned_scales_and_after(pipe):
     assert all(same[:6]) and not all(same[6:])
 
 
+@pytest.mark.slow
 def test_pruned_items_do_not_depend_on_the_batch(pipe):
     batch = pipe(["a boat", "a tree"], seed=[5, 6], schedule=SCHEDULE, prune="fastvar", progress=False)
     alone = pipe(["a tree"], seed=[6], schedule=SCHEDULE, prune="fastvar", progress=False)
     assert all(torch.equal(a[1:], b) for a, b in zip(batch.tokens, alone.tokens))
 
 
+@pytest.mark.slow
 def test_every_policy_composes_and_falls_back_to_dense_where_queries_were_pruned(pipe):
     class Recorder(DenseAttention):
         def __init__(self):
@@ -216,6 +220,7 @@ def test_detail_energy_is_what_is_finer_than_a_quarter_of_the_image():
     assert AdaptiveSkip.score(torch.full((1, 2, 8, 8), 3.0)).item() == 0.0
 
 
+@pytest.mark.slow
 def test_adaptive_skip_at_threshold_zero_never_skips_and_at_inf_stops_at_the_first_decision(pipe):
     K = len(SCHEDULE)
     plain = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, progress=False)
@@ -235,6 +240,7 @@ def test_adaptive_skip_at_threshold_zero_never_skips_and_at_inf_stops_at_the_fir
     assert AdaptiveSkip().threshold_after(K - 4, K) is None and AdaptiveSkip().threshold_after(K - 1, K) is None
 
 
+@pytest.mark.slow
 def test_adaptive_decisions_are_per_item_and_do_not_depend_on_the_batch(pipe):
     K = len(SCHEDULE)
     conditions, seeds = ["a boat", "a tree"], [11, 12]
@@ -289,6 +295,7 @@ def test_transformer_flops_count_pruned_tokens_and_attention_density():
     assert math.isclose(full - transformer_flops(cfg, SCHEDULE, len(SCHEDULE), density=half), attention / 2)
 
 
+@pytest.mark.slow
 def test_calibration_picks_the_cheapest_rule_at_static_skip1_quality():
     from sparvar.eval.skip_calibration import choose, measure, outcome, report, to_markdown
 
@@ -308,6 +315,7 @@ def test_calibration_picks_the_cheapest_rule_at_static_skip1_quality():
     assert "| adaptive |" in to_markdown(result)
 
 
+@pytest.mark.slow
 def test_calibrate_skip_command_writes_thresholds(tmp_path):
     import json
 
