@@ -2,9 +2,10 @@
 
 `validate` checks one generation: its conditions (prompts or classes), its GenerationConfig
 resolved for the model (generation.py), how the model is loaded (precision, offload) and what
-the device must offer (CUDA graphs, memory for the KV cache). The command line (before the model
-loads), batch jobs, eval, the web page and `Pipeline.__call__` call it once per generation, and
-the loop (`Pipeline.generate`) trusts what it returns. `load_pipeline` checks its own device,
+the device must offer (CUDA graphs, memory for the KV cache). The command line calls it before
+the model loads (for a batch job: the job's settings at its batch size, which every batch then
+runs), and so do eval and analyze; the web page and `Pipeline.__call__` call it per generation.
+The loop (`Pipeline.generate`) trusts what it returns. `load_pipeline` checks its own device,
 precision and offload with the same functions, for callers that load without generating.
 """
 
