@@ -209,6 +209,7 @@ def test_a_job_killed_between_its_lines_and_its_images_leaves_no_image_without_a
     assert sorted(r["file"] for r in _manifest(killed)) == sorted(whole)  # one line per image
 
 
+@pytest.mark.slow
 def test_an_image_without_its_line_is_made_again(tmp_path, capsys):
     assert main(_job(tmp_path)) == 0
     lines = (tmp_path / MANIFEST).read_text().splitlines()
@@ -219,6 +220,7 @@ def test_an_image_without_its_line_is_made_again(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["empty", "cut short", "not a PNG"])
+@pytest.mark.slow
 def test_an_empty_or_damaged_png_counts_as_missing(tmp_path, capsys, damage):
     assert main(_job(tmp_path)) == 0
     before = _images(tmp_path)

@@ -84,6 +84,7 @@ def test_fp8_fidelity_rows_on_tiny_models(tmp_path):
                                                         if r["model"] == "infinity-tiny" and r["variant"] == "fp8")
 
 
+@pytest.mark.slow
 def test_the_greedy_loop_feeds_its_own_choices():
     from sparvar.loading import load_pipeline
 

@@ -137,6 +137,7 @@ def test_attention_maps_resize_and_locality():
     assert torch.allclose(head_mean_probs(q, k, 0.5).sum(-1), torch.ones(5))
 
 
+@pytest.mark.slow
 def test_property_probe_and_table_pictures(tmp_path):
     pipe = tiny_pipeline(text_width=0, num_classes=3)
     probe = PropertyProbe(5, [1, 2], sinks=5)
@@ -159,6 +160,7 @@ def test_property_probe_and_table_pictures(tmp_path):
     assert len(files) == len(distinct) < len(sparse) and all((tmp_path / f).is_file() for f in files)
 
 
+@pytest.mark.slow
 def test_analyze_command_writes_measurements_and_pictures(tmp_path, capsys):
     argv = ["analyze", "--model", "infinity-tiny", "--resolution", "512", "--out", str(tmp_path), "--device", "cpu",
             "--radii", "1,3"]

@@ -22,6 +22,7 @@ def pipe():
     return tiny_pipeline()
 
 
+@pytest.mark.slow
 def test_a_cache_of_the_last_scale_run_is_left_out(pipe):
     pipe(["a boat"], seed=0, schedule=SCHEDULE, kv_cache="lean", skip_last=1, progress=False)
     cache = pipe._cache[1]

@@ -91,6 +91,7 @@ def test_random_classes_come_from_the_seed():
     assert official.labels == pipe([None, None], seed=3, sampler="official", progress=False).labels
 
 
+@pytest.mark.slow
 def test_more_smooth_mixes_codewords_and_still_decodes():
     pipe = var_pipeline()
     smooth = pipe([1, 2], seed=0, more_smooth=True, progress=False)

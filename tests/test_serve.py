@@ -116,6 +116,7 @@ def server(tmp_path_factory):
         proc.wait(30)
 
 
+@pytest.mark.slow
 def test_serve_errors_are_one_line(capsys):
     pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
     with socket.socket() as taken:
@@ -176,6 +177,7 @@ def _chromium():
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_in_a_browser(server, tmp_path):
     """Types a condition, presses Generate, waits for the three images; saves a screenshot (to
     $SPARVAR_SCREENSHOT when set: that is how docs/serve.png is made)."""
