@@ -2,8 +2,9 @@
 
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
+from sparvar.loading import load_pipeline
 from sparvar.models.registry import MODELS, create_model
-from sparvar.pipeline import Pipeline, load_pipeline
+from sparvar.pipeline import Pipeline
 
 __version__ = "0.1.0"
 __all__ = ["MODELS", "GenerationConfig", "Pipeline", "SparvarError", "create_model", "load_pipeline", "__version__"]

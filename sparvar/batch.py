@@ -34,7 +34,8 @@ from sparvar.checkpoint import fingerprint
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.models.registry import ModelSpec
-from sparvar.pipeline import Pipeline, resolve_device
+from sparvar.pipeline import Pipeline
+from sparvar.validation import resolve_device
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "job.json"
@@ -56,7 +57,7 @@ class Job:
 
     model: str
     preset: str  # the --attention entry, accelerators included ("default+skip2")
-    config: GenerationConfig  # resolved for the model; its seed is the job's seed base
+    config: GenerationConfig  # as validation.validate returned it for the job; its seed is the job's seed base
     weights: dict  # part -> identity (weights_identity)
 
     def settings(self) -> dict:
@@ -75,8 +76,9 @@ class Job:
         return settings
 
     def generate(self, pipe: Pipeline, batch: list[Item]):
-        return pipe([item.condition for item in batch], self.config, seed=[item.seed for item in batch],
-                    progress=False)
+        """One batch of the job's items: the loop itself, the job's settings checked already."""
+        config = GenerationConfig.build(self.config, seed=[item.seed for item in batch])
+        return pipe.generate([item.condition for item in batch], config, progress=False)
 
 
 def weights_identity(spec: ModelSpec, weights: str | None, vae: str | None, text_encoder: str | None,

@@ -16,7 +16,8 @@ from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.generation import SAMPLERS
 from sparvar.options import HelpFormatter, add_model_options, output_folder, per_scale, read_conditions, read_image
-from sparvar.skipping import PRUNE_PRESETS, combination
+from sparvar.pruning import PRUNE_PRESETS
+from sparvar.sparsity import combination
 
 
 def _slug(text: str) -> str:
@@ -52,18 +53,20 @@ def _generation_config(args) -> GenerationConfig:
         kv_cache=args.kv_cache, system_prompt=getattr(args, "system_prompt", None))
 
 
-def _with_init_image(args, config: GenerationConfig, pipe) -> GenerationConfig:
-    """--init-image: its tokens force the first --init-scales scales (the official gt_leak)."""
+def _with_init_image(args, conditions: list, config: GenerationConfig, pipe) -> GenerationConfig:
+    """--init-image: its tokens force the first --init-scales scales (the official gt_leak); the
+    config with them is checked again, as they come from the loaded model's VAE."""
     if not args.init_image:
         return config
     h, w = pipe.codes.latent_size(config.schedule.sizes[-1])
     image = read_image(args.init_image, (h * pipe.spec.vae.patch, w * pipe.spec.vae.patch))
     tokens = pipe.image_tokens(image, config.schedule)
-    return GenerationConfig.build(config, init_tokens=tokens, init_scales=args.init_scales)
+    return pipe.validate(conditions, GenerationConfig.build(config, init_tokens=tokens, init_scales=args.init_scales))
 
 
-def _check_init_image(args, configs: dict) -> None:
-    """--init-image and --init-scales go together and fit the schedule (checked before loading)."""
+def _check_init_image(args, spec, configs: dict) -> None:
+    """--init-image and --init-scales go together and fit the model and schedule (checked before loading)."""
+    spec.family.refuse(spec.name, init_images=bool(args.init_image))
     if bool(args.init_image) != bool(args.init_scales):
         raise SparvarError("--init-image and --init-scales go together: the picture's first N scales are kept")
     if not args.init_image:
@@ -80,39 +83,38 @@ def _check_init_image(args, configs: dict) -> None:
 
 def cmd_generate(args) -> None:
     """Everything is checked (conditions, presets, settings against the model and the machine,
-    the output folder) before the model loads."""
+    the output folder) before the model loads, once (validation.validate)."""
+    from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import (
-        check_conditions, check_offload, check_precision, default_dtype, load_pipeline, resolve_device)
+    from sparvar.validation import default_dtype, resolve_device, validate
 
     spec = get_spec(args.model)
     conditions = _conditions(args, spec)
-    check_conditions(spec, conditions, args.sampler)
     job = args.batch_size is not None or batch.under_torchrun()
     if args.batch_size is not None and args.batch_size < 1:
         raise SparvarError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.attention is None:  # the demo shows the comparison; official models and batch jobs run SparVAR
         args.attention = "default" if spec.files or job else "dense,default"
-    presets = [p.strip() + _accelerators(args) for p in args.attention.split(",") if p.strip()]
-    if not presets:
+    entries = [p.strip() for p in args.attention.split(",") if p.strip()]
+    if not entries:
         raise SparvarError("--attention names no preset; see `sparvar presets`")
-    if job and len(presets) > 1:
-        raise SparvarError(f"a batch job (--batch-size or torchrun) runs one --attention preset, not {len(presets)}; "
+    if job and len(entries) > 1:
+        raise SparvarError(f"a batch job (--batch-size or torchrun) runs one --attention preset, not {len(entries)}; "
                            "run one job per preset, each with its own --out")
+    accelerators, suffix = _accelerators(args)
+    device = resolve_device(args.device)
+    batch_size = (args.batch_size or 1) if job else len(conditions)
     base = _generation_config(args)
-    configs = {}
-    for name in presets:
-        combo = combination(name)
-        configs[name] = GenerationConfig.build(base, attention=combo.attention, **combo.options()).resolved(spec)
-    _check_init_image(args, configs)
+    configs = {}  # name (the entry with the accelerator options, as written) -> its checked config
+    for entry in entries:
+        combo = combination(entry).with_accelerators(**accelerators)
+        config = GenerationConfig.build(base, attention=combo.attention, **combo.options())
+        configs[entry + suffix] = validate(spec, conditions, config, device, default_dtype(device), args.precision,
+                                           args.offload, batch_size)
+    presets = list(configs)
+    _check_init_image(args, spec, configs)
     if job and args.init_image:
         raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
-    device = resolve_device(args.device)
-    check_precision(args.precision, device, default_dtype(device))
-    check_offload(args.offload, spec)
-    batch_size = (args.batch_size or 1) if job else len(conditions)
-    for config in configs.values():
-        config.check_device(spec, device, default_dtype(device), batch_size)
     seeds = base.seeds(len(conditions))
     paths = _output_paths(args.out, conditions)
     load = lambda device: load_pipeline(  # noqa: E731
@@ -132,7 +134,8 @@ def cmd_generate(args) -> None:
           + (f", {n} images in one batch" if n > 1 else ""))
     runs = {}
     for name, config in configs.items():
-        out = runs[name] = pipe(conditions, _with_init_image(args, config, pipe), progress=not args.quiet)
+        out = runs[name] = pipe.generate(conditions, _with_init_image(args, conditions, config, pipe),
+                                         progress=not args.quiet)
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in out.stage_seconds.items())
         if n > 1:
             stages += f" for the batch ({out.stage_seconds['total'] / n:.2f} s per image)"
@@ -151,19 +154,21 @@ def cmd_generate(args) -> None:
         print(f"wrote {target} and one image per preset beside it")
 
 
-def _accelerators(args) -> str:
-    """--skip-last, --prune and --adaptive-skip as a suffix of every --attention entry ("+skip2")."""
+def _accelerators(args) -> tuple[dict, str]:
+    """--skip-last, --prune and --adaptive-skip: what they add to every --attention entry
+    (Combination.with_accelerators), and the suffix that names it ("+skip2") in outputs."""
     if args.skip_last is not None and args.skip_last < 0:
         raise SparvarError(f"--skip-last must be 0 or more, got {args.skip_last}")
     if args.prune is not None and args.prune not in PRUNE_PRESETS:
         raise SparvarError(f"unknown --prune {args.prune!r}; choose one of {', '.join(PRUNE_PRESETS)}")
     suffix = f"+skip{args.skip_last}" if args.skip_last else ""
     suffix += f"+{args.prune}" if args.prune else ""
-    return suffix + ("+adaptive" if args.adaptive_skip else "")
+    suffix += "+adaptive" if args.adaptive_skip else ""
+    return dict(skip_last=args.skip_last or 0, prune=args.prune, adaptive=args.adaptive_skip), suffix
 
 
 def _density(policy) -> float:
-    from sparvar.eval.quality import attention_density
+    from sparvar.eval.flops import attention_density
 
     return attention_density(policy)
 
@@ -286,35 +291,27 @@ def cmd_train_demo(args) -> None:
     train.main(args.rest)
 
 
+# `sparvar bench NAME` -> (module of sparvar.bench, what it measures)
+BENCHES = {
+    "baseline": ("e2e", "dense generation time of 2B and 8B"),
+    "e2e": ("e2e", "all modes side by side"),
+    "kernels": ("kernels", "attention kernels on the 1024x1024 shapes"),
+    "kernel-variants": ("kernel_variants", "tile shapes and variants of the Triton kernels (JSON lines)"),
+    "cpu-attention": ("cpu_attention", "the CPU attention backends on a small Infinity's shapes"),
+    "profile": ("profile", "GPU time by kernel kind"),
+    "multigpu": ("multigpu", "images/s of a torchrun batch job on 1 and 2 GPUs"),
+    "memory": ("memory", "latency and peak memory of the precision / offload / KV cache settings"),
+    "fp8-fidelity": ("fp8_fidelity", "what FP8 costs in logits and images"),
+    "train-step": ("train_step", "the demo model's training step per variant"),
+}
+
+
 def cmd_bench(args) -> None:
-    if args.what == "kernels":
-        from sparvar.bench import kernels
+    import importlib
 
-        kernels.main(args.rest, prog="sparvar bench kernels")
-    elif args.what == "multigpu":
-        from sparvar.bench import multigpu
-
-        multigpu.main(args.rest)
-    elif args.what == "profile":
-        from sparvar.bench import profile
-
-        profile.main(args.rest)
-    elif args.what == "memory":
-        from sparvar.bench import memory
-
-        memory.main(args.rest)
-    elif args.what == "fp8-fidelity":
-        from sparvar.bench import fp8_fidelity
-
-        fp8_fidelity.main(args.rest)
-    elif args.what == "train-step":
-        from sparvar.bench import train_step
-
-        train_step.main(args.rest)
-    else:
-        from sparvar.bench import e2e
-
-        e2e.main(args.rest, which=args.what)
+    module = importlib.import_module(f"sparvar.bench.{BENCHES[args.what][0]}")
+    options = {"which": args.what} if args.what in ("baseline", "e2e") else {}  # e2e.py serves both
+    module.main(args.rest, **options)
 
 
 def _add_schedule_options(parser) -> None:
@@ -431,15 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(name, help=text + "; see its --help")  # main() hands its options to its own parser
 
-    bench = sub.add_parser("bench", help="GPU benchmarks written under benchmarks/ (see --help of each)",
+    bench = sub.add_parser("bench", help="benchmarks written under benchmarks/ (see --help of each)",
                            formatter_class=HelpFormatter)
-    bench.add_argument("what", choices=["baseline", "e2e", "kernels", "profile", "multigpu", "memory", "fp8-fidelity",
-                                        "train-step"],
-                       help="baseline: dense generation time of 2B and 8B; e2e: all modes side by side; "
-                       "kernels: attention kernels on the 1024x1024 shapes; profile: GPU time by kernel kind; "
-                       "multigpu: images/s of a torchrun batch job on 1 and 2 GPUs; memory: latency and peak "
-                       "memory of the precision / offload / KV cache settings; fp8-fidelity: what FP8 costs in "
-                       "logits and images; train-step: the demo model's training step per variant")
+    bench.add_argument("what", choices=list(BENCHES),
+                       help="; ".join(f"{name}: {about}" for name, (_, about) in BENCHES.items()))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -21,9 +21,10 @@ import torch
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kv_cache import KINDS as KV_CACHES
-from sparvar.models.registry import FAMILIES, ModelSpec
+from sparvar.models.registry import ModelSpec
 from sparvar.schedules import Schedule, parse_schedule
-from sparvar.skipping import PRUNE_PRESETS, AdaptiveSkip, PruneConfig, TokenPruning, prune_plan
+from sparvar.pruning import PRUNE_PRESETS, PruneConfig, TokenPruning, prune_plan
+from sparvar.skipping import AdaptiveSkip
 from sparvar.sparsity import PRESETS
 
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit integers; item i of a batch takes seed + i
@@ -60,7 +61,7 @@ class GenerationConfig:
     schedule: Schedule | str | None = None
     attention: str | AttentionPolicy | None = None  # a preset name (`sparvar presets`), a policy; None: dense SDPA
     skip_last: int = 0  # stop that many scales early and decode the codes summed so far (at full size)
-    prune: str | PruneConfig | TokenPruning | None = None  # FastVAR token pruning ("fastvar", skipping.py)
+    prune: str | PruneConfig | TokenPruning | None = None  # FastVAR token pruning ("fastvar", pruning.py)
     # True or an AdaptiveSkip: each item stops early once its estimate holds little fine detail; the
     # batch runs while any item still refines, a stopped item's codes stay as they were
     # (`out.scales_used`). One host sync per decision scale.
@@ -167,11 +168,14 @@ class GenerationConfig:
         if not self.skip_last < len(schedule):
             raise SparvarError(
                 f"skip_last must be in 0..{len(schedule) - 1} for {len(schedule)} scales, got {self.skip_last}")
-        if self.tiled_decode and not hasattr(FAMILIES[spec.family].decoder, "decode_tiled"):
-            raise SparvarError(f"{spec.name}'s decoder has no tiled decode (it attends over the whole image)")
+        if self.negative_prompt is not None and not spec.text_conditioned:
+            raise SparvarError(f"{spec.name} is class-conditional: a negative prompt needs a text model")
+        family = spec.family
+        family.refuse(spec.name, token_pruning=self.prune is not None, official_sampler=self.sampler == "official",
+                      negative_prompts=self.negative_prompt is not None, init_images=self.init_scales > 0,
+                      more_smooth=self.more_smooth, tiled_decode=bool(self.tiled_decode),
+                      system_prompt=bool(self.system_prompt))
         if self.prune is not None:  # settings that do not fit the model fail here, not at the pruned scale
-            if spec.family == "hart":
-                raise SparvarError(f"token pruning is not available for {spec.name}")
             prune_plan(_prune_config(self.prune), model.depth, schedule)
         for name in ("cfg", "tau"):
             value = getattr(self, name)
@@ -181,9 +185,7 @@ class GenerationConfig:
         top_k = model.top_k if self.top_k is None else self.top_k
         if isinstance(top_k, tuple) and len(top_k) != len(schedule):
             raise SparvarError(f"{len(top_k)} top_k values for {len(schedule)} scales; give one per scale or one")
-        default_prompt = getattr(model, "system_prompt", None)
-        if self.system_prompt and default_prompt is None:
-            raise SparvarError(f"{spec.name}'s text encoder takes no system prompt")
+        default_prompt = model.system_prompt if family.system_prompt else None
         return replace(
             self, schedule=schedule, aspect="1:1", resolution=None,
             cfg=model.cfg if self.cfg is None else self.cfg, tau=model.tau if self.tau is None else self.tau,
@@ -192,21 +194,14 @@ class GenerationConfig:
         )
 
     def _check_official_options(self, spec: ModelSpec, schedule: Schedule) -> None:
-        """The options the official samplers have, where this model has them."""
-        if spec.family == "hart" and (self.sampler == "official" or self.negative_prompt is not None
-                                      or self.init_scales):
-            raise SparvarError(f"{spec.name} takes neither the official sampler, negative prompts nor init tokens "
-                               "(the official HART sampler has none of them)")
-        if self.negative_prompt is not None and not spec.text_conditioned:
-            raise SparvarError(f"{spec.name} is class-conditional: a negative prompt needs a text model")
+        """The options the official samplers have, as this model has them."""
         if self.negative_prompt is not None and not any(
                 w != 0 for w in self.guidance_weights(spec, len(schedule), spec.transformer.cfg)):
             raise SparvarError("a negative prompt takes the unconditional half's place: it needs guidance (cfg != 1)")
-        if self.more_smooth and spec.family != "var":
-            raise SparvarError(f"more_smooth is VAR's option; {spec.name} is not a VAR model")
         taus = self.tau if isinstance(self.tau, tuple) else (self.tau,)
-        if self.sampler == "official" and spec.family == "var" and any(t not in (None, 1) for t in taus):
-            raise SparvarError(f"the official VAR sampler has no temperature: use tau 1, not {self.tau}")
+        official = self.sampler == "official"
+        if official and not spec.family.official_temperature and any(t not in (None, 1) for t in taus):
+            raise SparvarError(f"the official {spec.family.name} sampler has no temperature: use tau 1, not {self.tau}")
         if self.init_scales > len(schedule) - self.skip_last:
             raise SparvarError(f"init_scales {self.init_scales} is more than the {len(schedule) - self.skip_last} "
                                "scales generated")
@@ -229,7 +224,7 @@ class GenerationConfig:
 
     def guidance_weights(self, spec: ModelSpec, num_scales: int, default_cfg: float | None = None) -> list[float]:
         """w_k in l = l_c + w_k (l_c - l_u) per scale; the unconditional half runs where any is not 0."""
-        weight = FAMILIES[spec.family].transformer.guidance_weight
+        weight = spec.family.transformer.guidance_weight
         cfg = self.cfg if self.cfg is not None else default_cfg
         return [weight(k, num_scales, cfg[k] if isinstance(cfg, tuple) else cfg) for k in range(num_scales)]
 

@@ -6,7 +6,7 @@ with one launch. Everything a graph reads lives at a fixed address: the scale's 
 of one buffer all scales share),
 a copy of the condition tensors, the static KV cache, and whatever the attention policy cached
 or kept (tables, CS4A's selected keys and residuals) when it was captured, and the token
-pruning's cached update (skipping.py).
+pruning's cached update (pruning.py).
 
 Capture happens during a real generation: each scale is captured, then replayed to produce its
 result, so the capturing generation is itself correct. The policy's Python code runs only then;

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sparvar.models.fused import FP8, dequantize_rows, quantize_rows
-
+from sparvar.kernels.fp8 import FP8, dequantize_rows, quantize_rows
 
 KINDS = ("static", "concat", "lean", "fp8")
 

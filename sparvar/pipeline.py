@@ -1,10 +1,12 @@
 """The sampler loop: condition -> scales 0..K-1 through the transformer -> tokenizer decoder -> images.
 
-    pipe = sparvar.load_pipeline("infinity-2b", weights=..., vae=..., text_encoder=...)
+    pipe = sparvar.load_pipeline("infinity-2b", weights=..., vae=..., text_encoder=...)  # loading.py
     out = pipe(["a red fox in the snow"], seed=0)          # out.images: list of PIL images
 
-The options of a generation are a GenerationConfig (sparvar/generation.py), checked there. Every
-self-attention call goes through the attention policy (`attention=`), the seam SparVAR fills.
+The options of a generation are a GenerationConfig (sparvar/generation.py); a call checks them
+with the conditions against the model and the machine (validation.py), then runs the loop
+(`generate`). Every self-attention call goes through the attention policy (`attention=`), the
+seam SparVAR fills.
 """
 
 from __future__ import annotations
@@ -19,77 +21,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
-from sparvar.checkpoint import load_strict, read_state_dict
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.graphs import ScaleGraphs
 from sparvar.graphs import shapes as graph_shapes
 from sparvar.kv_cache import ConcatKVCache, KVCache
-from sparvar.models.fp8 import quantize_blocks
-from sparvar.models.registry import FAMILIES, ModelSpec, create_model, create_vae, get_spec, guess_model
-from sparvar.offload import BlockStream, OffloadedModule, move_except_blocks
+from sparvar.models.registry import ModelSpec
+from sparvar.offload import OffloadedModule
+from sparvar.pruning import TokenPruning, resolve_pruning
 from sparvar.sampling import OfficialDraws, filter_logits, item_gumbel, sample, smooth_probs
 from sparvar.schedules import Schedule
-from sparvar.skipping import TokenPruning, resolve_adaptive, resolve_pruning
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """auto (or None): the GPU when there is one, else the CPU; cpu, cuda and cuda:N are checked
-    against this machine."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SparvarError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise SparvarError(f"sparvar runs on cpu or cuda, not {device}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SparvarError("CUDA was asked for but this machine has no usable CUDA GPU; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SparvarError(f"{device} asked for but this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPU, float32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-RANDOM_CLASS = "random"  # a condition that asks for a random class (the official label_B None)
-
-
-def labels_of(spec: ModelSpec, conditions: Sequence) -> list[int | None]:
-    """Class indices of a class-conditional model's conditions: indices, digit strings or class names;
-    None (or "random") where a random class is to be drawn."""
-    labels = []
-    for c in conditions:
-        if c is None or c == RANDOM_CLASS:
-            labels.append(None)
-            continue
-        if isinstance(c, str) and c in spec.classes:
-            c = spec.classes.index(c)
-        if isinstance(c, str) and c.isdigit():
-            c = int(c)
-        if not isinstance(c, int) or not 0 <= c < spec.num_classes:
-            raise SparvarError(
-                f"{spec.name} is class-conditional: give class indices 0..{spec.num_classes - 1}"
-                + (f" or names ({', '.join(spec.classes)})" if spec.classes else "")
-                + f", or {RANDOM_CLASS!r}, not {c!r}"
-            )
-        labels.append(c)
-    return labels
-
-
-def check_conditions(spec: ModelSpec, conditions: Sequence, sampler: str = "sparvar") -> None:
-    """Prompts for a text model, classes for the others: a bad one fails before any work."""
-    if spec.text_conditioned:
-        if not all(isinstance(c, str) for c in conditions):
-            raise SparvarError(f"{spec.name} is text-conditioned: give prompts (strings)")
-        return
-    labels = labels_of(spec, conditions)
-    if sampler == "official" and None in labels and any(label is not None for label in labels):
-        raise SparvarError("the official sampler draws random classes for the whole batch: ask for all or none")
+from sparvar.skipping import resolve_adaptive
+from sparvar.validation import check_conditions, labels_of, validate
 
 
 def resolve_policy(attention: AttentionPolicy | str | None) -> AttentionPolicy:
@@ -149,16 +92,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 class Pipeline:
-    """The model-independent sampler loop over a family's parts (registry.Family says what they do)."""
+    """The model-independent sampler loop over a family's parts (models/base.py says what they do)."""
 
     def __init__(self, spec: ModelSpec, transformer, vae, text_encoder=None,
-                 text_offload: OffloadedModule | None = None):
+                 text_offload: OffloadedModule | None = None, precision: str = "auto", offload: str | None = None):
         self.spec = spec
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
         self.text_offload = text_offload  # the text encoder's weights visit the GPU only to encode
-        self.codes = FAMILIES[spec.family].codes(spec, vae)
+        self.precision, self.offload = precision, offload  # as loaded (load_pipeline)
+        self.codes = spec.family.codes(spec, vae)
         self._cache: tuple[tuple, KVCache] | None = None
         self._policies: dict[str, AttentionPolicy] = {}  # named policies kept for graph replays
         self._pruners: dict[str, TokenPruning] = {}  # named token prunings, likewise
@@ -168,6 +112,11 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return self.transformer.device
+
+    def validate(self, conditions: Sequence, config: GenerationConfig, batch: int | None = None) -> GenerationConfig:
+        """`config` resolved for this pipeline's model once the generation holds (validation.validate)."""
+        return validate(self.spec, conditions, config, self.device, self.transformer.dtype, self.precision,
+                        self.offload, batch)
 
     def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
         return self.spec.schedule(aspect, resolution)
@@ -212,7 +161,6 @@ class Pipeline:
         """(condition, negative prompt's features or None, class labels or None) of one generation:
         a negative prompt is encoded with the prompts, so both are padded alike; random classes
         are drawn from the generation's generators (the official sampler draws them first)."""
-        check_conditions(self.spec, conditions, config.sampler)
         if self.spec.text_conditioned:
             prompts = list(conditions)
             negatives = [config.negative_prompt] * len(prompts) if config.negative_prompt else []
@@ -263,15 +211,17 @@ class Pipeline:
         `config` (a GenerationConfig, sparvar/generation.py) holds the settings; keyword options
         build one or replace some of its fields: `pipe(["a fox"], seed=0, attention="paper")`.
         `on_scale(k, logits, tokens)` sees each scale's guided logits and sampled tokens.
+        Everything is checked (`validate`) before the first scale runs.
         """
-        if isinstance(conditions, (str, int)):
-            conditions = [conditions]
-        if not conditions:
-            raise SparvarError("nothing to generate: give at least one prompt or class")
-        config = GenerationConfig.build(config, **options).resolved(self.spec)
-        config.check_device(self.spec, self.device, self.transformer.dtype, len(conditions))
-        if config.cuda_graphs and self.transformer.stream is not None:
-            raise SparvarError("offload 'blocks' streams the weights through the GPU: run it without CUDA graphs")
+        conditions = [conditions] if isinstance(conditions, (str, int)) else list(conditions)
+        config = self.validate(conditions, GenerationConfig.build(config, **options))
+        return self.generate(conditions, config, progress=progress, on_scale=on_scale)
+
+    @torch.inference_mode()
+    def generate(self, conditions: list, config: GenerationConfig, progress: bool = True,
+                 on_scale: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> GenerationOutput:
+        """The loop itself, for conditions and a config that `validate` returned (the command
+        line, batch jobs, eval and the web page validate before they come here)."""
         schedule = config.schedule
         attention, prune, cuda_graphs = config.attention, config.prune, config.cuda_graphs
         seeds = config.seeds(len(conditions))
@@ -390,126 +340,9 @@ class Pipeline:
         try:
             return self.vae.decode(latent)
         except torch.cuda.OutOfMemoryError:
-            if tiled is False or not hasattr(self.vae, "decode_tiled"):
+            if tiled is False or not self.spec.family.tiled_decode:
                 raise
         torch.cuda.empty_cache()  # out of the handler, so the failed decode's maps are gone
         return self.vae.decode_tiled(latent)
 
-
-PRECISIONS = ("auto", "fp8")
-OFFLOADS = (None, "text", "blocks")
-
-
-def check_offload(offload: str | None, spec: ModelSpec) -> None:
-    """An offload load_pipeline knows, of a part the model has."""
-    if offload not in OFFLOADS:
-        raise SparvarError(f"unknown offload {offload!r}; choose text or blocks, or leave it out")
-    if offload == "text" and not spec.text_conditioned:
-        raise SparvarError(f"offload 'text': {spec.name} has no text encoder")
-
-
-def check_precision(precision: str, device: torch.device, dtype: torch.dtype) -> None:
-    """`auto`: the matmuls in `dtype`; `fp8`: the blocks' in FP8, where the machine has FP8 matmuls."""
-    if precision not in PRECISIONS:
-        raise SparvarError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision != "fp8":
-        return
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < (8, 9):
-            raise SparvarError(f"precision fp8 needs a GPU with FP8 matmuls (Ada or Hopper, compute capability "
-                               f"8.9+); {torch.cuda.get_device_name(device)} has none")
-        if dtype != torch.bfloat16:
-            raise SparvarError(f"precision fp8 runs with dtype bfloat16 on the GPU, not {dtype}")
-
-
-def _bundled(spec: ModelSpec, option: str) -> str | None:
-    """The weights shipped in the package for `option`, if the model has any."""
-    path = spec.bundled_path(option)
-    if path is not None and not path.is_file():
-        raise SparvarError(f"{spec.name}'s bundled weights {path} are missing: reinstall sparvar, or train them "
-                           "(sparvar train-demo, docs/demo_model.md)")
-    return None if path is None else str(path)
-
-
-def load_pipeline(
-    model: str | ModelSpec = "infinity-demo",
-    weights: str | None = None,
-    vae: str | None = None,
-    text_encoder: str | None = None,
-    device: str | torch.device | None = "auto",
-    dtype: torch.dtype | None = None,
-    random_weights: bool = False,
-    seed: int = 0,
-    precision: str = "auto",
-    offload: str | None = None,
-) -> Pipeline:
-    """A ready pipeline for a named model (or a ModelSpec: a registered one at other sizes).
-
-    Official checkpoints load from local paths (`sparvar models` lists which file goes where);
-    the demo model loads the weights shipped in the package unless others are given; models
-    that need no files build the parts not given with random weights (seeded).
-    `random_weights=True` builds every part with random weights (benchmarks, tests).
-    bf16 on GPU, float32 on CPU unless `dtype` says otherwise.
-    precision "fp8": the transformer blocks' projections run as FP8 matmuls (models/fp8.py), their
-    weights quantised as they load (random weights are drawn in `dtype` first, so an FP8 pipeline
-    holds the quantised weights of the same-seeded full-precision one).
-    offload "text": the text encoder waits in CPU memory between encodings; "blocks": that, and
-    the transformer blocks stream from CPU memory (offload.py; random weights are drawn on the
-    device first).
-    """
-    spec = get_spec(model)
-    device = resolve_device(device)
-    dtype = dtype or default_dtype(device)
-    check_precision(precision, device, dtype)
-    check_offload(offload, spec)
-    family = FAMILIES[spec.family]
-    if family.configure is not None and not random_weights:
-        spec, weights, vae = family.configure(spec, weights, vae)
-    if not random_weights:
-        weights = weights or _bundled(spec, "--weights")
-        vae = vae or _bundled(spec, "--vae")
-        text_encoder = text_encoder or _bundled(spec, "--text-encoder")
-        given = {"--weights": weights, "--vae": vae, "--text-encoder": text_encoder}
-        missing = [opt for opt in spec.files if given[opt] is None]
-        if missing:
-            raise SparvarError(f"{spec.name} needs " + ", ".join(f"{opt} ({spec.files[opt]})" for opt in missing))
-
-    if weights is None or random_weights:
-        transformer = create_model(spec, device, dtype, seed)
-        if precision == "fp8":
-            quantize_blocks(transformer)
-        if offload == "blocks":
-            transformer.stream = BlockStream(transformer.blocks, device)
-    else:
-        transformer = create_model(spec, "meta", dtype)
-        state = read_state_dict(weights)
-        other = guess_model(state)
-        hint = f"It looks like a checkpoint of {other}; pass --model {other}." if other and other != spec.name else ""
-        load_strict(transformer, transformer.checkpoint_state(state), f"{spec.name}'s transformer ({weights})", hint)
-        transformer = transformer.to(dtype=dtype).eval()
-        streamed = offload == "blocks"
-        if precision == "fp8":  # layer by layer onto the device, so only FP8 weights pile up there
-            quantize_blocks(transformer, "cpu" if streamed else device)
-        if streamed:
-            move_except_blocks(transformer, device)
-            transformer.stream = BlockStream(transformer.blocks, device)
-        else:
-            transformer = transformer.to(device=device)
-
-    if vae is None or random_weights:
-        decoder = create_vae(spec, device, dtype, seed)
-    else:
-        decoder = create_vae(spec, "meta")
-        state = decoder.checkpoint_state(read_state_dict(vae))
-        load_strict(decoder, state, f"{spec.name}'s VAE ({vae})")
-        decoder = decoder.to(device=device, dtype=dtype).eval()
-
-    encoder = None
-    if spec.text_conditioned:
-        if text_encoder is None or random_weights:
-            encoder = family.text_encoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
-        else:
-            encoder = family.text_encoder.load(text_encoder, spec.text, device, dtype, spec.transformer.text_max_len)
-    text_offload = OffloadedModule(encoder.model, device) if encoder is not None and offload else None
-    return Pipeline(spec, transformer, decoder, encoder, text_offload)
 

@@ -13,16 +13,17 @@ import argparse
 from typing import Callable
 
 from sparvar.errors import SparvarError
-from sparvar.skipping import Combination, combination
+from sparvar.generation import GenerationConfig
+from sparvar.sparsity import Combination, combination
 
 # small images (the demo's 64x64) fill their box, enlarged with sharp pixels
 CSS = ".pixels img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
-def _generate(pipe, condition, seed: int, cfg: float, aspect: str, combo: Combination, on_scale: Callable):
-    """The one call into the pipeline: one image of `condition` with an attention combination."""
-    return pipe([condition], seed=seed, cfg=cfg, aspect=aspect, attention=combo.attention, progress=False,
-                on_scale=on_scale, **combo.options())
+def _config(pipe, condition, seed: int, cfg: float, aspect: str, combo: Combination) -> GenerationConfig:
+    """The settings of one image of `condition` with an attention combination, checked (validate)."""
+    config = GenerationConfig(seed=seed, cfg=cfg, aspect=aspect, attention=combo.attention, **combo.options())
+    return pipe.validate([condition], config)
 
 
 def compare(pipe, condition, seed: int, cfg: float, aspect: str, preset: str,
@@ -34,20 +35,21 @@ def compare(pipe, condition, seed: int, cfg: float, aspect: str, preset: str,
     image runs only that preset."""
     from sparvar.eval.draw import difference_map
     from sparvar.eval.metrics import psnr, to_tensor
-    from sparvar.eval.quality import attention_density
+    from sparvar.eval.flops import attention_density
 
     key = (condition, seed, cfg, aspect)
     cached = (last_dense or {}).get(key)
-    # the preset first: the pipeline checks every input before its first scale, so bad input costs nothing
+    # both checked before either runs, so bad input costs nothing
     plans = [combination(preset)] + ([] if cached else [Combination()])
-    scales = [len(pipe.schedule(aspect)) - c.skip_last for c in plans]  # adaptive skip may stop earlier
+    configs = [_config(pipe, condition, seed, cfg, aspect, c) for c in plans]
+    scales = [len(c.schedule) - c.skip_last for c in configs]  # adaptive skip may stop earlier
     results = []  # (image, seconds, attention density) of the preset, then of dense
-    for i, c in enumerate(plans):
+    for i, config in enumerate(configs):
         def on_scale(k, logits, tokens):  # called during this iteration's run only
             what = f"{preset if i == 0 else 'dense'}: scale {k + 1} of {scales[i]}"
             progress((sum(scales[:i]) + k + 1) / sum(scales), what)
 
-        out = _generate(pipe, condition, seed, cfg, aspect, c, on_scale)
+        out = pipe.generate([condition], config, progress=False, on_scale=on_scale)
         results.append((out.images[0], out.stage_seconds["total"], attention_density(out.policy)))
     other, dense = results[0], cached or results[1]
     if last_dense is not None:
@@ -133,7 +135,7 @@ def _gradio():
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     parser = argparse.ArgumentParser(prog="sparvar serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="infinity-demo", help="model name, see `sparvar models`")

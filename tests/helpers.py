@@ -1,9 +1,15 @@
-"""Small random models for tests: built directly so any config (patchified, class-conditional) works."""
+"""What the tests share: small random models, a generation without a model, random block tables,
+error measures, and independent oracles (plain numpy re-derivations of what the code computes)."""
 
 from dataclasses import replace
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+from sparvar.attention.policy import AttentionCall
+from sparvar.attention.tables import BlockTable
+from sparvar.cli import main as cli_main
 from sparvar.models.infinity.text import TextEncoder
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
@@ -13,6 +19,7 @@ from sparvar.models.var.vqvae import VQVAE
 from sparvar.pipeline import Pipeline
 
 
+# ---- small random models --------------------------------------------------------------------------
 def tiny_pipeline(seed: int = 0, **overrides) -> Pipeline:
     """infinity-tiny (text-conditioned) with config fields overridden, random weights, on the CPU."""
     spec = MODELS["infinity-tiny"]
@@ -52,5 +59,118 @@ def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: flo
     if not guidance:
         return logits
     cond, uncond = logits.chunk(2)
-    w = torch.repeat_interleave(torch.tensor(weights), torch.tensor(schedule.lengths))
+    grids = [h * w for h, w in schedule.sizes]  # HART's logits of scale 0 are its text's last position's
+    w = torch.repeat_interleave(torch.tensor(weights), torch.tensor(grids))
     return cond + w.view(1, -1, *[1] * (cond.dim() - 2)) * (cond - uncond)
+
+
+# ---- a generation without a model ----------------------------------------------------------------
+def simulate(
+    policy, schedule, num_layers=3, batch=2, heads=2, dim=16, seed=0, dtype=torch.float32, sharpness=8.0, device="cpu"
+):
+    """Random q/k/v per (layer, scale) through a static KV cache laid out as the pipeline's: cache
+    (B, H, N_total, D), scale k writes [offset_k, offset_k + n_k), the policy sees the views
+    [:, :, :kv_length(k)]. Returns {(layer, scale): (q, k_view, v_view, out)}.
+
+    Queries and keys are unit vectors and queries are scaled by `sharpness` (cosine attention,
+    softmax scale 1), so attention is peaked as in real models rather than uniform.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    total = schedule.total
+    cache_k = torch.zeros(num_layers, batch, heads, total, dim, dtype=dtype, device=device)
+    cache_v = torch.zeros_like(cache_k)
+    policy.reset()
+    seen = {}
+    for scale, n in enumerate(schedule.lengths):
+        start = schedule.offsets[scale]
+        end = start + n
+        for layer in range(num_layers):
+            q = (F.normalize(torch.randn(batch, heads, n, dim, generator=gen), dim=-1) * sharpness).to(device, dtype)
+            cache_k[layer, :, :, start:end] = F.normalize(torch.randn(batch, heads, n, dim, generator=gen), dim=-1)
+            cache_v[layer, :, :, start:end] = torch.randn(batch, heads, n, dim, generator=gen)
+            k, v = cache_k[layer, :, :, :end], cache_v[layer, :, :, :end]
+            call = AttentionCall(layer, scale, num_layers, schedule, 1.0)
+            seen[layer, scale] = (q, k, v, policy(q, k, v, call))
+    return seen
+
+
+def random_table(b: int, h: int, q_len: int, kv_len: int, q_block: int, key_block: int, *, density: float = 1.0,
+                 max_entries: int | None = None, junk: int | None = None, seed: int = 0, device="cpu") -> BlockTable:
+    """A sparse plan of (b, h) tables: per query block distinct random key units (up to about
+    `density` of them, at most `max_entries`), random counts of at least one, the first query
+    block and a fifth of the others empty. Past each count stand random units, or `junk` (an
+    index past every unit, for readers that must never touch those entries)."""
+    gen = torch.Generator().manual_seed(seed)
+    nq, units = -(-q_len // q_block), -(-kv_len // key_block)
+    width = min(units, max_entries or units, max(1, round(density * units) + 2))
+    order = torch.argsort(torch.rand(b, h, nq, units, generator=gen), dim=-1)[..., :width]
+    counts = torch.randint(1, width + 1, (b, h, nq), generator=gen)
+    counts.view(-1)[torch.randperm(counts.numel(), generator=gen)[: counts.numel() // 5]] = 0
+    counts[..., 0] = 0
+    past = torch.randint(0, units, order.shape, generator=gen) if junk is None else torch.full_like(order, junk)
+    indices = torch.where(torch.arange(width) < counts[..., None], order, past)
+    return BlockTable(counts.int().to(device), indices.int().to(device), q_block, key_block, q_len, kv_len)
+
+
+# ---- measures ---------------------------------------------------------------------------------------
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float32 (0 where both are all zeros, as for tables that list nothing)."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def same_generation(a, b) -> bool:
+    """Two generations drew the same tokens at every scale and decoded the same pixels."""
+    same = len(a.tokens) == len(b.tokens) and all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    return same and torch.equal(a.pixels, b.pixels)
+
+
+def cli_error(capsys, argv) -> str:
+    """The one-line error `sparvar ARGV` ends with (exit status 2, no traceback)."""
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+# ---- independent oracles ---------------------------------------------------------------------------
+def nearest_groups(schedule, src: int, dst: int, group: int) -> torch.Tensor:
+    """What cs4a.group_map must give: for each group of `group` consecutive (row-major) tokens of
+    scale dst, the group of scale src whose mean cell centre, as a share of its grid, is nearest."""
+    def centres(scale):
+        h, w = schedule.sizes[scale]
+        y, x = np.divmod(np.arange(h * w), w)
+        cells = np.stack([(y + 0.5) / h, (x + 0.5) / w], 1)
+        return np.array([cells[i : i + group].mean(0) for i in range(0, h * w, group)])
+
+    return torch.from_numpy((((centres(dst)[:, None] - centres(src)[None]) ** 2).sum(-1)).argmin(1))
+
+
+def detail_energy(latent: np.ndarray) -> np.ndarray:
+    """What AdaptiveSkip.score must give for latents (B, c, H, W): the mean square of the latent
+    minus its blur through the grid a quarter of its side (means over the pixels of each coarse
+    cell, then bilinear interpolation between cell centres, held flat past the outer ones)."""
+    def shrink(values, axis, size):  # cell i spans pixels floor(i n / size) .. ceil((i + 1) n / size)
+        n = values.shape[axis]
+        bounds = [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
+        return np.stack([values.take(range(a, b), axis).mean(axis) for a, b in bounds], axis)
+
+    def stretch(values, axis, size):  # pixel centres onto the coarse grid's coordinates
+        where = (np.arange(size) + 0.5) * values.shape[axis] / size - 0.5
+        return np.apply_along_axis(lambda line: np.interp(where, np.arange(len(line)), line), axis, values)
+
+    h, w = latent.shape[-2:]
+    coarse = shrink(shrink(latent, 2, max(1, h // 4)), 3, max(1, w // 4))
+    blur = stretch(stretch(coarse, 2, h), 3, w)
+    return ((latent - blur) ** 2).mean(axis=(1, 2, 3))
+
+
+RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def difference_picture(a, b, gain: float = 4.0) -> np.ndarray:
+    """What eval.draw.difference_map must draw: |a - b| of two RGB pictures, averaged over the
+    channels, in [0, 1] of full scale times `gain`, through the five-colour ramp (uint8 RGB)."""
+    d = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean(-1) / 255 * gain
+    stops = np.linspace(0, 1, len(RAMP))
+    rgb = [np.interp(np.clip(d, 0, 1), stops, RAMP[:, c]) for c in range(3)]
+    return np.stack(rgb, -1).round().astype(np.uint8)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import cli_error
 from sparvar import batch
 from sparvar.batch import MANIFEST, SETTINGS, Item, pending, save_png
 from sparvar.checkpoint import fingerprint
@@ -40,6 +41,7 @@ def _manifest(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / MANIFEST).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -84,6 +86,7 @@ def test_two_gloo_processes_make_the_images_of_one_and_resume(tmp_path):
     assert "error: " + f"{two} holds a job with other settings (cfg 3.0 there, 2.0 now)" in err
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_job_makes_nothing_again(tmp_path, capsys):
     job = ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--batch-size", "4",
            "--out", str(tmp_path), "--device", "cpu", "--quiet"]
@@ -94,6 +97,7 @@ def test_rerun_of_a_finished_job_makes_nothing_again(tmp_path, capsys):
     assert (tmp_path / MANIFEST).read_text() == first
 
 
+@pytest.mark.slow
 def test_class_file_for_class_conditional_models(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("sneaker\n\nbag\n3\n")
@@ -147,28 +151,23 @@ def _images(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: _pixels(p) for p in sorted(folder.glob("*.png"))}
 
 
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
-
-
+@pytest.mark.slow
 def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     assert main(_job(tmp_path)) == 0
     before, manifest = _images(tmp_path), (tmp_path / MANIFEST).read_text()
-    err = _error(capsys, _job(tmp_path, "--cfg", "2", "--seed", "5"))
+    err = cli_error(capsys, _job(tmp_path, "--cfg", "2", "--seed", "5"))
     assert f"{tmp_path} holds a job with other settings (cfg 4.0 there, 2.0 now; seed_base 0 there, 5 now)" in err
     assert "--overwrite" in err
-    assert "attention 'default' there, 'paper' now" in _error(capsys, _job(tmp_path, "--attention", "paper"))
-    assert "skip_last 0 there, 1 now" in _error(capsys, _job(tmp_path, "--skip-last", "1"))
-    assert "top_k 900 there, 5 now" in _error(capsys, _job(tmp_path, "--top-k", "5"))
+    assert "attention 'default' there, 'paper' now" in cli_error(capsys, _job(tmp_path, "--attention", "paper"))
+    assert "skip_last 0 there, 1 now" in cli_error(capsys, _job(tmp_path, "--skip-last", "1"))
+    assert "top_k 900 there, 5 now" in cli_error(capsys, _job(tmp_path, "--top-k", "5"))
     assert "weights 'random (seed 0)' there, 'random (seed 0)' now" not in err
     after = _images(tmp_path)
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
     assert (tmp_path / MANIFEST).read_text() == manifest  # nothing was made, nothing mixed in
 
 
+@pytest.mark.slow
 def test_overwrite_makes_every_image_again_with_the_new_settings(tmp_path, capsys):
     assert main(_job(tmp_path, "--class", "5")) == 0  # four images
     before = _images(tmp_path)
@@ -183,9 +182,10 @@ def test_overwrite_makes_every_image_again_with_the_new_settings(tmp_path, capsy
 
 def test_a_folder_of_a_job_without_a_record_is_refused(tmp_path, capsys):
     (tmp_path / MANIFEST).write_text('{"item": 0, "file": "000_3.png"}\n')
-    assert "holds images of a job whose settings were not recorded" in _error(capsys, _job(tmp_path))
+    assert "holds images of a job whose settings were not recorded" in cli_error(capsys, _job(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_job_killed_between_its_lines_and_its_images_leaves_no_image_without_a_line(tmp_path, monkeypatch):
     assert main(_job(tmp_path / "whole")) == 0
     written = []
@@ -209,6 +209,7 @@ def test_a_job_killed_between_its_lines_and_its_images_leaves_no_image_without_a
     assert sorted(r["file"] for r in _manifest(killed)) == sorted(whole)  # one line per image
 
 
+@pytest.mark.slow
 def test_an_image_without_its_line_is_made_again(tmp_path, capsys):
     assert main(_job(tmp_path)) == 0
     lines = (tmp_path / MANIFEST).read_text().splitlines()
@@ -219,6 +220,7 @@ def test_an_image_without_its_line_is_made_again(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["empty", "cut short", "not a PNG"])
+@pytest.mark.slow
 def test_an_empty_or_damaged_png_counts_as_missing(tmp_path, capsys, damage):
     assert main(_job(tmp_path)) == 0
     before = _images(tmp_path)

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from sparvar.bench.common import provenance
 from sparvar.bench.e2e import _summary, add_speedups, markdown
 
 
@@ -23,8 +24,8 @@ def test_official_rows_give_speedups_and_render_without_stages():
     assert rows[2]["speedup_over_a"] == pytest.approx(1.3 / 0.64)
     summary = _summary(rows)
     assert summary["8b_d_over_o"] == pytest.approx(2.5) and summary["8b_o_latency_s"] == 1.6
-    text = markdown({"title": "t", "card": "c", "date": "d", "torch": "x", "command": "cmd", "rows": rows,
-                     "modes": {"o": "official", "a": "a", "d": "d"}, "summary": summary})
+    text = markdown({**provenance("cmd"), "title": "t", "rows": rows, "modes": {"o": "official", "a": "a", "d": "d"},
+                     "summary": summary})
     official_line = next(line for line in text.splitlines() if line.startswith("| infinity-8b | o |"))
     assert "| 1.600 |" in official_line and "| - |" in official_line and "34.5" in official_line
     d_line = next(line for line in text.splitlines() if line.startswith("| infinity-8b | d |"))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparvar.bench import fp8_fidelity, memory
+from sparvar.bench.common import provenance
 from sparvar.bench.memory import SETTINGS, fastest_within, summarize, to_markdown
 
 
@@ -53,7 +54,7 @@ def test_summary_keys_stay_when_nothing_fits_or_rows_failed():
 
 
 def test_markdown_lists_every_row_and_the_proofs():
-    result = {"title": "t", "card": "fake", "torch": torch.__version__, "date": "today", "command": "c", "rows": ROWS,
+    result = {**provenance("c"), "title": "t", "rows": ROWS,
               "summary": summarize(ROWS), "proofs": {"16g": {"setting": "x", "peak_gib": 13.0, "latency_s": 0.5},
                                                       "24g": {"setting": "y", "error": "OutOfMemoryError"}}}
     md = to_markdown(result)
@@ -68,6 +69,7 @@ def test_memory_bench_needs_a_gpu():
         memory.run(["infinity-2b"], 1, "unused", "c")
 
 
+@pytest.mark.slow
 def test_fp8_fidelity_rows_on_tiny_models(tmp_path):
     rows = fp8_fidelity.logit_rows("infinity-tiny", "cpu", None) + fp8_fidelity.logit_rows("var-tiny", "cpu", None)
     variants = {r["variant"] for r in rows}
@@ -82,8 +84,9 @@ def test_fp8_fidelity_rows_on_tiny_models(tmp_path):
                                                         if r["model"] == "infinity-tiny" and r["variant"] == "fp8")
 
 
+@pytest.mark.slow
 def test_the_greedy_loop_feeds_its_own_choices():
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipe = load_pipeline("var-tiny", device="cpu", random_weights=True)
     schedule = pipe.schedule()

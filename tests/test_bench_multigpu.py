@@ -24,6 +24,7 @@ def test_throughput_counts_steady_state_only():
     assert rows[0]["scaling"] == 1 and rows[1]["scaling"] == pytest.approx(1.875)
 
 
+@pytest.mark.slow
 def test_bench_multigpu_runs_the_job_on_cpu_processes(tmp_path, capsys):
     argv = ["bench", "multigpu", "--model", "infinity-tiny", "--schedule", "1,2", "--device", "cpu", "--gpus", "2",
             "--batches", "2", "--warmup", "1", "--out", str(tmp_path)]

@@ -200,6 +200,7 @@ def _official_var_state(official_layouts: dict, name: str, cfg, gen: torch.Gener
 
 
 @pytest.mark.parametrize("released", ["var-d16", "var-d36"])
+@pytest.mark.slow
 def test_official_layout_var_checkpoint_loads_strictly(tmp_path, official_layouts, released):
     spec = MODELS["var-tiny"]
     if released == "var-d36":  # the shared-AdaLN layout

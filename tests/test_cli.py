@@ -10,16 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import sparvar.pipeline
+import sparvar.loading
+from helpers import cli_error
 from sparvar import create_model, generation
 from sparvar.cli import main
-
-
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def test_generate_writes_images(tmp_path, capsys):
@@ -34,6 +28,21 @@ def test_generate_writes_images(tmp_path, capsys):
     assert "for the batch (" in out and " s per image)" in out  # times of a batch say what they are
 
 
+@pytest.mark.parametrize("extra", [[], ["--batch-size", "1"]], ids=["one-pass", "batch-job"])
+@pytest.mark.slow
+def test_generate_checks_each_generation_once(tmp_path, capsys, monkeypatch, extra):
+    """validation.validate resolves each --attention entry's config once, before the model loads;
+    the loop (and a batch job's batches) run it as checked."""
+    resolved = []
+    real = generation.GenerationConfig.resolved
+    monkeypatch.setattr(generation.GenerationConfig, "resolved", lambda self, spec: resolved.append(1) or real(self, spec))
+    argv = ["generate", "--model", "var-tiny", "--class", "1", "--class", "2", "--attention", "dense", "--random-weights",
+            "--out", str(tmp_path), "--quiet", "--device", "cpu", *extra]
+    assert main(argv) == 0
+    assert len(resolved) == 1 and len(list(tmp_path.glob("*.png"))) == 2
+
+
+@pytest.mark.slow
 def test_generate_one_png_path(tmp_path):
     target = tmp_path / "sub" / "img.png"
     argv = ["generate", "--model", "var-tiny", "--class", "3", "--attention", "dense", "--out", str(target), "--quiet",
@@ -56,31 +65,34 @@ def test_models_lists_configs_and_files(capsys):
 
 
 def test_missing_files(tmp_path, capsys):
-    err = _error(capsys, ["generate", "--model", "infinity-2b", "--prompt", "x"])
+    err = cli_error(capsys, ["generate", "--model", "infinity-2b", "--prompt", "x"])
     assert "needs --weights (infinity_2b_reg.pth)" in err
-    err = _error(capsys, ["generate", "--model", "infinity-2b", "--prompt", "x", "--weights", str(tmp_path / "w.pth"),
-                          "--vae", "v.pth", "--text-encoder", "t5"])
+    err = cli_error(
+        capsys, ["generate", "--model", "infinity-2b", "--prompt", "x", "--weights", str(tmp_path / "w.pth"),
+                 "--vae", "v.pth", "--text-encoder", "t5"])
     assert "checkpoint not found" in err
-    assert "prompts file not found" in _error(capsys, ["generate", "--prompts", str(tmp_path / "p.txt")])
+    assert "prompts file not found" in cli_error(capsys, ["generate", "--prompts", str(tmp_path / "p.txt")])
 
 
 def test_checkpoint_of_another_model(tmp_path, capsys):
     torch.save(create_model("infinity-tiny").state_dict(), tmp_path / "tiny.pth")
-    err = _error(capsys, ["generate", "--model", "infinity-2b", "--prompt", "x", "--weights", str(tmp_path / "tiny.pth"),
-                          "--vae", "v.pth", "--text-encoder", "t5"])
+    err = cli_error(
+        capsys, ["generate", "--model", "infinity-2b", "--prompt", "x", "--weights", str(tmp_path / "tiny.pth"),
+                 "--vae", "v.pth", "--text-encoder", "t5"])
     assert "does not fit infinity-2b" in err and "looks like a checkpoint of infinity-tiny" in err
 
 
 def test_bad_values(tmp_path, capsys):
-    assert "unknown aspect ratio '16:9'" in _error(capsys, ["generate", "--aspect", "16:9", "--out", str(tmp_path)])
-    assert "unknown model" in _error(capsys, ["generate", "--model", "infinity-3b"])
-    assert "class-conditional" in _error(capsys, ["generate", "--class", "dog", "--out", str(tmp_path)])
-    assert "names one file" in _error(capsys, ["generate", "--class", "1", "--class", "2", "--out", str(tmp_path / "a.png")])
+    assert "unknown aspect ratio '16:9'" in cli_error(capsys, ["generate", "--aspect", "16:9", "--out", str(tmp_path)])
+    assert "unknown model" in cli_error(capsys, ["generate", "--model", "infinity-3b"])
+    assert "class-conditional" in cli_error(capsys, ["generate", "--class", "dog", "--out", str(tmp_path)])
+    assert "names one file" in cli_error(
+        capsys, ["generate", "--class", "1", "--class", "2", "--out", str(tmp_path / "a.png")])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_but_absent(capsys):
-    assert "no usable CUDA GPU" in _error(capsys, ["generate", "--device", "cuda"])
+    assert "no usable CUDA GPU" in cli_error(capsys, ["generate", "--device", "cuda"])
 
 
 def test_plan_json_without_weights(capsys):
@@ -101,9 +113,10 @@ def test_plan_text_and_presets(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "paper" in out and "fastvar" in out and "adaptive" in out
-    assert "unknown attention preset" in _error(capsys, ["plan", "--attention", "fastest"])
+    assert "unknown attention preset" in cli_error(capsys, ["plan", "--attention", "fastest"])
 
 
+@pytest.mark.slow
 def test_generate_var(tmp_path, capsys):
     argv = ["generate", "--model", "var-tiny", "--class", "3", "--class", "7", "--seed", "0",
             "--attention", "dense", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
@@ -125,15 +138,17 @@ def test_models_lists_var_configs_and_files(capsys):
 
 
 def test_var_errors(tmp_path, capsys):
-    assert "needs --weights (var_d30.pth), --vae (vae_ch160v4096z32.pth)" in _error(
+    assert "needs --weights (var_d30.pth), --vae (vae_ch160v4096z32.pth)" in cli_error(
         capsys, ["generate", "--model", "var-d30", "--class", "207"])
-    assert "only 1:1 images at 32x32, not 4:3" in _error(capsys, ["generate", "--model", "var-tiny", "--aspect", "4:3"])
-    assert "class indices 0..9, or 'random', not 10" in _error(
+    assert "only 1:1 images at 32x32, not 4:3" in cli_error(
+        capsys, ["generate", "--model", "var-tiny", "--aspect", "4:3"])
+    assert "class indices 0..9, or 'random', not 10" in cli_error(
         capsys, ["generate", "--model", "var-tiny", "--class", "10", "--out", str(tmp_path), "--device", "cpu"])
-    assert "only the schedule it was trained on (1 2 3 4 5 6 8 10 13 16), not 1 2" in _error(
+    assert "only the schedule it was trained on (1 2 3 4 5 6 8 10 13 16), not 1 2" in cli_error(
         capsys, ["generate", "--model", "var-tiny", "--schedule", "1,2", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
 
 
+@pytest.mark.slow
 def test_generate_with_skipping_and_pruning(tmp_path, capsys):
     argv = ["generate", "--model", "infinity-tiny", "--prompt", "a cat", "--schedule", "1,2,3,4,5,6",
             "--attention", "dense,paper", "--skip-last", "1", "--prune", "fastvar", "--adaptive-skip",
@@ -150,12 +165,13 @@ def test_generate_with_skipping_and_pruning(tmp_path, capsys):
 def test_skipping_option_errors(tmp_path, capsys):
     base = ["generate", "--model", "infinity-tiny", "--prompt", "x", "--schedule", "1,2,3,4,5,6", "--out", str(tmp_path),
             "--quiet"]
-    assert "--skip-last must be 0 or more" in _error(capsys, base + ["--skip-last", "-1"])
-    assert "unknown --prune 'fast'" in _error(capsys, base + ["--prune", "fast"])
-    assert "cannot read 'skip'" in _error(capsys, base + ["--attention", "default+skip"])
-    assert "skip_last must be in 0..5" in _error(capsys, base + ["--skip-last", "6"])
-    assert "cannot read 'skip2'" in _error(capsys, base + ["--attention", "default+skip1", "--skip-last", "2"])
-    assert "token pruning needs at least 5 scales" in _error(capsys, base[:6] + ["1,2,3,4"] + base[7:] + ["--prune", "fastvar"])
+    assert "--skip-last must be 0 or more" in cli_error(capsys, base + ["--skip-last", "-1"])
+    assert "unknown --prune 'fast'" in cli_error(capsys, base + ["--prune", "fast"])
+    assert "cannot read 'skip'" in cli_error(capsys, base + ["--attention", "default+skip"])
+    assert "skip_last must be in 0..5" in cli_error(capsys, base + ["--skip-last", "6"])
+    assert "cannot read 'skip2'" in cli_error(capsys, base + ["--attention", "default+skip1", "--skip-last", "2"])
+    assert "token pruning needs at least 5 scales" in cli_error(
+        capsys, base[:6] + ["1,2,3,4"] + base[7:] + ["--prune", "fastvar"])
 
 
 # ---- every mistake of issue 15's table: one line, exit status 2, before the model loads ----------
@@ -165,7 +181,7 @@ def no_loading(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was caught")
 
-    monkeypatch.setattr(sparvar.pipeline, "load_pipeline", load)
+    monkeypatch.setattr(sparvar.loading, "load_pipeline", load)
 
 
 def _read_only_folder(tmp_path) -> Path:
@@ -183,36 +199,38 @@ def _read_only_folder(tmp_path) -> Path:
 
 def test_out_under_a_file_or_in_a_read_only_folder(tmp_path, capsys, no_loading):
     (tmp_path / "notes.txt").write_text("x")
-    err = _error(capsys, ["generate", "--out", str(tmp_path / "notes.txt" / "x")])
+    err = cli_error(capsys, ["generate", "--out", str(tmp_path / "notes.txt" / "x")])
     assert err == f"error: cannot write to {tmp_path / 'notes.txt' / 'x'}: {tmp_path / 'notes.txt'} is a file, not a folder"
     folder = _read_only_folder(tmp_path)
-    assert f"error: cannot write to {folder}: " in _error(capsys, ["generate", "--out", str(folder)])
-    assert f"error: cannot write to {folder}: " in _error(capsys, ["generate", "--out", str(folder / "one.png")])
+    assert f"error: cannot write to {folder}: " in cli_error(capsys, ["generate", "--out", str(folder)])
+    assert f"error: cannot write to {folder}: " in cli_error(capsys, ["generate", "--out", str(folder / "one.png")])
 
 
 def test_unknown_device(capsys, no_loading):
-    assert _error(capsys, ["generate", "--device", "tpu"]) == "error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"
-    assert "sparvar runs on cpu or cuda, not meta" in _error(capsys, ["generate", "--device", "meta"])
+    tpu = cli_error(capsys, ["generate", "--device", "tpu"])
+    assert tpu == "error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"
+    assert "sparvar runs on cpu or cuda, not meta" in cli_error(capsys, ["generate", "--device", "meta"])
 
 
 def test_seed_beyond_64_bits(tmp_path, capsys, no_loading):
     base = ["generate", "--out", str(tmp_path)]
-    assert "seed must be in 0..9223372036854775807, got 99999999999999999999999" in _error(
+    assert "seed must be in 0..9223372036854775807, got 99999999999999999999999" in cli_error(
         capsys, base + ["--seed", "99999999999999999999999"])
-    assert "seed must be in 0..9223372036854775807, got -1" in _error(capsys, base + ["--seed", "-1"])
-    assert "leaves no room for 2 images" in _error(capsys, base + ["--seed", str(2**63 - 1), "--class", "1", "--class", "2"])
+    assert "seed must be in 0..9223372036854775807, got -1" in cli_error(capsys, base + ["--seed", "-1"])
+    assert "leaves no room for 2 images" in cli_error(
+        capsys, base + ["--seed", str(2**63 - 1), "--class", "1", "--class", "2"])
 
 
 def test_schedule_beyond_the_position_grid_or_the_memory(tmp_path, capsys, no_loading, monkeypatch):
     base = ["generate", "--schedule", "1,2,100000", "--out", str(tmp_path)]
-    assert "infinity-demo generates only the schedule it was trained on" in _error(capsys, base)
-    assert "scale 100000x100000 of schedule 1 2 100000 is beyond infinity-tiny's position grid of 128x128" in _error(
+    assert "infinity-demo generates only the schedule it was trained on" in cli_error(capsys, base)
+    assert "scale 100000x100000 of schedule 1 2 100000 is beyond infinity-tiny's position grid of 128x128" in cli_error(
         capsys, base + ["--model", "infinity-tiny", "--prompt", "x"])
     # within the grid but far beyond the machine: Infinity-8B's KV cache, 15 scales, float32 on the CPU
     monkeypatch.setattr(generation, "device_memory", lambda device: 64 * 10**9)
     schedule = ",".join(["1"] + ["128"] * 14)
     need = 2 * 40 * 2 * (1 + 14 * 128 * 128) * 3584 * 4  # k and v, 40 layers, cond + uncond, width, bytes
-    err = _error(capsys, ["generate", "--model", "infinity-8b", "--random-weights", "--prompt", "x", "--schedule",
+    err = cli_error(capsys, ["generate", "--model", "infinity-8b", "--random-weights", "--prompt", "x", "--schedule",
                           schedule, "--device", "cpu", "--out", str(tmp_path)])
     assert f"needs {need / 1e9:.1f} GB for the KV cache alone (1 image(s) with guidance in float32), more than the " \
            "64.0 GB of cpu" in err
@@ -220,14 +238,14 @@ def test_schedule_beyond_the_position_grid_or_the_memory(tmp_path, capsys, no_lo
 
 @pytest.mark.parametrize("schedule", ["64,1", "1,2,4,8"])
 def test_the_demo_refuses_a_schedule_it_was_not_trained_on(tmp_path, capsys, no_loading, schedule):
-    err = _error(capsys, ["generate", "--schedule", schedule, "--out", str(tmp_path)])
+    err = cli_error(capsys, ["generate", "--schedule", schedule, "--out", str(tmp_path)])
     assert f"generates only the schedule it was trained on (1 2 4 6 8 12 16 20 24 32 40 48 64), not " \
            f"{schedule.replace(',', ' ')}" in err
 
 
 def test_empty_prompts_file(tmp_path, capsys, no_loading):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    err = _error(capsys, ["generate", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path)])
+    err = cli_error(capsys, ["generate", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path)])
     assert err == f"error: prompts file {tmp_path / 'empty.txt'} is empty: give one prompt (or class) a line"
     assert not list(tmp_path.glob("*.png"))
 
@@ -239,16 +257,16 @@ def test_empty_prompts_file(tmp_path, capsys, no_loading):
     ("--tau", "0", "tau must be above 0, got 0.0"),
 ])
 def test_sampling_values_out_of_range(tmp_path, capsys, no_loading, option, value, message):
-    assert _error(capsys, ["generate", option, value, "--out", str(tmp_path)]) == f"error: {message}"
+    assert cli_error(capsys, ["generate", option, value, "--out", str(tmp_path)]) == f"error: {message}"
 
 
 def test_eval_with_no_seeds(tmp_path, capsys, no_loading):
-    assert "--seeds and --batch must be at least 1, got 0 and 10" in _error(
+    assert "--seeds and --batch must be at least 1, got 0 and 10" in cli_error(
         capsys, ["eval", "--seeds", "0", "--out", str(tmp_path)])
 
 
 def test_eval_reports_a_bad_preset_before_any_image(tmp_path, capsys, no_loading):
-    err = _error(capsys, ["eval", "--presets", "dense,turbo", "--out", str(tmp_path / "q")])
+    err = cli_error(capsys, ["eval", "--presets", "dense,turbo", "--out", str(tmp_path / "q")])
     assert "cannot read 'turbo' in 'turbo'" in err and not (tmp_path / "q").exists()
 
 
@@ -286,7 +304,7 @@ def test_every_help_shows_the_defaults(monkeypatch, capsys):
      "the official VAR sampler has no temperature: use tau 1, not 0.5"),
     (["--model", "var-tiny", "--negative-prompt", "x"], "var-tiny is class-conditional: a negative prompt needs a text model"),
     (["--model", "infinity-tiny", "--prompt", "a", "--more-smooth", "--schedule", "1,2"],
-     "more_smooth is VAR's option; infinity-tiny is not a VAR model"),
+     "infinity-tiny (Infinity) takes no more_smooth"),
     (["--model", "infinity-tiny", "--prompt", "a", "--cfg", "1,2", "--schedule", "1,2,4"],
      "cfg gives 2 values, one per scale, for 3 scales"),
     (["--model", "infinity-tiny", "--prompt", "a", "--negative-prompt", "b", "--cfg", "1", "--schedule", "1,2"],
@@ -299,7 +317,7 @@ def test_every_help_shows_the_defaults(monkeypatch, capsys):
      "--init-scales 3 is more than the 2 scales generated"),
 ])
 def test_official_generation_options_are_checked_before_loading(tmp_path, capsys, no_loading, args, message):
-    assert message in _error(capsys, ["generate", "--random-weights", "--out", str(tmp_path), *args])
+    assert message in cli_error(capsys, ["generate", "--random-weights", "--out", str(tmp_path), *args])
 
 
 def test_per_scale_values_that_are_not_numbers(capsys):
@@ -310,6 +328,7 @@ def test_per_scale_values_that_are_not_numbers(capsys):
     assert last.endswith("argument --cfg: expected a number or numbers separated by commas, got '3,x'")
 
 
+@pytest.mark.slow
 def test_variations_of_a_picture_from_the_command_line(tmp_path, capsys):
     from PIL import Image
 

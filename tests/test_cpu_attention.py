@@ -3,28 +3,13 @@
 import pytest
 import torch
 
+from helpers import random_table, rel_err, simulate
 from sparvar.attention.cpu import cpu_sparse_attention
 from sparvar.attention.decision import attention_with_colsum, grouped_attention_colsum, reference_attention_colsum
 from sparvar.attention.sparse import resolve_backend, sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}  # relative, METHOD.md
-
-
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))  # all-empty tables: 0 / tiny
-
-
-def random_table(tdims, q_len, kv_len, q_block, key_block, gen, density=0.4) -> BlockTable:
-    """Random distinct units per query block, some rows empty; entries past the count are junk."""
-    nq, units = -(-q_len // q_block), -(-kv_len // key_block)
-    width = min(units, max(1, round(density * units) + 2))
-    order = torch.argsort(torch.rand(*tdims, nq, units, generator=gen), dim=-1)[..., :width]
-    counts = torch.randint(1, width + 1, (*tdims, nq), generator=gen)
-    counts.view(-1)[torch.randperm(counts.numel(), generator=gen)[: max(1, counts.numel() // 5)]] = 0
-    junk = torch.randint(0, units, order.shape, generator=gen)
-    indices = torch.where(torch.arange(width) < counts[..., None], order, junk)
-    return BlockTable(counts.int(), indices.int(), q_block, key_block, q_len, kv_len)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}  # relative: float32 exact, half types their rounding
 
 
 def _inputs(b, h, lq, lk, d, dtype, gen):
@@ -59,12 +44,12 @@ CASES = [
 def test_cpu_backend_matches_the_reference(b, h, tdims, lq, lk, d, q_block, key_block, dtype):
     gen = torch.Generator().manual_seed(lq * 7 + lk)
     for trial in range(3):  # fresh tables and inputs each time
-        table = random_table(tdims, lq, lk, q_block, key_block, gen, density=(0.1, 0.4, 0.9)[trial])
+        table = random_table(*tdims, lq, lk, q_block, key_block, density=(0.1, 0.4, 0.9)[trial], seed=lq + trial)
         q, k, v = _inputs(b, h, lq, lk, d, dtype, gen)
         out = cpu_sparse_attention(q, k, v, table, 0.3)
         ref = reference_sparse_attention(q.float(), k.float(), v.float(), table, 0.3)
         assert out.dtype == dtype and out.shape == (b, h, lq, d)
-        assert _rel(out, ref) < TOL[dtype]
+        assert rel_err(out, ref) < TOL[dtype]
         _empty_rows_are_zero(out, table)
 
 
@@ -74,12 +59,12 @@ def test_fp16_and_dense_tables():
     full = BlockTable(torch.full((1, 1, 2), 5, dtype=torch.int32), torch.arange(5).repeat(1, 1, 2, 1).int(), 64, 64, 100, 260)
     out = cpu_sparse_attention(q, k, v, full, 0.25)
     dense = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.25)
-    assert _rel(out, dense) < TOL[torch.float16]
+    assert rel_err(out, dense) < TOL[torch.float16]
 
 
 def test_auto_takes_the_cpu_backend_on_the_cpu():
     q = torch.randn(1, 1, 8, 8)
-    table = random_table((1, 1), 8, 20, 4, 4, torch.Generator().manual_seed(0))
+    table = random_table(1, 1, 8, 20, 4, 4)
     assert resolve_backend("auto", q, table) == "cpu"
     assert resolve_backend("auto", q, table, lse=True) == "reference"
     assert resolve_backend("flex", q, BlockTable(table.counts, table.indices, 4, 1, 8, 20)) == "gather"
@@ -95,8 +80,8 @@ def test_grouped_colsum_matches_the_reference(b, h, lq, lk, group, dtype):
     out, colsum = grouped_attention_colsum(q, k, v, group, 0.4)
     ref_out, ref_colsum = reference_attention_colsum(q, k, v, group, 0.4)
     assert out.dtype == dtype and colsum.dtype == torch.float32 and colsum.shape == ref_colsum.shape
-    assert _rel(out, ref_out) < TOL[dtype]
-    assert _rel(colsum, ref_colsum) < 1e-5  # both compute in float32 from the same inputs
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(colsum, ref_colsum) < 1e-5  # both compute in float32 from the same inputs
     rows = torch.tensor([min(group, lq - g * group) for g in range(colsum.shape[2])], dtype=torch.float32)
     assert torch.allclose(colsum.sum(-1), rows.expand_as(colsum.sum(-1)), rtol=1e-4)  # each query's mass is 1
 
@@ -109,9 +94,8 @@ def test_decision_dispatch():
     assert torch.equal(ref[1], reference_attention_colsum(q, k, v, 16, 1.0)[1])
 
 
+@pytest.mark.slow
 def test_cpu_generation_agrees_with_the_reference_backend():
-    from simulate import simulate
-
     from sparvar.schedules import infinity_schedule
     from sparvar.sparsity import make_policy
 
@@ -123,4 +107,4 @@ def test_cpu_generation_agrees_with_the_reference_backend():
     modes = {m for row in policy.plan(3, schedule).modes for m in row}
     assert modes == {"dense", "decision", "cs4a", "csla"}
     for key, (*_, out) in runs["auto"].items():
-        assert _rel(out, runs["reference"][key][3]) < 1e-5, key
+        assert rel_err(out, runs["reference"][key][3]) < 1e-5, key

@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from helpers import nearest_groups
 from sparvar import layout
 from sparvar.attention.gather import gather_attention
 from sparvar.attention.sparse import sparse_attention
@@ -21,9 +23,19 @@ def test_group_map_is_identity_on_its_own_scale_and_follows_relative_place():
     m = cs4a.group_map(s, 10, 12, 192)
     assert m[0] == 0 and m[-1] == -(-s.lengths[10] // 192) - 1
     assert (m[1:] >= m[:-1]).all()  # row-major strips keep their order
-    # each target group's centre lies closest to the chosen source centre
-    src, dst = cs4a._group_centres(s, 10, 192), cs4a._group_centres(s, 12, 192)
-    assert torch.equal(torch.cdist(dst, src).argmin(1), m)
+
+
+SMALL = Schedule(((1, 1), (2, 2), (3, 4), (5, 7), (6, 9), (8, 12), (10, 15)))
+
+
+@pytest.mark.parametrize("schedule, src, dst, group", [
+    (infinity_schedule("1:2"), 10, 12, 192), (infinity_schedule("1:2"), 10, 11, 192),
+    (infinity_schedule("1:1"), 10, 12, 192), (infinity_schedule("4:3", 512), 7, 9, 192),
+    (SMALL, 4, 5, 16), (SMALL, 4, 6, 16),
+], ids=["1:2-10-12", "1:2-10-11", "1:1-10-12", "4:3@512-7-9", "small-4-5", "small-4-6"])
+def test_group_map_takes_the_group_with_the_nearest_centre(schedule, src, dst, group):
+    """Against the numpy oracle: centres of the cells (y + 0.5, x + 0.5) as shares of the grid."""
+    assert torch.equal(cs4a.group_map(schedule, src, dst, group), nearest_groups(schedule, src, dst, group))
 
 
 def test_local_keys_are_the_union_of_the_group_windows():

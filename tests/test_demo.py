@@ -20,7 +20,7 @@ from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.text import ByteTokenizer, build_t5
 from sparvar.models.infinity.transformer import PrefixAttend
 from sparvar.models.registry import FASHION_MNIST_CLASSES, MODELS, create_model, create_vae
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 from sparvar.schedules import parse_schedule
 
 DEMO = "infinity-demo256"

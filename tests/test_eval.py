@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import tiny_pipeline
+from helpers import difference_picture, tiny_pipeline
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.bench.common import provenance
 from sparvar.cli import main
 from sparvar.eval.analyze import PropertyProbe, TableRecorder, draw_tables, head_mean_probs, locality, resize_map
+from sparvar.eval.draw import difference_map
 from sparvar.eval.metrics import lpips_model, psnr, ssim, to_tensor
-from sparvar.eval.quality import ErrorProbe, evaluate, summary, to_markdown
+from sparvar.eval.quality import ErrorProbe, evaluate, preset_configs, summary, to_markdown
 from sparvar.generation import GenerationConfig
 from sparvar.schedules import parse_schedule
 from sparvar.sparsity import make_policy
@@ -33,6 +35,30 @@ def test_psnr_and_ssim_on_known_images():
     assert to_tensor([image]).shape == (1, 3, 4, 4) and to_tensor([image]).max() == 1.0
 
 
+def test_ssim_is_scikit_image_s():
+    """Wang et al.'s SSIM as scikit-image computes it (Gaussian window of sigma 1.5, population
+    covariances, means over the positions whose window fits): an independent implementation."""
+    from skimage.metrics import structural_similarity
+
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand(3, 3, 24, 20, generator=gen, dtype=torch.float64)
+    b = (a + 0.15 * torch.randn(a.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    b[2] = a[2].flip(-1)  # structure moved, not noise
+    want = [structural_similarity(x.numpy(), y.numpy(), channel_axis=0, data_range=1.0, gaussian_weights=True,
+                                  sigma=1.5, use_sample_covariance=False) for x, y in zip(a, b)]
+    assert ssim(a, b).tolist() == pytest.approx(want, abs=1e-9)
+
+
+def test_difference_map_draws_the_gained_difference():
+    gen = np.random.default_rng(0)
+    a, b = (Image.fromarray(gen.integers(0, 256, (6, 5, 3), dtype=np.uint8)) for _ in range(2))
+    drawn = np.asarray(difference_map(a, b)).astype(int)
+    assert np.abs(drawn - difference_picture(a, b)).max() <= 1  # the ramp's rounding
+    black, grey = Image.new("RGB", (2, 2)), Image.new("RGB", (2, 2), (16, 16, 16))
+    # 16 levels of 255 times the gain 4 is a quarter of full scale: the ramp's second colour
+    assert np.abs(np.asarray(difference_map(black, grey))[0, 0].astype(int) - [59, 82, 139]).max() <= 1
+
+
 def test_lpips_runs_when_it_can_and_says_why_not(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lpips", None)  # `import lpips` fails
     assert lpips_model("cpu") == (None, "LPIPS skipped: the lpips package is not installed (pip install lpips)")
@@ -48,6 +74,7 @@ def test_lpips_runs_when_it_can_and_says_why_not(monkeypatch, tmp_path):
     assert isinstance(model, torch.nn.Identity) and note == "LPIPS: AlexNet"
 
 
+@pytest.mark.slow
 def test_error_probe_returns_the_inner_output_and_measures_its_error():
     class Zero(AttentionPolicy):
         def __call__(self, q, k, v, call):
@@ -62,22 +89,25 @@ def test_error_probe_returns_the_inner_output_and_measures_its_error():
     assert np.allclose(dense.errors(depth, len(SCHEDULE)), 0.0)
 
 
+@pytest.mark.slow
 def test_evaluate_compares_presets_on_the_same_seeds():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
-    results = evaluate(pipe, [0, 2], [0, 1], ["dense", "paper"], GenerationConfig(schedule=SCHEDULE), batch=3,
-                       progress=False)
+    runs = preset_configs(pipe.spec, [0, 2], ["dense", "paper"], GenerationConfig(schedule=SCHEDULE), pipe.device,
+                          pipe.transformer.dtype, batch=3)
+    results = evaluate(pipe, [0, 2], [0, 1], runs, batch=3, progress=False)
     dense, paper = results["presets"]["dense"], results["presets"]["paper"]
     assert results["samples"] == 4 and dense["density"] == 1.0 and dense["attention_rel_error_max"] == 0.0
     assert 0 < paper["density"] < 1 and paper["attention_rel_error_max"] > 0
     assert paper["psnr"] > 0 and -1 <= paper["ssim"] <= 1
     errors = np.array(paper["attention_rel_error"])
     assert errors.shape == (pipe.spec.transformer.depth, len(SCHEDULE)) and (errors[:, :5] == 0).all()
-    results["summary"] = summary(results)
+    results = {**provenance("sparvar eval"), **results, "summary": summary(results)}
     assert results["summary"]["paper_density"] == paper["density"]
     text = to_markdown(results)
     assert "| dense |" in text and "| paper |" in text and "paper_psnr" in text
 
 
+@pytest.mark.slow
 def test_eval_command_writes_json_and_markdown(tmp_path):
     out, prompts = tmp_path / "q", tmp_path / "prompts.txt"
     prompts.write_text("a boat\n\na tree\n")
@@ -107,6 +137,7 @@ def test_attention_maps_resize_and_locality():
     assert torch.allclose(head_mean_probs(q, k, 0.5).sum(-1), torch.ones(5))
 
 
+@pytest.mark.slow
 def test_property_probe_and_table_pictures(tmp_path):
     pipe = tiny_pipeline(text_width=0, num_classes=3)
     probe = PropertyProbe(5, [1, 2], sinks=5)
@@ -129,6 +160,7 @@ def test_property_probe_and_table_pictures(tmp_path):
     assert len(files) == len(distinct) < len(sparse) and all((tmp_path / f).is_file() for f in files)
 
 
+@pytest.mark.slow
 def test_analyze_command_writes_measurements_and_pictures(tmp_path, capsys):
     argv = ["analyze", "--model", "infinity-tiny", "--resolution", "512", "--out", str(tmp_path), "--device", "cpu",
             "--radii", "1,3"]
@@ -142,10 +174,13 @@ def test_analyze_command_writes_measurements_and_pictures(tmp_path, capsys):
     assert any(name.startswith("table_") for name in report["pictures"])
 
 
+@pytest.mark.slow
 def test_evaluate_takes_skipping_and_pruning_combinations():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
     presets = ["dense", "default+skip2", "fastvar", "fastvar+skip2", "dense+adaptive"]
-    results = evaluate(pipe, [0, 2], [0], presets, GenerationConfig(schedule=SCHEDULE), batch=2, progress=False)
+    runs = preset_configs(pipe.spec, [0, 2], presets, GenerationConfig(schedule=SCHEDULE), pipe.device,
+                          pipe.transformer.dtype, batch=2)
+    results = evaluate(pipe, [0, 2], [0], runs, batch=2, progress=False)
     rows = results["presets"]
     assert rows["dense"]["flops_share"] == 1.0 and rows["dense"]["scales_used_mean"] == len(SCHEDULE)
     assert rows["default+skip2"]["scales_used_mean"] == len(SCHEDULE) - 2
@@ -154,6 +189,6 @@ def test_evaluate_takes_skipping_and_pruning_combinations():
     assert rows["fastvar"]["density"] == 1.0 and 0 < rows["fastvar"]["psnr"] < 100
     assert len(SCHEDULE) - 2 <= rows["dense+adaptive"]["scales_used_mean"] <= len(SCHEDULE)
     assert "skipped" in rows["default+skip2"]["description"] and "FastVAR" in rows["fastvar"]["description"]
-    results["summary"] = summary(results)
+    results = {**provenance("sparvar eval"), **results, "summary": summary(results)}
     assert {"default+skip2_psnr", "fastvar+skip2_flops"} <= set(results["summary"])
     assert "| fastvar+skip2 |" in to_markdown(results)

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from helpers import random_table
+
 from sparvar.attention.sparse import sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
@@ -11,22 +13,12 @@ flex = pytest.importorskip("sparvar.attention.flex")
 pytest.importorskip("torch.nn.attention.flex_attention")
 
 
-def _random_table(b, h, lq, lk, qb, kb, seed):
-    g = torch.Generator().manual_seed(seed)
-    nq, nk = -(-lq // qb), -(-lk // kb)
-    keep = torch.rand(b, h, nq, nk, generator=g) < 0.4
-    keep[..., 0, :] = False  # an empty query block gives zeros
-    counts = keep.sum(-1).int()
-    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., : max(1, int(counts.max()))]
-    return BlockTable(counts, order.int().contiguous(), qb, kb, lq, lk)
-
-
 @pytest.mark.parametrize("b,h", [(1, 1), (2, 3)])
 def test_block_mask_matches_the_reference_on_awkward_lengths(b, h):
     g = torch.Generator().manual_seed(0)
     lq, lk, d = 200, 333, 16
     q, k, v = (torch.randn(2, 3, n, d, generator=g) for n in (lq, lk, lk))
-    table = _random_table(b, h, lq, lk, 64, 128, seed=b)
+    table = random_table(b, h, lq, lk, 64, 128, density=0.4, seed=b)
     out = flex.flex_attention(q, k, v, table, 0.25, compile=False)
     ref = reference_sparse_attention(q, k, v, table, 0.25)
     assert (out - ref).norm() / ref.norm() < 1e-5

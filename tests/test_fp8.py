@@ -7,18 +7,22 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import rel_err, teacher_forced_logits, tiny_pipeline
 from sparvar.cli import main as cli_main
 from sparvar.errors import SparvarError
-from sparvar.models.fp8 import Fp8Linear, fp8_matmul, fp8_matmul_reference, quantize_blocks, quantize_weight
-from sparvar.models.fused import FP8, quantize_rows, quantize_rows_reference
-from sparvar.pipeline import load_pipeline
-from tests.helpers import teacher_forced_logits, tiny_pipeline
+from sparvar.kernels.fp8 import FP8, quantize_rows, quantize_rows_reference
+from sparvar.models.fp8 import (
+    Fp8Linear,
+    fp8_matmul,
+    fp8_matmul_reference,
+    quantize_blocks,
+    quantize_weight,
+)
+from sparvar.models.registry import FAMILIES, MODELS, create_model
+from sparvar.loading import load_pipeline
+
 
 ON_GPU = torch.cuda.is_available()
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def test_weight_quantisation_is_per_output_channel():
@@ -78,7 +82,8 @@ def test_fp8_linear_takes_rows_or_tensors_and_a_bias_override():
 def test_quantize_blocks_replaces_the_projections_only():
     pipe = tiny_pipeline()
     model = pipe.transformer
-    assert quantize_blocks(model) == 7 * len(model.blocks)  # qkv, proj; ca q, kv, proj; fc1, fc2
+    # qkv, proj; ca q, kv, proj; fc1, fc2
+    assert quantize_blocks(model, pipe.spec.family.fp8_layers) == 7 * len(model.blocks)
     block = model.blocks[0]
     for layer in (block.sa.mat_qkv, block.sa.proj, block.ca.mat_q, block.ca.mat_kv, block.ca.proj, block.ffn.fc1,
                   block.ffn.fc2):
@@ -88,17 +93,33 @@ def test_quantize_blocks_replaces_the_projections_only():
 
 def test_quantize_blocks_refuses_sizes_the_gpu_matmul_cannot_take():
     with pytest.raises(SparvarError, match="multiples of 16"):
-        quantize_blocks(tiny_pipeline(width=72, heads=2).transformer)
+        quantize_blocks(tiny_pipeline(width=72, heads=2).transformer, FAMILIES["Infinity"].fp8_layers)
 
 
-@pytest.mark.parametrize("model", ["infinity-tiny", "var-tiny"])
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
+def test_every_linear_layer_of_the_blocks_is_quantised_or_kept_on_purpose(family):
+    """precision="fp8" quantises the family's listed layers; every other linear layer of a block is
+    listed as kept in the model dtype, so none is left out unsaid (HART's once were)."""
+    spec = next(s for s in MODELS.values() if s.family is family and s.name.endswith("-tiny"))
+    model = create_model(spec)
+    paths = {path for block in model.blocks for path, m in block.named_modules() if isinstance(m, nn.Linear)}
+    assert paths == set(family.fp8_layers) | set(family.kept_layers)
+    assert quantize_blocks(model, family.fp8_layers) == len(family.fp8_layers) * len(model.blocks)
+    for block in model.blocks:
+        for path, module in block.named_modules():
+            assert not isinstance(module, nn.Linear) or path in family.kept_layers
+            assert not isinstance(module, Fp8Linear) or path in family.fp8_layers
+
+
+@pytest.mark.parametrize("model", ["infinity-tiny", "var-tiny", "hart-tiny"])
+@pytest.mark.slow
 def test_fp8_pipeline_stays_close_to_full_precision(model):
     """Teacher-forced on the full-precision run's tokens, the FP8 model's logits stay within FP8
     error at every scale, and most greedy bits agree."""
     full = load_pipeline(model, device="cpu", random_weights=True)
     fp8 = load_pipeline(model, device="cpu", random_weights=True, precision="fp8")
-    assert isinstance(fp8.transformer.blocks[0].ffn.fc1, Fp8Linear)
-    conditions = ["a red fox"] if model == "infinity-tiny" else [1, 2]
+    assert isinstance(fp8.transformer.blocks[0].get_submodule(fp8.spec.family.fp8_layers[-1]), Fp8Linear)
+    conditions = ["a red fox"] if fp8.spec.text_conditioned else [1, 2]
     out = full(conditions, seed=0, progress=False)
     a = teacher_forced_logits(full, conditions, out.schedule, out.tokens, 3.0)
     b = teacher_forced_logits(fp8, conditions, out.schedule, out.tokens, 3.0)

@@ -112,12 +112,19 @@ def test_generation_is_seeded_per_item_and_the_diffusion_head_adds_detail(tiny):
     assert len(skipped.tokens) == len(out.tokens) - 1 and (skipped.pixels[0] - out.pixels[0]).abs().mean() > 1e-3
 
 
-def test_sparvar_runs_on_hart_with_the_text_kept_whole(tiny):
+def test_sparvar_runs_on_hart_with_the_text_kept_whole(tiny, monkeypatch):
+    import sparvar.sparsity.policy as policy_module
+
     schedule = tiny.schedule()
     report = plan_report(tiny.transformer.cfg.depth, schedule, "paper")
     assert any(entry["mode"] == "csla" for layer in report["layers"] for entry in layer["scales"])
+    tables, sparse_attention = [], policy_module.sparse_attention
+    monkeypatch.setattr(policy_module, "sparse_attention",
+                        lambda q, k, v, table, *rest: tables.append(table) or sparse_attention(q, k, v, table, *rest))
     dense = tiny(["a red fox"], seed=0, progress=False)
     sparse = tiny(["a red fox"], seed=0, attention="paper", progress=False)
+    text = schedule.lengths[0]  # scale 0's slot: the text prefix
+    assert tables and all(t.to_mask()[..., :text].all() for t in tables)  # every sparse query sees all the text
     assert sparse.policy.stats()["total"]["saved_fraction"] > 0
     assert (sparse.pixels - dense.pixels).abs().mean() < 0.5
 

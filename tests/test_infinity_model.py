@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-
 from helpers import teacher_forced_logits, tiny_pipeline
+
+from sparvar.kernels.fused import apply_rope
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.fused import apply_rope
 from sparvar.models.infinity.transformer import RopeTable
 from sparvar.schedules import Schedule, infinity_schedule
 

@@ -17,30 +17,31 @@ import sys
 from pathlib import Path
 
 import pytest
-import triton
 import torch
+import triton
 
-import sparvar.attention.triton_decision as compiled_decision
-import sparvar.attention.triton_sparse as compiled_sparse
-import sparvar.models.fused as compiled_fused
+from helpers import random_table, rel_err
+import sparvar.kernels.decision as compiled_decision
+import sparvar.kernels.fp8 as compiled_fp8
+import sparvar.kernels.fused as compiled_fused
+import sparvar.kernels.sparse_attention as compiled_sparse
 from sparvar.attention.decision import attention_with_colsum, reference_attention_colsum
 from sparvar.attention.sparse import resolve_backend, sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
-ATTENTION_DIR = Path(compiled_sparse.__file__).parent
-BF16_TOL = 1e-2  # relative error for bf16 operands (METHOD.md)
+KERNELS_DIR = Path(compiled_sparse.__file__).parent
+BF16_TOL = 1e-2  # relative error for bf16 operands
 
 
-def _load_interpreted(name: str, deps: dict | None = None, folder: Path = ATTENTION_DIR):
-    """An interpreted copy of sparvar.attention.<name> (or of <folder>/<name>.py), importing
-    `deps` (module name -> copy)."""
+def _load_interpreted(name: str, deps: dict | None = None):
+    """An interpreted copy of sparvar.kernels.<name>, importing `deps` (module name -> copy)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     saved = {m: sys.modules.get(m) for m in deps or {}}
     sys.modules.update(deps or {})
     try:
-        spec = importlib.util.spec_from_file_location(f"_interpreted_{name}", folder / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"_interpreted_{name}", KERNELS_DIR / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -55,11 +56,14 @@ def _load_interpreted(name: str, deps: dict | None = None, folder: Path = ATTENT
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 if ON_GPU:
-    kernels_sparse, kernels_decision, kernels_fused = compiled_sparse, compiled_decision, compiled_fused
+    kernels_sparse, kernels_decision = compiled_sparse, compiled_decision
+    kernels_fused, kernels_fp8 = compiled_fused, compiled_fp8
 else:
-    kernels_sparse = _load_interpreted("triton_sparse")
-    kernels_fused = _load_interpreted("fused", folder=Path(compiled_fused.__file__).parent)
-    kernels_decision = _load_interpreted("triton_decision", {"sparvar.attention.triton_sparse": kernels_sparse})
+    kernels_fp8 = _load_interpreted("fp8")
+    kernels_fused = _load_interpreted("fused", {"sparvar.kernels.fp8": kernels_fp8})
+    kernels_sparse = _load_interpreted("sparse_attention", {"sparvar.kernels.fp8": kernels_fp8})
+    kernels_decision = _load_interpreted("decision", {"sparvar.kernels.sparse_attention": kernels_sparse,
+                                                      "sparvar.kernels.fp8": kernels_fp8})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -136,10 +140,6 @@ def poisoned(monkeypatch):
     return monkeypatch
 
 
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def cache_views(b, h, lk, d, dtype, device=DEVICE, spare=40):
     """k, v as length slices of one bigger cache whose unused tail holds NaN."""
     cache = torch.randn(2, b, h, lk + spare, d, dtype=dtype, device=device)
@@ -147,16 +147,11 @@ def cache_views(b, h, lk, d, dtype, device=DEVICE, spare=40):
     return cache[0, :, :, :lk], cache[1, :, :, :lk]
 
 
-def random_table(tb, th, lq, lk, q_block, key_block, max_entries=None, device=DEVICE):
-    """Distinct random entries per row, random counts, row 0 empty, garbage past the count."""
-    nq, units = -(-lq // q_block), -(-lk // key_block)
-    m = min(units, max_entries or units)
-    counts = torch.randint(1, m + 1, (tb, th, nq))
-    counts[..., 0] = 0
-    indices = torch.full((tb, th, nq, m), units + 1000, dtype=torch.int32)
-    for i, c in enumerate(counts.view(-1).tolist()):
-        indices.view(-1, m)[i, :c] = torch.randperm(units)[:c].int()
-    return BlockTable(counts.int().to(device), indices.to(device), q_block, key_block, lq, lk)
+def kernel_table(tb, th, lq, lk, q_block, key_block, max_entries=None, device=DEVICE, seed=0):
+    """A random plan whose entries past the counts point past every key: the kernels never read them."""
+    units = -(-lk // key_block)
+    return random_table(tb, th, lq, lk, q_block, key_block, max_entries=max_entries, junk=units + 1000, seed=seed,
+                        device=device)
 
 
 SPARSE_CASES = [
@@ -176,7 +171,7 @@ SPARSE_CASES = [
 def test_sparse_matches_reference(poisoned, b, h, tdims, lq, lk, d, q_block, key_block, dtype, opts):
     q = torch.randn(b, h, lq, d, dtype=dtype, device=DEVICE)
     k, v = cache_views(b, h, lk, d, dtype)
-    table = random_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
+    table = kernel_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
     scale = 1 / math.sqrt(d)
     ref, ref_lse = reference_sparse_attention(q, k, v, table, scale, return_lse=True)
     # block mode runs through TMA descriptors and through pointer loads; gather mode has one path
@@ -215,7 +210,7 @@ def test_fp8_sparse_matches_the_reference_of_its_quantised_inputs(poisoned, b, h
     q = torch.nn.functional.normalize(torch.randn(b, h, lq, d), dim=-1).to(DEVICE, torch.bfloat16) * 4
     k, v = cache_views(b, h, lk, d, torch.bfloat16)
     k = torch.nn.functional.normalize(k.float(), dim=-1).to(torch.bfloat16)
-    table = random_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
+    table = kernel_table(*tdims, lq, lk, q_block, key_block, max_entries=200 if key_block == 1 else None)
     q8, qs = kernels_sparse.quantize_heads(q)
     k8, ks = kernels_sparse.quantize_heads(k)
     v8, vs = kernels_sparse.quantize_heads(v) if fp8_v else (v, None)
@@ -234,7 +229,7 @@ def test_fp8_sparse_matches_the_reference_of_its_quantised_inputs(poisoned, b, h
 def test_fp8_inputs_need_their_scales():
     q = torch.randn(1, 1, 64, 64, device=DEVICE).to(torch.float8_e4m3fn)
     v = torch.randn(1, 1, 64, 64, device=DEVICE, dtype=torch.bfloat16)
-    table = random_table(1, 1, 64, 64, 64, 64)
+    table = kernel_table(1, 1, 64, 64, 64, 64)
     with pytest.raises(SparvarError, match="row scales"):
         kernels_sparse.triton_sparse_attention(q, q, v, table, 1.0)
     scale = torch.ones(1, 1, 64, device=DEVICE)
@@ -246,7 +241,7 @@ def test_warp_specialize_needs_128_tiles():
     """Triton 3.6 fails to compile the pass on 64 x 64 tiles; a q_block of 64 clips the tile to 64."""
     q = torch.randn(1, 1, 128, 64, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(SparvarError, match="128 x 128 tiles.*got 64 x 128"):
-        kernels_sparse.triton_sparse_attention(q, q, q, random_table(1, 1, 128, 128, 64, 128), 1.0,
+        kernels_sparse.triton_sparse_attention(q, q, q, kernel_table(1, 1, 128, 128, 64, 128), 1.0,
                                                block_m=128, block_n=128, warp_specialize=True)
 
 
@@ -268,7 +263,7 @@ def test_block_mode_uses_tma_only_where_the_views_allow():
     odd = torch.randn(1, 2, 100, 68, dtype=torch.float16, device=DEVICE)[..., :64]  # rows 136 bytes apart
     assert not kernels_sparse.tma_ready(odd)
     q = torch.randn(1, 2, 130, 64, dtype=torch.float16, device=DEVICE)
-    table = random_table(1, 1, 130, 100, 64, 64)
+    table = kernel_table(1, 1, 130, 100, 64, 64)
     out = kernels_sparse.triton_sparse_attention(q, odd, odd, table, 0.125)  # falls back to pointer loads
     assert rel_err(out, reference_sparse_attention(q, odd, odd, table, 0.125)) < BF16_TOL
 
@@ -315,11 +310,11 @@ def test_colsum_matches_reference(poisoned, b, h, lq, lk, d, group, dtype, tma):
 def test_rejects_unsupported_shapes():
     q = torch.randn(1, 1, 64, 96, dtype=torch.float16, device=DEVICE)
     k = v = torch.randn(1, 1, 64, 96, dtype=torch.float16, device=DEVICE)
-    table = random_table(1, 1, 64, 64, 64, 64)
+    table = kernel_table(1, 1, 64, 64, 64, 64)
     with pytest.raises(SparvarError, match="head dims"):
         kernels_sparse.triton_sparse_attention(q, k, v, table, 1.0)
     q, k = q[..., :64].contiguous(), k[..., :64].contiguous()
-    odd = random_table(1, 1, 64, 64, 8, 64)
+    odd = kernel_table(1, 1, 64, 64, 8, 64)
     with pytest.raises(SparvarError, match="q_block"):
         kernels_sparse.triton_sparse_attention(q, k, k, odd, 1.0)
     with pytest.raises(SparvarError, match="multiple of 16"):
@@ -329,7 +324,7 @@ def test_rejects_unsupported_shapes():
 def test_dispatch():
     q = torch.randn(1, 1, 70, 64)
     k, v = torch.randn(1, 1, 90, 64), torch.randn(1, 1, 90, 64)
-    table = random_table(1, 1, 70, 90, 64, 64, device="cpu")
+    table = kernel_table(1, 1, 70, 90, 64, 64, device="cpu")
     assert resolve_backend("auto", q) == "cpu"  # CPU tensors
     assert resolve_backend("triton", q) == "triton"
     with pytest.raises(SparvarError, match="unknown attention backend"):
@@ -365,7 +360,7 @@ def test_sparse_full_size_cuda(q_block, key_block, per_head):
     b, h, lq, lk, d = 2, 28, 4096, 10521, 128
     q = torch.randn(b, h, lq, d, dtype=torch.bfloat16, device="cuda")
     k, v = cache_views(b, h, lk, d, torch.bfloat16, device="cuda")
-    table = random_table(1, h if per_head else 1, lq, lk, q_block, key_block,
+    table = kernel_table(1, h if per_head else 1, lq, lk, q_block, key_block,
                          max_entries=2100 if key_block == 1 else None, device="cuda")
     out, lse = sparse_attention(q, k, v, table, 1.0, return_lse=True)
     chunk = 4
@@ -403,6 +398,7 @@ def _compile_for_hopper(fn, pointers, constexprs, **options):
 
 
 @pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.slow
 def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     """The regular (compiled) kernels still build in a process that ran the interpreter, and
     their matrix products lower to wgmma."""
@@ -449,17 +445,19 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     ("_norm_silu_kernel", dict(X="*bf16", OUT="*bf16", MEAN="*fp32", RSTD="*fp32", WEIGHT="*fp32", BIAS="*fp32"),
      dict(BLOCK_P=32, BLOCK_C=128), 4),
 ])
+@pytest.mark.slow
 def test_fused_kernels_build_for_hopper(name, pointers, constexprs, num_warps):
     """The blocks' elementwise kernels assemble into sm_90 machine code at Infinity-8B's width and
     heads, for the threads asked, within a Hopper block's shared memory and without scratch memory."""
-    kernel = _compile_for_hopper(getattr(compiled_fused, name), pointers, constexprs, num_warps=num_warps)
+    module = compiled_fp8 if hasattr(compiled_fp8, name) else compiled_fused
+    kernel = _compile_for_hopper(getattr(module, name), pointers, constexprs, num_warps=num_warps)
     ptx = kernel.asm["ptx"]
     assert ".target sm_90" in ptx and f".visible .entry {name}(" in ptx
     assert f".reqntid {32 * num_warps}" in ptx and len(kernel.asm["cubin"]) > 0  # ptxas built it
     assert kernel.metadata.shared <= 227 * 1024 and kernel.metadata.global_scratch_size == 0
 
 
-# ---- the blocks' fused elementwise kernels (sparvar/models/fused.py) --------------------------
+# ---- the blocks' fused elementwise kernels and FP8 rows (sparvar/kernels/fused.py, fp8.py) ---
 def _vector(kind, b, c, gen):
     """A gate/mul/add vector: per item (a float32 strided slice of a (B, 1, 6, C) tensor), or
     shared (bf16, like a LayerNorm's weights in a bf16 model)."""
@@ -504,7 +502,7 @@ def test_add_norm_fp8_matches_reference(poisoned, b, n, c, branch):
     x = (torch.randn(b, n, c, generator=gen) * 3 + 1).to(DEVICE)
     y = torch.randn(b, n, c, generator=gen).to(DEVICE, torch.bfloat16) if branch else None
     m, a = _vector("item", b, c, gen), _vector("item", b, c, gen)
-    fp8 = kernels_fused.FP8
+    fp8 = kernels_fp8.FP8
     new_x, rows = kernels_fused.add_norm_triton(x, y, None, m, a, 1e-6, fp8)
     ref_x, ref = kernels_fused.add_norm_reference(x, y, None, m, a, 1e-6, fp8)
     torch.testing.assert_close(new_x, ref_x, rtol=1e-6, atol=1e-6)
@@ -517,7 +515,7 @@ def test_add_norm_fp8_matches_reference(poisoned, b, n, c, branch):
 def test_quantize_rows_matches_reference(poisoned, shape, gelu):
     x = (torch.randn(shape) * 4).to(DEVICE, torch.bfloat16)
     x[0, ..., :] = 0  # an all-zero row keeps a finite scale and quantises to zeros
-    rows, ref = kernels_fused.quantize_rows_triton(x, gelu), kernels_fused.quantize_rows_reference(x, gelu)
+    rows, ref = kernels_fp8.quantize_rows_triton(x, gelu), kernels_fp8.quantize_rows_reference(x, gelu)
     assert rows.shape == shape and rows.scale.shape == (*shape[:-1], 1)
     assert_fp8_rows_close(rows, ref)
     assert (rows.data[0].float() == 0).all() and (rows.scale > 0).all()
@@ -529,10 +527,10 @@ def test_quantize_rows_matches_reference(poisoned, shape, gelu):
 @pytest.mark.parametrize("length,d", [(1, 16), (37, 64), (130, 128)])
 def test_dequantize_rows_writes_into_strided_views(poisoned, length, d):
     """The FP8 KV cache's prefix (B, H planes of a longer stored buffer) into its staging buffer."""
-    rows = kernels_fused.quantize_rows_reference(torch.randn(2, 2, 3, length + 5, d) * 3)
+    rows = kernels_fp8.quantize_rows_reference(torch.randn(2, 2, 3, length + 5, d) * 3)
     data, scale = rows.data[1].to(DEVICE), rows.scale[1].to(DEVICE)  # one layer of a (layers, ...) cache
     staging = torch.full((2, 3, length + 9, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    kernels_fused.dequantize_rows(data[:, :, :length], scale[:, :, :length], staging[:, :, :length])
+    kernels_fp8.dequantize_rows(data[:, :, :length], scale[:, :, :length], staging[:, :, :length])
     ref = (data[:, :, :length].float() * scale[:, :, :length]).to(torch.bfloat16)
     assert torch.equal(staging[:, :, :length], ref) and staging[:, :, length:].isnan().all()
 
@@ -593,8 +591,8 @@ def test_group_norm_silu_matches_reference(poisoned, n, c, h, w, groups, pixels,
 @torch.inference_mode()
 def test_fused_kernels_match_their_reference_in_the_demo_model_cuda():
     """The whole transformer (teacher forcing) and the decoder, kernels against their reference."""
-    from sparvar.models.fused import reference_only
-    from sparvar.pipeline import load_pipeline
+    from sparvar.kernels import reference_only
+    from sparvar.loading import load_pipeline
 
     pipe = load_pipeline("infinity-demo", device="cuda")
     schedule, bits = pipe.schedule(), pipe.transformer.cfg.bits

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import same_generation, teacher_forced_logits, tiny_pipeline, var_pipeline
 from sparvar.cli import main as cli_main
 from sparvar.generation import GenerationConfig, kv_cache_bytes
+from sparvar.kernels.fp8 import quantize_rows_reference
 from sparvar.kv_cache import KVCache, StagedKVCache
-from sparvar.models.fused import quantize_rows_reference
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 from sparvar.schedules import parse_schedule
 from sparvar.sparsity import make_policy
-from tests.helpers import teacher_forced_logits, tiny_pipeline, var_pipeline
 
 SCHEDULE = parse_schedule("1,2,3x4,4,6x5")
 
@@ -22,10 +22,7 @@ def pipe():
     return tiny_pipeline()
 
 
-def _same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens)) and torch.equal(a.pixels, b.pixels)
-
-
+@pytest.mark.slow
 def test_a_cache_of_the_last_scale_run_is_left_out(pipe):
     pipe(["a boat"], seed=0, schedule=SCHEDULE, kv_cache="lean", skip_last=1, progress=False)
     cache = pipe._cache[1]
@@ -34,21 +31,25 @@ def test_a_cache_of_the_last_scale_run_is_left_out(pipe):
 
 
 @pytest.mark.parametrize("options", [{}, dict(skip_last=2), dict(attention="default"), dict(prune="fastvar")])
+@pytest.mark.slow
 def test_lean_cache_gives_the_static_generation(pipe, options):
     static = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, progress=False, **options)
     lean = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, kv_cache="lean", progress=False, **options)
-    assert _same(static, lean)
+    assert same_generation(static, lean)
 
 
+@pytest.mark.slow
 def test_lean_cache_gives_the_static_generation_for_var():
     var = var_pipeline()
-    assert _same(var([3, 5], seed=1, progress=False), var([3, 5], seed=1, kv_cache="lean", progress=False))
+    assert same_generation(var([3, 5], seed=1, progress=False), var([3, 5], seed=1, kv_cache="lean", progress=False))
 
 
+@pytest.mark.slow
 def test_lean_cache_gives_the_static_generation_for_hart():
     """HART's text prefix sits in scale 0's slot of the cache like any scale's tokens."""
     hart = load_pipeline("hart-tiny", device="cpu", random_weights=True)
-    assert _same(hart(["a cat"], seed=1, progress=False), hart(["a cat"], seed=1, kv_cache="lean", progress=False))
+    assert same_generation(hart(["a cat"], seed=1, progress=False),
+                           hart(["a cat"], seed=1, kv_cache="lean", progress=False))
 
 
 def test_fp8_cache_reads_back_the_quantised_prefix_and_the_exact_new_keys():
@@ -69,6 +70,7 @@ def test_fp8_cache_reads_back_the_quantised_prefix_and_the_exact_new_keys():
     assert staged.data.dtype == torch.float8_e4m3fn and staged.data.shape[4] == sum(lengths[:-1])
 
 
+@pytest.mark.slow
 def test_fp8_cache_stays_close_to_the_static_one(pipe):
     static = pipe(["a boat"], seed=3, schedule=SCHEDULE, progress=False)
     logits = []
@@ -85,6 +87,7 @@ def test_fp8_cache_stays_close_to_the_static_one(pipe):
 
 @pytest.mark.parametrize("kind", ["static", "lean", "fp8"])
 @pytest.mark.parametrize("skip_last", [0, 1])
+@pytest.mark.slow
 def test_kv_cache_bytes_counts_the_buffers(pipe, kind, skip_last):
     pipe(["a"], seed=0, schedule=SCHEDULE, kv_cache=kind, skip_last=skip_last, progress=False)
     cache = pipe._cache[1]

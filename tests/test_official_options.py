@@ -4,13 +4,14 @@ forced first scales, per-scale guidance, the official sampler's batch-wide gener
 import pytest
 import torch
 
-from helpers import tiny_pipeline, var_pipeline
+from helpers import teacher_forced_logits, tiny_pipeline, var_pipeline
 from sparvar.errors import SparvarError
 from sparvar.schedules import parse_schedule
 
 SCHEDULE = parse_schedule("1,2,4")
 
 
+@pytest.mark.slow
 def test_forced_scales_take_the_given_tokens_and_the_rest_are_drawn():
     pipe = tiny_pipeline()
     picture = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -21,8 +22,16 @@ def test_forced_scales_take_the_given_tokens_and_the_rest_are_drawn():
         assert torch.equal(out.tokens[k], given[k].expand(2, -1, -1))
     free = pipe(["a", "b"], schedule=SCHEDULE, top_k=0, progress=False)
     assert not torch.equal(free.tokens[0], out.tokens[0]) or not torch.equal(free.tokens[1], out.tokens[1])
+    # the scale after the forced ones is the model's: greedy, it is the argmax of the guided logits a
+    # full forward pass gives over the forced tokens (teacher forcing), not the picture's own tokens
+    greedy = pipe(["a", "b"], schedule=SCHEDULE, init_tokens=given, init_scales=2, top_k=1, progress=False)
+    logits = teacher_forced_logits(pipe, ["a", "b"], SCHEDULE, greedy.tokens, pipe.spec.transformer.cfg)
+    last = logits[:, SCHEDULE.offsets[2]:]
+    assert torch.equal(greedy.tokens[2], last.argmax(-1))
+    assert not torch.equal(greedy.tokens[2], given[2].expand(2, -1, -1))
 
 
+@pytest.mark.slow
 def test_forcing_every_scale_decodes_the_picture_as_the_vae_encodes_it():
     pipe = tiny_pipeline()
     picture = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -42,6 +51,7 @@ def test_tokens_that_do_not_fit_a_scale_are_refused():
         pipe.image_tokens(torch.zeros(1, 3, 16, 16), SCHEDULE)
 
 
+@pytest.mark.slow
 def test_one_guidance_value_per_scale_equals_the_same_value_everywhere():
     pipe = tiny_pipeline()
     scalar = pipe(["a"], schedule=SCHEDULE, cfg=2.5, tau=0.7, progress=False)
@@ -55,6 +65,7 @@ def test_one_guidance_value_per_scale_equals_the_same_value_everywhere():
     assert not torch.allclose(guided["varied"][2], guided["scalar"][2])
 
 
+@pytest.mark.slow
 def test_the_official_sampler_shares_one_generator_across_the_batch():
     pipe = var_pipeline()
     alone = pipe([3], seed=7, sampler="official", top_k=0, top_p=0, progress=False)
@@ -67,6 +78,7 @@ def test_the_official_sampler_shares_one_generator_across_the_batch():
     assert all(torch.equal(a[0], b[1]) for a, b in zip(ours.tokens, ours_pair.tokens))
 
 
+@pytest.mark.slow
 def test_random_classes_come_from_the_seed():
     pipe = var_pipeline()
     first = pipe([None, "random", 4], seed=3, progress=False)
@@ -79,6 +91,7 @@ def test_random_classes_come_from_the_seed():
     assert official.labels == pipe([None, None], seed=3, sampler="official", progress=False).labels
 
 
+@pytest.mark.slow
 def test_more_smooth_mixes_codewords_and_still_decodes():
     pipe = var_pipeline()
     smooth = pipe([1, 2], seed=0, more_smooth=True, progress=False)

@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import same_generation
 from sparvar.cli import main as cli_main
 from sparvar.errors import SparvarError
+from sparvar.loading import load_pipeline
 from sparvar.offload import BlockStream, FlatTensors, OffloadedModule
-from sparvar.pipeline import load_pipeline
 
 ON_GPU = torch.cuda.is_available()
-
-
-def _same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens)) and torch.equal(a.pixels, b.pixels)
 
 
 def test_flat_tensors_keep_values_and_ties_in_one_buffer():
@@ -35,6 +32,7 @@ def test_flat_tensors_keep_values_and_ties_in_one_buffer():
                                               ("hart-tiny", ["a boat", "a tree"])])
 @pytest.mark.parametrize("offload", ["text", "blocks"])
 @pytest.mark.parametrize("precision", ["auto", "fp8"])
+@pytest.mark.slow
 def test_offloaded_pipelines_make_the_same_images(model, conditions, offload, precision):
     if offload == "text" and model == "var-tiny":
         with pytest.raises(SparvarError, match="has no text encoder"):
@@ -44,7 +42,7 @@ def test_offloaded_pipelines_make_the_same_images(model, conditions, offload, pr
     moved = load_pipeline(model, device="cpu", random_weights=True, precision=precision, offload=offload)
     assert (moved.transformer.stream is not None) == (offload == "blocks")
     for _ in range(2):  # streaming state carries over between generations
-        assert _same(plain(conditions, seed=1, progress=False), moved(conditions, seed=1, progress=False))
+        assert same_generation(plain(conditions, seed=1, progress=False), moved(conditions, seed=1, progress=False))
 
 
 def test_block_stream_serves_any_order():

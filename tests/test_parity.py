@@ -1,16 +1,20 @@
-"""Parity with the official Infinity and VAR code, on fixtures it recorded (tools/parity/record.py).
+"""Parity with the official code of every family, on fixtures it recorded (tools/parity/record.py
+for Infinity and VAR, record_hart.py for HART).
 
-The weights are official-format files of small random models; they load through
-`sparvar.load_pipeline` as a user's checkpoints would. For every recorded run: the sampled tokens
-equal the official ones at every scale, the decoded images agree within 1e-3, and the
-teacher-forced logits within 1e-4 relative, scale by scale.
+The weights are official-format files (HART: the official folders) of small random models; they
+load through `sparvar.load_pipeline` as a user's would. One suite runs over every family, each
+through a small adapter that says where its fixtures are and how a recorded run is generated.
+For every recorded run: the tokens equal the official ones at every scale, the decoded images
+agree within 1e-3, and the teacher-forced logits within 1e-4 relative, scale by scale. What one
+family alone has (Infinity's aspect tables, init images and packed T5 features; HART's EMA
+weights, text features and diffusion head) follows the suite.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -19,112 +23,184 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from sparvar.loading import load_pipeline
+from sparvar.models.hart.text import SYSTEM_PROMPT
 from sparvar.models.registry import get_spec
-from sparvar.pipeline import load_pipeline
 from sparvar.schedules import Schedule
 
-FIXTURES = Path(__file__).parent / "data" / "parity"
-MANIFEST = json.loads((FIXTURES / "cases.json").read_text())
-CASES = MANIFEST["cases"]
-RUNS = [(name, i) for name, case in CASES.items() for i in range(len(case["runs"]))]
+DATA = Path(__file__).parent / "data"
 
 
-def run_id(param: tuple[str, int]) -> str:
-    name, i = param
-    run = CASES[name]["runs"][i]
-    extras = [k for k in ("sampler", "negative_prompt", "more_smooth", "init_scales") if run.get(k)]
-    if isinstance(run.get("cfg"), list):
-        extras.append("cfg-list")
-    if run.get("labels", 0) is None:
-        extras.append("random-labels")
-    where = f"{run['aspect']}@{run['resolution']}" if "aspect" in run else f"{len(run['schedule'])}-scales"
-    return "-".join([name, f"run{i}", where, *extras])
+class Recorded:
+    """A family's recorded runs: its fixture folder and how the suite replays them here. An
+    adapter gives `about(run)` (its test id), `pipeline(case)`, `results(case)`, `conditions(run)`,
+    `options(case, run)` (of the pipeline's call) and `schedule(case, run)`."""
+
+    folder: Path
+    family: str  # the fixtures' name for it (cases.json)
+
+    @cached_property
+    def manifest(self) -> dict:
+        return json.loads((self.folder / "cases.json").read_text())
+
+    @cached_property
+    def cases(self) -> dict:
+        return {name: case for name, case in self.manifest["cases"].items() if case.get("family", self.family)
+                == self.family}
+
+    def runs(self, key: str | None = None) -> list:
+        """pytest parameters of every run (that has `key`), with readable ids."""
+        return [pytest.param(self, name, i, id=f"{name}-run{i}{self.about(run)}") for name, case in self.cases.items()
+                for i, run in enumerate(case["runs"]) if key is None or run.get(key)]
+
+    def run(self, name: str, index: int) -> dict:
+        return self.cases[name]["runs"][index]
+
+    def tokens(self, name: str, index: int, scale: int) -> torch.Tensor:
+        """The official run's tokens of one scale."""
+        return self.results(name)[f"run{index}_tokens_{scale}"]
+
+    @cache
+    def generated(self, name: str, index: int):
+        return self.pipeline(name)(self.conditions(self.run(name, index)), progress=False,
+                                   **self.options(name, index))
+
+    def condition(self, name: str, index: int):
+        """What the transformer's prepare takes for the run's conditions (unguided)."""
+        return self.pipeline(name).encode(self.conditions(self.run(name, index)))
 
 
-@lru_cache(maxsize=None)
-def pipeline(name: str):
-    case = CASES[name]
-    base = get_spec(case["base_model"])
-    vae_fields = dict(case["vae"], ch_mult=tuple(case["vae"]["ch_mult"]))
-    spec = replace(base, name=f"{name} (parity fixture)", transformer=replace(base.transformer, **case["transformer"]),
-                   vae=replace(base.vae, **vae_fields), files={})
-    folder = FIXTURES / name
-    vae = FIXTURES / case.get("vae_file", f"{name}/vae.pth")
-    text = FIXTURES / "t5" if case["family"] == "infinity" else None
-    return load_pipeline(spec, weights=str(folder / "transformer.pth"), vae=str(vae),
-                         text_encoder=None if text is None else str(text), device="cpu", dtype=torch.float32)
+class InfinityRecorded(Recorded):
+    folder, family = DATA / "parity", "infinity"
+
+    def about(self, run):
+        extras = [k for k in ("sampler", "negative_prompt", "more_smooth", "init_scales") if run.get(k)]
+        extras += ["cfg-list"] * isinstance(run.get("cfg"), list) + ["random-labels"] * (run.get("labels", 0) is None)
+        where = f"{run['aspect']}@{run['resolution']}" if "aspect" in run else f"{len(run['schedule'])}-scales"
+        return "-".join(["", where, *extras])
+
+    @cache
+    def pipeline(self, name):
+        case = self.cases[name]
+        base = get_spec(case["base_model"])
+        vae_fields = dict(case["vae"], ch_mult=tuple(case["vae"]["ch_mult"]))
+        spec = replace(base, name=f"{name} (parity fixture)", files={}, vae=replace(base.vae, **vae_fields),
+                       transformer=replace(base.transformer, **case["transformer"]))
+        vae = self.folder / case.get("vae_file", f"{name}/vae.pth")
+        text = self.folder / "t5" if spec.text_conditioned else None
+        return load_pipeline(spec, weights=str(self.folder / name / "transformer.pth"), vae=str(vae),
+                             text_encoder=None if text is None else str(text), device="cpu", dtype=torch.float32)
+
+    @cache
+    def results(self, name):
+        return load_file(str(self.folder / name / "results.safetensors"))
+
+    def conditions(self, run):
+        if "prompts" in run:
+            return run["prompts"]
+        return [None] * run["batch"] if run["labels"] is None else run["labels"]
+
+    def schedule(self, name, index):
+        """The recorded schedule; Infinity's with the grid its RoPE positions are stretched onto."""
+        run = self.run(name, index)
+        grid = tuple(run["pos_grid"]) if "pos_grid" in run else None
+        return Schedule(tuple(tuple(s) for s in run["schedule"]), grid)
+
+    def options(self, name, index):
+        run = self.run(name, index)
+        options = dict(seed=run["seed"], cfg=run["cfg"], top_k=run["top_k"], top_p=run["top_p"],
+                       schedule=self.schedule(name, index))
+        options.update({k: run[k] for k in ("sampler", "tau", "negative_prompt", "more_smooth") if run.get(k)})
+        if run.get("init_scales"):  # variations of the recorded picture: its first scales are forced
+            image = input_image().expand(len(run["prompts"]), -1, -1, -1)
+            options.update(init_tokens=self.pipeline(name).image_tokens(image, self.schedule(name, index)),
+                           init_scales=run["init_scales"])
+        return options
+
+    def tokens(self, name, index, scale, kind="bits"):
+        stored = self.results(name)
+        key = f"run{index}_{kind}_{scale}"
+        if key in stored:  # Infinity: bits packed 8 to a byte along the bit axis
+            bits = self.pipeline(name).codes.bits
+            return torch.from_numpy(np.unpackbits(stored[key].numpy(), axis=-1, count=bits).astype(np.int64))
+        return super().tokens(name, index, scale)
 
 
-@lru_cache(maxsize=None)
-def results(name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURES / name / "results.safetensors"))
+class VARRecorded(InfinityRecorded):
+    family = "var"  # recorded by the same harness, into the same folder
 
 
-def schedule_of(run: dict) -> Schedule:
-    """The recorded schedule; Infinity's with the grid its RoPE positions are stretched onto."""
-    grid = tuple(run["pos_grid"]) if "pos_grid" in run else None
-    return Schedule(tuple(tuple(s) for s in run["schedule"]), grid)
+class HARTRecorded(Recorded):
+    folder, family = DATA / "parity_hart", "hart"
 
+    def about(self, run):
+        return f"-cfg{run['cfg']}" + ("-system-prompt" if run["system_prompt"] else "")
 
-def conditions_of(run: dict) -> list:
-    if "prompts" in run:
+    @cache
+    def pipeline(self, name):
+        base = get_spec("hart-0.7b")  # the architecture comes from the folders' config.json files
+        spec = replace(base, name=f"{name} (parity fixture)",
+                       vae=replace(base.vae, res_blocks=self.manifest["vae_res_blocks"]))
+        return load_pipeline(spec, weights=str(self.folder / self.cases[name]["folder"]),
+                             vae=str(self.folder / "tokenizer"), text_encoder=str(self.folder / "text"), device="cpu",
+                             dtype=torch.float32)
+
+    @cache
+    def results(self, name):
+        return load_file(str(self.folder / f"{name}.safetensors"))
+
+    def conditions(self, run):
         return run["prompts"]
-    return [None] * run["batch"] if run["labels"] is None else run["labels"]
+
+    def schedule(self, name, index):
+        return self.pipeline(name).schedule()
+
+    def options(self, name, index):
+        run = self.run(name, index)
+        return dict(seed=run["seed"], cfg=run["cfg"], top_k=1, system_prompt=system_prompt(run))
+
+    def condition(self, name, index):
+        run = self.run(name, index)
+        return self.pipeline(name).encode(run["prompts"], system_prompt=system_prompt(run))
 
 
-@lru_cache(maxsize=None)
-def generated(name: str, index: int):
-    run = CASES[name]["runs"][index]
-    pipe = pipeline(name)
-    options = dict(seed=run["seed"], cfg=run["cfg"], top_k=run["top_k"], top_p=run["top_p"],
-                   schedule=schedule_of(run), progress=False)
-    if run.get("sampler"):
-        options["sampler"] = run["sampler"]
-    if "tau" in run:
-        options["tau"] = run["tau"]
-    if run.get("negative_prompt"):
-        options["negative_prompt"] = run["negative_prompt"]
-    if run.get("more_smooth"):
-        options["more_smooth"] = True
-    if run.get("init_scales"):  # variations of the recorded picture: its first scales are forced
-        image = input_image().expand(len(run["prompts"]), -1, -1, -1)
-        options.update(init_tokens=pipe.image_tokens(image, schedule_of(run)), init_scales=run["init_scales"])
-    return pipe(conditions_of(run), **options)
+INFINITY, VAR, HART = InfinityRecorded(), VARRecorded(), HARTRecorded()
+FAMILIES = (INFINITY, VAR, HART)
 
 
-def expected_tokens(name: str, index: int, scale: int, kind: str = "bits") -> torch.Tensor:
-    stored = results(name)
-    key = f"run{index}_{kind}_{scale}"
-    if key in stored:  # Infinity: bits packed 8 to a byte along the bit axis
-        bits = pipeline(name).codes.bits
-        return torch.from_numpy(np.unpackbits(stored[key].numpy(), axis=-1, count=bits).astype(np.int64))
-    return stored[f"run{index}_tokens_{scale}"]
+def system_prompt(run: dict) -> str:
+    return SYSTEM_PROMPT if run["system_prompt"] else ""
 
 
-@pytest.mark.parametrize("param", RUNS, ids=run_id)
-def test_tokens_equal_the_official_code_at_every_scale(param):
-    name, index = param
-    run = CASES[name]["runs"][index]
-    out = generated(name, index)
-    if run.get("labels", 0) is None:
-        assert out.labels == results(name)[f"run{index}_labels"].tolist()
+def input_image() -> torch.Tensor:
+    """The recorded input picture, (1, 3, H, W) in [-1, 1] as the official image transform makes it."""
+    pixels = load_file(str(INFINITY.folder / "input_image.safetensors"))["image"].permute(2, 0, 1)[None]
+    pixels = pixels.float().div(255)
+    return pixels + pixels - 1
+
+
+# ---- every family ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family, name, index", [p for f in FAMILIES for p in f.runs()])
+@pytest.mark.slow
+def test_tokens_equal_the_official_code_at_every_scale(family, name, index):
+    run, out = family.run(name, index), family.generated(name, index)
+    labels = family.results(name).get(f"run{index}_labels")
+    if labels is not None:  # random classes, drawn as the official sampler draws them
+        assert out.labels == labels.tolist()
     if run.get("more_smooth"):
         return  # smoothed codes are soft mixtures of codewords: the image is what is compared
-    assert len(out.tokens) == len(run["schedule"])
+    assert len(out.tokens) == len(family.schedule(name, index))
     for k, drawn in enumerate(out.tokens):
-        want = expected_tokens(name, index, k)
-        agree = (drawn.cpu() == want).float().mean().item()
+        agree = (drawn.cpu() == family.tokens(name, index, k)).float().mean().item()
         assert agree == 1.0, f"scale {k}: {agree:.2%} of the tokens agree with the official code"
 
 
-IMAGE_RUNS = [p for p in RUNS if CASES[p[0]]["runs"][p[1]].get("images")]
-
-
-@pytest.mark.parametrize("param", IMAGE_RUNS, ids=run_id)
-def test_images_equal_the_official_code(param):
-    name, index = param
-    pixels = generated(name, index).pixels
-    stored = {k.split("_image_")[1]: v.float() for k, v in results(name).items() if k.startswith(f"run{index}_image_")}
+@pytest.mark.parametrize("family, name, index", [p for f in (INFINITY, VAR) for p in f.runs("images")] + HART.runs())
+@pytest.mark.slow
+def test_images_equal_the_official_code(family, name, index):
+    pixels = family.generated(name, index).pixels
+    stored = {k.split("_image_")[1]: v.float() for k, v in family.results(name).items()
+              if k.startswith(f"run{index}_image_")}
     h, w = pixels.shape[-2:]
     crop = stored.pop("crop")
     top, left = (h - crop.shape[-2]) // 2, (w - crop.shape[-1]) // 2
@@ -134,77 +210,103 @@ def test_images_equal_the_official_code(param):
     assert pooled.std() > 0.05  # the images are not flat: the comparison means something
 
 
-TF_RUNS = [p for p in RUNS if CASES[p[0]]["runs"][p[1]].get("teacher_forced")]
-
-
-@pytest.mark.parametrize("param", TF_RUNS, ids=run_id)
+@pytest.mark.parametrize("family, name, index", [p for f in FAMILIES for p in f.runs("teacher_forced")])
 @torch.no_grad()
-def test_teacher_forced_logits_equal_the_official_code(param):
+def test_teacher_forced_logits_equal_the_official_code(family, name, index):
     """A full forward pass over the official run's tokens (the next-scale inputs built by our codes
-    from them): logits per scale within 1e-4 relative of the official model's."""
-    name, index = param
-    run = CASES[name]["runs"][index]
-    pipe, schedule = pipeline(name), schedule_of(run)
-    conditions = conditions_of(run)
-    tokens = [expected_tokens(name, index, k) for k in range(len(schedule))]
+    from them): logits per scale within 1e-4 relative of the official model's (HART: its training
+    forward without the random masking of the last scale; scale 0's from the last text position)."""
+    pipe, schedule = family.pipeline(name), family.schedule(name, index)
     summed, inputs = None, []
-    for k, drawn in enumerate(tokens):
-        summed = pipe.codes.accumulate(summed, pipe.codes.to_codes(drawn, k, schedule), k, schedule)
-        if k + 1 < len(schedule):
-            inputs.append(pipe.codes.next_input(summed, k + 1, schedule))
+    for k in range(len(schedule) - 1):
+        codes = pipe.codes.to_codes(family.tokens(name, index, k), k, schedule)
+        summed = pipe.codes.accumulate(summed, codes, k, schedule)
+        inputs.append(pipe.codes.next_input(summed, k + 1, schedule))
     model = pipe.transformer
-    logits = model.forward_full(inputs, schedule, model.prepare(pipe.encode(conditions), guidance=False))
+    logits = model.forward_full(inputs, schedule, model.prepare(family.condition(name, index), guidance=False))
     logits = logits.flatten(2)  # Infinity's (bits, 2) pairs in the official head's order
-    for k, start in enumerate(schedule.offsets):
-        rows = results(name)[f"run{index}_rows_{k}"]
-        want = results(name)[f"run{index}_logits_{k}"]
-        got = logits[:, start + rows]
-        error = ((got - want).norm() / want.norm()).item()
+    starts = np.cumsum([0] + [h * w for h, w in schedule.sizes])  # a scale's logits, where the prefix gives one
+    for k, start in enumerate(starts[:-1]):
+        rows, want = family.results(name)[f"run{index}_rows_{k}"], family.results(name)[f"run{index}_logits_{k}"]
+        error = ((logits[:, start + rows] - want).norm() / want.norm()).item()
         assert error < 1e-4, f"scale {k}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("param", [p for p in RUNS if "aspect" in CASES[p[0]]["runs"][p[1]]], ids=run_id)
-def test_our_schedule_tables_are_the_official_ones(param):
-    name, index = param
-    run = CASES[name]["runs"][index]
-    assert pipeline(name).schedule(run["aspect"], run["resolution"]) == schedule_of(run)
+@pytest.mark.parametrize("family, budget, commits", [(INFINITY, 5e6, ("infinity_commit", "var_commit")),
+                                                     (HART, 2e6, ("hart_commit",))], ids=["infinity-var", "hart"])
+def test_fixtures_stay_small_and_say_where_they_come_from(family, budget, commits):
+    assert sum(f.stat().st_size for f in family.folder.rglob("*") if f.is_file()) < budget
+    assert all(len(family.manifest[key]) == 40 for key in commits)
 
 
-def test_fixtures_stay_small_and_say_where_they_come_from():
-    size = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
-    assert size < 5e6  # HART's own folder has its own budget (test_hart_parity.py)
-    assert len(MANIFEST["infinity_commit"]) == 40 and len(MANIFEST["var_commit"]) == 40
-    assert any(len(run["schedule"]) == 13 for case in CASES.values() for run in case["runs"])
+# ---- Infinity ----------------------------------------------------------------------------------
+def test_a_recorded_run_has_the_full_13_scales():
+    assert any(len(run["schedule"]) == 13 for f in (INFINITY, VAR) for case in f.cases.values() for run in case["runs"])
 
 
-INIT_RUNS = [p for p in RUNS if CASES[p[0]]["runs"][p[1]].get("init_scales")]
+@pytest.mark.parametrize("family, name, index", INFINITY.runs("aspect") + VAR.runs("aspect"))
+def test_our_schedule_tables_are_the_official_ones(family, name, index):
+    run = family.run(name, index)
+    assert family.pipeline(name).schedule(run["aspect"], run["resolution"]) == family.schedule(name, index)
 
 
-def input_image() -> torch.Tensor:
-    """The recorded input picture, (1, 3, H, W) in [-1, 1] as the official image transform makes it."""
-    pixels = load_file(str(FIXTURES / "input_image.safetensors"))["image"].permute(2, 0, 1)[None].float().div(255)
-    return pixels + pixels - 1
-
-
-@pytest.mark.parametrize("param", INIT_RUNS, ids=run_id)
-def test_image_tokens_equal_the_official_vae_encoding(param):
-    name, index = param
-    run = CASES[name]["runs"][index]
-    pipe = pipeline(name)
-    tokens = pipe.image_tokens(input_image(), schedule_of(run))
+@pytest.mark.parametrize("family, name, index", INFINITY.runs("init_scales"))
+def test_image_tokens_equal_the_official_vae_encoding(family, name, index):
+    tokens = family.pipeline(name).image_tokens(input_image(), family.schedule(name, index))
     for k, bits in enumerate(tokens):
-        want = expected_tokens(name, index, k, "init_bits")[:1]
+        want = family.tokens(name, index, k, "init_bits")[:1]
         assert torch.equal(bits, want), f"scale {k}: {(bits == want).float().mean():.2%} of the bits agree"
 
 
 def test_text_features_padded_to_the_longest_equal_the_official_packed_ones():
     """The official script pads prompts to 512 tokens and packs the real ones; we pad to the longest
     prompt and mask. The features of the real tokens are the same."""
-    official = load_file(str(FIXTURES / "t5" / "official_features.safetensors"))
-    name = next(n for n, c in CASES.items() if c["family"] == "infinity")
-    prompts = CASES[name]["runs"][0]["prompts"]
-    feats, mask = pipeline(name).text_encoder(prompts)
+    official = load_file(str(INFINITY.folder / "t5" / "official_features.safetensors"))
+    name = next(iter(INFINITY.cases))
+    feats, mask = INFINITY.pipeline(name).text_encoder(INFINITY.run(name, 0)["prompts"])
     assert mask.sum(1).tolist() == official["lengths"].tolist()
     assert mask.shape[1] == max(official["lengths"].tolist()) < 512
     ours = feats[mask]  # the real tokens, packed in order
     assert ((ours - official["features"]).norm() / official["features"].norm()).item() < 1e-5
+
+
+# ---- HART --------------------------------------------------------------------------------------
+def test_the_hart_folders_load_with_their_config_and_the_ema_weights():
+    for name, case in HART.cases.items():
+        cfg = HART.pipeline(name).transformer.cfg
+        assert cfg.patch_nums == tuple(HART.manifest["schedule"])
+        assert cfg.context_tokens == HART.manifest["context_tokens"]
+        assert cfg.cosine_attention == case["config"].get("attn_l2_norm", False)
+        assert cfg.pooling == case["config"].get("sep_aln_pooling_mode", "max")
+        ema = torch.load(HART.folder / case["folder"] / "ema_model.bin")
+        own = load_file(str(HART.folder / case["folder"] / "model.safetensors"))
+        loaded = HART.pipeline(name).transformer.head.weight
+        assert torch.equal(loaded, ema["head.weight"].float())
+        assert not torch.equal(loaded, own["head.weight"].float())  # the folder's own weights differ
+
+
+@pytest.mark.parametrize("family, name, index", HART.runs())
+def test_hart_text_features_equal_the_official_encoding(family, name, index):
+    feats, mask = family.condition(name, index)
+    assert torch.equal(mask, family.results(name)[f"run{index}_mask"])
+    want = family.results(name)[f"run{index}_context"]
+    assert ((feats - want).norm() / want.norm()).item() < 1e-5
+    assert (~mask).any()  # the prompts are padded: padding is part of what is compared
+
+
+@pytest.mark.parametrize("family, name, index", HART.runs())
+def test_hart_diffusion_head_output_from_the_recorded_noise(family, name, index):
+    stored = family.results(name)
+    head = family.pipeline(name).transformer.diffloss
+    weight = stored[f"run{index}_diffusion_weight"].item()
+    out = head.sample(stored[f"run{index}_diffusion_cond"], weight, stored[f"run{index}_diffusion_noise"])
+    want = stored[f"run{index}_diffusion_out"]
+    assert out.shape == want.shape
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+    assert want.std() > 0.05  # a residual, not zeros
+
+
+def test_a_hart_run_has_an_unguided_last_scale():
+    """The last scale's weight of the w == 1 run: the official diffusion sampler runs unguided there."""
+    scales = len(HART.manifest["schedule"])
+    assert any(run["cfg"] * (scales - 2) / (scales - 1) == 1.0 for case in HART.cases.values() for run in case["runs"])

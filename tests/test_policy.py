@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from simulate import simulate
+
+from helpers import nearest_groups, rel_err, simulate
 
 from sparvar.attention.decision import attention_with_colsum
 from sparvar.attention.sparse import sparse_attention
@@ -20,12 +21,9 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 @pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
 @pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.slow
 def test_every_preset_runs_a_generation(preset, schedule):
     policy = make_policy(preset, group=64)
     layers = 3
@@ -34,7 +32,7 @@ def test_every_preset_runs_a_generation(preset, schedule):
     for (layer, scale), (q, k, v, out) in seen.items():
         assert out.shape == q.shape and torch.isfinite(out).all()
         if plan.modes[layer][scale] in ("dense", "decision"):
-            assert _rel(out, _sdpa(q, k, v)) < 1e-5
+            assert rel_err(out, _sdpa(q, k, v)) < 1e-5
     stats = policy.stats()
     assert [(e["layer"], e["scale"]) for e in stats["entries"]] == sorted(seen)
     modes = {e["mode"] for e in stats["entries"]}
@@ -68,7 +66,7 @@ def test_all_covering_windows_and_full_top_k_equal_dense_in_every_mode(residual)
     modes = set()
     for (layer, scale), (q, k, v, out) in seen.items():
         modes.add(policy.plan(4, schedule).modes[layer][scale])
-        assert _rel(out, _sdpa(q, k, v)) < 1e-5
+        assert rel_err(out, _sdpa(q, k, v)) < 1e-5
     assert modes == {"dense", "decision", "cs4a", "csla"}
 
 
@@ -107,7 +105,7 @@ def test_cs4a_keys_are_the_decision_top_k_plus_sinks_and_window_and_the_residual
     for scale in (5, 6):
         q, k, v, out = seen[0, scale]
         table = tables[schedule.lengths[scale], schedule.kv_length(scale)]  # only layer 0 is sparse
-        group_of = cs4a.group_map(schedule, S, scale, 16)
+        group_of = nearest_groups(schedule, S, scale, 16)
         local_idx, local_ok = cs4a.local_keys(schedule, scale, 16, plan.local_windows[scale])
         for b in range(2):
             for h in range(2):
@@ -117,7 +115,7 @@ def test_cs4a_keys_are_the_decision_top_k_plus_sinks_and_window_and_the_residual
                     got = table.indices[b, h, g, : table.counts[b, h, g]].tolist()
                     assert got == sorted(want)
         up = cs4a.upsample(residual, schedule.sizes[S], schedule.sizes[scale])
-        assert _rel(out, sparse_attention(q, k, v, table, 1.0) + up) < 1e-5
+        assert rel_err(out, sparse_attention(q, k, v, table, 1.0) + up) < 1e-5
 
 
 def test_remap_moves_picked_keys_into_finer_scales(monkeypatch):
@@ -130,7 +128,7 @@ def test_remap_moves_picked_keys_into_finer_scales(monkeypatch):
     table = tables[schedule.lengths[6], schedule.total]  # two scales after the decision: keys move up by two
     remap = cs4a.key_remap(schedule, 4, 6, 2)
     own = set(range(schedule.offsets[6], schedule.total))
-    group_of = cs4a.group_map(schedule, 4, 6, 16)
+    group_of = nearest_groups(schedule, 4, 6, 16)
     got = set(table.indices[0, 0, 3, : table.counts[0, 0, 3]].tolist())
     moved = set(remap[decided[0, 0, group_of[3]]].tolist())
     assert moved <= got and got - moved - own <= set(range(schedule.offsets[2]))
@@ -164,7 +162,7 @@ def test_bfloat16_generation_stays_close_to_float32_where_plans_are_static():
     checked = 0
     for key, (*_, out32) in outs[torch.float32].items():
         if plan.modes[key[0]][key[1]] == "csla":
-            assert _rel(outs[torch.bfloat16][key][3], out32) < 1e-2
+            assert rel_err(outs[torch.bfloat16][key][3], out32) < 1e-2
             checked += 1
     assert checked == 3
 
@@ -177,7 +175,7 @@ def test_cuda_backends_agree_with_the_reference_over_an_infinity_1024_generation
         policy = make_policy("paper", backend=backend)
         runs[backend] = simulate(policy, schedule, num_layers=3, heads=2, dim=128, device="cuda")
     for key, (*_, out) in runs["auto"].items():
-        assert _rel(out, runs["reference"][key][3]) < 1e-3, key
+        assert rel_err(out, runs["reference"][key][3]) < 1e-3, key
 
 
 def test_paper_plan_report_at_infinity_1024():
@@ -197,6 +195,7 @@ def test_paper_plan_report_at_infinity_1024():
         assert 0.5 < report["pairs"]["saved_fraction"] < 0.9
 
 
+@pytest.mark.slow
 def test_plans_for_other_schedules():
     # 512x512 and other aspect ratios follow the same rules, counted from the last scale
     p512 = plan_report(32, infinity_schedule("1:1", 512), "paper")
@@ -234,4 +233,4 @@ def test_gather_takes_strided_queries_whose_length_fills_the_groups():
     idx = torch.stack([torch.randperm(64)[:20].sort().values for _ in range(4)]).int()
     table = BlockTable(torch.full((1, 1, 4), 20, dtype=torch.int32), idx[None, None], 16, 1, 64, 64)
     assert not q.is_contiguous()
-    assert _rel(gather_attention(q, k, v, table, 0.5), reference_sparse_attention(q, k, v, table, 0.5)) < 1e-5
+    assert rel_err(gather_attention(q, k, v, table, 0.5), reference_sparse_attention(q, k, v, table, 0.5)) < 1e-5

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import tiny_pipeline, var_pipeline
+from helpers import difference_picture, tiny_pipeline, var_pipeline
 from sparvar.cli import main
 from sparvar.errors import SparvarError
-from sparvar.eval.draw import difference_map
 from sparvar.eval.metrics import psnr, to_tensor
 from sparvar.models.registry import get_spec
 from sparvar.serve import compare
@@ -29,12 +28,13 @@ def _table_psnr(table: str) -> float:
     return float(re.search(r"\| ([\d.]+|inf) dB \|", table).group(1))
 
 
+@pytest.mark.slow
 def test_compare_dense_against_a_preset():
     pipe, seen = var_pipeline(), []
     dense, other, diff, table = compare(pipe, "3", 0, 4.0, "1:1", "default+skip1", lambda d, what: seen.append(d))
     assert np.asarray(dense).tolist() == np.asarray(pipe([3], seed=0, cfg=4.0, progress=False).images[0]).tolist()
     assert other.size == diff.size == dense.size
-    assert np.asarray(diff).tolist() == np.asarray(difference_map(dense, other)).tolist()
+    assert np.abs(np.asarray(diff).astype(int) - difference_picture(dense, other)).max() <= 1
     db = float(psnr(to_tensor([other]), to_tensor([dense]))[0])
     assert math.isfinite(db) and _table_psnr(table) == pytest.approx(db, abs=0.005)
     assert "| dense |" in table and "| default+skip1 |" in table
@@ -42,6 +42,7 @@ def test_compare_dense_against_a_preset():
     assert len(seen) == 2 * scales - 1 and seen == sorted(seen) and seen[-1] == 1.0  # one step per scale run
 
 
+@pytest.mark.slow
 def test_compare_runs_dense_once_per_image():
     pipe, last_dense, seen = var_pipeline(), {}, []
     first = compare(pipe, "3", 0, 4.0, "1:1", "default", last_dense=last_dense)
@@ -56,7 +57,7 @@ def test_compare_runs_dense_once_per_image():
 def test_compare_a_preset_with_itself_gives_zero_difference():
     dense, other, diff, table = compare(var_pipeline(), "3", 1, 4.0, "1:1", "dense")
     assert np.asarray(dense).tolist() == np.asarray(other).tolist()
-    assert np.asarray(diff).tolist() == np.asarray(difference_map(dense, dense)).tolist()
+    assert (np.asarray(diff) == [68, 1, 84]).all()  # the ramp's first colour: no difference anywhere
     assert _table_psnr(table) == math.inf
 
 
@@ -73,6 +74,7 @@ def test_compare_bad_input_fails_before_any_scale(condition, aspect, preset, mes
     assert seen == []
 
 
+@pytest.mark.slow
 def test_page_asks_for_a_prompt_or_a_class():
     pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
     from sparvar.serve import build_app
@@ -114,6 +116,7 @@ def server(tmp_path_factory):
         proc.wait(30)
 
 
+@pytest.mark.slow
 def test_serve_errors_are_one_line(capsys):
     pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
     with socket.socket() as taken:
@@ -136,6 +139,7 @@ def _condition(spec) -> str:
     return "a red apple" if spec.text_conditioned else spec.classes[7]
 
 
+@pytest.mark.slow
 def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, tmp_path):
     from gradio_client.exceptions import AppError
 
@@ -151,6 +155,7 @@ def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, tmp_path
     assert urllib.request.urlopen(server, timeout=5).status == 200
 
 
+@pytest.mark.slow
 def test_generate_through_the_client(server, tmp_path):
     spec = get_spec("infinity-demo")
     dense, other, diff, table = _client(server, tmp_path).predict(
@@ -159,7 +164,7 @@ def test_generate_through_the_client(server, tmp_path):
     assert dense.size == other.size == diff.size and min(dense.size) >= 32
     assert np.asarray(dense).std() > 10  # an image, not a flat colour
     assert np.asarray(dense).tolist() != np.asarray(other).tolist()  # skipping two scales changes it
-    assert np.asarray(diff).tolist() == np.asarray(difference_map(dense, other)).tolist()
+    assert np.abs(np.asarray(diff).astype(int) - difference_picture(dense, other)).max() <= 1
     assert _table_psnr(table) == pytest.approx(float(psnr(to_tensor([other]), to_tensor([dense]))[0]), abs=0.005)
     assert re.search(r"\| dense \| [\d.]+ s \| 100\.0% \|", table)
 
@@ -172,6 +177,7 @@ def _chromium():
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_page_in_a_browser(server, tmp_path):
     """Types a condition, presses Generate, waits for the three images; saves a screenshot (to
     $SPARVAR_SCREENSHOT when set: that is how docs/serve.png is made)."""

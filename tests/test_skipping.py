@@ -6,24 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_pipeline, var_pipeline
+from helpers import detail_energy, tiny_pipeline, var_pipeline
 from sparvar.attention.policy import DenseAttention
+from sparvar.bench.common import provenance
 from sparvar.errors import SparvarError
 from sparvar.eval.quality import ErrorProbe
 from sparvar.kv_cache import KVCache
 from sparvar.schedules import infinity_schedule, parse_schedule
-from sparvar.skipping import (
-    AdaptiveSkip,
-    Combination,
-    PruneConfig,
-    TokenPruning,
-    combination,
-    farthest_from_mean,
-    prune_plan,
-    stand_in_positions,
-    transformer_flops,
-)
-from sparvar.sparsity import make_policy
+from sparvar.eval.flops import transformer_flops
+from sparvar.pruning import PruneConfig, TokenPruning, farthest_from_mean, prune_plan, stand_in_positions
+from sparvar.skipping import AdaptiveSkip
+from sparvar.sparsity import Combination, combination, make_policy
 
 SCHEDULE = infinity_schedule("4:3", 512)  # 10 scales: cache scale 5 (16x12), pruned 6 and 7, sparse 7-9
 
@@ -132,6 +125,7 @@ def test_pruned_tokens_take_the_cache_scales_update_upsampled():
     assert torch.allclose(out, expected + 8 - plan.last, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_keep_everything_is_exactly_no_pruning(pipe):
     full = PruneConfig(keep=(1.0, 1.0))
     plain = pipe(["a boat", "a tree"], seed=2, schedule=SCHEDULE, progress=False)
@@ -142,6 +136,7 @@ def test_keep_everything_is_exactly_no_pruning(pipe):
     assert all(_same_tokens(var([3], seed=1, progress=False), var([3], seed=1, prune=full, progress=False)))
 
 
+@pytest.mark.slow
 def test_pruning_changes_only_the_pruned_scales_and_after(pipe):
     plain = pipe(["a boat"], seed=2, schedule=SCHEDULE, progress=False)
     pruned = pipe(["a boat"], seed=2, schedule=SCHEDULE, prune="fastvar", progress=False)
@@ -152,12 +147,14 @@ def test_pruning_changes_only_the_pruned_scales_and_after(pipe):
     assert all(same[:6]) and not all(same[6:])
 
 
+@pytest.mark.slow
 def test_pruned_items_do_not_depend_on_the_batch(pipe):
     batch = pipe(["a boat", "a tree"], seed=[5, 6], schedule=SCHEDULE, prune="fastvar", progress=False)
     alone = pipe(["a tree"], seed=[6], schedule=SCHEDULE, prune="fastvar", progress=False)
     assert all(torch.equal(a[1:], b) for a, b in zip(batch.tokens, alone.tokens))
 
 
+@pytest.mark.slow
 def test_every_policy_composes_and_falls_back_to_dense_where_queries_were_pruned(pipe):
     class Recorder(DenseAttention):
         def __init__(self):
@@ -205,13 +202,25 @@ def test_pruning_needs_the_cache_scale_first_and_the_static_cache(pipe):
 
 
 def _scores(pipe, out, schedule, scale):
-    """Detail energy of every item's estimate after `scale`, from its tokens."""
+    """Detail energy of every item's estimate after `scale`, from its tokens (the numpy oracle)."""
     summed = None
     for k in range(scale + 1):
         summed = pipe.codes.accumulate(summed, pipe.codes.to_codes(out.tokens[k], k, schedule), k, schedule)
-    return AdaptiveSkip.score(summed)
+    return torch.from_numpy(detail_energy(summed.double().numpy()))
 
 
+def test_detail_energy_is_what_is_finer_than_a_quarter_of_the_image():
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((3, 4, 16, 24), (2, 3, 27, 36), (1, 2, 6, 3)):  # cells of unequal sizes where 4 does not divide
+        latent = torch.randn(shape, generator=gen, dtype=torch.float64)
+        assert AdaptiveSkip.score(latent).tolist() == pytest.approx(detail_energy(latent.numpy()).tolist(), rel=1e-9)
+    # stripes two pixels wide vanish in 4-pixel blocks: all of their energy is detail
+    stripes = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64).repeat(4).expand(1, 1, 16, 16)
+    assert AdaptiveSkip.score(stripes).item() == pytest.approx(1.0)
+    assert AdaptiveSkip.score(torch.full((1, 2, 8, 8), 3.0)).item() == 0.0
+
+
+@pytest.mark.slow
 def test_adaptive_skip_at_threshold_zero_never_skips_and_at_inf_stops_at_the_first_decision(pipe):
     K = len(SCHEDULE)
     plain = pipe(["a boat", "a tree"], seed=3, schedule=SCHEDULE, progress=False)
@@ -231,6 +240,7 @@ def test_adaptive_skip_at_threshold_zero_never_skips_and_at_inf_stops_at_the_fir
     assert AdaptiveSkip().threshold_after(K - 4, K) is None and AdaptiveSkip().threshold_after(K - 1, K) is None
 
 
+@pytest.mark.slow
 def test_adaptive_decisions_are_per_item_and_do_not_depend_on_the_batch(pipe):
     K = len(SCHEDULE)
     conditions, seeds = ["a boat", "a tree"], [11, 12]
@@ -285,6 +295,7 @@ def test_transformer_flops_count_pruned_tokens_and_attention_density():
     assert math.isclose(full - transformer_flops(cfg, SCHEDULE, len(SCHEDULE), density=half), attention / 2)
 
 
+@pytest.mark.slow
 def test_calibration_picks_the_cheapest_rule_at_static_skip1_quality():
     from sparvar.eval.skip_calibration import choose, measure, outcome, report, to_markdown
 
@@ -298,12 +309,13 @@ def test_calibration_picks_the_cheapest_rule_at_static_skip1_quality():
     chosen = choose(measured)
     budget = float(np.mean(measured["mse"][1]))
     assert chosen["outcome"]["mean_mse"] <= budget and chosen["outcome"]["flops_share"] <= measured["flops_share"][1]
-    result = {"model": "tiny", "device": "cpu", "attention": "dense", "conditions": 3, "seeds": [0, 1],
-              **report(measured, chosen), "thresholds": chosen["thresholds"], "mse_budget": budget,
-              "command": "sparvar calibrate-skip", "date": "today"}
+    result = {**provenance("sparvar calibrate-skip"), "model": "tiny", "device": "cpu", "attention": "dense",
+              "conditions": 3, "seeds": [0, 1], **report(measured, chosen), "thresholds": chosen["thresholds"],
+              "mse_budget": budget}
     assert "| adaptive |" in to_markdown(result)
 
 
+@pytest.mark.slow
 def test_calibrate_skip_command_writes_thresholds(tmp_path):
     import json
 

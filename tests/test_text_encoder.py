@@ -37,6 +37,7 @@ def test_features_of_a_prompt_do_not_depend_on_padding(t5_folder):
     assert torch.allclose(batch[1, :2], alone[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pipeline_uses_the_folder_encoder(t5_folder):
     pipe = load_pipeline("infinity-tiny", text_encoder=str(t5_folder), device="cpu")
     assert pipe.text_encoder.model.config.vocab_size == len(WORDS) + 3

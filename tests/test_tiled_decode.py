@@ -7,12 +7,13 @@ import torch
 
 from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
 from sparvar.models.registry import MODELS
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 
 
 @pytest.mark.parametrize("model", ["infinity-2b", "infinity-8b"])  # the d32 and the d14-patchify decoders
 @pytest.mark.parametrize("latent,band", [((5, 7), 300), ((3, 2), 50), ((4, 4), 1 << 20)])
 @torch.inference_mode()
+@pytest.mark.slow
 def test_tiled_decode_equals_the_whole_decode(model, latent, band):
     """Random weights of the official layout at a narrower base width; bands of a few rows (one
     row down to the whole image), latent sides that split no band evenly."""
@@ -25,6 +26,7 @@ def test_tiled_decode_equals_the_whole_decode(model, latent, band):
     assert (tiled - whole).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_pipeline_decodes_in_tiles_when_asked():
     pipe = load_pipeline("infinity-tiny", device="cpu", random_weights=True)
     whole = pipe(["a boat"], seed=0, progress=False)

@@ -17,6 +17,7 @@ from sparvar.schedules import VAR_256, VAR_512, parse_schedule
 
 
 @pytest.mark.parametrize("shared_aln,cfg", [(False, 2.5), (True, 1.5), (False, 0.0)])
+@pytest.mark.slow
 def test_kv_cache_generation_equals_teacher_forcing(shared_aln, cfg):
     pipe = var_pipeline(seed=2, shared_aln=shared_aln)
     seen = []

@@ -49,7 +49,7 @@ def attention_with_colsum(q, k, v, group: int, scale: float, backend: str = "aut
     """Dense attention and per-group column sums of its probabilities in one call."""
     chosen = resolve_backend(backend, q)
     if chosen == "triton":
-        from sparvar.attention.triton_decision import triton_attention_colsum
+        from sparvar.kernels.decision import triton_attention_colsum
 
         return triton_attention_colsum(q, k, v, group, scale)
     if chosen == "reference":

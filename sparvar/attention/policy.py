@@ -27,7 +27,7 @@ class AttentionCall:
     num_layers: int
     schedule: Schedule
     softmax_scale: float  # 1.0 for cosine attention, where q is pre-scaled
-    # token pruning (skipping.py): positions (B, m) within the scale of the queries, which are then
+    # token pruning (pruning.py): positions (B, m) within the scale of the queries, which are then
     # only those m tokens; keys keep their layout (pruned slots hold stand-ins). None: all n_k queries
     query_index: torch.Tensor | None = None
 
@@ -48,6 +48,11 @@ class AttentionPolicy:
 
     def reset(self) -> None:
         """Forget per-generation state; called once before every generation."""
+
+    def stats(self) -> dict | None:
+        """What the last generation computed, per (layer, scale) and in total, for policies that
+        count it (SparVARPolicy: FLOPs against dense); None for the others."""
+        return None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         raise NotImplementedError

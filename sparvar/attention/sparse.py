@@ -59,7 +59,7 @@ def sparse_attention(
     """
     backend = resolve_backend(backend, q, table, return_lse)
     if backend == "triton":
-        from sparvar.attention.triton_sparse import triton_sparse_attention
+        from sparvar.kernels.sparse_attention import triton_sparse_attention
 
         return triton_sparse_attention(q, k, v, table, scale, return_lse)
     if return_lse and backend != "reference":

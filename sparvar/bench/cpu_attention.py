@@ -7,14 +7,12 @@ through the pipeline, dense against `default`. Medians of interleaved repeats, i
 seconds, or with --clock cpu in CPU seconds of this process (steadier on a shared machine; run
 with OMP_NUM_THREADS=1 so they are the seconds of one core).
 
-    python -m sparvar.bench.cpu_attention --out benchmarks/demo_cpu_attention.json [--flex] [--e2e]
+    sparvar bench cpu-attention --out benchmarks --name demo_cpu_attention [--flex] [--e2e]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import time
 from dataclasses import replace
@@ -26,6 +24,8 @@ from sparvar.attention.decision import grouped_attention_colsum, reference_atten
 from sparvar.attention.flex import flex_attention
 from sparvar.attention.policy import AttentionCall, AttentionPolicy
 from sparvar.attention.sparse import sparse_attention
+from sparvar.bench.common import command_line, header, provenance, write
+from sparvar.options import HelpFormatter
 from sparvar.schedules import infinity_schedule
 from sparvar.sparsity import SparVARPolicy, get_config, make_policy
 from sparvar.sparsity.stats import table_density
@@ -189,7 +189,10 @@ def bench_e2e(heads: int, depth: int, repeats: int, clock=time.perf_counter) -> 
 
 
 def to_markdown(result: dict) -> str:
-    lines = ["| scale | kind | q x kv | density | option: seconds |", "|---|---|---|---|---|"]
+    lines = [*header("CPU attention", result), f"Settings: {result['settings']}; load average "
+             f"{result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after; seconds by the "
+             f"{result['settings']['clock']} clock.", "",
+             "| scale | kind | q x kv | density | option: seconds |", "|---|---|---|---|---|"]
     for r in result["rows"]:
         opts = ", ".join(f"{n} {s:.3f}" for n, s in r["seconds"].items())
         lines.append(f"| {r['scale']} | {r['kind']} | {r['q_len']} x {r['kv_len']} | {r.get('density', 1.0):.3f} | {opts} |")
@@ -202,29 +205,29 @@ def to_markdown(result: dict) -> str:
             e = result["e2e"][n]
             lines.append(f"| {n} | {e['clock_total']:.2f} | {e['clock_attention']:.2f} | {e['total']:.2f} | "
                          f"{e['attention_flops_saved']:.1%} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sparvar.bench.cpu_attention", description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--depth", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--clock", choices=CLOCKS, default="wall")
+    parser = argparse.ArgumentParser(prog="sparvar bench cpu-attention", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--heads", type=int, default=3, help="attention heads of 64")
+    parser.add_argument("--depth", type=int, default=12, help="layers")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats (the median is kept)")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall seconds, or CPU seconds of this process")
     parser.add_argument("--flex", action="store_true", help="also compiled FlexAttention on the CSLA tables (minutes to compile)")
     parser.add_argument("--e2e", action="store_true", help="also dense vs default through the pipeline, random weights")
-    parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument("--out", default="benchmarks", help="folder for NAME.json and NAME.md")
+    parser.add_argument("--name", default="cpu_attention", help="file name of the results (NAME.json, NAME.md)")
     args = parser.parse_args(argv)
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "load_before": os.getloadavg(), "settings": vars(args)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
+    result = {**provenance(command_line("sparvar bench cpu-attention", argv), "cpu"), "load_before": os.getloadavg(),
+              "settings": settings}
     result |= bench_kernels(args.heads, args.depth, args.repeats, args.flex, CLOCKS[args.clock])
     if args.e2e:
         result["e2e"] = bench_e2e(args.heads, args.depth, max(1, args.repeats // 2), CLOCKS[args.clock])
     result["load_after"] = os.getloadavg()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(to_markdown(result))
+    write(args.out, args.name, result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@
   a  as users run Infinity today: SDPA's default backend, a KV cache grown by concatenation,
      one PyTorch kernel per elementwise step
   b  our best dense path: static KV cache, SDPA's cuDNN kernel, CUDA graphs per scale, fused
-     elementwise kernels (models/fused.py)
+     elementwise kernels (kernels/fused.py)
   c  SparVAR `paper` preset with CSLA on FlexAttention tables (how the paper ran it)
   d  SparVAR `default` preset on our Triton kernels
   e  (d) with the last two scales skipped
-  f  FastVAR-style token pruning (skipping.py) on (b)
+  f  FastVAR-style token pruning (pruning.py) on (b)
   g  FastVAR as published: (f) with the last two scales skipped
   h  (d) with FastVAR-style token pruning
   i  (d) with adaptive skip (the demo model's thresholds; on random weights its decisions mean
@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -40,27 +37,19 @@ from typing import Callable
 import torch
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
-from sparvar.models.fused import reference_only
+from sparvar.generation import GenerationConfig
+from sparvar.kernels import reference_only
 from sparvar.options import HelpFormatter
-
-PROMPT = "a photo of a red fox sitting in fresh snow at dawn, highly detailed"
 
 
 @dataclass(frozen=True)
 class Mode:
     about: str
     attention: Callable[[], AttentionPolicy]
-    cuda_graphs: bool = False
-    kv_cache: str = "static"
-    skip_last: int = 0
-    prune: str | None = None
-    adaptive: bool = False
+    config: GenerationConfig = GenerationConfig()  # the mode's settings (besides attention, seed and schedule)
     fused: bool = True  # the fused elementwise kernels; False runs their PyTorch reference
-
-    def options(self) -> dict:
-        return {"kv_cache": self.kv_cache, "skip_last": self.skip_last, "prune": self.prune,
-                "adaptive_skip": self.adaptive}
 
 
 def _preset(name: str, **kw) -> Callable[[], AttentionPolicy]:
@@ -72,26 +61,27 @@ def _preset(name: str, **kw) -> Callable[[], AttentionPolicy]:
     return make
 
 
+GRAPHS = GenerationConfig(cuda_graphs=True)
 BASELINE_MODES = {"dense": Mode("static KV cache, SDPA default backend, no graphs", DenseAttention)}
 E2E_MODES = {
     "a": Mode("official-style: SDPA default backend, concatenated KV cache, no graphs, unfused ops",
-              DenseAttention, kv_cache="concat", fused=False),
+              DenseAttention, GenerationConfig(kv_cache="concat"), fused=False),
     "b": Mode("best dense: static KV cache, SDPA cuDNN, CUDA graphs, fused ops", _preset("dense", sdpa_backend="cudnn"),
-              cuda_graphs=True),
+              GRAPHS),
     "c": Mode("SparVAR paper preset, CSLA on FlexAttention, CUDA graphs",
-              _preset("paper", backend="flex", sdpa_backend="cudnn"), cuda_graphs=True),
+              _preset("paper", backend="flex", sdpa_backend="cudnn"), GRAPHS),
     "d": Mode("SparVAR default preset, Triton kernels, CUDA graphs", _preset("default", sdpa_backend="cudnn"),
-              cuda_graphs=True),
-    "e": Mode("(d) skipping the last 2 scales", _preset("default", sdpa_backend="cudnn"), cuda_graphs=True,
-              skip_last=2),
-    "f": Mode("FastVAR token pruning on (b)", _preset("dense", sdpa_backend="cudnn"), cuda_graphs=True,
-              prune="fastvar"),
+              GRAPHS),
+    "e": Mode("(d) skipping the last 2 scales", _preset("default", sdpa_backend="cudnn"),
+              GenerationConfig(cuda_graphs=True, skip_last=2)),
+    "f": Mode("FastVAR token pruning on (b)", _preset("dense", sdpa_backend="cudnn"),
+              GenerationConfig(cuda_graphs=True, prune="fastvar")),
     "g": Mode("FastVAR as published: (f) skipping the last 2 scales", _preset("dense", sdpa_backend="cudnn"),
-              cuda_graphs=True, prune="fastvar", skip_last=2),
-    "h": Mode("(d) with FastVAR token pruning", _preset("default", sdpa_backend="cudnn"), cuda_graphs=True,
-              prune="fastvar"),
+              GenerationConfig(cuda_graphs=True, prune="fastvar", skip_last=2)),
+    "h": Mode("(d) with FastVAR token pruning", _preset("default", sdpa_backend="cudnn"),
+              GenerationConfig(cuda_graphs=True, prune="fastvar")),
     "i": Mode("(d) with adaptive skip (demo thresholds; random weights: measures the cost of deciding)",
-              _preset("default", sdpa_backend="cudnn"), cuda_graphs=True, adaptive=True),
+              _preset("default", sdpa_backend="cudnn"), GenerationConfig(cuda_graphs=True, adaptive_skip=True)),
 }
 
 
@@ -142,12 +132,12 @@ def time_mode(pipe, mode: Mode, repeats: int, seed: int = 0) -> dict:
 def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
     schedule = pipe.schedule("1:1", 1024)
     policy = mode.attention()
-    run = lambda s, p: pipe([PROMPT], seed=s, schedule=schedule, attention=p, cuda_graphs=mode.cuda_graphs,  # noqa: E731
-                            progress=False, **mode.options())
-    for s in range(3 if mode.cuda_graphs else 1):  # graphs: eager warm-up, capture, first replay
+    run = lambda s, p: pipe([PROMPT], mode.config, seed=s, schedule=schedule, attention=p, progress=False)  # noqa: E731
+    for s in range(3 if mode.config.cuda_graphs else 1):  # graphs: eager warm-up, capture, first replay
         run(seed + s, policy)
     timed = TimedAttention(mode.attention())  # eager (events need the Python code), after the kernels compiled
-    eager = pipe([PROMPT], seed=seed, schedule=schedule, attention=timed, progress=False, **mode.options())
+    eager = pipe([PROMPT], mode.config, seed=seed, schedule=schedule, attention=timed, cuda_graphs=False,
+                 progress=False)
     attention_s = timed.seconds_per_scale(len(eager.scale_seconds))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -155,7 +145,7 @@ def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
     median = statistics.median
     longest = max(len(o.scale_seconds) for _, o in runs)  # adaptive skip may stop some runs earlier
     scale_s = [median([o.scale_seconds[k] for _, o in runs if k < len(o.scale_seconds)]) for k in range(longest)]
-    stats = policy.stats() if hasattr(policy, "stats") else None
+    stats = policy.stats()
     return {
         "latency_s": median([t for t, _ in runs]),
         "latencies_s": [t for t, _ in runs],
@@ -193,13 +183,13 @@ def modes_for(model: str, modes: dict[str, Mode]) -> dict[str, Mode]:
     """The modes a model can run: HART has no token pruning (its default rows are a, b, d, e, i)."""
     from sparvar.models.registry import get_spec
 
-    if get_spec(model).family == "hart":
-        return {name: mode for name, mode in modes.items() if mode.prune is None}
+    if not get_spec(model).family.token_pruning:
+        return {name: mode for name, mode in modes.items() if mode.config.prune is None}
     return modes
 
 
 def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0, official: str | None = None) -> list[dict]:
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     rows = []
     for model in models:
@@ -244,11 +234,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"# {result['title']}",
-        "",
-        f"Card: {result['card']}; date: {result['date']}; torch {result['torch']}.",
-        f"Command: `{result['command']}`",
-        "",
+        *header(result["title"], result),
         "| model | mode | latency (s) | vs a | vs b | vs o | condition | transformer | decode | attention share (eager) "
         "| peak GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -335,22 +321,15 @@ def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, t
         raise SparvarError("the end-to-end benchmark needs a CUDA GPU")
     rows = bench(models, modes, repeats, official=official)
     result = {
+        **provenance(command),
         "title": title,
-        "card": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "command": command,
-        "torch": torch.__version__,
         "modes": {k: m.about for k, m in modes.items()} | ({"o": OFFICIAL_ABOUT} if official else {}),
         "rows": rows,
         "summary": _summary(rows),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{name}.md").write_text(markdown(result))
+    write(out_dir, name, result, markdown(result))
     if len(modes) > 1:
-        plot(result, out / f"{name}.png")
-    print(markdown(result))
+        plot(result, Path(out_dir) / f"{name}.png")
     return result
 
 
@@ -371,11 +350,11 @@ def main(argv: list[str] | None = None, which: str = "e2e") -> None:
 
     for model in args.models:
         get_spec(model)  # an unknown name fails before any GPU work
-    command = f"sparvar bench {which} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(f"sparvar bench {which}", argv)
     title = ("Dense generation baseline" if which == "baseline" else "End to end") + (
         ": random weights, 1024x1024, batch 1 with CFG, bf16")
     official = getattr(args, "official", None)
-    if official and any(get_spec(m).family != "infinity" for m in args.models):
+    if official and not all(get_spec(m).family.official_bench for m in args.models):
         raise SparvarError("--official runs the official Infinity code: give Infinity models only with it")
     if official and not Path(official, "infinity", "models", "infinity.py").is_file():
         raise SparvarError(f"--official {official} is not a clone of FoundationVision/Infinity "

@@ -15,14 +15,10 @@ Run: sparvar bench fp8-fidelity [--models infinity-2b infinity-8b] [--samples 60
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
-from pathlib import Path
 
 import torch
 
-from sparvar.bench.e2e import PROMPT
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.eval.metrics import psnr
 from sparvar.options import HelpFormatter
 
@@ -45,7 +41,7 @@ def scale_loop(pipe, conditions: list, schedule, kv_cache: str, tokens: list | N
 
 def logit_rows(model: str, device: str, resolution: int | None, seed: int = 0) -> list[dict]:
     """Per-scale logit error and greedy agreement of every variant on one model's random weights."""
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipes = {}
     for precision in ("auto", "fp8"):
@@ -66,7 +62,7 @@ def logit_rows(model: str, device: str, resolution: int | None, seed: int = 0) -
 
 def demo_rows(device: str, samples: int) -> list[dict]:
     """PSNR against bf16 dense images of `samples` demo images (classes cycled, one seed each)."""
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipes = {p: load_pipeline("infinity-demo", device=device, precision=p) for p in ("auto", "fp8")}
     classes = [i % pipes["auto"].spec.num_classes for i in range(samples)]
@@ -105,8 +101,7 @@ def summarize(logits: list[dict], demo: list[dict]) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    lines = ["# FP8 fidelity", "", f"Device: {result['device']}; torch {result['torch']}; {result['date']}",
-             f"Command: `{result['command']}`", "", "Random weights, teacher-forced on bf16's greedy tokens, dense "
+    lines = [*header("FP8 fidelity", result), "Random weights, teacher-forced on bf16's greedy tokens, dense "
              "attention; per scale: relative error of the guided logits against bf16, and greedy agreement.", ""]
     models = sorted({r["model"] for r in result["logits"]})
     for model in models:
@@ -130,19 +125,13 @@ def to_markdown(result: dict) -> str:
 
 
 def run(models: list[str], device: str, resolution: int | None, samples: int, out_dir: str, command: str) -> dict:
-    from sparvar.pipeline import resolve_device
+    from sparvar.validation import resolve_device
 
     device = str(resolve_device(device))
     logits = [row for model in models for row in logit_rows(model, device, resolution)]
     demo = demo_rows(device, samples) if samples else []
-    result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-              "date": datetime.date.today().isoformat(), "command": command, "torch": torch.__version__,
-              "logits": logits, "demo": demo, "summary": summarize(logits, demo)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fp8_fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "fp8_fidelity.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    result = {**provenance(command, device), "logits": logits, "demo": demo, "summary": summarize(logits, demo)}
+    write(out_dir, "fp8_fidelity", result, to_markdown(result))
     return result
 
 
@@ -156,9 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", default="benchmarks", help="folder for fp8_fidelity.json and .md")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     run(args.models, args.device, args.resolution, args.samples, args.out,
-        " ".join(["sparvar bench fp8-fidelity", *argv]))
+        command_line("sparvar bench fp8-fidelity", argv))
 
 
 if __name__ == "__main__":

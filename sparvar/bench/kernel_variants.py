@@ -1,24 +1,25 @@
 """Tuning sweep for the Triton kernels: tile shapes, pipeline depth, load path, and variants that
 isolate one cost each. Prints one line per variant and appends JSON lines to --out (a run's first
-line: card, date, versions and command); the numbers and what they showed are in
+line: its provenance, bench/common.py); the numbers and what they showed are in
 benchmarks/kernels_notes.md.
-Run: python -m sparvar.bench.kernel_variants [--out variants.jsonl] [--sections sparse,probe,...]
+Run: sparvar bench kernel-variants [--out variants.jsonl] [--sections sparse,probe,...]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import sys
 
 import torch
 
 from sparvar.attention.tables import BlockTable
+from sparvar.bench.common import command_line, provenance
 from sparvar.bench.kernels import (
     HEAD_DIM, _to, covered_pairs, make_inputs, paper_csla_table, random_table, rel_err, tflops, time_ms,
 )
+from sparvar.errors import SparvarError
+from sparvar.options import HelpFormatter
 from sparvar.schedules import infinity_schedule
 
 SECTIONS = ("sparse", "probe", "gather", "decision", "fp8", "warp_specialize")
@@ -41,7 +42,7 @@ def _sdpa_flash(q, k, v) -> float:
 
 def sparse_configs(record, heads: int, scale: int) -> None:
     """Tile shapes, pipeline depth and load path on random and CSLA tables."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
@@ -70,7 +71,7 @@ def sparse_configs(record, heads: int, scale: int) -> None:
 def overhead_probe(record, heads: int, scale: int) -> None:
     """Tables of 1, 2 and 4 key blocks per query block: the time a block adds, and what a
     program costs besides its blocks (load q, start the pipeline, store the output)."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
@@ -89,7 +90,7 @@ def overhead_probe(record, heads: int, scale: int) -> None:
 
 def gather_configs(record, heads: int) -> None:
     """Column-sparse (gather) mode, CS4A-like: 192-query groups, ~20% of the key tokens."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[12], sched.kv_length(12)
@@ -103,8 +104,8 @@ def gather_configs(record, heads: int) -> None:
 
 def decision_configs(record, heads: int) -> None:
     """The decision call at scale 10: its dense part alone, then the whole call."""
-    from sparvar.attention.triton_decision import dense_table, triton_attention_colsum
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.decision import dense_table, triton_attention_colsum
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[10], sched.kv_length(10)
@@ -124,8 +125,8 @@ def decision_configs(record, heads: int) -> None:
 def fp8_configs(record, heads: int, scale: int) -> None:
     """FP8 q, k (and v) against bf16 on the same tables: time (the quantising pass of q, k, v
     timed apart, since an FP8 KV cache and a fused qkv kernel would make it free) and error."""
-    from sparvar.attention.triton_decision import triton_attention_colsum
-    from sparvar.attention.triton_sparse import quantize_heads, triton_sparse_attention
+    from sparvar.kernels.decision import triton_attention_colsum
+    from sparvar.kernels.sparse_attention import quantize_heads, triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
@@ -158,7 +159,7 @@ def fp8_configs(record, heads: int, scale: int) -> None:
 
 def warp_specialize_configs(record, heads: int, scale: int) -> None:
     """Triton's automatic warp specialisation of the bf16 block loop, against the default."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     sched = infinity_schedule("1:1", 1024)
     q_len, kv_len = sched.lengths[scale], sched.kv_length(scale)
@@ -177,12 +178,15 @@ def warp_specialize_configs(record, heads: int, scale: int) -> None:
                 record(scale=scale, table=name, variant=label, error=f"{type(err).__name__}: {err}"[:300])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="variants.jsonl")
-    parser.add_argument("--heads", type=int, default=28)
-    parser.add_argument("--sections", default=",".join(SECTIONS))
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sparvar bench kernel-variants", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--out", default="variants.jsonl", help="JSON lines file the run is appended to")
+    parser.add_argument("--heads", type=int, default=28, help="attention heads (Infinity-8B: 28)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sweeps to run")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SparvarError("the kernel sweep needs a CUDA GPU")
     torch.manual_seed(0)
     with open(args.out, "a") as out:
 
@@ -191,10 +195,7 @@ def main() -> None:
             out.flush()
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-        import triton  # the sweep needs a GPU and Triton; its first line says which
-
-        record(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-               triton=triton.__version__, command="python -m sparvar.bench.kernel_variants " + " ".join(sys.argv[1:]))
+        record(**provenance(command_line("sparvar bench kernel-variants", argv)))
 
         sections = args.sections.split(",")
         for scale in (12, 10):

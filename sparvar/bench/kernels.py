@@ -10,16 +10,13 @@ Run: sparvar bench kernels [--out-dir benchmarks]
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 from sparvar.attention.tables import BlockTable
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import HelpFormatter
 from sparvar.schedules import infinity_schedule
@@ -168,7 +165,7 @@ def time_rounds(contenders: dict) -> dict:
 
 def bench_sparse(model: str, scale: int, flex: _Flex) -> list[dict]:
     """Rows for one (model, query scale): every table, our kernel vs Flex and the SDPA backends."""
-    from sparvar.attention.triton_sparse import triton_sparse_attention
+    from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     heads = MODELS[model]
     sched = infinity_schedule("1:1", 1024)
@@ -220,7 +217,7 @@ def bench_sparse(model: str, scale: int, flex: _Flex) -> list[dict]:
 
 
 def bench_decision(model: str) -> dict:
-    from sparvar.attention.triton_decision import triton_attention_colsum
+    from sparvar.kernels.decision import triton_attention_colsum
 
     heads = MODELS[model]
     sched = infinity_schedule("1:1", 1024)
@@ -279,11 +276,7 @@ def _fmt(x, spec=".3f"):
 
 def to_markdown(result: dict) -> str:
     lines = [
-        "# Attention kernel benchmark",
-        "",
-        f"Card: {result['card']}; torch {result['torch']}, triton {result['triton']}; {result['date']}",
-        f"Command: `{result['command']}`",
-        "",
+        *header("Attention kernel benchmark", result),
         f"B={BATCH}, heads of {HEAD_DIM}, bf16, 128x128 blocks. Times (ms): medians of triton.testing.do_bench, "
         f"averaged over {ROUNDS} interleaved passes over the contenders of a row. "
         "TFLOP/s count computed blocks only (SDPA: all pairs).",
@@ -316,12 +309,10 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_kernel_bench(out_dir: str = "benchmarks", command: str = "python -m sparvar.bench.kernels") -> dict:
+def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench kernels") -> dict:
     """Run every comparison, write kernels.json and kernels.md under out_dir, return the result."""
     if not torch.cuda.is_available():
         raise SparvarError("the kernel benchmark needs a CUDA GPU")
-    import triton
-
     torch.manual_seed(0)
     flex = _Flex()
     rows = []
@@ -330,29 +321,17 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "python -m spar
             rows += bench_sparse(model, scale, flex)
     for model in MODELS:
         rows.append(bench_decision(model))
-    result = {
-        "card": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "rows": rows,
-        "summary": summarize(rows),
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "kernels.md").write_text(to_markdown(result))
+    result = {**provenance(command), "rows": rows, "summary": summarize(rows)}
+    write(out_dir, "kernels", result, to_markdown(result))
     return result
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m sparvar.bench.kernels") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sparvar bench kernels", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out-dir", default="benchmarks", help="folder for kernels.json and kernels.md")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    result = run_kernel_bench(args.out_dir, command=" ".join([prog, *argv]))
-    print(to_markdown(result))
+    run_kernel_bench(args.out_dir, command=command_line("sparvar bench kernels", argv))
 
 
 if __name__ == "__main__":

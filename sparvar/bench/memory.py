@@ -14,18 +14,14 @@ Run: sparvar bench memory [--models infinity-2b infinity-8b] [--out benchmarks]
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from sparvar.bench.e2e import PROMPT
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import HelpFormatter
 
@@ -83,7 +79,7 @@ def time_setting(pipe, setting: Setting, repeats: int) -> dict:
 
 
 def _load(model: str, setting: Setting):
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
     pipe = load_pipeline(model, device="cuda", random_weights=True, precision=setting.precision,
                          offload=setting.offload)
@@ -191,8 +187,7 @@ def _fmt(x, spec=".3f"):
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"# Memory settings: {result['title']}", "",
-             f"Card: {result['card']}; torch {result['torch']}; {result['date']}", f"Command: `{result['command']}`", "",
+    lines = [*header(f"Memory settings: {result['title']}", result),
              "| model | setting | precision | offload | KV cache | CUDA graphs | latency (s) | peak GiB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -218,16 +213,11 @@ def run(models: list[str], repeats: int, out_dir: str, command: str) -> dict:
         raise SparvarError("the memory benchmark needs a CUDA GPU")
     rows = bench(models, SETTINGS, repeats)
     summary = summarize(rows)
-    result = {"title": "random weights, 1024x1024, batch 1 with CFG, attention default",
-              "card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "command": command, "torch": torch.__version__, "margin_gib": MARGIN_GIB,
+    result = {**provenance(command), "title": "random weights, 1024x1024, batch 1 with CFG, attention default",
+              "margin_gib": MARGIN_GIB,
               "settings": {k: asdict(v) for k, v in SETTINGS.items()}, "rows": rows, "summary": summary,
               "proofs": prove(rows, summary, repeats)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "memory.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write(out_dir, "memory", result, to_markdown(result))
     return result
 
 
@@ -238,8 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per setting (the median is kept)")
     parser.add_argument("--out", default="benchmarks", help="folder for memory.json and memory.md")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    run(args.models, args.repeats, args.out, " ".join(["sparvar bench memory", *argv]))
+    run(args.models, args.repeats, args.out, command_line("sparvar bench memory", argv))
 
 
 if __name__ == "__main__":

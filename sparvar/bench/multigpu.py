@@ -11,7 +11,6 @@ steady-state time. Model loading and warm-up are excluded; writing the PNGs is i
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ import torch
 
 import sparvar
 from sparvar.batch import MANIFEST
-from sparvar.bench.e2e import PROMPT
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import HelpFormatter
 
@@ -85,11 +84,7 @@ def add_scaling(rows: list[dict]) -> None:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"# {result['title']}",
-        "",
-        f"Card: {result['card']}; date: {result['date']}; torch {result['torch']}.",
-        f"Command: `{result['command']}`",
-        "",
+        *header(result["title"], result),
         result["setup"],
         "",
         "Jobs ($WORK: a temporary folder):",
@@ -134,19 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     add_scaling(rows)
     shape = f"scales {args.schedule}" if args.schedule else f"{args.resolution}x{args.resolution}"
     result = {
+        **provenance(command_line("sparvar bench multigpu", argv), args.device),
         "title": "Batch generation on several GPUs (torchrun)",
-        "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "date": datetime.date.today().isoformat(),
-        "command": "sparvar bench multigpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "torch": torch.__version__,
         "setup": f"{args.model}, {shape}, random weights, preset {args.attention}, "
         f"{'CUDA graphs, ' if args.device == 'cuda' else ''}batch {args.batch_size} per process with CFG, "
         f"{args.warmup} warm-up + {args.batches} timed batches per process; PNGs written as in any job.",
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "multigpu.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "multigpu.md").write_text(markdown(result))
-    print(markdown(result))
+    write(args.out, "multigpu", result, markdown(result))
     return result

@@ -8,16 +8,12 @@ same settings as `sparvar bench e2e` mode d (or b with --attention dense).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import re
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-from sparvar.bench.e2e import PROMPT
+from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import HelpFormatter
 
@@ -38,7 +34,7 @@ def profile(model: str, attention: str, sdpa_backend: str = "cudnn") -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
     from sparvar.sparsity import make_policy
 
     pipe = load_pipeline(model, device="cuda", random_weights=True)
@@ -70,25 +66,27 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-8b"], help="models to profile")
     parser.add_argument("--attention", nargs="+", default=["dense", "default"], help="attention presets to profile")
-    parser.add_argument("--out", default="benchmarks", help="folder for profile.json")
+    parser.add_argument("--out", default="benchmarks", help="folder for profile.json and profile.md")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SparvarError("profiling needs a CUDA GPU")
-    argv = sys.argv[1:] if argv is None else argv
-    result = {
-        "card": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["sparvar bench profile", *argv]),
-        "torch": torch.__version__,
-        "rows": [profile(m, a) for m in args.models for a in args.attention],
-    }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = {**provenance(command_line("sparvar bench profile", argv)),
+              "rows": [profile(m, a) for m in args.models for a in args.attention]}
+    write(args.out, "profile", result, to_markdown(result))
+
+
+def to_markdown(result: dict) -> str:
+    """Per model and preset: the transformer's time, GPU time by kind, the longest kernels."""
+    lines = header("Where the GPU time goes", result)
     for row in result["rows"]:
-        print(f"{row['model']} {row['attention']}: transformer {row['stages_s']['transformer']:.3f} s; GPU time by kind: "
-              + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["gpu_seconds_by_category"].items()))
-        for k in row["top_kernels_s"][:8]:
-            print(f"   {k['seconds'] * 1000:7.1f} ms  {k['category']:18s} {k['kernel'][:90]}")
+        lines += [f"## {row['model']}, {row['attention']}", "",
+                  f"Transformer {row['stages_s']['transformer']:.3f} s; GPU time by kind: "
+                  + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["gpu_seconds_by_category"].items()) + ".", "",
+                  "| ms | kind | kernel |", "|---|---|---|"]
+        lines += [f"| {k['seconds'] * 1000:.1f} | {k['category']} | `{k['kernel'][:90]}` |"
+                  for k in row["top_kernels_s"][:8]]
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,12 @@ Run: sparvar bench train-step [--rows prefix:48:eager ...] [--out benchmarks]
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import subprocess
-import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.demo import train
 from sparvar.demo.step import TeacherForcing
 from sparvar.errors import SparvarError
@@ -67,42 +63,28 @@ def time_row(run: train.Run, kind: str, batch: int, variant: str, steps: int) ->
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"# Demo training step: {result['title']}", "",
-             f"Card: {result['card']}; torch {result['torch']}, triton {result['triton']}; {result['date']}; "
-             f"commit {result['commit']}", f"Command: `{result['command']}`", "",
-             "| phase | scales (tokens) | batch | variant | ms per sample | ms per step | peak GiB | first step (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = header(f"Demo training step: {result['title']}", result)
+    lines += ["| phase | scales (tokens) | batch | variant | ms per sample | ms per step | peak GiB | first step (s) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         cells = (f"{r['ms_per_sample']:.2f} | {r['ms_per_step']:.1f} | {r['peak_gib']:.1f} | {r['first_step_s']:.1f}"
                  if "error" not in r else f"failed: {r['error'][:90]} | | |")
         lines.append(f"| {r['phase']} | {r['scales']} ({r['tokens']}) | {r['batch']} | {r['variant']} | {cells} |")
+    if result.get("note"):
+        lines += ["", result["note"]]
     return "\n".join(lines) + "\n"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run(rows: list[str], data: str, steps: int, out_dir: str, command: str) -> dict:
     if not torch.cuda.is_available():
         raise SparvarError("the training-step benchmark needs a CUDA GPU")
-    import triton
-
     args = train.parse_args(["--data", data, "--device", "cuda"])
     run_ = train.Run(args, torch.device("cuda"), train._new_state(args, torch.device("cuda")))
     run_.model.train()
     run_.text.train()
     cfg = run_.cfg
-    result = {"title": f"width {cfg.width}, {cfg.heads} heads, depth {cfg.depth}, bf16 autocast, fused AdamW",
-              "card": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                  timespec="seconds"), "torch": torch.__version__, "triton": triton.__version__,
-              "cuda": torch.version.cuda, "commit": _commit(), "command": command, "steps": steps, "rows": []}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    result = {**provenance(command), "title": f"width {cfg.width}, {cfg.heads} heads, depth {cfg.depth}, "
+              "bf16 autocast, fused AdamW", "steps": steps, "rows": []}
     for row in rows:
         kind, batch, variant = row.split(":")
         schedule = run_.schedules[kind]
@@ -114,11 +96,8 @@ def run(rows: list[str], data: str, steps: int, out_dir: str, command: str) -> d
             traceback.print_exc()
             record["error"] = f"{type(err).__name__}: {err}"[:300]
         result["rows"].append(record)
-        print(record, flush=True)
         # written after every row: a call that runs out of time keeps the rows it measured
-        (out / "demo_train_step.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "demo_train_step.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+        write(out_dir, "demo_train_step", result, to_markdown(result))
     return result
 
 
@@ -131,8 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--out", default="benchmarks", help="folder for demo_train_step.json and .md")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    run(args.rows, args.data, args.steps, args.out, " ".join(["sparvar bench train-step", *argv]))
+    run(args.rows, args.data, args.steps, args.out, command_line("sparvar bench train-step", argv))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sparvar.pipeline import load_pipeline
+from sparvar.loading import load_pipeline
 
 LABEL_WIDTH = 150
 

@@ -52,9 +52,11 @@ from sparvar.models.infinity.bitwise import BitwiseCodes
 from sparvar.models.infinity.text import ByteTokenizer, TextEncoder, build_t5, load_t5, t5_state
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
+from sparvar.loading import load_pipeline
 from sparvar.models.registry import ASSETS, get_spec
-from sparvar.pipeline import Pipeline, load_pipeline, resolve_device
+from sparvar.pipeline import Pipeline
 from sparvar.schedules import parse_schedule
+from sparvar.validation import resolve_device
 
 PROBE_STEPS = 10  # steps timed (after 3 warm-up steps) to turn planned minutes into a step count
 REWARM_STEPS = 50  # a resumed phase has fresh optimiser moments: its learning rate ramps up again

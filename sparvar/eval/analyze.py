@@ -14,8 +14,6 @@ Then a generation with the chosen preset records its block tables and draws them
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 
 from sparvar import layout
 from sparvar.attention.policy import DenseAttention
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.draw import heatmap, mask_picture
 from sparvar.generation import GenerationConfig
@@ -150,19 +149,21 @@ def parse_args(argv) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Every option is checked, and the output folder made, before the model loads."""
+    from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import check_conditions, default_dtype, load_pipeline, resolve_device
     from sparvar.sparsity import make_policy
+    from sparvar.validation import default_dtype, resolve_device, validate
 
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     spec = get_spec(args.model)
-    config = GenerationConfig(seed=args.seed, resolution=args.resolution, attention=args.attention).resolved(spec)
-    schedule = config.schedule
     condition = args.condition or spec.default_condition
     if condition is None:  # a text model without an example prompt
         condition = "a photo of a cat"
-    check_conditions(spec, [condition])
+    device = resolve_device(args.device)
+    config = validate(spec, [condition], GenerationConfig(seed=args.seed, resolution=args.resolution,
+                                                          attention=args.attention),
+                      device, default_dtype(device), args.precision, args.offload)
+    schedule = config.schedule
     sinks = layout.default_sink_scales(schedule)
     from_scale = args.from_scale if args.from_scale is not None else sinks
     if not 0 <= from_scale < len(schedule):
@@ -173,8 +174,6 @@ def main(argv=None) -> dict:
         raise SparvarError(f"--radii takes integers separated by commas, not {args.radii!r}") from None
     if min(radii) < 0:
         raise SparvarError(f"--radii must be 0 or more, got {args.radii}")
-    device = resolve_device(args.device)
-    config.check_device(spec, device, default_dtype(device), 1)
     out = output_folder(args.out)
     say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))  # noqa: E731
 
@@ -182,11 +181,11 @@ def main(argv=None) -> dict:
                          precision=args.precision, offload=args.offload)
     probe = PropertyProbe(max(from_scale, 1), radii, sinks)
     say(f"1/3 dense generation, measuring attention at query scales {probe.from_scale}-{len(schedule) - 1}")
-    pipe([condition], config, attention=probe, progress=not args.quiet)
+    pipe.generate([condition], GenerationConfig.build(config, attention=probe), progress=not args.quiet)
     say(f"2/3 {args.attention} generation, recording its block tables")
     policy = make_policy(args.attention)
     recorder = TableRecorder(policy)
-    pipe([condition], config, attention=policy, progress=not args.quiet)
+    pipe.generate([condition], GenerationConfig.build(config, attention=policy), progress=not args.quiet)
     say(f"3/3 drawing into {out}")
     layers, scales = spec.transformer.depth, list(range(probe.from_scale, len(schedule)))
     rows, cols = [f"layer {i}" for i in range(layers)], [str(k) for k in scales]
@@ -204,6 +203,7 @@ def main(argv=None) -> dict:
         heatmap(grid, rows, cols, titles[name]).save(out / f"{name}.png")
     table_files = draw_tables(recorder.tables, policy.plan(layers, schedule).modes, schedule, out)
     report = {
+        **provenance(command_line("sparvar analyze", argv), pipe.device),
         "model": spec.name,
         "condition": str(condition),
         "seed": config.seed,
@@ -211,13 +211,22 @@ def main(argv=None) -> dict:
         "sink_scales": sinks,
         "query_scales": scales,
         "preset": args.attention,
-        "command": "sparvar analyze " + " ".join(argv),
         "layers": {name: [[float(v) for v in row] for row in grid] for name, grid in grids.items()},
         "means_per_scale": {name: [float(grid[:, j].mean()) for j in range(len(scales))] for name, grid in grids.items()},
         "pictures": [f"{name}.png" for name in grids] + table_files,
     }
-    (out / "analyze.json").write_text(json.dumps(report, indent=1))
-    for name, means in report["means_per_scale"].items():
-        print(f"{name:24s} " + " ".join(f"{k}:{m:.2f}" for k, m in zip(scales, means)))
-    print(f"wrote {out}/analyze.json and {len(report['pictures'])} pictures")
+    files = write(out, "analyze", report, to_markdown(report))
+    print(f"wrote {files[0]}, {files[1]} and {len(report['pictures'])} pictures")
     return report
+
+
+def to_markdown(report: dict) -> str:
+    """The measurements' means per query scale, and the pictures beside them."""
+    scales = report["query_scales"]
+    lines = [*header(f"Attention properties: {report['model']}", report),
+             f"Condition {report['condition']!r}, seed {report['seed']}, schedule {report['schedule']}; sinks: scales "
+             f"0-{report['sink_scales'] - 1}; tables of the `{report['preset']}` preset. Means over the layers:", "",
+             "| measurement | " + " | ".join(f"scale {k}" for k in scales) + " |", "|---" * (len(scales) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{m:.2f}" for m in means) + " |"
+              for name, means in report["means_per_scale"].items()]
+    return "\n".join(lines + ["", "Pictures: " + ", ".join(report["pictures"]), ""])

@@ -2,7 +2,7 @@
 
 For N seeds x conditions (class labels, or prompts for text models) every preset generates the
 same items as dense attention. A preset is an attention preset, optionally combined with scale
-skipping and token pruning (skipping.combination: "default+skip2", "fastvar+skip2", "adaptive").
+skipping and token pruning (sparsity.combination: "default+skip2", "fastvar+skip2", "adaptive").
 Per preset: PSNR and SSIM of its images against the dense ones (LPIPS when its weights are on
 disk), the relative error of every attention output against dense attention on the same inputs,
 per (layer, scale) (on the first batch, where a dense pass runs beside the preset), the share of
@@ -14,28 +14,20 @@ JSON and markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from collections import defaultdict
-from datetime import datetime, timezone
 
 import torch
 
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
+from sparvar.eval.flops import attention_density, flops_shares
 from sparvar.eval.metrics import lpips_distance, lpips_model, psnr, ssim, to_tensor
 from sparvar.generation import GenerationConfig
 from sparvar.options import HelpFormatter, add_model_options, output_folder, read_conditions
-from sparvar.skipping import attention_densities, combination, prune_plan, resolve_pruning, transformer_flops
-
-
-def attention_density(policy: AttentionPolicy) -> float:
-    """Share of dense attention FLOPs the last generation computed (1.0 for policies without stats)."""
-    if not hasattr(policy, "stats"):
-        return 1.0
-    total = policy.stats()["total"]
-    return total["flops"] / total["flops_dense"] if total["flops_dense"] else 1.0
+from sparvar.validation import default_dtype, resolve_device, validate
+from sparvar.sparsity import combination
 
 
 class ErrorProbe(AttentionPolicy):
@@ -68,19 +60,20 @@ class ErrorProbe(AttentionPolicy):
         return [[mean(i, k) for k in range(num_scales)] for i in range(num_layers)]
 
 
-def flops_shares(pipe, out, schedule, prune: str | None) -> list[float]:
-    """Per image: transformer FLOPs of the scales it used (kept tokens where pruned; attention at
-    the density its policy computed) over those of a full generation with dense attention."""
-    cfg = pipe.spec.transformer
-    plan = prune_plan(resolve_pruning(prune).config, cfg.depth, schedule) if prune else None
-    density = attention_densities(out.policy)
-    full = transformer_flops(cfg, schedule, len(schedule))
-    return [transformer_flops(cfg, schedule, n, plan, density) / full for n in out.scales_used]
+def preset_configs(spec, conditions: list, presets: list[str], config: GenerationConfig, device, dtype,
+                   precision: str = "auto", offload: str | None = None, batch: int | None = None) -> dict:
+    """Preset name -> `config` with that preset's attention and accelerators, checked for the
+    generation of `conditions` (validation.validate): what `evaluate` runs."""
+    runs = {}
+    for name in presets:
+        combo = combination(name)
+        settings = GenerationConfig.build(config, attention=combo.attention, **combo.options())
+        runs[name] = validate(spec, conditions, settings, device, dtype, precision, offload, batch)
+    return runs
 
 
-def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], config: GenerationConfig | None = None,
-             batch: int = 10, progress: bool = True) -> dict:
-    """Run every preset on the same (condition, seed) items with `config`'s other settings;
+def evaluate(pipe, conditions: list, seeds: list[int], runs: dict, batch: int = 10, progress: bool = True) -> dict:
+    """Run every preset's checked config (`preset_configs`) on the same (condition, seed) items;
     metrics against the first preset."""
     from tqdm.auto import tqdm
 
@@ -88,24 +81,23 @@ def evaluate(pipe, conditions: list, seeds: list[int], presets: list[str], confi
 
     items = [(c, s) for c in conditions for s in seeds]
     batches = [items[i : i + batch] for i in range(0, len(items), batch)]
-    base = GenerationConfig.build(config).resolved(pipe.spec)
+    presets, base = list(runs), next(iter(runs.values()))
     schedule = base.schedule
     depth = pipe.spec.transformer.depth
     lpips, lpips_note = lpips_model(pipe.device)
     images, rows = {}, {}
-    for name in presets:
-        combo = combination(name)
-        settings = GenerationConfig.build(base, attention=combo.attention, **combo.options())
-        policy = make_policy(combo.attention)
+    for name, settings in runs.items():
+        policy = make_policy(settings.attention)
         probe, out_images, densities, timed, flops, used = ErrorProbe(policy), [], [], [], [], []
-        run = lambda chunk, attention: pipe(  # noqa: E731
-            [c for c, _ in chunk], settings, seed=[s for _, s in chunk], attention=attention, progress=False)
+        run = lambda chunk, attention: pipe.generate(  # noqa: E731
+            [c for c, _ in chunk], GenerationConfig.build(settings, seed=[s for _, s in chunk], attention=attention),
+            progress=False)
         for i, chunk in enumerate(tqdm(batches, desc=name, disable=not progress)):
             # attention errors on the first batch (the probe adds a dense pass); the others are timed
             out = run(chunk, probe if i == 0 else policy)
             out_images += out.images
             densities.append(attention_density(out.policy))
-            flops += flops_shares(pipe, out, schedule, combo.prune)
+            flops += flops_shares(pipe.spec, out, schedule, settings.prune)
             used += out.scales_used
             if i > 0:
                 timed.append(out.stage_seconds["total"] / len(chunk))
@@ -181,8 +173,7 @@ def to_markdown(results: dict) -> str:
     cols = ["preset", "PSNR (dB)", "pooled PSNR", "SSIM", "LPIPS", "attn rel. error (mean / max)", "density",
             "FLOPs", "scales", "s / image", "speed-up"]
     lines = [
-        f"# Quality of sparse attention: {results['model']}",
-        "",
+        *header(f"Quality of sparse attention: {results['model']}", results),
         f"{results['samples']} samples ({len(results['conditions'])} conditions x {len(results['seeds'])} seeds), "
         f"cfg {results['cfg']}, tau {results['tau']}, on {results['device']}; schedule {results['schedule']}. "
         f"Images are compared with `{results['reference']}` on the same seeds; attention outputs with "
@@ -202,8 +193,6 @@ def to_markdown(results: dict) -> str:
             f"{row['density']:.1%} | {row['flops_share']:.1%} | {row['scales_used_mean']:.2f} | "
             f"{row['seconds_per_image']:.3f} | {row['speedup']:.2f}x |"
         )
-    if "command" in results:
-        lines += ["", f"Command: `{results['command']}`; date: {results['date']}."]
     lines += ["", "Presets:", ""] + [f"- `{n}`: {r['description']}" for n, r in results["presets"].items()]
     if "summary" in results:
         lines += ["", "Summary: " + ", ".join(f"{k} {v:.4g}" for k, v in results["summary"].items() if v is not None)]
@@ -244,10 +233,9 @@ def conditions_of(spec, prompts: str | None, labels: str | None = None) -> list:
 
 def main(argv=None) -> dict:
     """Every option, preset and condition is checked, and the output folder made, before the model loads."""
+    from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import check_conditions, default_dtype, load_pipeline, resolve_device
 
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.seeds < 1 or args.batch < 1:
         raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
@@ -255,24 +243,16 @@ def main(argv=None) -> dict:
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     if not presets:
         raise SparvarError("--presets names no preset; see `sparvar presets`")
-    config = GenerationConfig(cfg=args.cfg, tau=args.tau, resolution=args.resolution).resolved(spec)
+    config = GenerationConfig(cfg=args.cfg, tau=args.tau, resolution=args.resolution)
     device = resolve_device(args.device)
-    for name in presets:
-        combo = combination(name)
-        GenerationConfig.build(config, attention=combo.attention, **combo.options()).resolved(spec).check_device(
-            spec, device, default_dtype(device), args.batch)
     conditions = conditions_of(spec, args.prompts, args.labels)
-    check_conditions(spec, conditions)
+    runs = preset_configs(spec, conditions, presets, config, device, default_dtype(device), args.precision,
+                          args.offload, args.batch)
     out = output_folder(args.out)
     pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device,
                          precision=args.precision, offload=args.offload)
-    results = evaluate(pipe, conditions, list(range(args.seeds)), presets, config, args.batch,
-                       progress=not args.quiet)
-    results["summary"] = summary(results)
-    results["command"] = "sparvar eval " + " ".join(argv)
-    results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (out / "eval.json").write_text(json.dumps(results, indent=1, allow_nan=False))
-    (out / "eval.md").write_text(to_markdown(results))
-    print(to_markdown(results))
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    results = evaluate(pipe, conditions, list(range(args.seeds)), runs, args.batch, progress=not args.quiet)
+    results = {**provenance(command_line("sparvar eval", argv), pipe.device), **results, "summary": summary(results)}
+    files = write(out, "eval", results, to_markdown(results))
+    print(f"wrote {files[0]} and {files[1]}")
     return results

@@ -12,18 +12,17 @@ adaptive rule must beat the static one at its own quality. Results go to JSON an
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
 
+from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
+from sparvar.eval.flops import transformer_flops
 from sparvar.eval.metrics import to_tensor
 from sparvar.options import HelpFormatter, add_model_options, output_folder
-from sparvar.skipping import AdaptiveSkip, transformer_flops
+from sparvar.skipping import AdaptiveSkip
 
 
 def measure(pipe, conditions: list, seeds: list[int], attention: str = "dense", batch: int = 10,
@@ -113,14 +112,11 @@ def report(measured: dict, chosen: dict) -> dict:
 
 def to_markdown(result: dict) -> str:
     lines = [
-        f"# Adaptive skip calibration: {result['model']}",
-        "",
+        *header(f"Adaptive skip calibration: {result['model']}", result),
         f"{result['samples']} samples ({result['conditions']} conditions x {len(result['seeds'])} seeds {result['seeds'][0]}"
         f"-{result['seeds'][-1]}), `{result['attention']}` attention, on {result['device']}. Each item generated in full;"
         " errors are against its full image (uint8 RGB in [0, 1]). Pooled PSNR = 10 log10(1 / mean MSE);"
-        " transformer FLOPs against the full generation (skipping.transformer_flops).",
-        "",
-        f"Command: `{result['command']}`; date: {result['date']}.",
+        " transformer FLOPs against the full generation (eval/flops.py).",
         "",
         f"Chosen thresholds (skip the last r scales when the detail energy after scale K-1-r is below "
         f"thresholds[r-1]): `{tuple(round(t, 5) for t in result['thresholds'])}`; mean MSE budget "
@@ -152,9 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     from sparvar.eval.quality import conditions_of
-    from sparvar.pipeline import load_pipeline
+    from sparvar.loading import load_pipeline
 
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.seeds < 1 or args.batch < 1:
         raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
@@ -165,13 +160,10 @@ def main(argv=None) -> dict:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     measured = measure(pipe, conditions, seeds, args.attention, args.batch, progress=not args.quiet)
     chosen = choose(measured)
-    result = {"model": pipe.spec.name, "device": str(pipe.device), "attention": args.attention,
+    result = {**provenance(command_line("sparvar calibrate-skip", argv), pipe.device),
+              "model": pipe.spec.name, "device": str(pipe.device), "attention": args.attention,
               "conditions": len(conditions), "seeds": seeds, **report(measured, chosen),
-              "thresholds": chosen["thresholds"], "mse_budget": chosen["mse_budget"], "measured": measured,
-              "command": "sparvar calibrate-skip " + " ".join(argv),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (out / "calibrate-skip.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-    (out / "calibrate-skip.md").write_text(to_markdown(result))
-    print(to_markdown(result))
-    print(f"wrote {out / 'calibrate-skip.json'} and {out / 'calibrate-skip.md'}")
+              "thresholds": chosen["thresholds"], "mse_budget": chosen["mse_budget"], "measured": measured}
+    files = write(out, "calibrate-skip", result, to_markdown(result))
+    print(f"wrote {files[0]} and {files[1]}")
     return result

@@ -11,8 +11,9 @@ run the same matmul, but refuses to run on a CPU and would not fuse the quantisa
 norms; so this is the path. `fp8_matmul_reference` (float32 of the same quantised numbers) is
 the oracle of the tests.
 
-Only the blocks are quantised: embeddings, adaLN, the head and the text projections stay in the
-model dtype (they are small or run once per generation).
+Only the blocks are quantised, the layers their family lists (`Family.fp8_layers`): embeddings,
+adaLN, the head and the text projections stay in the model dtype (they are small or run once per
+generation).
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
-from sparvar.models.fused import AMAX_FLOOR, FP8, FP8_MAX, Fp8Rows, quantize_rows
-
-QUANTISED = ("mat_qkv", "proj", "mat_q", "mat_kv", "fc1", "fc2")  # the blocks' projections, by name
+from sparvar.kernels.fp8 import AMAX_FLOOR, FP8, FP8_MAX, Fp8Rows, quantize_rows
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,18 +99,18 @@ def project(x: torch.Tensor | Fp8Rows, layer: nn.Module, bias: torch.Tensor | No
     return F.linear(x, layer.weight, layer.bias if bias is None else bias)
 
 
-def quantize_blocks(model: nn.Module, device=None) -> int:
-    """Replace the projections of every block of `model` with Fp8Linear layers, each quantised on
-    `device` (default: where its weight is) as it goes, so the full-precision weights never all
-    sit there at once. Returns the number of layers quantised."""
+def quantize_blocks(model: nn.Module, layers: tuple[str, ...], device=None) -> int:
+    """Replace the linear layers `layers` (paths within a block) of every block of `model` with
+    Fp8Linear layers, each quantised on `device` (default: where its weight is) as it goes, so the
+    full-precision weights never all sit there at once. Returns the number of layers quantised."""
     count = 0
     for block in model.blocks:
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if name in QUANTISED and isinstance(child, nn.Linear):
-                    k, n = child.in_features, child.out_features
-                    if k % 16 or n % 16:
-                        raise SparvarError(f"FP8 matmuls need layer sizes that are multiples of 16, not {n}x{k}")
-                    setattr(parent, name, Fp8Linear.from_linear(child, device))
-                    count += 1
+        for path, child in list(block.named_modules()):
+            if path in layers and isinstance(child, nn.Linear):
+                k, n = child.in_features, child.out_features
+                if k % 16 or n % 16:
+                    raise SparvarError(f"FP8 matmuls need layer sizes that are multiples of 16, not {n}x{k}")
+                parent, _, name = path.rpartition(".")
+                setattr(block.get_submodule(parent), name, Fp8Linear.from_linear(child, device))
+                count += 1
     return count

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from sparvar.errors import SparvarError
+from sparvar.models.base import Family, TransformerConfig
 from sparvar.models.hart import files as hart_files
 from sparvar.models.hart.text import QWEN2_1_5B, HARTTextEncoder
 from sparvar.models.hart.tokenizer import HARTTokenizer, HybridCodes
@@ -31,33 +31,6 @@ FASHION_MNIST_CLASSES = (
 DEMO_TEXT = dict(T5_XL, d_model=256, num_layers=3, num_heads=4, d_kv=64, d_ff=512, vocab_size=259)
 
 
-@dataclass(frozen=True)
-class Family:
-    """The model-specific parts the sampler loop drives (see pipeline.py for how it uses them).
-
-    transformer: built from spec.transformer; prepare / forward_scale / embed_codes / guidance_weight,
-    and checkpoint_state(file state) -> the state it loads (tensors a file may leave out filled in,
-    tensors it keeps for training only left out). forward_scale returns the logits, or at a scale
-    whose codes it refines (HART's last) (logits, hidden states), and then
-    residual(hidden, codes, weight, generators) -> what is added to the sampled tokens' codes.
-    decoder: built from spec.vae; decode(latent) -> images, init_weights(seed), checkpoint_state(file state).
-    codes: (spec, decoder) -> tokens <-> latent logic: to_codes / accumulate / next_input.
-    schedule: (spec, aspect, resolution or None) -> the scale schedule the model generates.
-    text_encoder: for text models, the class with load(path, config, device, dtype, max_length) and
-    random(config, device, dtype, seed, max_length) whose call gives prepare's condition.
-    configure: (spec, weights, vae) -> (spec, weights, vae): the spec with the architecture the
-    checkpoint folders' config files give and the files to read in them, for families whose
-    checkpoints carry a config (HART); None: the spec as registered and the paths as given.
-    """
-
-    transformer: type
-    decoder: type
-    codes: Callable[["ModelSpec", nn.Module], object]
-    schedule: Callable[["ModelSpec", str, int | None], Schedule]
-    text_encoder: type | None = None
-    configure: Callable[["ModelSpec", str | None, str | None], tuple] | None = None
-
-
 def _own_schedule(spec: "ModelSpec", aspect: str, resolution: int | None) -> Schedule:
     """VAR and HART models generate square images at their own resolution only (VAR's pos_1LC and
     HART's level embeddings fix the scales)."""
@@ -69,34 +42,46 @@ def _own_schedule(spec: "ModelSpec", aspect: str, resolution: int | None) -> Sch
     return spec.transformer.schedule
 
 
-FAMILIES: dict[str, Family] = {
-    "infinity": Family(
-        InfinityTransformer,
-        InfinityVAE,
-        lambda spec, decoder: BitwiseCodes(
-            spec.transformer.vae_channels, spec.transformer.patchify, spec.transformer.next_input
-        ),
-        lambda spec, aspect, resolution: infinity_schedule(aspect, resolution or spec.resolution),
-        TextEncoder,
-    ),
-    # the VQVAE's residual quantiser turns token indices into the latent and the next input
-    "var": Family(VARTransformer, VQVAE, lambda spec, decoder: decoder.quantize, _own_schedule),
-    "hart": Family(HARTTransformer, HARTTokenizer, lambda spec, decoder: HybridCodes(decoder.vae.quantize),
-                   _own_schedule, HARTTextEncoder, hart_files.configure),
-}
+# Infinity: 2B and 8B; the demo models are Infinity models trained on one schedule
+INFINITY = Family(
+    "Infinity",
+    InfinityTransformer,
+    InfinityVAE,
+    lambda spec, decoder: BitwiseCodes(spec.transformer.vae_channels, spec.transformer.patchify,
+                                       spec.transformer.next_input),
+    lambda spec, aspect, resolution: infinity_schedule(aspect, resolution or spec.resolution),
+    TextEncoder,
+    negative_prompts=True, tiled_decode=True, official_bench=True,
+    fp8_layers=("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj", "ffn.fc1", "ffn.fc2"),
+)
+# the VQVAE's residual quantiser turns token indices into the latent and the next input
+VAR = Family(
+    "VAR", VARTransformer, VQVAE, lambda spec, decoder: decoder.quantize, _own_schedule,
+    fixed_schedule=True, official_temperature=False, more_smooth=True,
+    fp8_layers=("attn.mat_qkv", "attn.proj", "ffn.fc1", "ffn.fc2"),
+    kept_layers=("ada_lin.1",),  # the adaLN of models without a shared one: once per generation (prepare)
+)
+HART = Family(
+    "HART", HARTTransformer, HARTTokenizer, lambda spec, decoder: HybridCodes(decoder.vae.quantize), _own_schedule,
+    HARTTextEncoder, hart_files.configure,
+    fixed_schedule=True, token_pruning=False, official_sampler=False, init_images=False, system_prompt=True,
+    fp8_layers=("attn.qkv_proj", "attn.proj", "ffn.gate_proj", "ffn.up_proj", "ffn.down_proj"),
+    kept_layers=("ada_lin.1",),  # the blocks' adaLN: once per generation (prepare)
+)
+FAMILIES = {family.name: family for family in (INFINITY, VAR, HART)}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     about: str
-    transformer: InfinityConfig | VARConfig | HARTConfig
+    transformer: TransformerConfig
     vae: VAEConfig | VQVAEConfig
     text: dict | None  # architecture of the text encoder (T5, Qwen2); None for class-conditional models
     files: dict[str, str] = field(default_factory=dict)  # CLI option -> the official file it takes
     resolution: int = 1024  # default pixel budget (Infinity) or the one resolution (VAR)
     classes: tuple[str, ...] = ()  # label names of class-conditional models
-    family: str = "infinity"
+    family: Family = INFINITY
     bundled: dict[str, str] = field(default_factory=dict)  # CLI option -> weights file in sparvar/assets
     # the schedules an Infinity model trained on one (or a few) generates, none else (the demo);
     # empty: any within the two limits below. VAR models generate their own only (`only_schedules`).
@@ -112,8 +97,8 @@ class ModelSpec:
     @property
     def only_schedules(self) -> tuple[Schedule, ...]:
         """The schedules the model can generate when they are a fixed few; empty: any within its limits."""
-        if self.family in ("var", "hart"):
-            return (self.transformer.schedule,)  # VAR: pos_1LC has a row per token; HART: its level embeddings
+        if self.family.fixed_schedule:  # VAR: pos_1LC has a row per token; HART: its level embeddings
+            return (self.transformer.schedule,)
         return self.schedules
 
     @property
@@ -133,7 +118,7 @@ class ModelSpec:
 
     def schedule(self, aspect: str = "1:1", resolution: int | None = None) -> Schedule:
         """The scale schedule of an aspect ratio (width:height) and pixel budget."""
-        return FAMILIES[self.family].schedule(self, aspect, resolution)
+        return self.family.schedule(self, aspect, resolution)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -210,7 +195,7 @@ MODELS: dict[str, ModelSpec] = {
                 None,
                 files={"--weights": f"var_d{depth}.pth", "--vae": "vae_ch160v4096z32.pth"},
                 resolution=256,
-                family="var",
+                family=VAR,
             )
             for depth in (16, 20, 24, 30)
         ],
@@ -223,7 +208,7 @@ MODELS: dict[str, ModelSpec] = {
             None,
             files={"--weights": "var_d36.pth", "--vae": "vae_ch160v4096z32.pth"},
             resolution=512,
-            family="var",
+            family=VAR,
         ),
         ModelSpec(
             "hart-0.7b",
@@ -238,7 +223,7 @@ MODELS: dict[str, ModelSpec] = {
                 "--vae": "hart-0.7b-1024px/tokenizer/ (config.json and weights)",
                 "--text-encoder": "folder of mit-han-lab/Qwen2-VL-1.5B-Instruct (config.json, weights, tokenizer)",
             },
-            family="hart",
+            family=HART,
         ),
         ModelSpec(
             "hart-tiny",
@@ -249,7 +234,7 @@ MODELS: dict[str, ModelSpec] = {
             dict(QWEN2_1_5B, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
             resolution=128,
-            family="hart",
+            family=HART,
         ),
         ModelSpec(
             "var-tiny",
@@ -258,7 +243,7 @@ MODELS: dict[str, ModelSpec] = {
             VQVAEConfig(vocab=32, channels=8, base=32, ch_mult=(1, 2)),
             None,
             resolution=32,
-            family="var",
+            family=VAR,
         ),
     ]
 }
@@ -277,7 +262,7 @@ def create_model(name: "str | ModelSpec", device="cpu", dtype: torch.dtype | Non
     """The transformer of a named config; random weights (from `seed`) unless built on meta."""
     spec = get_spec(name)
     with torch.device("meta"):
-        model = FAMILIES[spec.family].transformer(spec.transformer)
+        model = spec.family.transformer(spec.transformer)
     if torch.device(device).type == "meta":
         return model.to(dtype) if dtype else model
     return model.to(dtype or torch.float32).to_empty(device=device).init_weights(seed).eval()
@@ -286,7 +271,7 @@ def create_model(name: "str | ModelSpec", device="cpu", dtype: torch.dtype | Non
 def create_vae(spec: ModelSpec, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
     """The image decoder of a model; random weights (from `seed`) unless built on meta."""
     with torch.device("meta"):
-        vae = FAMILIES[spec.family].decoder(spec.vae)
+        vae = spec.family.decoder(spec.vae)
     if torch.device(device).type == "meta":
         return vae
     return vae.to(dtype or torch.float32).to_empty(device=device).init_weights(seed).eval()

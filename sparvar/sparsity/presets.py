@@ -1,4 +1,5 @@
-"""SparVAR settings, the named presets, and the rules that turn settings into a plan.
+"""SparVAR settings, the named presets, the grammar that joins a preset with accelerators
+("default+fastvar+skip2": `combination`), and the rules that turn settings into a plan.
 
 A plan says, for every (layer, scale) of a model depth and a schedule, which mode runs:
 "dense", "decision" (CS4A's dense pass that picks keys), "cs4a" (CS4A's sparse pass) or
@@ -13,11 +14,12 @@ A plan says, for every (layer, scale) of a model depth and a schedule, which mod
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
 from sparvar import layout
 from sparvar.errors import SparvarError
+from sparvar.pruning import PRUNE_PRESETS
 from sparvar.schedules import Schedule
 from sparvar.sparsity import cs4a
 from sparvar.sparsity.csla import csla_block_table
@@ -108,6 +110,72 @@ def get_config(preset: str | SparVARConfig, **overrides) -> SparVARConfig:
     if unknown:
         raise SparvarError(f"unknown SparVAR setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
     return SparVARConfig(**{**asdict(config), **overrides})
+
+
+# ---- the grammar of combinations: an attention preset and accelerators ---------------------------
+
+
+@dataclass(frozen=True)
+class Combination:
+    """An attention preset with any of: skip the last N scales, a token pruning, adaptive skip."""
+
+    attention: str = "dense"
+    skip_last: int = 0
+    prune: str | None = None
+    adaptive: bool = False
+
+    def options(self) -> dict:
+        """Keyword arguments of the pipeline's call, besides `attention`."""
+        return {"skip_last": self.skip_last, "prune": self.prune, "adaptive_skip": self.adaptive}
+
+    @property
+    def name(self) -> str:
+        """The combination in the grammar of `combination`."""
+        parts = [self.attention] + [f"skip{self.skip_last}"] * bool(self.skip_last) + [self.prune] * bool(self.prune)
+        return "+".join(parts + ["adaptive"] * self.adaptive)
+
+    def with_accelerators(self, skip_last: int = 0, prune: str | None = None, adaptive: bool = False) -> "Combination":
+        """This combination with accelerators given apart from its name (the command line's
+        --skip-last, --prune, --adaptive-skip); each kind comes once."""
+        twice = [(f"skip{skip_last}", self.skip_last and skip_last), (prune, self.prune and prune),
+                 ("adaptive", self.adaptive and adaptive)]
+        for part, clash in twice:
+            if clash:
+                raise SparvarError(f"cannot read {part!r} with {self.name!r}: skipN, a token pruning and adaptive "
+                                   "come once each, in the preset or as an option")
+        return replace(self, skip_last=self.skip_last or skip_last, prune=self.prune or prune,
+                       adaptive=self.adaptive or adaptive)
+
+    def describe(self) -> str:
+        parts = [f"{self.attention} attention" if self.attention != "dense" else PRESETS["dense"].description]
+        if self.prune:
+            parts.append(PRUNE_PRESETS[self.prune].description)
+        if self.skip_last:
+            parts.append("the last scale skipped" if self.skip_last == 1 else f"the last {self.skip_last} scales skipped")
+        if self.adaptive:
+            parts.append("adaptive skip (demo thresholds)")
+        return "; ".join(parts)
+
+
+def combination(name: str) -> Combination:
+    """Read "default+fastvar+skip2": an attention preset first (dense when left out), then in any
+    order `skipN`, a token-pruning name ("fastvar") and `adaptive`."""
+    parts = [p.strip() for p in name.split("+")]
+    attention = parts.pop(0) if parts and parts[0] in PRESETS else "dense"
+    skip, prune, adaptive = None, None, False
+    for part in parts:
+        if part.startswith("skip") and part[4:].isdigit() and skip is None:
+            skip = int(part[4:])
+        elif part in PRUNE_PRESETS and prune is None:
+            prune = part
+        elif part == "adaptive" and not adaptive:
+            adaptive = True
+        else:
+            raise SparvarError(
+                f"cannot read {part!r} in {name!r}: write an attention preset ({', '.join(PRESETS)}) followed by "
+                f"any of skipN, {', '.join(PRUNE_PRESETS)}, adaptive, each once, joined by '+'"
+            )
+    return Combination(attention, skip or 0, prune, adaptive)
 
 
 @dataclass(frozen=True)

@@ -278,17 +278,24 @@ class InfinityCase:
         return kv, lens, cu, max(lens)
 
 
-def tiny_t5(out: Path, seed: int):
-    """A random T5 encoder with a byte-level tokenizer, saved as a transformers folder."""
-    from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+def save_text_model(model: torch.nn.Module, folder: Path, seed: int):
+    """A transformers text model randomised (`randomize`) and saved in bf16 with transformers'
+    byte-level tokenizer as a local folder, as a user's would be; returns the folder's tokenizer."""
+    from transformers import AutoTokenizer, ByT5Tokenizer
 
-    folder = out / "t5"
-    torch.manual_seed(seed)
-    model = T5EncoderModel(T5Config(**T5_CONFIG)).eval()
     randomize(model, seed)
     model.to(torch.bfloat16).save_pretrained(folder)
     ByT5Tokenizer().save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder), T5EncoderModel.from_pretrained(folder).float().eval()
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_t5(out: Path, seed: int):
+    """A random T5 encoder with a byte-level tokenizer, saved as a transformers folder."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = save_text_model(T5EncoderModel(T5Config(**T5_CONFIG)).eval(), out / "t5", seed)
+    return tokenizer, T5EncoderModel.from_pretrained(out / "t5").float().eval()
 
 
 def record_text_features(off, out: Path, t5) -> None:

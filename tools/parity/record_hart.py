@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import bf16_state, even_rows, git_commit, image_record, randomize  # noqa: E402
+from record import bf16_state, even_rows, git_commit, image_record, randomize, save_text_model  # noqa: E402
 
 from sparvar.bench import official  # noqa: E402
 from sparvar.models.hart.diffusion import diffusion_noise  # noqa: E402
@@ -91,15 +91,11 @@ def parameters_on_meta():
 
 def text_model(out: Path, seed: int):
     """A random Qwen2 model with transformers' byte-level tokenizer, saved as a local folder."""
-    from transformers import AutoModel, AutoTokenizer, ByT5Tokenizer, Qwen2Config, Qwen2Model
+    from transformers import AutoModel, Qwen2Config, Qwen2Model
 
-    folder = out / "text"
     torch.manual_seed(seed)
-    model = Qwen2Model(Qwen2Config(**TEXT)).eval()
-    randomize(model, seed)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    ByT5Tokenizer().save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = save_text_model(Qwen2Model(Qwen2Config(**TEXT)).eval(), out / "text", seed)
+    return tokenizer, AutoModel.from_pretrained(out / "text", dtype=torch.float32).eval()
 
 
 @contextlib.contextmanager

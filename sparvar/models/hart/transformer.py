@@ -35,20 +35,24 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
+from sparvar.kernels.fp8 import quantize_rows
 from sparvar.kv_cache import KVCache
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer, TransformerConfig
+from sparvar.models.fp8 import Fp8Linear, project
 from sparvar.models.hart.diffusion import DiffusionHead
 from sparvar.models.hart.text import SYSTEM_PROMPT
-from sparvar.models.infinity.transformer import (  # RMSNorm: float32, as HART's fused kernel
-    Attend, CachedAttend, RMSNorm, ScaleTransformer)
+from sparvar.models.infinity.transformer import (
+    RMSNorm,  # float32, as HART's fused kernel
+)
 from sparvar.schedules import Schedule
-from sparvar.skipping import TokenPruning
+from sparvar.pruning import TokenPruning
 
 HART_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)  # patch_nums of hart-0.7b-1024px
 ROPE_BASE = 10000.0
 
 
 @dataclass(frozen=True)
-class HARTConfig:
+class HARTConfig(TransformerConfig):
     """The architecture (config.json's names in comments) and the official sampling defaults."""
 
     depth: int = 16  # depth
@@ -72,10 +76,6 @@ class HARTConfig:
     top_p: float = 0.0
     system_prompt: str = SYSTEM_PROMPT  # the official sampler's prompt enhancement (use_llm_system_prompt)
     num_classes: int = 0
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
 
     @property
     def text_max_len(self) -> int:
@@ -183,7 +183,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attend: Attend, layer: int):
         b, n, _ = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        q, k, v = F.linear(x, self.qkv_proj.weight, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = project(x, self.qkv_proj, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.scale_mul_1H11 is not None:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100)).exp()
             k = F.normalize(k, dim=-1)
@@ -200,6 +200,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x):
+        if isinstance(self.gate_proj, Fp8Linear):  # one quantising pass for both projections
+            x = quantize_rows(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -214,7 +216,7 @@ class Block(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
     def forward(self, x, mod, cos, sin, attend: Attend, layer: int):
-        dtype = self.ffn.up_proj.weight.dtype
+        dtype = self.ada_lin[1].weight.dtype  # the model dtype: the projections' may be FP8
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
         x = x + self.attn((self.ln_wo_grad(x) * (1 + scale1) + shift1).to(dtype), cos, sin, attend, layer).float() * gamma1
         return x + self.ffn((self.ln_wo_grad(x) * (1 + scale2) + shift2).to(dtype)).float() * gamma2
@@ -273,19 +275,8 @@ class HARTTransformer(ScaleTransformer):
 
     def init_weights(self, seed: int = 0) -> "HARTTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
-        gen = torch.Generator(self.device).manual_seed(seed)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("scale_mul_1H11"):
-                    p.fill_(math.log(4.0))
-                elif name.endswith("norm.weight") or name.endswith("ln_wo_grad.weight") or name.endswith("in_ln.weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, 1 / math.sqrt(p.shape[-1]), generator=gen)
-            for name, b in self.named_buffers():
-                b.zero_()  # the zero k biases
+        ones = ("norm.weight", "ln_wo_grad.weight", "in_ln.weight")  # RMSNorm scales
+        self.draw_weights(seed, lambda p: 1 / math.sqrt(p.shape[-1]), ones)
         return self
 
     # ---- conditioning -------------------------------------------------------------------

@@ -14,92 +14,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparvar.attention.policy import AttentionCall, AttentionPolicy
+from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
-from sparvar.kv_cache import KVCache, make_kv_cache
+from sparvar.kernels.fused import add_norm, gated_add, linear_gelu, qkv_heads
+from sparvar.kv_cache import KVCache
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer, TransformerConfig
 from sparvar.models.fp8 import Fp8Linear, project
-from sparvar.models.fused import add_norm, gated_add, linear_gelu, qkv_heads
 from sparvar.schedules import Schedule
-from sparvar.skipping import Kept, TokenPruning
-
-class Attend:
-    """A layer's self-attention: attend(layer, q, k, v) -> out, all (B, H, L, D), from a function."""
-
-    def __init__(self, fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.fn = fn
-
-    def slots(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Where this layer's n new keys and values are to be written, if somewhere already."""
-        return None
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.fn(layer, q, k, v)
-
-
-class CachedAttend(Attend):
-    """One generation step: the new keys and values go into the KV cache at the scale's offset
-    (written there by the qkv kernel, given the cache's slots), and attention over the cache
-    goes through the policy, the seam SparVAR plugs into. With `kept` (token pruning,
-    skipping.py) only those tokens ran: their keys go to their own slots, stand-ins fill the rest.
-    `softmax_scale` is 1 for cosine attention, where q comes scaled."""
-
-    def __init__(self, cache: KVCache, policy: AttentionPolicy, scale: int, schedule: Schedule, depth: int,
-                 kept: Kept | None = None, softmax_scale: float = 1.0):
-        self.cache, self.policy, self.scale, self.schedule, self.depth = cache, policy, scale, schedule, depth
-        self.start, self.kept, self.softmax_scale = schedule.offsets[scale], kept, softmax_scale
-
-    def pruned(self, kept: Kept) -> "CachedAttend":
-        """The same step for layers that run on the kept tokens only."""
-        return CachedAttend(self.cache, self.policy, self.scale, self.schedule, self.depth, kept, self.softmax_scale)
-
-    def slots(self, layer, n):
-        return self.cache.slots(layer, self.start, n) if self.kept is None else None
-
-    def __call__(self, layer, q, k, v):
-        if self.kept is None:
-            keys, values = self.cache.write(layer, self.start, k, v)
-        else:
-            n = self.schedule.lengths[self.scale]
-            keys, values = self.cache.write_kept(layer, self.start, n, k, v, self.kept.index, self.kept.stand_in)
-        index = None if self.kept is None else self.kept.index
-        call = AttentionCall(layer, self.scale, self.depth, self.schedule, self.softmax_scale, index)
-        return self.policy(q, keys, values, call)
-
-
-class ScaleTransformer(nn.Module):
-    """What the sampler loop asks of every family's transformer besides its steps: where its
-    weights are, a KV cache of any kind, and its blocks one layer at a time. Subclasses hold
-    `cfg` (depth, heads, head_dim), `blocks` and `head`."""
-
-    stream = None  # an offload.BlockStream when the blocks stream from CPU memory
-
-    def block(self, layer: int) -> nn.Module:
-        """The block of a layer, ready to run (fetched onto the GPU when the blocks stream)."""
-        return self.blocks[layer] if self.stream is None else self.stream.fetch(layer)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.weight.device
-
-    def new_kv_cache(self, batch: int, capacity: int, kind: str = "static", stored: int | None = None) -> KVCache:
-        """A cache of `kind` (kv_cache.KINDS) for `capacity` tokens, `stored` of them kept (lean, fp8)."""
-        c = self.cfg
-        stored = capacity if stored is None else stored
-        return make_kv_cache(kind, c.depth, batch, c.heads, capacity, stored, c.head_dim, self.dtype, self.device)
+from sparvar.pruning import TokenPruning
 
 
 @dataclass(frozen=True)
-class InfinityConfig:
+class InfinityConfig(TransformerConfig):
     depth: int
     width: int
     heads: int
@@ -118,10 +49,6 @@ class InfinityConfig:
     top_p: float = 0.97
 
     @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
     def bits(self) -> int:
         """Bits per transformer token: the latent channels, times 4 when patchified."""
         return self.vae_channels * (4 if self.patchify else 1)
@@ -133,6 +60,10 @@ class InfinityConfig:
     @property
     def text_conditioned(self) -> bool:
         return self.text_width > 0
+
+    @property
+    def cross_attention(self) -> bool:
+        return self.text_conditioned
 
 
 def adaptive_norm(x, scale, shift, eps, dtype):
@@ -378,20 +309,7 @@ class InfinityTransformer(ScaleTransformer):
 
     def init_weights(self, seed: int = 0) -> "InfinityTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
-        gen = torch.Generator(self.device).manual_seed(seed)
-        std = math.sqrt(1 / self.cfg.width / 3)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("scale_mul_1H11"):
-                    p.fill_(math.log(4.0))
-                elif name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=gen)
-            for name, b in self.named_buffers():
-                b.zero_()  # the zero k biases
+        self.draw_weights(seed, math.sqrt(1 / self.cfg.width / 3))
         return self
 
     # ---- conditioning -------------------------------------------------------------------
@@ -462,7 +380,7 @@ class InfinityTransformer(ScaleTransformer):
     ) -> torch.Tensor:
         """One generation step: inputs of scale `scale` (B, n, C) -> bit logits (B, n, bits, 2).
 
-        `pruning` (skipping.py) may run a range of layers on part of the tokens (`kept`)."""
+        `pruning` (pruning.py) may run a range of layers on part of the tokens (`kept`)."""
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float()
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
-from sparvar.models.fused import channels_last_on_gpu, group_norm_silu
+from sparvar.kernels.fused import channels_last_on_gpu, group_norm_silu
 from sparvar.models.infinity.tiled_decode import BAND_PIXELS, TiledDecoder
 
 

@@ -3,7 +3,7 @@
 Parameter and buffer names follow the official checkpoints (var_d16.pth ... var_d36.pth), so
 they load strictly. A token's input is its embedding plus a learned absolute position (pos_1LC,
 one row per token of the model's own schedule) and its scale's level embedding; no RoPE. The
-blocks use the same cosine attention as Infinity (imported from there) and AdaLN from the class
+blocks use the same cosine attention and FFN as Infinity (imported from there) and AdaLN from the class
 embedding: per block (ada_lin) or, for d36, one shared projection plus a learned per-block offset.
 As in the Infinity transformer, the residual stream stays in float32 and the products run in
 the model's dtype; `forward_scale` (KV cache + attention policy) and `forward_full` (teacher
@@ -21,16 +21,16 @@ import torch.nn.functional as F
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
+from sparvar.kernels.fused import add_norm, gated_add
 from sparvar.kv_cache import KVCache
-from sparvar.models.fused import add_norm, gated_add
-from sparvar.models.infinity.transformer import (
-    FFN, Attend, CachedAttend, HeadNorm, ScaleTransformer, SelfAttention, adaptive_norm)
+from sparvar.models.base import Attend, CachedAttend, ScaleTransformer, TransformerConfig
+from sparvar.models.infinity.transformer import FFN, HeadNorm, SelfAttention, adaptive_norm
 from sparvar.schedules import VAR_256, Schedule
-from sparvar.skipping import TokenPruning
+from sparvar.pruning import TokenPruning
 
 
 @dataclass(frozen=True)
-class VARConfig:
+class VARConfig(TransformerConfig):
     depth: int
     width: int  # 64 * depth for the official models
     heads: int  # = depth for the official models (head_dim 64)
@@ -45,10 +45,6 @@ class VARConfig:
     tau: float = 1.0
     top_k: int = 900
     top_p: float = 0.95
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
 
     @property
     def ffn_hidden(self) -> int:
@@ -156,19 +152,8 @@ class VARTransformer(ScaleTransformer):
 
     def init_weights(self, seed: int = 0) -> "VARTransformer":
         """Random weights of the right scale, drawn on the model's device (benchmarks, tests)."""
-        gen = torch.Generator(self.device).manual_seed(seed)
-        std = math.sqrt(1 / self.cfg.width / 3)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("scale_mul_1H11"):
-                    p.fill_(math.log(4.0))
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=gen)
-            for block in self.blocks:
-                block.attn.zero_k_bias.zero_()
-        self._fill_buffers()
+        self.draw_weights(seed, math.sqrt(1 / self.cfg.width / 3))
+        self._fill_buffers()  # the scale of every token and the block-causal mask
         return self
 
     def check_schedule(self, schedule: Schedule) -> None:
@@ -212,7 +197,7 @@ class VARTransformer(ScaleTransformer):
     ) -> torch.Tensor:
         """One generation step: inputs of scale `scale` (B, n, C) -> logits (B, n, vocab).
 
-        `pruning` (skipping.py) may run a range of layers on part of the tokens (`kept`)."""
+        `pruning` (pruning.py) may run a range of layers on part of the tokens (`kept`)."""
         self.check_schedule(schedule)
         start, n = schedule.offsets[scale], schedule.lengths[scale]
         x = x + self.lvl_embed.weight[scale].float() + self.pos_1LC[0, start : start + n].float()

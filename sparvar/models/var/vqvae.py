@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
-from sparvar.models.fused import channels_last_on_gpu, group_norm_silu
+from sparvar.kernels.fused import channels_last_on_gpu, group_norm_silu
 from sparvar.models.infinity.vae import Downsample, ResBlock, Upsample, group_norm  # the same LDM-style pieces
 from sparvar.models.var.quant import ResidualQuantizer
 from sparvar.schedules import Schedule

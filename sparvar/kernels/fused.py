@@ -12,10 +12,10 @@ an Infinity-8B generation at 1024x1024 (benchmarks/profile.json). Here each grou
 - `group_norm_silu`: the VAE decoders' GroupNorm + SiLU, in NCHW or channels_last (PyTorch's
   bf16 GroupNorm statistics kernel runs one thread block per group: 46 of the 84 ms of an 8B
   decode at 1024x1024);
-- `linear_gelu`: the FFN's first projection with its tanh-GELU in the matmul's epilogue;
-- `quantize_rows`: activations to FP8 (e4m3) with one scale per row, for the FP8 matmuls of
-  models/fp8.py (with the FFN's GELU before it); `add_norm` quantises its output itself when
-  asked for FP8, so the norm's output never exists in bf16.
+- `linear_gelu`: the FFN's first projection with its tanh-GELU in the matmul's epilogue.
+
+`add_norm` quantises its output itself when asked for FP8 (kernels/fp8.py), so the norm's output
+never exists in bf16.
 
 The PyTorch versions are the reference: they run on the CPU, under autograd (training), inside
 `reference_only()` (the benchmark's official-style baseline), and in the tests against the
@@ -24,12 +24,13 @@ kernels.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from sparvar.kernels import use_kernels
+from sparvar.kernels.fp8 import FP8, Fp8Rows, quantize_rows_reference
 
 try:
     import triton
@@ -37,42 +38,12 @@ try:
 except ImportError:  # CPU-only installs may lack triton; the reference path needs none
     triton = None
 
-_REFERENCE_ONLY = False
 LOG_100 = math.log(100.0)  # cap of the attention's learned log temperature
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3 value
-AMAX_FLOOR = 1e-12  # an all-zero row gets this amax, so its scale stays finite and positive
-
-
-class Fp8Rows(NamedTuple):
-    """Activations quantised per row for an FP8 matmul: x ~ data * scale."""
-
-    data: torch.Tensor  # (..., K) float8_e4m3fn
-    scale: torch.Tensor  # (..., 1) float32
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
-
-@contextlib.contextmanager
-def reference_only():
-    """Run the PyTorch reference even where the kernels could run (for comparisons)."""
-    global _REFERENCE_ONLY
-    old, _REFERENCE_ONLY = _REFERENCE_ONLY, True
-    try:
-        yield
-    finally:
-        _REFERENCE_ONLY = old
-
-
-def _use_kernels(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda and not torch.is_grad_enabled() and not _REFERENCE_ONLY
 
 
 def _residual_rows(x: torch.Tensor) -> bool:
     """x is the float32 residual stream (B, n, C) the add/norm kernel reads, where kernels run."""
-    return _use_kernels(x) and x.dim() == 3 and x.dtype == torch.float32
+    return use_kernels(x) and x.dim() == 3 and x.dtype == torch.float32
 
 
 def _per_batch(t: torch.Tensor, batch: int, width: int) -> tuple[torch.Tensor, int]:
@@ -160,7 +131,7 @@ def qkv_heads(qkv: torch.Tensor, heads: int, q_log_scale: torch.Tensor, rope, kv
     reach the out projection without a copy.
     """
     d = qkv.shape[-1] // 3 // heads
-    if _use_kernels(qkv) and d >= 16 and not d & (d - 1):
+    if use_kernels(qkv) and d >= 16 and not d & (d - 1):
         return qkv_heads_triton(qkv, heads, q_log_scale, rope, kv_out)
     return qkv_heads_reference(qkv, heads, q_log_scale, rope)
 
@@ -190,66 +161,22 @@ def qkv_heads_triton(qkv, heads: int, q_log_scale, rope, kv_out=None):
 # ---- FFN projection + GELU -------------------------------------------------------------------
 def linear_gelu(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     """gelu_tanh(linear(x)); on CUDA the GELU runs in cuBLASLt's epilogue of the matmul."""
-    if _use_kernels(x) and linear.bias is not None:
+    if use_kernels(x) and linear.bias is not None:
         flat = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
         return flat.view(*x.shape[:-1], -1)
     return F.gelu(linear(x), approximate="tanh")
-
-
-# ---- FP8 rows ----------------------------------------------------------------------------------
-def quantize_rows_reference(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
-    x = x.float()
-    if gelu:
-        x = F.gelu(x, approximate="tanh")
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(AMAX_FLOOR) / FP8_MAX
-    return Fp8Rows((x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
-
-
-def quantize_rows(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
-    """x (..., K) -> FP8 rows with scale amax(|row|) / 448 each (tanh-GELU first, with `gelu`):
-    one pass over x where kernels run."""
-    if _use_kernels(x):
-        return quantize_rows_triton(x, gelu)
-    return quantize_rows_reference(x, gelu)
-
-
-def quantize_rows_triton(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
-    x = x.contiguous()
-    k = x.shape[-1]
-    data = torch.empty(x.shape, device=x.device, dtype=FP8)
-    scale = torch.empty((*x.shape[:-1], 1), device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(k)
-    _quantize_rows_kernel[(x.numel() // k,)](x, data, scale, k, GELU=gelu, BLOCK=block,
-                                             num_warps=min(max(block // 512, 1), 16))
-    return Fp8Rows(data, scale)
-
-
-def dequantize_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """out = data * scale, for FP8 rows `data` (P, L, D) with `scale` (P, L, 1): the FP8 KV
-    cache's prefix into its staging buffer (any leading dims; the last two may be strided
-    slices of larger buffers whose rows are contiguous)."""
-    if _use_kernels(out):
-        p, length, d = data.numel() // (data.shape[-2] * data.shape[-1]), data.shape[-2], data.shape[-1]
-        planes = lambda t: t.view(-1, *t.shape[-2:])  # a view: the kernel writes into `out` itself  # noqa: E731
-        src, src_scale, dst = planes(data), planes(scale), planes(out)
-        block = max(1, 4096 // d)
-        _dequantize_rows_kernel[(triton.cdiv(length, block), p)](
-            src, src_scale, dst, length, src.stride(0), src.stride(1), src_scale.stride(0), dst.stride(0), dst.stride(1),
-            D=d, BLOCK=block)
-    else:
-        out.copy_(data.float() * scale)
 
 
 # ---- the VAE decoders: channels_last, GroupNorm + SiLU ---------------------------------------
 def channels_last_on_gpu(x: torch.Tensor) -> torch.Tensor:
     """The decoders' input layout: on CUDA channels_last, which cuDNN convolves without the
     NCHW<->NHWC transposes it adds around every NCHW convolution (time, and 1 GiB at 1024x1024)."""
-    return x.contiguous(memory_format=torch.channels_last) if _use_kernels(x) else x
+    return x.contiguous(memory_format=torch.channels_last) if use_kernels(x) else x
 
 
 def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
     """silu(norm(x)) for x (N, C, H, W)."""
-    if _use_kernels(x) and x.dim() == 4 and norm.affine:
+    if use_kernels(x) and x.dim() == 4 and norm.affine:
         return group_norm_silu_triton(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return F.silu(norm(x))
 
@@ -291,9 +218,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 if triton is not None:
+    from sparvar.kernels.fp8 import _fp8_row
+
     _LOG_100 = tl.constexpr(LOG_100)  # globals a kernel may read
-    _FP8_MAX = tl.constexpr(FP8_MAX)
-    _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 
     @triton.jit(do_not_specialize=["n"])
     def _add_norm_kernel(X, BRANCH, GATE, MUL, ADD, X_OUT, OUT, SCALE, n, C, eps, stride_gate, stride_mul,
@@ -320,35 +247,6 @@ if triton is not None:
             if QUANT:
                 y = _fp8_row(y, SCALE + row)
             tl.store(OUT + row * C + cols, y.to(OUT.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _fp8_row(y, SCALE):
-        """y (float32, zeros past the row's end) divided by its scale amax / 448, which goes to SCALE."""
-        scale = tl.maximum(tl.max(tl.abs(y), axis=0), _AMAX_FLOOR) / _FP8_MAX
-        tl.store(SCALE, scale)
-        return tl.clamp(y / scale, -_FP8_MAX, _FP8_MAX)
-
-    @triton.jit(do_not_specialize=["K"])
-    def _quantize_rows_kernel(X, Q, SCALE, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < K
-        y = tl.load(X + row * K + cols, mask=ok, other=0.0).to(tl.float32)
-        if GELU:  # tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates cleanly at both ends
-            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-            y = 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
-        tl.store(Q + row * K + cols, _fp8_row(y, SCALE + row).to(Q.dtype.element_ty), mask=ok)
-
-    @triton.jit(do_not_specialize=["length"])
-    def _dequantize_rows_kernel(SRC, SCALE, DST, length, src_sp, src_sl, scale_sp, dst_sp, dst_sl,
-                                D: tl.constexpr, BLOCK: tl.constexpr):
-        plane = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[:, None]
-        dims = tl.arange(0, D)[None, :]
-        ok = rows < length
-        scale = tl.load(SCALE + plane * scale_sp + rows, mask=ok, other=0.0)
-        values = tl.load(SRC + plane * src_sp + rows * src_sl + dims, mask=ok, other=0.0).to(tl.float32) * scale
-        tl.store(DST + plane * dst_sp + rows * dst_sl + dims, values.to(DST.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=["n"])
     def _qkv_heads_kernel(QKV, LOG_SCALE, COS, SIN, Q, K, V, n, H, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,

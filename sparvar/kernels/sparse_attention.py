@@ -25,6 +25,7 @@ import triton.language as tl
 
 from sparvar.attention.tables import BlockTable
 from sparvar.errors import SparvarError
+from sparvar.kernels.fp8 import FP8, quantize_rows
 
 LOG2E = 1.4426950408889634
 
@@ -193,13 +194,8 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return min(n & -n, cap)
 
 
-FP8 = torch.float8_e4m3fn
-
-
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, L, D) -> FP8 values and their scales (B, H, L) float32, one per row (token and head)."""
-    from sparvar.models.fused import quantize_rows
-
     rows = quantize_rows(x)
     return rows.data, rows.scale.squeeze(-1)
 

@@ -1,6 +1,6 @@
 """Dense attention plus per-group column sums of its probabilities, in one call of two kernels.
 
-First the block kernel of triton_sparse runs dense attention (a table listing every key block)
+First the block kernel of sparse_attention.py runs dense attention (a table listing every key block)
 and returns the row log-sum-exp. Then a column-sum kernel recomputes the scores once with the
 keys as rows: each program holds one key tile and streams the query tiles past it, so
 exp(s - lse) are the exact probabilities and their sums over queries stay inside a warp (no
@@ -15,10 +15,11 @@ import triton
 import triton.language as tl
 
 from sparvar.attention.tables import BlockTable
-from sparvar.attention.triton_sparse import (
-    FP8, LOG2E, _load_rows, _row_scales, row_descriptor, tma_ready, triton_sparse_attention,
-)
 from sparvar.errors import SparvarError
+from sparvar.kernels.fp8 import FP8
+from sparvar.kernels.sparse_attention import (
+    LOG2E, _load_rows, _row_scales, row_descriptor, tma_ready, triton_sparse_attention,
+)
 
 
 @triton.jit

@@ -1,0 +1,115 @@
+"""FP8 (e4m3) rows: activations and attention inputs quantised with one float32 scale per row.
+
+The FP8 matmuls (models/fp8.py), the FP8 KV cache (kv_cache.py) and the FP8 attention options
+(kernels/sparse_attention.py) all keep values as `Fp8Rows`: x ~ data * scale, the scale of a row
+being amax(|row|) / 448. `quantize_rows` makes them in one pass (the FFN's GELU first, where
+asked), `dequantize_rows` reads the FP8 KV cache back; `_fp8_row` is the in-kernel step that
+kernels/fused.py's add/norm kernel also ends with, so a norm's output never exists in bf16.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from sparvar.kernels import use_kernels
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs may lack triton; the reference path needs none
+    triton = None
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+AMAX_FLOOR = 1e-12  # an all-zero row gets this amax, so its scale stays finite and positive
+
+
+class Fp8Rows(NamedTuple):
+    """Activations quantised per row for an FP8 matmul: x ~ data * scale."""
+
+    data: torch.Tensor  # (..., K) float8_e4m3fn
+    scale: torch.Tensor  # (..., 1) float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+
+def quantize_rows_reference(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
+    x = x.float()
+    if gelu:
+        x = F.gelu(x, approximate="tanh")
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(AMAX_FLOOR) / FP8_MAX
+    return Fp8Rows((x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
+
+
+def quantize_rows(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
+    """x (..., K) -> FP8 rows with scale amax(|row|) / 448 each (tanh-GELU first, with `gelu`):
+    one pass over x where kernels run."""
+    if use_kernels(x):
+        return quantize_rows_triton(x, gelu)
+    return quantize_rows_reference(x, gelu)
+
+
+def quantize_rows_triton(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
+    x = x.contiguous()
+    k = x.shape[-1]
+    data = torch.empty(x.shape, device=x.device, dtype=FP8)
+    scale = torch.empty((*x.shape[:-1], 1), device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    _quantize_rows_kernel[(x.numel() // k,)](x, data, scale, k, GELU=gelu, BLOCK=block,
+                                             num_warps=min(max(block // 512, 1), 16))
+    return Fp8Rows(data, scale)
+
+
+def dequantize_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """out = data * scale, for FP8 rows `data` (P, L, D) with `scale` (P, L, 1): the FP8 KV
+    cache's prefix into its staging buffer (any leading dims; the last two may be strided
+    slices of larger buffers whose rows are contiguous)."""
+    if use_kernels(out):
+        p, length, d = data.numel() // (data.shape[-2] * data.shape[-1]), data.shape[-2], data.shape[-1]
+        planes = lambda t: t.view(-1, *t.shape[-2:])  # a view: the kernel writes into `out` itself  # noqa: E731
+        src, src_scale, dst = planes(data), planes(scale), planes(out)
+        block = max(1, 4096 // d)
+        _dequantize_rows_kernel[(triton.cdiv(length, block), p)](
+            src, src_scale, dst, length, src.stride(0), src.stride(1), src_scale.stride(0), dst.stride(0), dst.stride(1),
+            D=d, BLOCK=block)
+    else:
+        out.copy_(data.float() * scale)
+
+
+if triton is not None:
+    _FP8_MAX = tl.constexpr(FP8_MAX)  # globals a kernel may read
+    _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
+
+    @triton.jit
+    def _fp8_row(y, SCALE):
+        """y (float32, zeros past the row's end) divided by its scale amax / 448, which goes to SCALE."""
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0), _AMAX_FLOOR) / _FP8_MAX
+        tl.store(SCALE, scale)
+        return tl.clamp(y / scale, -_FP8_MAX, _FP8_MAX)
+
+    @triton.jit(do_not_specialize=["K"])
+    def _quantize_rows_kernel(X, Q, SCALE, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < K
+        y = tl.load(X + row * K + cols, mask=ok, other=0.0).to(tl.float32)
+        if GELU:  # tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates cleanly at both ends
+            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
+        tl.store(Q + row * K + cols, _fp8_row(y, SCALE + row).to(Q.dtype.element_ty), mask=ok)
+
+    @triton.jit(do_not_specialize=["length"])
+    def _dequantize_rows_kernel(SRC, SCALE, DST, length, src_sp, src_sl, scale_sp, dst_sp, dst_sl,
+                                D: tl.constexpr, BLOCK: tl.constexpr):
+        plane = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[:, None]
+        dims = tl.arange(0, D)[None, :]
+        ok = rows < length
+        scale = tl.load(SCALE + plane * scale_sp + rows, mask=ok, other=0.0)
+        values = tl.load(SRC + plane * src_sp + rows * src_sl + dims, mask=ok, other=0.0).to(tl.float32) * scale
+        tl.store(DST + plane * dst_sp + rows * dst_sl + dims, values.to(DST.dtype.element_ty), mask=ok)
