@@ -49,7 +49,7 @@ def _generation_config(args) -> GenerationConfig:
     return GenerationConfig(
         seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, aspect=args.aspect,
         resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs, sampler=args.sampler,
-        negative_prompt=args.negative_prompt, more_smooth=args.more_smooth,
+        negative_prompt=args.negative_prompt, more_smooth=args.more_smooth, image=args.image,
         kv_cache=args.kv_cache, system_prompt=getattr(args, "system_prompt", None))
 
 
@@ -115,6 +115,8 @@ def cmd_generate(args) -> None:
     _check_init_image(args, spec, configs)
     if job and args.init_image:
         raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
+    if job and args.image:
+        raise SparvarError("--image edits in one pass; batch jobs do not take a source picture yet")
     seeds = base.seeds(len(conditions))
     paths = _output_paths(args.out, conditions)
     load = lambda device: load_pipeline(  # noqa: E731
@@ -365,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(one generator for the batch), so a seed gives their images")
     gen.add_argument("--negative-prompt", help="text models: a prompt to steer away from (it replaces the empty "
                      "prompt of guidance)")
+    gen.add_argument("--image", help="the source picture of an edit (VAREdit models): every prompt is an "
+                     "instruction applied to it; the edited images come back in its shape")
     gen.add_argument("--init-image", help="a picture whose first --init-scales scales every image keeps: variations "
                      "of it (the official gt_leak)")
     gen.add_argument("--init-scales", type=int, default=0, help="how many first scales --init-image fixes")

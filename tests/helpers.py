@@ -16,6 +16,7 @@ from sparvar.models.infinity.vae import InfinityVAE
 from sparvar.models.registry import MODELS
 from sparvar.models.var.transformer import VARTransformer
 from sparvar.models.var.vqvae import VQVAE
+from sparvar.models.varedit.transformer import VAREditTransformer
 from sparvar.pipeline import Pipeline
 
 
@@ -42,10 +43,21 @@ def var_pipeline(seed: int = 0, **overrides) -> Pipeline:
     return Pipeline(spec, transformer, VQVAE(spec.vae).init_weights(seed).eval())
 
 
+def edit_pipeline(seed: int = 0, **overrides) -> Pipeline:
+    """varedit-tiny (7 scales after a 16x16 source, 32x32 pixels) with config fields overridden,
+    random weights, on the CPU."""
+    spec = MODELS["varedit-tiny"]
+    spec = replace(spec, transformer=replace(spec.transformer, **overrides))
+    transformer = VAREditTransformer(spec.transformer).init_weights(seed).eval()
+    text = TextEncoder.random(spec.text, "cpu", torch.float32, seed, spec.transformer.text_max_len)
+    return Pipeline(spec, transformer, InfinityVAE(spec.vae).init_weights(seed).eval(), text)
+
+
 @torch.no_grad()  # the sampled tokens are inference tensors
-def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: float) -> torch.Tensor:
+def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: float, image=None) -> torch.Tensor:
     """Guided logits of one full forward pass (block-causal mask) over the sequence rebuilt from
-    the sampled tokens: what the KV-cache loop must have produced scale by scale."""
+    the sampled tokens: what the KV-cache loop must have produced scale by scale. `image`: an
+    edit's source picture."""
     model, codes = pipe.transformer, pipe.codes
     weights = [model.guidance_weight(k, len(schedule), cfg) for k in range(len(schedule))]
     guidance = any(w != 0 for w in weights)
@@ -55,7 +67,10 @@ def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: flo
         if k + 1 < len(schedule):
             x = codes.next_input(summed, k + 1, schedule)
             inputs.append(torch.cat([x, x]) if guidance else x)
-    logits = model.forward_full(inputs, schedule, model.prepare(pipe.encode(conditions), guidance))
+    condition = pipe.encode(conditions)
+    if image is not None:
+        condition += (pipe._source((image,), len(conditions), schedule),)
+    logits = model.forward_full(inputs, schedule, model.prepare(condition, guidance))
     if not guidance:
         return logits
     cond, uncond = logits.chunk(2)
