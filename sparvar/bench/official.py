@@ -7,7 +7,7 @@ Stand-ins (each one documented in tools/parity/README.md):
 - `flash_attn`: its two attention calls, served by SDPA (per sequence for the varlen one);
 - `timm`, `torchvision`, `cv2`, `pandas`, `yaml`, where not installed: imported by the official
   modules for training, logging or image I/O that the harness never calls; only the names used
-  at import exist;
+  at import exist, and torchvision's `to_tensor` for the uint8 pictures VAREdit's transform gives it;
 - float32 comparisons: Infinity's cross-attention casts float32 inputs to bf16 before the flash
   call; `exact_cross_attention()` makes that cast a no-op in its module, so both sides compute
   in float32;
@@ -53,6 +53,12 @@ def _flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seql
     return torch.cat(outs)
 
 
+def _to_tensor(picture):
+    """torchvision's to_tensor for an (H, W, 3) uint8 array, as VAREdit's image transform calls it:
+    (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(picture).permute(2, 0, 1).float().div(255)
+
+
 class _DropPath(nn.Module):
     """Drop path is the identity at inference; the harness never trains."""
 
@@ -84,7 +90,7 @@ def _install_stand_ins() -> None:
                      trunc_normal_=nn.init.trunc_normal_)
     timm_models = _module("timm.models", register_model=lambda fn: fn, layers=layers)
     timm = _module("timm", models=timm_models, loss=_module("timm.loss", SoftTargetCrossEntropy=_UnusedLoss))
-    tv_functional = _module("torchvision.transforms.functional", to_tensor=None)
+    tv_functional = _module("torchvision.transforms.functional", to_tensor=_to_tensor)
     tv_transforms = _module("torchvision.transforms", functional=tv_functional)
     stand_ins = {
         "flash_attn": flash, "timm": timm, "timm.models": timm_models, "timm.models.layers": layers,
@@ -125,6 +131,18 @@ def load_infinity(path: str | Path):
 
     return types.SimpleNamespace(basic=basic, model=model, bsq_vae=bsq_vae, run=run_infinity,
                                  dynamic_resolution=dynamic_resolution)
+
+
+def load_varedit(path: str | Path):
+    """The official VAREdit code: its `infinity` package (Infinity's, with the edit's source), its
+    `tools.run_infinity` helpers and `infer` (the picture transform). Its package has Infinity's
+    name: one process imports one of the two."""
+    add_clone(path, "infer.py")
+    off = load_infinity(path)
+    import infer
+
+    off.infer = infer
+    return off
 
 
 def load_var(path: str | Path):
@@ -219,9 +237,19 @@ def exact_cross_attention(basic):
     return mock.patch.object(basic, "torch", _Float32As("torch"))
 
 
+@contextlib.contextmanager
 def cuda_calls_stay_on_cpu():
-    """`Tensor.cuda()` returns the tensor itself (the official prompt encoder moves ids to CUDA)."""
-    return mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    """`Tensor.cuda()` and `Tensor.to("cuda")` leave the tensor on the CPU (the official prompt
+    encoder moves ids to CUDA, VAREdit's generation the source picture)."""
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and args[0] == "cuda":
+            args = ("cpu", *args[1:])
+        return real_to(self, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self), mock.patch.object(torch.Tensor, "to", to):
+        yield
 
 
 @contextlib.contextmanager
