@@ -26,11 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import (  # noqa: E402
-    TEXT_CHANNELS, InfinityCase, bf16_state, even_rows, git_commit, image_record, pack_bits, randomize,
+    TEXT_CHANNELS, InfinityCase, even_rows, git_commit, image_record, logits_record, pack_bits, what_the_loop_makes,
 )
 from record_hart import parameters_on_meta  # noqa: E402
 
@@ -65,21 +64,10 @@ class EditCase(InfinityCase):
 
     def __init__(self, off, name, base, patchify, runs, seed, out, t5, pictures):
         super().__init__(off, name, base, patchify, runs, seed, out, t5)
-        self.levels, self.pictures = LEVELS, pictures
-        self.patch = 2 ** (LEVELS - 1)
-
-    def build_vae(self, path):
-        """The official BSQ-VAE at LEVELS levels of 32 channels (InfinityCase's, smaller)."""
-        with official.shrunk(self.off.bsq_vae, "AutoEncoder", base_ch=32, num_res_blocks=0):
-            return self.off.bsq_vae.vae_model(
-                None if path is None else str(path), "dynamic", self.d, 2 ** self.d, patch_size=self.patch,
-                encoder_ch_mult=[1] * LEVELS, decoder_ch_mult=[1] * LEVELS, test_mode=True,
-            ).float().eval()
+        self.levels, self.patch, self.pictures = LEVELS, 2 ** (LEVELS - 1), pictures
 
     def record(self) -> dict:
-        manifest = super().record()
-        manifest.update(family="varedit", vae=dict(base=32, ch_mult=[1] * LEVELS, res_blocks=0))
-        return manifest
+        return dict(super().record(), family="varedit")
 
     def run(self, model, vae, tokenizer, encoder, key: str, run: dict) -> dict[str, torch.Tensor]:
         """One official edit (infer.py's steps: transform, gen_one_img), and, if asked, the
@@ -90,31 +78,15 @@ class EditCase(InfinityCase):
         side = schedule[-1][1] * self.patch * (2 if self.patchify else 1)
         source, _ = self.off.infer.transform(self.pictures[run["source"]], side)
 
-        bits, inputs, images = [], [], []
-        hook = model.word_embed.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].clone()))
-        lfq, to_codes, decode = vae.quantizer.lfq, vae.quantizer.lfq.indices_to_codes, vae.decode
-
-        def keep_bits(indices, *args, **kwargs):
-            bits.append(indices.clone())
-            return to_codes(indices, *args, **kwargs)
-
-        def keep_decoded(z):
-            images.append(decode(z))
-            return images[-1]
-
-        lfq.indices_to_codes, vae.decode = keep_bits, keep_decoded
-        try:
-            with torch.no_grad(), official.exact_cross_attention(self.off.basic), official.cuda_calls_stay_on_cpu():
-                self.off.run.gen_one_img(
-                    model, vae, tokenizer, encoder, run["prompt"], source, g_seed=run["seed"], gt_leak=0,
-                    gt_ls_Bl=None, cfg_list=run["cfg"], tau_list=run["tau"], scale_schedule=schedule,
-                    top_k=run["top_k"], top_p=run["top_p"], cfg_insertion_layer=[0], vae_type=self.d,
-                    sampling_per_bits=1, enable_positive_prompt=0, apply_spatial_patchify=int(self.patchify),
-                )
-        finally:
-            hook.remove()
-            del lfq.indices_to_codes, vae.decode  # back to the class's methods
-        prefix, inputs = inputs[0], inputs[1:]  # word_embed's first input is the source's
+        with what_the_loop_makes(model, vae) as made, torch.no_grad(), official.exact_cross_attention(self.off.basic), \
+                official.cuda_calls_stay_on_cpu():
+            self.off.run.gen_one_img(
+                model, vae, tokenizer, encoder, run["prompt"], source, g_seed=run["seed"], gt_leak=0, gt_ls_Bl=None,
+                cfg_list=run["cfg"], tau_list=run["tau"], scale_schedule=schedule, top_k=run["top_k"],
+                top_p=run["top_p"], cfg_insertion_layer=[0], vae_type=self.d, sampling_per_bits=1,
+                enable_positive_prompt=0, apply_spatial_patchify=int(self.patchify),
+            )
+        bits, (prefix, *inputs), images = made.bits, made.inputs, made.images  # word_embed's first input: the source
         rows = even_rows(prefix.shape[1])
         out = {f"{key}_source_rows": rows, f"{key}_source": prefix[:, rows].contiguous()}
         out.update({f"{key}_bits_{s}": pack_bits(self.token_bits(b)) for s, b in enumerate(bits)})
@@ -123,12 +95,7 @@ class EditCase(InfinityCase):
             text = self.encode(self.off, tokenizer, encoder, [run["prompt"]])
             with torch.no_grad(), official.exact_cross_attention(self.off.basic):
                 logits = teacher_forced(model, text, prefix, torch.cat(inputs, dim=1), schedule).float()
-            start = 0
-            for s, (_, h, w) in enumerate(schedule):
-                rows = even_rows(h * w)
-                out[f"{key}_rows_{s}"] = rows
-                out[f"{key}_logits_{s}"] = logits[:, start + rows].contiguous()
-                start += h * w
+            out.update(logits_record(key, logits, [h * w for _, h, w in schedule]))
         return out
 
 
