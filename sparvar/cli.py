@@ -257,11 +257,18 @@ def cmd_plan(args) -> None:
     spec = get_spec(args.model)
     scales = GenerationConfig(aspect=args.aspect, resolution=args.resolution, schedule=args.schedule)
     schedule = scales.resolved(spec).schedule
-    report = plan_report(spec.transformer.depth, schedule, args.attention)
+    report = plan_report(spec.transformer.depth, schedule, args.attention,
+                         pooled_layers=spec.transformer.pooled_source_layers)
     if args.json:
         print(json.dumps(report, indent=1))
         return
     print(f"{spec.name}, preset {report['preset']}: {report['description']}")
+    if schedule.source:
+        window = report["source_window"]
+        seen = "all of it" if window is None else f"a {window}x{window} window around each query's place"
+        print(f"  the {schedule.source[0]}x{schedule.source[1]} source ({schedule.source_length} keys, before scale 0): "
+              f"dense passes see all of it, sparse ones {seen}; in layer(s) {_ranges(report['pooled_source_layers'])} "
+              "it is pooled to the query scale's grid")
     for k, size in enumerate(report["schedule"]["sizes"]):
         groups: dict[tuple, list[int]] = {}
         for layer in report["layers"]:
