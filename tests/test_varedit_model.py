@@ -146,3 +146,16 @@ def test_generate_edits_a_picture_from_the_command_line(tmp_path, source_file, c
             "--attention", "default", "--out", str(out), "--device", "cpu", "--quiet"]
     assert cli_main(argv) == 0
     assert Image.open(out).size == (24, 16)
+
+
+@pytest.mark.slow
+def test_every_kv_cache_kind_keeps_the_source():
+    """The source slot is written once, before scale 0, and read at every scale: the lean cache (no
+    last scale) and the official-style concatenated one draw the static cache's tokens, FP8 close."""
+    pipe = edit_pipeline()
+    outs = {kind: pipe(PROMPTS[:1], image=picture(), seed=5, kv_cache=kind, progress=False)
+            for kind in ("static", "lean", "concat", "fp8")}
+    for kind in ("lean", "concat"):
+        assert all(torch.equal(a, b) for a, b in zip(outs[kind].tokens, outs["static"].tokens)), kind
+    agree = torch.cat([(a == b).flatten() for a, b in zip(outs["fp8"].tokens, outs["static"].tokens)])
+    assert agree.float().mean() > 0.9

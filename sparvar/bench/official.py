@@ -1,6 +1,6 @@
-"""Importing the official Infinity, VAR and HART code from local clones, for the parity harness
-(tools/parity) and the benchmark's official mode (`sparvar bench e2e --official PATH`), with
-stand-ins for what this machine may lack. Nothing of the official code is copied here: the clones
+"""Importing the official Infinity, VAR, HART and VAREdit code from local clones, for the parity
+harness (tools/parity) and the benchmark's official mode (`sparvar bench e2e --official PATH`:
+`RUNNERS`, one per official repository), with stand-ins for what this machine may lack. Nothing of the official code is copied here: the clones
 are put on sys.path.
 
 Stand-ins (each one documented in tools/parity/README.md):
@@ -308,10 +308,13 @@ class OfficialInfinity:
     blocks in bf16, cfg on the logits), for `sparvar bench e2e --official PATH`. flash-attn's calls
     are served by SDPA (`_install_stand_ins`)."""
 
+    repository, marker = "FoundationVision/Infinity", "infinity/models/infinity.py"  # a clone has the marker file
+    load = staticmethod(load_infinity)
+
     def __init__(self, path: str | Path, spec, device: torch.device, seed: int = 0):
         from sparvar.models.infinity.text import TextEncoder
 
-        self.off, self.spec, self.device = load_infinity(path), spec, device
+        self.off, self.spec, self.device = self.load(path), spec, device
         cfg = spec.transformer
         torch.manual_seed(seed)
         with torch.device(device), _generators_follow_tensors():
@@ -347,3 +350,36 @@ class OfficialInfinity:
                 scale_schedule=scales, top_k=900, top_p=0.97, cfg_insertion_layer=[0], vae_type=cfg.vae_channels,
                 g_seed=seed,
             )
+
+
+class OfficialVAREdit(OfficialInfinity):
+    """The official VAREdit code, built as its loader builds the model (Infinity's constructor
+    with its settings), run as `infer.generate_image` runs an edit: the picture padded and resized
+    (`transform`), `gen_one_img` at the model's sampling defaults, the result turned into a
+    picture and cropped back to the source's shape. Its file read and logging are left out;
+    `generate_image` itself takes 512 or 1024 pixels only, which small test models are not."""
+
+    repository, marker = "HiDream-ai/VAREdit", "infer.py"
+    load = staticmethod(load_varedit)
+
+    def __call__(self, prompt: str, schedule, seed: int, image=None):
+        """One edit of `image` (a PIL picture) by the official code; returns the edited picture."""
+        import numpy as np
+        from PIL import Image
+
+        cfg = self.spec.transformer
+        side = schedule.sizes[-1][0] * self.spec.vae.patch * (2 if cfg.patchify else 1)
+        scales = [(1, h, w) for h, w in schedule.sizes]
+        on_cpu = cuda_calls_stay_on_cpu() if self.device.type == "cpu" else contextlib.nullcontext()
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), on_cpu:
+            pixels, crop = self.off.infer.transform(image.convert("RGB"), side)
+            edited = self.off.run.gen_one_img(
+                self.model, self.vae, self.tokenizer, self.encoder, prompt, pixels, g_seed=seed, gt_leak=0,
+                gt_ls_Bl=None, cfg_list=cfg.cfg, tau_list=cfg.tau, scale_schedule=scales, cfg_insertion_layer=[0],
+                vae_type=cfg.vae_channels, sampling_per_bits=1, enable_positive_prompt=0,
+                apply_spatial_patchify=int(cfg.patchify),
+            )
+        return crop(Image.fromarray(edited.cpu().numpy()[..., ::-1].astype(np.uint8)))
+
+
+RUNNERS = {runner.repository: runner for runner in (OfficialInfinity, OfficialVAREdit)}  # Family.official_code

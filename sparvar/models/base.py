@@ -277,7 +277,8 @@ class Family:
     # edits a source image, which every generation then needs: the class that turns pictures into
     # the pixels the family encodes and its outputs back to the pictures' shapes (VAREdit)
     source_image: type | None = None
-    official_bench: bool = False  # `sparvar bench e2e --official` times its official code
+    # the repository of the official code `sparvar bench e2e --official` times for it (bench/official.py)
+    official_code: str | None = None
     # the linear layers of a block (paths within it) that precision="fp8" quantises, and those it keeps
     # in the model dtype on purpose; every nn.Linear of a block is in one of the two (tests/test_fp8.py)
     fp8_layers: tuple[str, ...] = ()

@@ -58,7 +58,7 @@ INFINITY = Family(
     _bitwise_codes,
     lambda spec, aspect, resolution: infinity_schedule(aspect, resolution or spec.resolution),
     TextEncoder,
-    negative_prompts=True, tiled_decode=True, official_bench=True,
+    negative_prompts=True, tiled_decode=True, official_code="FoundationVision/Infinity",
     fp8_layers=INFINITY_FP8,
 )
 # the VQVAE's residual quantiser turns token indices into the latent and the next input
@@ -79,7 +79,7 @@ HART = Family(
 VAREDIT = Family(
     "VAREdit", VAREditTransformer, InfinityVAE, _bitwise_codes, _own_schedule, TextEncoder,
     fixed_schedule=True, token_pruning=False, init_images=False, tiled_decode=True, source_image=EditImages,
-    fp8_layers=INFINITY_FP8,
+    official_code="HiDream-ai/VAREdit", fp8_layers=INFINITY_FP8,
 )
 # Infinity-2B and -8B (and VAREdit, their fine-tuning): transformer sizes, VAEs and the VAE files
 ARCH = {"2b": dict(depth=32, width=2048, heads=16, vae_channels=32),
