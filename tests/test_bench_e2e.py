@@ -1,11 +1,14 @@
 """The end-to-end benchmark's bookkeeping (the timings themselves need a GPU), and its official
 mode's runner on a small official model where a clone of the official code is at hand."""
 
+import datetime
 import os
+import sys
 
 import pytest
 import torch
 
+from sparvar.bench import official
 from sparvar.bench.common import provenance
 from sparvar.bench.e2e import _summary, add_speedups, markdown
 
@@ -76,3 +79,22 @@ def test_e2e_refuses_unknown_models_and_the_official_infinity_mode_for_hart():
         main(["--models", "hart-9b"])
     with pytest.raises(SparvarError, match="Infinity models only"):
         main(["--models", "hart-0.7b", "--official", "/nowhere"])
+
+
+def test_pytz_stand_in_where_it_is_missing(monkeypatch):
+    """The GPU machine has no pytz, which the official Infinity code imports to stamp log lines."""
+    real_find_spec = official.importlib.util.find_spec
+    monkeypatch.setattr(official.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytz" else real_find_spec(name, *a))
+    monkeypatch.delitem(sys.modules, "pytz", raising=False)
+    before = set(sys.modules)
+    try:
+        official._install_stand_ins()
+        zone = sys.modules["pytz"].timezone("Asia/Shanghai")
+        assert zone.utcoffset(None) == datetime.timedelta(hours=8)
+        with pytest.raises(KeyError):
+            sys.modules["pytz"].timezone("Europe/Paris")
+    finally:  # stand-ins (modules no import made: no __spec__) leave with the test
+        for name in set(sys.modules) - before:
+            if getattr(sys.modules[name], "__spec__", None) is None:
+                del sys.modules[name]

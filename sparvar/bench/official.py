@@ -8,6 +8,8 @@ Stand-ins (each one documented in tools/parity/README.md):
 - `timm`, `torchvision`, `cv2`, `pandas`, `yaml`, where not installed: imported by the official
   modules for training, logging or image I/O that the harness never calls; only the names used
   at import exist;
+- `pytz`, where not installed (the GPU machine lacks it): the official code asks it for one zone,
+  Asia/Shanghai, to stamp its log lines; the stand-in answers with that zone's fixed UTC+8;
 - float32 comparisons: Infinity's cross-attention casts float32 inputs to bf16 before the flash
   call; `exact_cross_attention()` makes that cast a no-op in its module, so both sides compute
   in float32;
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
 import importlib.util
 import sys
@@ -67,6 +70,13 @@ class _UnusedLoss(nn.Module):
     """A training loss the official modules import and the harness never calls."""
 
 
+def _shanghai(name: str) -> datetime.tzinfo:
+    """pytz.timezone for the one zone the official code names (UTC+8 all year: no summer time)."""
+    if name != "Asia/Shanghai":
+        raise KeyError(f"the pytz stand-in knows only Asia/Shanghai, not {name!r}")
+    return datetime.timezone(datetime.timedelta(hours=8), name)
+
+
 def _module(name: str, **attrs) -> types.ModuleType:
     mod = types.ModuleType(name)
     mod.__dict__.update(attrs)
@@ -91,6 +101,7 @@ def _install_stand_ins() -> None:
         "timm.loss": timm.loss, "torchvision": _module("torchvision", transforms=tv_transforms),
         "torchvision.transforms": tv_transforms, "torchvision.transforms.functional": tv_functional,
         "cv2": _module("cv2"), "pandas": _module("pandas"), "yaml": _module("yaml"),
+        "pytz": _module("pytz", timezone=_shanghai),
     }
     missing = {name for name in stand_ins if "." not in name and name not in sys.modules
                and (name == "flash_attn" or importlib.util.find_spec(name) is None)}  # real packages win
