@@ -4,10 +4,11 @@ A job is a list of items (index, condition, seed = --seed + index, file) and the
 image shares, recorded in `job.json` beside the images before the first one is made: a rerun
 into the same folder must repeat them (or pass --overwrite), so a folder never mixes settings.
 
-Every batch appends one JSON line per image to `manifest.jsonl` (under an exclusive file lock, so
-processes never mix lines), then writes its images, each under another name and renamed. An item
-is done when its line is there and its file is a whole PNG; anything else is made again, so a
-process killed at any point leaves no image without a line, and a rerun resumes the job.
+Every batch writes its images, each under another name and renamed (files.py), then appends one
+JSON line per image to `manifest.jsonl` (under an exclusive file lock, so processes never mix
+lines). An item is done when its line is there and its file is a whole PNG; anything else is made
+again, so a process killed or a disk full at any point leaves no line without its image, and a
+rerun resumes the job.
 
 The missing items are cut into batches of `batch_size` in item order and batch j goes to process
 j % world_size: a batch holds the same items whatever the number of processes, so an image comes
@@ -17,7 +18,6 @@ batch, through the last bits of batched matrix products).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sparvar.checkpoint import fingerprint
+from sparvar import files
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.models.registry import ModelSpec
@@ -145,9 +146,7 @@ def prepare(settings: dict, items: list[Item], folder: Path, overwrite: bool) ->
     elif (folder / MANIFEST).exists():
         raise SparvarError(f"{folder} holds images of a job whose settings were not recorded (no {SETTINGS}): "
                            "give another --out, or --overwrite to make them again")
-    part = record.with_name(SETTINGS + ".part")
-    part.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(part, record)
+    files.write_text(record, json.dumps(settings, indent=1) + "\n")
     return pending(items, folder)
 
 
@@ -190,27 +189,8 @@ def pending(items: list[Item], folder: Path) -> list[Item]:
             continue  # a line of an earlier condition at this file name: the image is made again
         kept[name] = line
     if list(kept.values()) != lines:
-        part = manifest.with_name(MANIFEST + ".part")
-        part.write_text("".join(line + "\n" for line in kept.values()))
-        os.replace(part, manifest)
+        files.write_text(manifest, "".join(line + "\n" for line in kept.values()))
     return [item for item in items if item.path.name not in kept]
-
-
-def append_lines(path: Path, lines: list[str]) -> None:
-    """Append whole lines under an exclusive lock: processes never interleave their writes."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, "".join(line + "\n" for line in lines).encode())
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def save_png(image, path: Path) -> None:
-    """Written under another name, then renamed: an existing file is always a whole image."""
-    part = path.with_name(path.name + ".part")
-    image.save(part, format="PNG")
-    os.replace(part, path)
 
 
 def run(job: Job, items: list[Item], load: Callable[[torch.device], Pipeline], batch_size: int,
@@ -258,34 +238,46 @@ def run(job: Job, items: list[Item], load: Callable[[torch.device], Pipeline], b
 
 def _generate(job: Job, pipe: Pipeline | None, batches: list[list[Item]], manifest: Path, rank: int,
               progress: bool) -> None:
-    """This process's batches; a thread writes the lines and PNGs of one batch while the next
-    one generates."""
+    """This process's batches; a thread writes the PNGs and lines of one batch while the next
+    one generates. A failed write ends the job in one line that says how far it got."""
     bar = tqdm(total=sum(map(len, batches)), desc=f"rank {rank}", unit="image", position=rank,
                disable=not progress)
+    made = 0  # images written and recorded by this process
 
     def finish(batch: list[Item], images, seconds: float) -> None:
+        nonlocal made
+        for item, image in zip(batch, images):
+            files.save_image(image, item.path)
         done = round(time.time(), 3)
-        append_lines(manifest, [json.dumps({
+        files.append_lines(manifest, [json.dumps({
             "item": item.index, "condition": item.condition, "seed": item.seed, "file": item.path.name,
             "rank": rank, "seconds": round(seconds / len(batch), 4), "finished": done,
-        }) for item in batch])  # the lines first: a kill before the images leaves lines that `pending` drops
-        for item, image in zip(batch, images):
-            save_png(image, item.path)
+        }) for item in batch])  # the images first: a kill before the lines leaves images that are made again
+        made += len(batch)
         bar.update(len(batch))
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        saving: Future | None = None
-        for batch in batches:
-            began = time.perf_counter()
-            images = job.generate(pipe, batch).images
-            seconds = time.perf_counter() - began
+    try:
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            saving: Future | None = None
+            for batch in batches:
+                began = time.perf_counter()
+                images = job.generate(pipe, batch).images
+                seconds = time.perf_counter() - began
+                if saving is not None:
+                    saving.result()  # at most one batch of images waits in memory; errors surface here
+                saving = writer.submit(finish, batch, images, seconds)
             if saving is not None:
-                saving.result()  # at most one batch of images waits in memory; errors surface here
-            saving = writer.submit(finish, batch, images, seconds)
-        if saving is not None:
-            saving.result()
-    bar.close()
+                saving.result()
+    except SparvarError as err:
+        raise SparvarError(f"{err} ({_made(made, rank)}; the same command resumes the job)") from None
+    finally:
+        bar.close()
     count, elapsed = sum(map(len, batches)), time.perf_counter() - start
     print(f"rank {rank}: {count} images in {elapsed:.1f} s ({elapsed / max(count, 1):.2f} s per image, "
           "generation and writing)", flush=True)
+
+
+def _made(count: int, rank: int) -> str:
+    """How many images this process wrote, for the line that ends a job early."""
+    return f"{count} image{'' if count == 1 else 's'} made{f' by rank {rank}' if under_torchrun() else ''}"

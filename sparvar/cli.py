@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from sparvar import batch
+from sparvar import batch, files
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.generation import SAMPLERS
@@ -33,14 +33,15 @@ def _conditions(args, spec) -> list:
     return conditions or [spec.default_condition]
 
 
-def _output_paths(out: str, conditions: list) -> list[Path]:
+def _output_paths(out: str, conditions: list, room: int) -> list[Path]:
+    """The file of each condition, once its folder takes `room` bytes."""
     target = Path(out)
     if target.suffix.lower() == ".png":
         if len(conditions) != 1:
             raise SparvarError(f"--out {out} names one file but there are {len(conditions)} images; give a folder")
-        output_folder(target.parent)
+        output_folder(target.parent, room)
         return [target]
-    folder = output_folder(target)
+    folder = output_folder(target, room)
     return [folder / f"{i:03d}_{_slug(c)}.png" for i, c in enumerate(conditions)]
 
 
@@ -116,7 +117,12 @@ def cmd_generate(args) -> None:
     if job and args.init_image:
         raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
     seeds = base.seeds(len(conditions))
-    paths = _output_paths(args.out, conditions)
+    h, w = spec.image_size(configs[presets[0]].schedule)
+    png = 3 * h * w + h + 4096  # at most: its raw pixels, a filter byte a row, its chunks
+    # a batch job needs room for one batch (a full disk later ends it in one line); a comparison
+    # writes each preset's image and a side-by-side of them and their differences
+    pngs = batch_size if job else len(conditions) * (1 if len(presets) == 1 else 3 * len(presets))
+    paths = _output_paths(args.out, conditions, pngs * png)
     load = lambda device: load_pipeline(  # noqa: E731
         spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights,
         precision=args.precision, offload=args.offload)
@@ -143,14 +149,14 @@ def cmd_generate(args) -> None:
         print(f"  {name}: {stages}; attention density {_density(out.policy):.1%}{used}")
     if len(presets) == 1:
         for path, image in zip(paths, runs[presets[0]].images):
-            image.save(path)
+            files.save_image(image, path)
             print(f"wrote {path}")
         return
     for i, path in enumerate(paths):
         for name, out in runs.items():
-            out.images[i].save(path.with_name(f"{path.stem}_{name}.png"))
+            files.save_image(out.images[i], path.with_name(f"{path.stem}_{name}.png"))
         target = path.with_name(f"{path.stem}_compare.png")
-        _comparison(runs, i).save(target)
+        files.save_image(_comparison(runs, i), target)
         print(f"wrote {target} and one image per preset beside it")
 
 

@@ -4,6 +4,7 @@ files they read and write, checked before any work so that a mistake costs one l
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,18 +50,23 @@ def read_conditions(path: str | Path) -> list[str]:
     return lines
 
 
-def output_folder(path: str | Path) -> Path:
-    """The folder at `path`, created, once a file could be written in it."""
+def output_folder(path: str | Path, need: int = 1) -> Path:
+    """The folder at `path`, created, once a file could be written in it and its filesystem has
+    `need` bytes free (by default: is not full), so that a full disk costs one line, not a run."""
     folder = Path(path)
-    for part in (folder, *folder.parents):
-        if part.exists() and not part.is_dir():
-            raise SparvarError(f"cannot write to {folder}: {part} is a file, not a folder")
     try:
+        for part in (folder, *folder.parents):
+            if part.exists() and not part.is_dir():
+                raise SparvarError(f"cannot write to {folder}: {part} is a file, not a folder")
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
+        free = shutil.disk_usage(folder).free
     except OSError as err:
         raise SparvarError(f"cannot write to {folder}: {err.strerror or err}") from None
+    if free < need:
+        needed = f", {need / 1e6:.1f} MB needed" if need > 1 else ""
+        raise SparvarError(f"cannot write to {folder}: its filesystem is full ({free / 1e6:.1f} MB free{needed})")
     return folder
 
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from helpers import cli_error
-from sparvar import batch
-from sparvar.batch import MANIFEST, SETTINGS, Item, pending, save_png
+from sparvar import files
+from sparvar.batch import MANIFEST, SETTINGS, Item, pending
 from sparvar.checkpoint import fingerprint
 from sparvar.cli import main
 from sparvar.models.registry import MODELS
@@ -131,7 +131,7 @@ def test_batch_job_errors(tmp_path, capsys):
 def test_pending_keeps_one_manifest_line_per_whole_image(tmp_path):
     items = [Item(i, f"p{i}", i, tmp_path / f"{i}.png") for i in range(4)]
     for i in (0, 1):
-        save_png(Image.new("RGB", (4, 4)), items[i].path)
+        files.save_image(Image.new("RGB", (4, 4)), items[i].path)
     line = lambda i, **more: json.dumps({"item": i, "condition": f"p{i}", "seed": i, "file": f"{i}.png", **more})  # noqa: E731
     lines = [line(0, v=1), line(2), line(0, v=2), "not json", line(1)]
     (tmp_path / MANIFEST).write_text("\n".join(lines) + "\n")
@@ -186,22 +186,23 @@ def test_a_folder_of_a_job_without_a_record_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_job_killed_between_its_lines_and_its_images_leaves_no_image_without_a_line(tmp_path, monkeypatch):
+def test_a_job_killed_between_its_images_and_its_lines_leaves_no_line_without_its_image(tmp_path, monkeypatch):
     assert main(_job(tmp_path / "whole")) == 0
-    written = []
+    recorded = []
+    append_lines = files.append_lines
 
-    def killed_after_one(image, path):  # the process dies after its first image, the second one's line written
-        if written:
-            raise KeyboardInterrupt
-        written.append(path)
-        save_png(image, path)
+    def killed_after_one(path, lines):  # the process dies after its first line, the second image written
+        if recorded:
+            raise SystemExit("killed")
+        recorded.extend(lines)
+        append_lines(path, lines)
 
-    monkeypatch.setattr(batch, "save_png", killed_after_one)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(files, "append_lines", killed_after_one)
+    with pytest.raises(SystemExit):
         main(_job(tmp_path / "killed"))
     killed = tmp_path / "killed"
     lines = {r["file"] for r in _manifest(killed)}
-    assert set(_images(killed)) == {"000_3.png"} and lines == {"000_3.png", "001_7.png"}  # a line came first
+    assert set(_images(killed)) == {"000_3.png", "001_7.png"} and lines == {"000_3.png"}  # an image came first
     monkeypatch.undo()
     assert main(_job(killed)) == 0
     whole, resumed = _images(tmp_path / "whole"), _images(killed)

@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from sparvar import files
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
@@ -312,7 +313,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{model}, 1024x1024, {result['card']}")
         ax.set_ylabel("seconds per image")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.whole(path, lambda part: fig.savefig(part, format="png", dpi=120))
 
 
 def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, title: str, command: str,

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from sparvar import files
 from sparvar.attention.tables import BlockTable
 from sparvar.bench.common import command_line, provenance
 from sparvar.bench.kernels import (
@@ -188,29 +189,27 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SparvarError("the kernel sweep needs a CUDA GPU")
     torch.manual_seed(0)
-    with open(args.out, "a") as out:
 
-        def record(**row):
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    def record(**row):  # a line of the file per row, appended whole
+        files.append_lines(args.out, [json.dumps(row)])
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-        record(**provenance(command_line("sparvar bench kernel-variants", argv)))
+    record(**provenance(command_line("sparvar bench kernel-variants", argv)))
 
-        sections = args.sections.split(",")
-        for scale in (12, 10):
-            if "sparse" in sections:
-                sparse_configs(record, args.heads, scale)
-            if "probe" in sections:
-                overhead_probe(record, args.heads, scale)
-            if "fp8" in sections:
-                fp8_configs(record, args.heads, scale)
-            if "warp_specialize" in sections:
-                warp_specialize_configs(record, args.heads, scale)
-        if "gather" in sections:
-            gather_configs(record, args.heads)
-        if "decision" in sections:
-            decision_configs(record, args.heads)
+    sections = args.sections.split(",")
+    for scale in (12, 10):
+        if "sparse" in sections:
+            sparse_configs(record, args.heads, scale)
+        if "probe" in sections:
+            overhead_probe(record, args.heads, scale)
+        if "fp8" in sections:
+            fp8_configs(record, args.heads, scale)
+        if "warp_specialize" in sections:
+            warp_specialize_configs(record, args.heads, scale)
+    if "gather" in sections:
+        gather_configs(record, args.heads)
+    if "decision" in sections:
+        decision_configs(record, args.heads)
 
 
 if __name__ == "__main__":

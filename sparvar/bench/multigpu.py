@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import sparvar
+from sparvar import files
 from sparvar.batch import MANIFEST
 from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
@@ -61,7 +62,7 @@ def run_one(args, gpus: int, work: Path) -> dict:
     """One torchrun job of `gpus` processes; its output streams to this terminal."""
     per_rank = (args.warmup + args.batches) * args.batch_size
     prompts = work / f"prompts_{gpus}.txt"
-    prompts.write_text(f"{PROMPT}\n" * (gpus * per_rank))
+    files.write_text(prompts, f"{PROMPT}\n" * (gpus * per_rank))
     command = job_command(args, gpus, prompts, work / f"gpus_{gpus}")
     print(f"{gpus} GPU{'s' if gpus > 1 else ''}: {' '.join(command[1:])}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # torchrun's default, for every N

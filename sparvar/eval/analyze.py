@@ -26,6 +26,7 @@ from sparvar.attention.policy import DenseAttention
 from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.draw import heatmap, mask_picture
+from sparvar.files import save_image
 from sparvar.generation import GenerationConfig
 from sparvar.options import HelpFormatter, add_model_options, output_folder
 from sparvar.schedules import Schedule
@@ -126,7 +127,7 @@ def draw_tables(tables: dict, modes, schedule: Schedule, out: Path) -> list[str]
         mode = modes[layer][scale]
         title = f"layer {layer}, scale {scale} ({mode}): {mask.float().mean():.1%} of pairs"
         name = f"table_layer{layer}_scale{scale}_{mode}.png"
-        mask_picture(mask.cpu(), list(schedule.offsets[1 : scale + 1]), title).save(out / name)
+        save_image(mask_picture(mask.cpu(), list(schedule.offsets[1 : scale + 1]), title), out / name)
         files.append(name)
     return files
 
@@ -200,7 +201,7 @@ def main(argv=None) -> dict:
         **{f"locality_r{r}": f"share of non-sink attention within radius {r} of the projected position" for r in radii},
     }
     for name, grid in grids.items():
-        heatmap(grid, rows, cols, titles[name]).save(out / f"{name}.png")
+        save_image(heatmap(grid, rows, cols, titles[name]), out / f"{name}.png")
     table_files = draw_tables(recorder.tables, policy.plan(layers, schedule).modes, schedule, out)
     report = {
         **provenance(command_line("sparvar analyze", argv), pipe.device),

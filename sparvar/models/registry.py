@@ -120,6 +120,11 @@ class ModelSpec:
         """The scale schedule of an aspect ratio (width:height) and pixel budget."""
         return self.family.schedule(self, aspect, resolution)
 
+    def image_size(self, schedule: Schedule) -> tuple[int, int]:
+        """(height, width) in pixels of the images a schedule makes, known before loading."""
+        side = self.transformer.latent_per_token * self.vae.patch
+        return schedule.sizes[-1][0] * side, schedule.sizes[-1][1] * side
+
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
