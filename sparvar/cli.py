@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from sparvar import batch, files
-from sparvar.errors import SparvarError
+from sparvar.errors import SparvarError, Stopped
 from sparvar.generation import GenerationConfig
 from sparvar.generation import SAMPLERS
 from sparvar.options import HelpFormatter, add_model_options, output_folder, per_scale, read_conditions, read_image
@@ -452,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except SparvarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(err if isinstance(err, Stopped) else f"error: {err}", file=sys.stderr)
+        return err.status
     return 0
 
 

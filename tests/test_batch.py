@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import cli_error
-from sparvar import files
+from sparvar import batch, files
 from sparvar.batch import MANIFEST, SETTINGS, Item, pending
 from sparvar.checkpoint import fingerprint
 from sparvar.cli import main
@@ -233,3 +234,43 @@ def test_an_empty_or_damaged_png_counts_as_missing(tmp_path, capsys, damage):
     after = _images(tmp_path)
     assert all(np.array_equal(after[k], before[k]) for k in before)
     assert sorted(r["file"] for r in _manifest(tmp_path)) == sorted(before)  # one line each
+
+
+# ---- one job per folder; Ctrl+C and SIGTERM ----------------------------------------------------
+def test_a_second_job_into_a_folder_refuses_at_once_naming_the_first(tmp_path, capsys):
+    """Two identical jobs started at once into one new folder: the second one makes nothing."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from sparvar.batch import lock; "
+         "lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        err = cli_error(capsys, _job(tmp_path))
+        assert err == f"error: another job (pid {holder.pid}) is writing into {tmp_path}: wait for it to end, " \
+                      "or give another --out"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [batch.LOCK]  # no record, no image, no line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_job(tmp_path)) == 0 and len(_images(tmp_path)) == 3  # the lock went with its process
+
+
+@pytest.mark.parametrize("number,status,name", [(signal.SIGINT, 130, "Ctrl+C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_ends_a_job_between_writes_in_one_line(tmp_path, capsys, monkeypatch, number, status, name):
+    generate, calls = batch.Job.generate, []
+
+    def signalled_in_the_second_batch(job, pipe, items):
+        calls.append(items)
+        if len(calls) == 2:
+            os.kill(os.getpid(), number)
+        return generate(job, pipe, items)
+
+    monkeypatch.setattr(batch.Job, "generate", signalled_in_the_second_batch)
+    assert main(_job(tmp_path)) == status
+    err = capsys.readouterr().err.strip()
+    assert err == f"stopped by {name}: 1 image made; the same command resumes the job"
+    assert sorted(_images(tmp_path)) == ["000_3.png"] and [r["file"] for r in _manifest(tmp_path)] == ["000_3.png"]
+    assert not list(tmp_path.glob("*.part"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    monkeypatch.undo()
+    assert main(_job(tmp_path)) == 0 and "images to make 2 (1 already there)" in capsys.readouterr().out
