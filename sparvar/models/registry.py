@@ -276,7 +276,7 @@ def create_vae(spec: ModelSpec, device="cpu", dtype: torch.dtype | None = None, 
     with torch.device("meta"):
         vae = spec.family.decoder(spec.vae)
     if torch.device(device).type == "meta":
-        return vae
+        return vae.to(dtype) if dtype else vae
     return vae.to(dtype or torch.float32).to_empty(device=device).init_weights(seed).eval()
 
 
