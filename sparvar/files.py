@@ -24,6 +24,15 @@ def part_of(path: Path) -> Path:
     return path.with_name(path.name + PART)
 
 
+def check_name(path: Path) -> None:
+    """Refuse a file name (with its temporary suffix) longer than the folder's filesystem takes,
+    before any work; the folder exists."""
+    limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    if len(os.fsencode(part_of(path).name)) > limit:
+        raise SparvarError(f"cannot write {path}: its name is longer than the {limit} bytes a file name may have "
+                           "there (with the .part suffix of the write)")
+
+
 def whole(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(temporary path)`, then the temporary file renamed to `path`; on an error nothing
     stays behind and the error is one line."""

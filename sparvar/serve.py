@@ -9,11 +9,11 @@ Gradio is an optional extra (`pip install -e ".[ui]"`); it is imported only when
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
+from sparvar.options import ArgumentParser
 from sparvar.sparsity import Combination, combination
 
 # small images (the demo's 64x64) fill their box, enlarged with sharp pixels
@@ -137,7 +137,7 @@ def _gradio():
 def main(argv: list[str] | None = None) -> None:
     from sparvar.loading import load_pipeline
 
-    parser = argparse.ArgumentParser(prog="sparvar serve", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="sparvar serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="infinity-demo", help="model name, see `sparvar models`")
     parser.add_argument("--weights", help="transformer checkpoint (file or sharded folder)")
     parser.add_argument("--vae", help="VAE checkpoint (.pth)")

@@ -91,7 +91,8 @@ def test_a_batch_job_on_a_disk_that_fills_stops_in_one_line_and_resumes(tmp_path
            "--out", str(tmp_path), "--device", "cpu", "--quiet"]
     _full_after(monkeypatch, 1)
     err = cli_error(capsys, job)
-    assert err == f"error: cannot write {tmp_path / '001_7.png'}: {FULL} (1 image made; the same command resumes the job)"
+    assert err == f"error: cannot write {tmp_path / '001_7.png'}: {FULL} (1 image made; the same command resumes " \
+                  "the job)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000_3.png", "job.json", "job.lock", MANIFEST]  # no .part
     assert [json.loads(line)["file"] for line in (tmp_path / MANIFEST).read_text().splitlines()] == ["000_3.png"]
     monkeypatch.undo()

@@ -25,7 +25,6 @@ share comes from one extra eager generation with CUDA events around every attent
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
@@ -42,7 +41,7 @@ from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.kernels import reference_only
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 
 
 @dataclass(frozen=True)
@@ -336,7 +335,7 @@ def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, t
 
 def main(argv: list[str] | None = None, which: str = "e2e") -> None:
     table = E2E_MODES if which == "e2e" else BASELINE_MODES
-    parser = argparse.ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="models to time")
     parser.add_argument("--modes", nargs="+", default=list(table), choices=list(table), help="modes to time")

@@ -7,7 +7,6 @@ Run: sparvar bench kernel-variants [--out variants.jsonl] [--sections sparse,pro
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -20,7 +19,7 @@ from sparvar.bench.kernels import (
     HEAD_DIM, _to, covered_pairs, make_inputs, paper_csla_table, random_table, rel_err, tflops, time_ms,
 )
 from sparvar.errors import SparvarError
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 from sparvar.schedules import infinity_schedule
 
 SECTIONS = ("sparse", "probe", "gather", "decision", "fp8", "warp_specialize")
@@ -180,7 +179,7 @@ def warp_specialize_configs(record, heads: int, scale: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench kernel-variants", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="sparvar bench kernel-variants", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--out", default="variants.jsonl", help="JSON lines file the run is appended to")
     parser.add_argument("--heads", type=int, default=28, help="attention heads (Infinity-8B: 28)")

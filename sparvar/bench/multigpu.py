@@ -10,7 +10,6 @@ steady-state time. Model loading and warm-up are excluded; writing the PNGs is i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ from sparvar import files
 from sparvar.batch import MANIFEST
 from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 
 
 def job_command(args, gpus: int, prompts: Path, out: Path) -> list[str]:
@@ -104,7 +103,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="sparvar bench multigpu", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="sparvar bench multigpu", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", default="infinity-8b", help="model of the job (random weights)")
     parser.add_argument("--resolution", type=int, default=1024, help="pixel budget of the schedule")

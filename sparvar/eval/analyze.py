@@ -28,7 +28,7 @@ from sparvar.errors import SparvarError
 from sparvar.eval.draw import heatmap, mask_picture
 from sparvar.files import save_image
 from sparvar.generation import GenerationConfig
-from sparvar.options import HelpFormatter, add_model_options, output_folder
+from sparvar.options import ArgumentParser, HelpFormatter, add_model_options, device_of, output_folder
 from sparvar.schedules import Schedule
 
 
@@ -133,7 +133,7 @@ def draw_tables(tables: dict, modes, schedule: Schedule, out: Path) -> list[str]
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     add_model_options(p)
     p.add_argument("--condition", help="class index or name, or a prompt (default: the model's example prompt or "
@@ -153,14 +153,14 @@ def main(argv=None) -> dict:
     from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
     from sparvar.sparsity import make_policy
-    from sparvar.validation import default_dtype, resolve_device, validate
+    from sparvar.validation import default_dtype, validate
 
     args = parse_args(argv)
     spec = get_spec(args.model)
     condition = args.condition or spec.default_condition
     if condition is None:  # a text model without an example prompt
         condition = "a photo of a cat"
-    device = resolve_device(args.device)
+    device = device_of(args, spec)
     config = validate(spec, [condition], GenerationConfig(seed=args.seed, resolution=args.resolution,
                                                           attention=args.attention),
                       device, default_dtype(device), args.precision, args.offload)

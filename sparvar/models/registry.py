@@ -120,6 +120,12 @@ class ModelSpec:
         """The scale schedule of an aspect ratio (width:height) and pixel budget."""
         return self.family.schedule(self, aspect, resolution)
 
+    @property
+    def vae_encodes(self) -> bool:
+        """Whether its VAE has an encoder, which variations of a picture need (VQVAEs always do; the
+        first demo's BSQ-VAE file has none)."""
+        return getattr(self.vae, "encoder", True)
+
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         """(height, width) in pixels of the images a schedule makes, known before loading."""
         side = self.transformer.latent_per_token * self.vae.patch
