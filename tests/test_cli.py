@@ -233,8 +233,42 @@ def test_schedule_beyond_the_position_grid_or_the_memory(tmp_path, capsys, no_lo
     need = 2 * 40 * 2 * (1 + 14 * 128 * 128) * 3584 * 4  # k and v, 40 layers, cond + uncond, width, bytes
     err = cli_error(capsys, ["generate", "--model", "infinity-8b", "--random-weights", "--prompt", "x", "--schedule",
                           schedule, "--device", "cpu", "--out", str(tmp_path)])
-    assert f"needs {need / 1e9:.1f} GB for the KV cache alone (1 image(s) with guidance in float32), more than the " \
-           "64.0 GB of cpu" in err
+    assert f"(KV cache {need / 1e9:.1f} GB, activations " in err and "more than the 64.0 GB available on cpu" in err
+
+
+@pytest.mark.parametrize("device,dtype,size", [("cpu", "float32", 4), ("cuda", "bfloat16", 2)])
+def test_a_batch_beyond_the_memory_is_refused_with_the_number(tmp_path, capsys, monkeypatch, device, dtype, size):
+    """The demo's --batch-size 64 took 10.7-16.2 GB of RAM unannounced: activations and the decoder
+    count too, and a batch that does not fit the memory is refused before the model loads."""
+    import sparvar.validation
+
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(sparvar.loading, "load_pipeline", load)
+    if device == "cuda":  # the check as on a GPU, without one
+        monkeypatch.setattr(sparvar.validation, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(generation, "device_memory", lambda device: 4 * 10**9)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("sneaker\n" * 64)
+    argv = ["generate", "--prompts", str(classes), "--batch-size", "64", "--device", device, "--out", str(tmp_path / "o")]
+    err = cli_error(capsys, argv)
+    kv = 6 * 10521 * 2 * 128 * 128  # the demo's KV cache: layers, tokens, k and v, rows (64 with guidance), width
+    act, dec = 128 * 4096 * 128 * 24, 64 * 4 * 64 * 64 * 64  # rows, last scale, width, 24; images, 4 maps, 64 ch, 64x64
+    need = (kv + act + dec) * size
+    where = "of cuda" if device == "cuda" else "available on cpu"
+    assert err == f"error: 64 image(s) of schedule 1 2 4 6 8 12 16 20 24 32 40 48 64 with guidance in {dtype} need " \
+                  f"about {need / 1e9:.1f} GB besides the weights (KV cache {kv * size / 1e9:.1f} GB, activations " \
+                  f"{act * size / 1e9:.1f} GB, decoder {dec * size / 1e6:.1f} MB), more than the 4.0 GB {where}; " \
+                  "generate fewer images at once"
+    assert not (tmp_path / "o").exists()
+    if device == "cpu":
+        argv[argv.index("64")] = "8"  # 1.9 GB: it fits
+        with pytest.raises(Loaded):
+            main(argv)
 
 
 @pytest.mark.parametrize("schedule", ["64,1", "1,2,4,8"])
