@@ -167,14 +167,14 @@ def cmd_generate(args) -> None:
         if n > 1:
             stages += f" for the batch ({out.stage_seconds['total'] / n:.2f} s per image)"
         used = f"; scales used {out.scales_used}" if config.adaptive_skip else ""
-        print(f"  {name}: {stages}; attention density {_density(out.policy):.1%}{used}")
+        print(f"  {name}: {stages}; attention density {_density(out, spec):.1%}{used}")
     for i, item in enumerate(outputs):
         for name, out in runs.items():
             files.save_image(out.images[i], item[name])
         if len(presets) == 1:
             print(f"wrote {item[presets[0]]}")
         else:
-            files.save_image(_comparison(runs, i), item[COMPARISON])
+            files.save_image(_comparison(runs, i, spec), item[COMPARISON])
             print(f"wrote {item[COMPARISON]} and one image per preset beside it")
 
 
@@ -191,13 +191,14 @@ def _accelerators(args) -> tuple[dict, str]:
     return dict(skip_last=args.skip_last or 0, prune=args.prune, adaptive=args.adaptive_skip), suffix
 
 
-def _density(policy) -> float:
-    from sparvar.eval.flops import attention_density
+def _density(out, spec) -> float:
+    """The attention a generation computed, of a full dense generation's (skipped scales count 0)."""
+    from sparvar.eval.flops import attention_share
 
-    return attention_density(policy)
+    return attention_share(out, spec.transformer.depth)
 
 
-def _comparison(runs: dict, item: int):
+def _comparison(runs: dict, item: int, spec):
     """Every preset's image, then the difference of each to the first, captioned with time,
     attention density and PSNR."""
     from sparvar.eval.draw import difference_map, side_by_side
@@ -207,7 +208,7 @@ def _comparison(runs: dict, item: int):
     first = runs[names[0]].images[item]
     panels = [
         (out.images[item], f"{name}\n{out.stage_seconds['total'] / len(out.images):.2f} s per image, "
-         f"density {_density(out.policy):.1%}")
+         f"density {_density(out, spec):.1%}")
         for name, out in runs.items()
     ]
     for name in names[1:]:

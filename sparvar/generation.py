@@ -274,7 +274,7 @@ def check_schedule(spec: ModelSpec, schedule: Schedule) -> None:
     if spec.only_schedules and schedule not in spec.only_schedules:
         known = " or ".join(s.describe() for s in spec.only_schedules)
         raise SparvarError(f"{spec.name} generates only the schedule it was trained on ({known}), not "
-                           f"{schedule.describe()}; skip_last (--skip-last) stops it early")
+                           f"{schedule.describe()}; skipping its last scales stops it early")
     if len(schedule) > spec.max_scales:
         raise SparvarError(f"schedule {schedule.describe()} has {len(schedule)} scales; {spec.name} has level "
                            f"embeddings for {spec.max_scales}")
