@@ -255,6 +255,21 @@ def test_a_second_job_into_a_folder_refuses_at_once_naming_the_first(tmp_path, c
     assert main(_job(tmp_path)) == 0 and len(_images(tmp_path)) == 3  # the lock went with its process
 
 
+@pytest.mark.slow
+def test_two_identical_jobs_started_at_once_make_each_image_once(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(str(i) for i in range(6)) + "\n")
+    job = [sys.executable, "-m", "sparvar", "generate", "--model", "var-tiny", "--prompts", str(classes), "--batch-size",
+           "1", "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    both = [subprocess.Popen(job, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [(proc.pid, proc.wait(300), proc.stderr.read()) for proc in both]
+    (winner, _, _), (_, status, err) = sorted(done, key=lambda d: d[1])
+    assert status == 2 and err.strip() == f"error: another job (pid {winner}) is writing into {tmp_path / 'out'}: " \
+                                          "wait for it to end, or give another --out"
+    assert sorted(r["item"] for r in _manifest(tmp_path / "out")) == list(range(6))  # each image once
+
+
 @pytest.mark.parametrize("number,status,name", [(signal.SIGINT, 130, "Ctrl+C"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_a_signal_ends_a_job_between_writes_in_one_line(tmp_path, capsys, monkeypatch, number, status, name):
     generate, calls = batch.Job.generate, []
