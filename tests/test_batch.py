@@ -237,6 +237,7 @@ def test_an_empty_or_damaged_png_counts_as_missing(tmp_path, capsys, damage):
 
 
 # ---- one job per folder; Ctrl+C and SIGTERM ----------------------------------------------------
+@pytest.mark.slow
 def test_a_second_job_into_a_folder_refuses_at_once_naming_the_first(tmp_path, capsys):
     """Two identical jobs started at once into one new folder: the second one makes nothing."""
     holder = subprocess.Popen(
@@ -270,6 +271,7 @@ def test_two_identical_jobs_started_at_once_make_each_image_once(tmp_path):
     assert sorted(r["item"] for r in _manifest(tmp_path / "out")) == list(range(6))  # each image once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("number,status,name", [(signal.SIGINT, 130, "Ctrl+C"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_a_signal_ends_a_job_between_writes_in_one_line(tmp_path, capsys, monkeypatch, number, status, name):
     generate, calls = batch.Job.generate, []

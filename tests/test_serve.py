@@ -142,6 +142,7 @@ def test_serve_errors_are_one_line_before_the_model_loads(capsys, monkeypatch):
             assert message in err and err.startswith("error: ") and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_the_page_offers_the_aspect_ratios_the_model_takes():
     pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
     from types import SimpleNamespace
@@ -155,6 +156,7 @@ def test_the_page_offers_the_aspect_ratios_the_model_takes():
         assert [choice for choice, _ in offered[0].choices] == aspects, name
 
 
+@pytest.mark.slow
 def test_refused_requests_name_no_option_and_leave_no_traceback():
     """A mistake on the page is one message in it: no command-line flag, nothing in the log."""
     gr = pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
