@@ -45,7 +45,8 @@ def _output_files(out: str, conditions: list, presets: list[str], room: int) -> 
     if not out.strip():
         raise SparvarError("--out is empty: give a folder, or a .png path for one image")
     target = Path(out)
-    if target.suffix.lower() == ".png":
+    named = target.suffix.lower() == ".png"
+    if named:
         if len(conditions) != 1:
             raise SparvarError(f"--out {out} names one file but there are {len(conditions)} images; give a folder")
         paths = [output_folder(target.parent, room) / target.name]
@@ -55,10 +56,8 @@ def _output_files(out: str, conditions: list, presets: list[str], room: int) -> 
     if len(presets) == 1:
         items = [{presets[0]: path} for path in paths]
     else:
-        compare = (lambda path: path) if target.suffix.lower() == ".png" else (
-            lambda path: path.with_name(f"{path.stem}_{COMPARISON}.png"))
-        items = [{**{p: path.with_name(f"{path.stem}_{p}.png") for p in presets}, COMPARISON: compare(path)}
-                 for path in paths]
+        items = [{**{p: path.with_name(f"{path.stem}_{p}.png") for p in presets},
+                  COMPARISON: path if named else path.with_name(f"{path.stem}_{COMPARISON}.png")} for path in paths]
     for item in items:
         for path in item.values():
             files.check_name(path)

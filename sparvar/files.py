@@ -16,19 +16,16 @@ from typing import Callable
 
 from sparvar.errors import SparvarError
 
-PART = ".part"  # the temporary file's suffix: `whole` writes NAME.part, then renames it to NAME
-
-
-def part_of(path: Path) -> Path:
-    """Where `whole` writes `path` before renaming it."""
-    return path.with_name(path.name + PART)
+def _part(path: Path) -> Path:
+    """Where `whole` writes `path` before renaming it: NAME.part beside it."""
+    return path.with_name(path.name + ".part")
 
 
 def check_name(path: Path) -> None:
     """Refuse a file name (with its temporary suffix) longer than the folder's filesystem takes,
     before any work; the folder exists."""
     limit = os.pathconf(path.parent, "PC_NAME_MAX")
-    if len(os.fsencode(part_of(path).name)) > limit:
+    if len(os.fsencode(_part(path).name)) > limit:
         raise SparvarError(f"cannot write {path}: its name is longer than the {limit} bytes a file name may have "
                            "there (with the .part suffix of the write)")
 
@@ -37,7 +34,7 @@ def whole(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(temporary path)`, then the temporary file renamed to `path`; on an error nothing
     stays behind and the error is one line."""
     path = Path(path)
-    part = part_of(path)
+    part = _part(path)
     try:
         write(part)
         os.replace(part, path)

@@ -31,11 +31,11 @@ def _config(pipe, condition, seed: int, cfg: float, aspect: str, combo: Combinat
 def compare(pipe, condition, seed: int, cfg: float, aspect: str, preset: str,
             progress: Callable[[float, str], None] = lambda done, what: None, last_dense: dict | None = None):
     """Dense and `preset` from the same seed -> (dense image, preset image, difference map,
-    markdown table of time, attention density (of a full dense generation: skipped scales count
-    0) and PSNR). `progress(share done, what)` is called
-    after every scale. Bad input raises SparvarError before any scale runs. `last_dense`, a dict
-    kept between calls, holds the last dense result, so that trying another preset on the same
-    image runs only that preset."""
+    markdown table of time, attention density and PSNR; the density is of a full dense
+    generation, so skipped scales count 0). `progress(share done, what)` is called after every
+    scale. Bad input raises SparvarError before any scale runs. `last_dense`, a dict kept between
+    calls, holds the last dense result, so that trying another preset on the same image runs only
+    that preset."""
     from sparvar.eval.draw import difference_map
     from sparvar.eval.flops import attention_share
     from sparvar.eval.metrics import psnr, to_tensor

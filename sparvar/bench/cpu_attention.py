@@ -209,7 +209,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     parser = ArgumentParser(prog="sparvar bench cpu-attention", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--heads", type=int, default=3, help="attention heads of 64")
     parser.add_argument("--depth", type=int, default=12, help="layers")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats (the median is kept)")

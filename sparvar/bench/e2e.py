@@ -336,7 +336,7 @@ def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, t
 def main(argv: list[str] | None = None, which: str = "e2e") -> None:
     table = E2E_MODES if which == "e2e" else BASELINE_MODES
     parser = ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="models to time")
     parser.add_argument("--modes", nargs="+", default=list(table), choices=list(table), help="modes to time")
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per mode (the median is kept)")

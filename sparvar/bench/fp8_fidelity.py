@@ -136,7 +136,7 @@ def run(models: list[str], device: str, resolution: int | None, samples: int, ou
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="sparvar bench fp8-fidelity", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"],
                         help="models whose random weights are compared")
     parser.add_argument("--resolution", type=int, help="pixel budget of the Infinity models (default: theirs)")

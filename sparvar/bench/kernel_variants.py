@@ -180,7 +180,7 @@ def warp_specialize_configs(record, heads: int, scale: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="sparvar bench kernel-variants", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--out", default="variants.jsonl", help="JSON lines file the run is appended to")
     parser.add_argument("--heads", type=int, default=28, help="attention heads (Infinity-8B: 28)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sweeps to run")

@@ -327,7 +327,7 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench 
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="sparvar bench kernels", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--out-dir", default="benchmarks", help="folder for kernels.json and kernels.md")
     args = parser.parse_args(argv)
     run_kernel_bench(args.out_dir, command=command_line("sparvar bench kernels", argv))

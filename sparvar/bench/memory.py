@@ -222,7 +222,7 @@ def run(models: list[str], repeats: int, out_dir: str, command: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="sparvar bench memory", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="models to measure")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per setting (the median is kept)")
     parser.add_argument("--out", default="benchmarks", help="folder for memory.json and memory.md")

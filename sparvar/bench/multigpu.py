@@ -104,7 +104,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(prog="sparvar bench multigpu", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--model", default="infinity-8b", help="model of the job (random weights)")
     parser.add_argument("--resolution", type=int, default=1024, help="pixel budget of the schedule")
     parser.add_argument("--schedule", help="custom scales instead of --resolution (quick checks)")

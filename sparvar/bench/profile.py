@@ -62,7 +62,7 @@ def profile(model: str, attention: str, sdpa_backend: str = "cudnn") -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="sparvar bench profile", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-8b"], help="models to profile")
     parser.add_argument("--attention", nargs="+", default=["dense", "default"], help="attention presets to profile")
     parser.add_argument("--out", default="benchmarks", help="folder for profile.json and profile.md")

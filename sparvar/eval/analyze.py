@@ -133,8 +133,7 @@ def draw_tables(tables: dict, modes, schedule: Schedule, out: Path) -> list[str]
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_model_options(p)
     p.add_argument("--condition", help="class index or name, or a prompt (default: the model's example prompt or "
                    "first class, or 'a photo of a cat' for text models without one)")

@@ -134,7 +134,7 @@ def to_markdown(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="sparvar calibrate-skip", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+                       formatter_class=HelpFormatter)
     add_model_options(p)
     p.add_argument("--prompts", help="file with one prompt per line (text models)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per condition")
