@@ -471,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except SparvarError as err:
         print(err if isinstance(err, Stopped) else f"error: {err}", file=sys.stderr)
         return err.status
+    except KeyboardInterrupt:  # outside a batch job: every file written is whole (files.py)
+        print("stopped by Ctrl+C", file=sys.stderr)
+        return 130
     return 0
 
 

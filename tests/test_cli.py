@@ -406,6 +406,15 @@ def test_gpu_settings_on_the_cpu_are_refused(tmp_path, capsys, no_loading, optio
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_outside_a_batch_job_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sparvar.loading, "load_pipeline", interrupted)
+    assert main(["generate", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "stopped by Ctrl+C\n"
+
+
 def test_a_picture_to_vary_needs_a_vae_with_an_encoder(tmp_path, capsys, no_loading):
     from PIL import Image
 
