@@ -85,6 +85,7 @@ class TransformerConfig:
     system_prompt (families with one); schedule (families with a fixed schedule)."""
 
     cross_attention = False  # whether the blocks attend to text through cross-attention (FLOPs)
+    latent_per_token = 1  # side of the latent cells one token covers (the image's size before loading)
 
     @property
     def head_dim(self) -> int:
