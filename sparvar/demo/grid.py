@@ -11,6 +11,7 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sparvar import files
 from sparvar.loading import load_pipeline
 
 LABEL_WIDTH = 150
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
     else:
         p.error(f"{args.model} is text-conditioned: give --prompts FILE")
     picture = grid(pipe, conditions, list(range(args.seeds)))
-    picture.quantize(colors=64).save(args.out, optimize=True)  # a 64-colour palette keeps the README's picture small
+    small = picture.quantize(colors=64)  # a 64-colour palette keeps the README's picture small
+    files.whole(args.out, lambda part: small.save(part, format="PNG", optimize=True))
     print(f"wrote {args.out}")
 
 
