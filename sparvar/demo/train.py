@@ -49,12 +49,19 @@ from sparvar.demo.step import ATTENTION, COMPILE, TeacherForcing
 from sparvar.demo.tokenizer import Encoder, Tokenizer
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import psnr
+from sparvar.loading import load_pipeline
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.infinity.text import ByteTokenizer, TextEncoder, build_t5, load_t5, t5_state
+from sparvar.models.infinity.text import (
+    ByteTokenizer,
+    TextEncoder,
+    build_t5,
+    load_t5,
+    t5_state,
+)
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
-from sparvar.loading import load_pipeline
 from sparvar.models.registry import ASSETS, get_spec
+from sparvar.options import ArgumentParser
 from sparvar.pipeline import Pipeline
 from sparvar.schedules import parse_schedule
 from sparvar.validation import resolve_device
@@ -72,7 +79,7 @@ CALL_OPTIONS = ("action", "data", "out", "resume", "resume_from_export", "phase"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar train-demo", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="sparvar train-demo", description=__doc__.splitlines()[0])
     p.add_argument("action", nargs="?", default="train", choices=("train", "prepare", "export", "score", "prompts"))
     p.add_argument("--data", default="runs/emoji.npz", help="the emoji data set (`prepare` writes it)")
     p.add_argument("--out", default="runs/demo", help="checkpoint folder")
