@@ -4,10 +4,14 @@ A job is a list of items (index, condition, seed = --seed + index, file) and the
 image shares, recorded in `job.json` beside the images before the first one is made: a rerun
 into the same folder must repeat them (or pass --overwrite), so a folder never mixes settings.
 
-Every batch appends one JSON line per image to `manifest.jsonl` (under an exclusive file lock, so
-processes never mix lines), then writes its images, each under another name and renamed. An item
-is done when its line is there and its file is a whole PNG; anything else is made again, so a
-process killed at any point leaves no image without a line, and a rerun resumes the job.
+Every batch writes its images, each under another name and renamed (files.py), then appends one
+JSON line per image to `manifest.jsonl` (under an exclusive file lock, so processes never mix
+lines). An item is done when its line is there and its file is a whole PNG; anything else is made
+again, so a process killed or a disk full at any point leaves no line without its image, and a
+rerun resumes the job. Ctrl+C and SIGTERM end a job between two writes, in one line.
+
+One job writes into a folder at a time: it holds an exclusive lock on `job.lock` there for its
+whole run (under torchrun, rank 0 does), and a second one refuses at once, naming the first's pid.
 
 The missing items are cut into batches of `batch_size` in item order and batch j goes to process
 j % world_size: a batch holds the same items whatever the number of processes, so an image comes
@@ -20,7 +24,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +37,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from sparvar import files
 from sparvar.checkpoint import fingerprint
-from sparvar.errors import SparvarError
+from sparvar.errors import SparvarError, Stopped
 from sparvar.generation import GenerationConfig
 from sparvar.models.registry import ModelSpec
 from sparvar.pipeline import Pipeline
@@ -39,6 +47,7 @@ from sparvar.validation import resolve_device
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "job.json"
+LOCK = "job.lock"  # held by the job running in the folder; it holds that job's pid
 _PNG_START = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that closes every PNG
 
@@ -145,9 +154,7 @@ def prepare(settings: dict, items: list[Item], folder: Path, overwrite: bool) ->
     elif (folder / MANIFEST).exists():
         raise SparvarError(f"{folder} holds images of a job whose settings were not recorded (no {SETTINGS}): "
                            "give another --out, or --overwrite to make them again")
-    part = record.with_name(SETTINGS + ".part")
-    part.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(part, record)
+    files.write_text(record, json.dumps(settings, indent=1) + "\n")
     return pending(items, folder)
 
 
@@ -190,41 +197,100 @@ def pending(items: list[Item], folder: Path) -> list[Item]:
             continue  # a line of an earlier condition at this file name: the image is made again
         kept[name] = line
     if list(kept.values()) != lines:
-        part = manifest.with_name(MANIFEST + ".part")
-        part.write_text("".join(line + "\n" for line in kept.values()))
-        os.replace(part, manifest)
+        files.write_text(manifest, "".join(line + "\n" for line in kept.values()))
     return [item for item in items if item.path.name not in kept]
 
 
-def append_lines(path: Path, lines: list[str]) -> None:
-    """Append whole lines under an exclusive lock: processes never interleave their writes."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def lock(folder: Path) -> int:
+    """An exclusive lock on the folder's job.lock, with this process's pid in it; it is held
+    until the returned descriptor is closed (or the process ends). Taken by another process: refused."""
+    path = folder / LOCK
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, "".join(line + "\n" for line in lines).encode())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise SparvarError(f"cannot write {path}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SparvarError(f"another job (pid {_holder(path)}) is writing into {folder}: wait for it to end, "
+                           "or give another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as err:
+        os.close(fd)
+        raise SparvarError(f"cannot write {path}: {err.strerror or err}") from None
+    return fd
+
+
+def _holder(path: Path) -> str:
+    """The pid in a lock file, given a moment to be written by the process that just took it."""
+    for _ in range(20):
+        pid = path.read_text().strip()
+        if pid:
+            return pid
+        time.sleep(0.05)
+    return "unknown"
+
+
+class _Signal(BaseException):
+    """Ctrl+C (SIGINT) or SIGTERM during a batch job, raised in the main thread."""
+
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.number = number
+
+
+@contextmanager
+def _signals_stop_the_job():
+    """SIGINT and SIGTERM raise _Signal while the job runs (in the main thread, where Python
+    runs signal handlers); the writer thread finishes the write it is in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(number, frame):
+        raise _Signal(number)
+
+    before = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     finally:
-        os.close(fd)  # releases the lock
+        for number, handler in before.items():
+            signal.signal(number, handler)
 
 
-def save_png(image, path: Path) -> None:
-    """Written under another name, then renamed: an existing file is always a whole image."""
-    part = path.with_name(path.name + ".part")
-    image.save(part, format="PNG")
-    os.replace(part, path)
+def _stopped(number: int, made: int, rank: int) -> Stopped:
+    what = "Ctrl+C" if number == signal.SIGINT else signal.Signals(number).name
+    return Stopped(f"stopped by {what}: {_made(made, rank)}; the same command resumes the job", number)
 
 
 def run(job: Job, items: list[Item], load: Callable[[torch.device], Pipeline], batch_size: int,
         device: str = "auto", overwrite: bool = False, progress: bool = True) -> None:
     """Generate the items' missing images, sharded over torchrun's processes (or in this one)."""
-    folder = items[0].path.parent
     distributed = under_torchrun()
     device = join(device) if distributed else resolve_device(device)
     try:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        settings = {**job.settings(), "device": device.type}
-        plan = [None, None]  # rank 0 checks the folder; its error or its list of items reaches every process
+        with _signals_stop_the_job():
+            _run(job, items, load, batch_size, device, distributed, overwrite, progress)
+    except _Signal as signal_:
+        raise _stopped(signal_.number, 0, dist.get_rank() if distributed else 0) from None
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _run(job: Job, items: list[Item], load: Callable[[torch.device], Pipeline], batch_size: int,
+         device: torch.device, distributed: bool, overwrite: bool, progress: bool) -> None:
+    folder = items[0].path.parent
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    settings = {**job.settings(), "device": device.type}
+    plan, held = [None, None], None  # rank 0 locks and checks the folder; its error or its items reach every process
+    try:
         if rank == 0:
             try:
+                held = lock(folder)
                 plan = [None, prepare(settings, items, folder, overwrite)]
             except SparvarError as err:
                 plan = [str(err), None]
@@ -252,40 +318,54 @@ def run(job: Job, items: list[Item], load: Callable[[torch.device], Pipeline], b
         if rank == 0:
             print(f"images written to {folder}: {len(todo)}, one line each in {folder / MANIFEST}")
     finally:
-        if distributed:
-            dist.destroy_process_group()
+        if held is not None:
+            os.close(held)  # the lock goes with it
 
 
 def _generate(job: Job, pipe: Pipeline | None, batches: list[list[Item]], manifest: Path, rank: int,
               progress: bool) -> None:
-    """This process's batches; a thread writes the lines and PNGs of one batch while the next
-    one generates."""
+    """This process's batches; a thread writes the PNGs and lines of one batch while the next
+    one generates. A failed write ends the job in one line that says how far it got."""
     bar = tqdm(total=sum(map(len, batches)), desc=f"rank {rank}", unit="image", position=rank,
                disable=not progress)
+    made = 0  # images written and recorded by this process
 
     def finish(batch: list[Item], images, seconds: float) -> None:
+        nonlocal made
+        for item, image in zip(batch, images):
+            files.save_image(image, item.path)
         done = round(time.time(), 3)
-        append_lines(manifest, [json.dumps({
+        files.append_lines(manifest, [json.dumps({
             "item": item.index, "condition": item.condition, "seed": item.seed, "file": item.path.name,
             "rank": rank, "seconds": round(seconds / len(batch), 4), "finished": done,
-        }) for item in batch])  # the lines first: a kill before the images leaves lines that `pending` drops
-        for item, image in zip(batch, images):
-            save_png(image, item.path)
+        }) for item in batch])  # the images first: a kill before the lines leaves images that are made again
+        made += len(batch)
         bar.update(len(batch))
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        saving: Future | None = None
-        for batch in batches:
-            began = time.perf_counter()
-            images = job.generate(pipe, batch).images
-            seconds = time.perf_counter() - began
+    try:
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            saving: Future | None = None
+            for batch in batches:
+                began = time.perf_counter()
+                images = job.generate(pipe, batch).images
+                seconds = time.perf_counter() - began
+                if saving is not None:
+                    saving.result()  # at most one batch of images waits in memory; errors surface here
+                saving = writer.submit(finish, batch, images, seconds)
             if saving is not None:
-                saving.result()  # at most one batch of images waits in memory; errors surface here
-            saving = writer.submit(finish, batch, images, seconds)
-        if saving is not None:
-            saving.result()
-    bar.close()
+                saving.result()
+    except SparvarError as err:
+        raise SparvarError(f"{err} ({_made(made, rank)}; the same command resumes the job)") from None
+    except _Signal as signal_:  # the executor has let the write under way finish
+        raise _stopped(signal_.number, made, rank) from None
+    finally:
+        bar.close()
     count, elapsed = sum(map(len, batches)), time.perf_counter() - start
     print(f"rank {rank}: {count} images in {elapsed:.1f} s ({elapsed / max(count, 1):.2f} s per image, "
           "generation and writing)", flush=True)
+
+
+def _made(count: int, rank: int) -> str:
+    """How many images this process wrote, for the line that ends a job early."""
+    return f"{count} image{'' if count == 1 else 's'} made{f' by rank {rank}' if under_torchrun() else ''}"

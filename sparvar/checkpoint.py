@@ -11,6 +11,8 @@ import hashlib
 import json
 import pickle
 import re
+import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -163,4 +165,27 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, hi
         if wrong:
             parts.append(f"{len(wrong)} of another shape ({_listing(wrong, expected, state)})")
         raise SparvarError(f"checkpoint does not fit {what}: " + "; ".join(parts) + (f". {hint}" if hint else ""))
+    _check_dtypes(module, state, what)
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def _check_dtypes(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Integers or booleans where the module takes floats are refused (no weights hold them);
+    floats of another precision are converted as they load, with one line on stderr that says so
+    (the images differ from those of the checkpoint at the model's own precision)."""
+    expected = {k: v.dtype for k, v in module.state_dict().items()}
+    floats = [k for k, dtype in expected.items() if dtype.is_floating_point]
+    wrong = [k for k in floats if not state[k].is_floating_point()]
+    if wrong:
+        shown = ", ".join(f"{k} {_name(state[k].dtype)}" for k in wrong[:3])
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise SparvarError(f"checkpoint does not fit {what}: {len(wrong)} tensors hold integers or booleans where "
+                           f"it takes floats ({shown}{more})")
+    converted = Counter((_name(state[k].dtype), _name(expected[k])) for k in floats if state[k].dtype != expected[k])
+    if converted:
+        parts = ", ".join(f"{n} {a} tensors to {b}" for (a, b), n in converted.items())
+        print(f"note: {what}: converted {parts}", file=sys.stderr)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

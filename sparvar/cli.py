@@ -11,11 +11,12 @@ import re
 import sys
 from pathlib import Path
 
-from sparvar import batch
-from sparvar.errors import SparvarError
+from sparvar import batch, files
+from sparvar.errors import SparvarError, Stopped
 from sparvar.generation import GenerationConfig
 from sparvar.generation import SAMPLERS
-from sparvar.options import HelpFormatter, add_model_options, output_folder, per_scale, read_conditions, read_image
+from sparvar.options import (ArgumentParser, HelpFormatter, add_model_options, device_of, output_folder, per_scale,
+                             preset_list, read_conditions, read_image)
 from sparvar.pruning import PRUNE_PRESETS
 from sparvar.sparsity import combination
 
@@ -33,15 +34,34 @@ def _conditions(args, spec) -> list:
     return conditions or [spec.default_condition]
 
 
-def _output_paths(out: str, conditions: list) -> list[Path]:
+COMPARISON = "compare"  # the side-by-side's key among an item's files
+
+
+def _output_files(out: str, conditions: list, presets: list[str], room: int) -> list[dict[str, Path]]:
+    """Per condition, the file of each preset's image and, with several presets, of their
+    comparison: --out x.png is then the comparison, each preset's image beside it (x_dense.png);
+    in a folder they are NNN_slug_PRESET.png and NNN_slug_compare.png. Checked before any work:
+    the folder takes `room` bytes and each name fits its filesystem."""
+    if not out.strip():
+        raise SparvarError("--out is empty: give a folder, or a .png path for one image")
     target = Path(out)
-    if target.suffix.lower() == ".png":
+    named = target.suffix.lower() == ".png"
+    if named:
         if len(conditions) != 1:
             raise SparvarError(f"--out {out} names one file but there are {len(conditions)} images; give a folder")
-        output_folder(target.parent)
-        return [target]
-    folder = output_folder(target)
-    return [folder / f"{i:03d}_{_slug(c)}.png" for i, c in enumerate(conditions)]
+        paths = [output_folder(target.parent, room) / target.name]
+    else:
+        folder = output_folder(target, room)
+        paths = [folder / f"{i:03d}_{_slug(c)}.png" for i, c in enumerate(conditions)]
+    if len(presets) == 1:
+        items = [{presets[0]: path} for path in paths]
+    else:
+        items = [{**{p: path.with_name(f"{path.stem}_{p}.png") for p in presets},
+                  COMPARISON: path if named else path.with_name(f"{path.stem}_{COMPARISON}.png")} for path in paths]
+    for item in items:
+        for path in item.values():
+            files.check_name(path)
+    return items
 
 
 def _generation_config(args) -> GenerationConfig:
@@ -67,6 +87,9 @@ def _with_init_image(args, conditions: list, config: GenerationConfig, pipe) -> 
 def _check_init_image(args, spec, configs: dict) -> None:
     """--init-image and --init-scales go together and fit the model and schedule (checked before loading)."""
     spec.family.refuse(spec.name, init_images=bool(args.init_image))
+    if args.init_image and not spec.vae_encodes:
+        raise SparvarError(f"{spec.name}'s VAE has no encoder, so it cannot make variations of a picture "
+                           "(--init-image)")
     if bool(args.init_image) != bool(args.init_scales):
         raise SparvarError("--init-image and --init-scales go together: the picture's first N scales are kept")
     if not args.init_image:
@@ -86,7 +109,7 @@ def cmd_generate(args) -> None:
     the output folder) before the model loads, once (validation.validate)."""
     from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
-    from sparvar.validation import default_dtype, resolve_device, validate
+    from sparvar.validation import default_dtype, validate
 
     spec = get_spec(args.model)
     conditions = _conditions(args, spec)
@@ -95,14 +118,12 @@ def cmd_generate(args) -> None:
         raise SparvarError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.attention is None:  # the demo shows the comparison; official models and batch jobs run SparVAR
         args.attention = "default" if spec.files or job else "dense,default"
-    entries = [p.strip() for p in args.attention.split(",") if p.strip()]
-    if not entries:
-        raise SparvarError("--attention names no preset; see `sparvar presets`")
+    entries = preset_list(args.attention, "--attention")
     if job and len(entries) > 1:
         raise SparvarError(f"a batch job (--batch-size or torchrun) runs one --attention preset, not {len(entries)}; "
                            "run one job per preset, each with its own --out")
     accelerators, suffix = _accelerators(args)
-    device = resolve_device(args.device)
+    device = device_of(args, spec)
     batch_size = (args.batch_size or 1) if job else len(conditions)
     base = _generation_config(args)
     configs = {}  # name (the entry with the accelerator options, as written) -> its checked config
@@ -118,7 +139,14 @@ def cmd_generate(args) -> None:
     if job and args.image:
         raise SparvarError("--image edits in one pass; batch jobs do not take a source picture yet")
     seeds = base.seeds(len(conditions))
-    paths = _output_paths(args.out, conditions)
+    h, w = spec.image_size(configs[presets[0]].schedule)
+    for picture in configs[presets[0]].image or ():  # edits come back in their pictures' shapes
+        h, w = max(h, picture.height), max(w, picture.width)
+    png = 3 * h * w + h + 4096  # at most: its raw pixels, a filter byte a row, its chunks
+    # a batch job needs room for one batch (a full disk later ends it in one line); a comparison
+    # writes each preset's image and a side-by-side of them and their differences
+    pngs = batch_size if job else len(conditions) * (1 if len(presets) == 1 else 3 * len(presets))
+    outputs = _output_files(args.out, conditions, presets, pngs * png)
     load = lambda device: load_pipeline(  # noqa: E731
         spec.name, args.weights, args.vae, args.text_encoder, device=device, random_weights=args.random_weights,
         precision=args.precision, offload=args.offload)
@@ -126,7 +154,7 @@ def cmd_generate(args) -> None:
         weights = batch.weights_identity(spec, args.weights, args.vae, args.text_encoder, args.random_weights)
         if args.precision != "auto":  # FP8 makes other images (older jobs recorded no precision)
             weights["precision"] = args.precision
-        items = [batch.Item(i, c, s, path) for i, (c, s, path) in enumerate(zip(conditions, seeds, paths))]
+        items = [batch.Item(i, c, s, out[presets[0]]) for i, (c, s, out) in enumerate(zip(conditions, seeds, outputs))]
         job = batch.Job(spec.name, presets[0], configs[presets[0]], weights)
         batch.run(job, items, load, batch_size, args.device, overwrite=args.overwrite, progress=not args.quiet)
         return
@@ -142,18 +170,15 @@ def cmd_generate(args) -> None:
         if n > 1:
             stages += f" for the batch ({out.stage_seconds['total'] / n:.2f} s per image)"
         used = f"; scales used {out.scales_used}" if config.adaptive_skip else ""
-        print(f"  {name}: {stages}; attention density {_density(out.policy):.1%}{used}")
-    if len(presets) == 1:
-        for path, image in zip(paths, runs[presets[0]].images):
-            image.save(path)
-            print(f"wrote {path}")
-        return
-    for i, path in enumerate(paths):
+        print(f"  {name}: {stages}; attention density {_density(out, spec):.1%}{used}")
+    for i, item in enumerate(outputs):
         for name, out in runs.items():
-            out.images[i].save(path.with_name(f"{path.stem}_{name}.png"))
-        target = path.with_name(f"{path.stem}_compare.png")
-        _comparison(runs, i).save(target)
-        print(f"wrote {target} and one image per preset beside it")
+            files.save_image(out.images[i], item[name])
+        if len(presets) == 1:
+            print(f"wrote {item[presets[0]]}")
+        else:
+            files.save_image(_comparison(runs, i, spec), item[COMPARISON])
+            print(f"wrote {item[COMPARISON]} and one image per preset beside it")
 
 
 def _accelerators(args) -> tuple[dict, str]:
@@ -169,13 +194,14 @@ def _accelerators(args) -> tuple[dict, str]:
     return dict(skip_last=args.skip_last or 0, prune=args.prune, adaptive=args.adaptive_skip), suffix
 
 
-def _density(policy) -> float:
-    from sparvar.eval.flops import attention_density
+def _density(out, spec) -> float:
+    """The attention a generation computed, of a full dense generation's (skipped scales count 0)."""
+    from sparvar.eval.flops import attention_share
 
-    return attention_density(policy)
+    return attention_share(out, spec.transformer.depth)
 
 
-def _comparison(runs: dict, item: int):
+def _comparison(runs: dict, item: int, spec):
     """Every preset's image, then the difference of each to the first, captioned with time,
     attention density and PSNR."""
     from sparvar.eval.draw import difference_map, side_by_side
@@ -185,7 +211,7 @@ def _comparison(runs: dict, item: int):
     first = runs[names[0]].images[item]
     panels = [
         (out.images[item], f"{name}\n{out.stage_seconds['total'] / len(out.images):.2f} s per image, "
-         f"density {_density(out.policy):.1%}")
+         f"density {_density(out, spec):.1%}")
         for name, out in runs.items()
     ]
     for name in names[1:]:
@@ -348,7 +374,7 @@ _PASS_THROUGH = {"eval": cmd_eval, "analyze": cmd_analyze, "train-demo": cmd_tra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparvar", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="sparvar", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images (default: the demo model)", formatter_class=HelpFormatter)
@@ -450,16 +476,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    if argv and argv[0] in _PASS_THROUGH:  # their own parsers take every option, --help included
-        args = argparse.Namespace(func=_PASS_THROUGH[argv[0]], rest=argv[1:])
-    else:
-        args = parser.parse_args(argv)
     try:
+        if argv and argv[0] in _PASS_THROUGH:  # their own parsers take every option, --help included
+            args = argparse.Namespace(func=_PASS_THROUGH[argv[0]], rest=argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
         args.func(args)
     except SparvarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(err if isinstance(err, Stopped) else f"error: {err}", file=sys.stderr)
+        return err.status
+    except KeyboardInterrupt:  # outside a batch job: every file written is whole (files.py)
+        print("stopped by Ctrl+C", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The one exception type users see: its message says in one line what went wrong and what to do."""
+"""The exceptions users see: each message says in one line what went wrong and what to do."""
 
 
 class SparvarError(Exception):
@@ -7,5 +7,16 @@ class SparvarError(Exception):
     The message is kept to one line: line breaks (of a quoted library error, say) become spaces.
     """
 
+    status = 2  # the command's exit status
+
     def __init__(self, message: str):
         super().__init__(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
+
+
+class Stopped(SparvarError):
+    """A batch job ended by a signal between two writes (Ctrl+C, SIGTERM): the CLI prints the
+    message as it is and exits with 128 + the signal's number (130, 143), as shells do."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.status = 128 + signal_number

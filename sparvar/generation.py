@@ -249,18 +249,34 @@ class GenerationConfig:
                                f"at most {MAX_SEED}")
         return [self.seed + i for i in range(items)]
 
+    def batch_rows(self, spec: ModelSpec, batch: int) -> int:
+        """Rows of a batch of `batch` images through the transformer: guidance runs it twice."""
+        return batch * (2 if any(w != 0 for w in self.guidance_weights(spec, len(self.schedule))) else 1)
+
+    def memory_needed(self, spec: ModelSpec, dtype: torch.dtype, batch: int) -> dict[str, int]:
+        """Bytes a resolved config's generation of `batch` images needs besides the weights, by part:
+        the KV cache, the transformer's activations at the largest scale that runs, the decoder's
+        feature maps."""
+        rows = self.batch_rows(spec, batch)
+        return {"KV cache": kv_cache_bytes(spec, self.schedule, rows, dtype, self.kv_cache, self.skip_last),
+                "activations": activation_bytes(spec, self.schedule, rows, dtype, self.skip_last),
+                "decoder": decoder_bytes(spec, self.schedule, batch, dtype)}
+
     def check_device(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, batch: int) -> None:
-        """What the machine must offer a resolved config: a GPU for CUDA graphs, memory for the KV cache."""
+        """What the machine must offer a resolved config: a GPU for CUDA graphs, memory for a batch
+        (memory_needed: on a GPU its memory, on the CPU what the system has available now)."""
         if self.cuda_graphs and device.type != "cuda":
             raise SparvarError("cuda_graphs needs a CUDA device")
-        guided = any(w != 0 for w in self.guidance_weights(spec, len(self.schedule)))  # the batch runs twice
-        need = kv_cache_bytes(spec, self.schedule, batch * (2 if guided else 1), dtype, self.kv_cache, self.skip_last)
-        have = device_memory(device)
+        parts = self.memory_needed(spec, dtype, batch)
+        need, have = sum(parts.values()), device_memory(device)
         if have is not None and need > have:
+            guided = self.batch_rows(spec, batch) > batch
             raise SparvarError(
-                f"schedule {self.schedule.describe()} needs {_size(need)} for the KV cache alone ({batch} image(s)"
-                f"{' with guidance' if guided else ''} in {str(dtype).replace('torch.', '')}), more than the "
-                f"{_size(have)} of {device}")
+                f"{batch} image(s) of schedule {self.schedule.describe()}{' with guidance' if guided else ''} in "
+                f"{str(dtype).replace('torch.', '')} need about {_size(need)} besides the weights ("
+                + ", ".join(f"{name} {_size(n)}" for name, n in parts.items())
+                + f"), more than the {_size(have)} {'of' if device.type == 'cuda' else 'available on'} {device}; "
+                "generate fewer images at once")
 
 
 def check_schedule(spec: ModelSpec, schedule: Schedule) -> None:
@@ -268,7 +284,7 @@ def check_schedule(spec: ModelSpec, schedule: Schedule) -> None:
     if spec.only_schedules and schedule not in spec.only_schedules:
         known = " or ".join(s.describe() for s in spec.only_schedules)
         raise SparvarError(f"{spec.name} generates only the schedule it was trained on ({known}), not "
-                           f"{schedule.describe()}; skip_last (--skip-last) stops it early")
+                           f"{schedule.describe()}; skipping its last scales stops it early")
     if len(schedule) > spec.max_scales:
         raise SparvarError(f"schedule {schedule.describe()} has {len(schedule)} scales; {spec.name} has level "
                            f"embeddings for {spec.max_scales}")
@@ -297,10 +313,37 @@ def kv_cache_bytes(spec: ModelSpec, schedule: Schedule, rows: int, dtype: torch.
     return int(model.depth * stored * per_token * element) + schedule.total * per_token * size
 
 
+# working memory of one token (one batch row) of the largest scale, in model widths: the hidden
+# states, q, k and v, the MLP's hidden layer and the attention's own buffers. Measured on the
+# demo on a 2-core CPU (float32, guidance): peak RSS grew 182 MB an image with dense attention
+# and 235 MB with default, of which 129 MB KV cache; 24 widths make 101 MB.
+ACTIVATION_WIDTHS = 24
+DECODER_MAPS = 4  # feature maps at full resolution that the decoder holds at once
+
+
+def activation_bytes(spec: ModelSpec, schedule: Schedule, rows: int, dtype: torch.dtype, skip_last: int = 0) -> int:
+    """The transformer's working memory for `rows` batch rows at the largest scale that runs."""
+    largest = max(schedule.lengths[: len(schedule) - skip_last])
+    return rows * largest * spec.transformer.width * ACTIVATION_WIDTHS * torch.empty((), dtype=dtype).element_size()
+
+
+def decoder_bytes(spec: ModelSpec, schedule: Schedule, images: int, dtype: torch.dtype) -> int:
+    """The decoder's feature maps at full resolution (its first level's channels) for `images`."""
+    h, w = spec.image_size(schedule)
+    channels = spec.vae.base * spec.vae.ch_mult[0]
+    return images * DECODER_MAPS * channels * h * w * torch.empty((), dtype=dtype).element_size()
+
+
 def device_memory(device: torch.device) -> int | None:
-    """Bytes of memory of a GPU, or of the machine for the CPU (None where the system does not say)."""
+    """Bytes of memory of a GPU, or what the machine has available now for the CPU (other
+    processes hold the rest); None where the system does not say."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as info:
+            return next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):

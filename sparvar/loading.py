@@ -97,7 +97,7 @@ def load_pipeline(
     if vae is None or random_weights:
         decoder = create_vae(spec, device, dtype, seed)
     else:
-        decoder = create_vae(spec, "meta")
+        decoder = create_vae(spec, "meta", dtype)
         state = decoder.checkpoint_state(read_state_dict(vae))
         load_strict(decoder, state, f"{spec.name}'s VAE ({vae})")
         decoder = decoder.to(device=device, dtype=dtype).eval()

@@ -4,10 +4,19 @@ files they read and write, checked before any work so that a mistake costs one l
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
 from sparvar.errors import SparvarError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes end in one line (`error: ...`, exit status 2: a SparvarError), not
+    in the usage block and the reason under it."""
+
+    def error(self, message: str):
+        raise SparvarError(f"{message} (see {self.prog} --help)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -35,6 +44,35 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "weights; slow) (default: everything on the device)")
 
 
+def device_of(args: argparse.Namespace, spec):
+    """The device of add_model_options' --device, once --precision and --offload are values the
+    model takes that pay off there. Both pay off on a GPU only (on the CPU, FP8 is emulated, slower
+    and with other images, and every weight is in CPU memory already), so the commands refuse them
+    there; the library keeps both on the CPU, where tests check their arithmetic."""
+    from sparvar.validation import check_offload, check_precision, default_dtype, resolve_device
+
+    device = resolve_device(args.device)
+    check_offload(args.offload, spec)
+    check_precision(args.precision, device, default_dtype(device))
+    if device.type == "cpu" and args.precision == "fp8":
+        raise SparvarError("--precision fp8 needs a GPU with FP8 matmuls (Ada or Hopper); on the CPU it would only "
+                           "be emulated, slower and with other images")
+    if device.type == "cpu" and args.offload:
+        raise SparvarError(f"--offload {args.offload} keeps weights in CPU memory for a GPU; on the CPU they are "
+                           "there already: leave it out")
+    return device
+
+
+def preset_list(text: str, option: str) -> list[str]:
+    """The presets of a comma-separated option (--attention, --presets): at least one, none empty."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if not any(entries):
+        raise SparvarError(f"{option} names no preset; see `sparvar presets`")
+    if not all(entries):
+        raise SparvarError(f"{option} {text!r} has an empty entry; separate presets with single commas")
+    return entries
+
+
 def read_conditions(path: str | Path) -> list[str]:
     """The non-empty lines of a file of prompts (or class names or indices), stripped."""
     file = Path(path)
@@ -49,18 +87,23 @@ def read_conditions(path: str | Path) -> list[str]:
     return lines
 
 
-def output_folder(path: str | Path) -> Path:
-    """The folder at `path`, created, once a file could be written in it."""
+def output_folder(path: str | Path, need: int = 1) -> Path:
+    """The folder at `path`, created, once a file could be written in it and its filesystem has
+    `need` bytes free (by default: is not full), so that a full disk costs one line, not a run."""
     folder = Path(path)
-    for part in (folder, *folder.parents):
-        if part.exists() and not part.is_dir():
-            raise SparvarError(f"cannot write to {folder}: {part} is a file, not a folder")
     try:
+        for part in (folder, *folder.parents):
+            if part.exists() and not part.is_dir():
+                raise SparvarError(f"cannot write to {folder}: {part} is a file, not a folder")
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
+        free = shutil.disk_usage(folder).free
     except OSError as err:
         raise SparvarError(f"cannot write to {folder}: {err.strerror or err}") from None
+    if free < need:
+        needed = f", {need / 1e6:.1f} MB needed" if need > 1 else ""
+        raise SparvarError(f"cannot write to {folder}: its filesystem is full ({free / 1e6:.1f} MB free{needed})")
     return folder
 
 
@@ -99,6 +142,6 @@ def read_image(path: str | Path, size: tuple[int, int]):
     scale = max(h / image.height, w / image.width)
     image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.LANCZOS)
     top, left = (image.height - h) // 2, (image.width - w) // 2
-    pixels = torch.from_numpy(np.asarray(image.crop((left, top, left + w, top + h)))).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(np.array(image.crop((left, top, left + w, top + h)))).permute(2, 0, 1)[None]
     pixels = pixels.float().div(255)
     return pixels + pixels - 1

@@ -181,8 +181,8 @@ class Pipeline:
     def _source(self, images, count: int, schedule: Schedule) -> torch.Tensor:
         """The transformer input (count, n, channels) of an edit's source pictures (one, or one per
         item): the family's pixels of them, encoded by the VAE and seen at the last scale's grid."""
-        h, w = self.codes.latent_size(schedule.sizes[-1])
-        pixels = self.spec.family.source_image.pixels(list(images), h * self.spec.vae.patch).to(self.device)
+        side = self.spec.image_size(schedule)[0]
+        pixels = self.spec.family.source_image.pixels(list(images), side).to(self.device)
         source = self.codes.next_input(self.vae.latent_of(pixels), len(schedule) - 1, schedule)
         return source.expand(count, -1, -1) if len(images) == 1 else source
 

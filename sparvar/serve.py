@@ -10,10 +10,12 @@ Gradio is an optional extra (`pip install -e ".[ui]"`); it is imported only when
 from __future__ import annotations
 
 import argparse
+import socket
 from typing import Callable
 
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
+from sparvar.options import ArgumentParser
 from sparvar.sparsity import Combination, combination
 
 # small images (the demo's 64x64) fill their box, enlarged with sharp pixels
@@ -29,13 +31,14 @@ def _config(pipe, condition, seed: int, cfg: float, aspect: str, combo: Combinat
 def compare(pipe, condition, seed: int, cfg: float, aspect: str, preset: str,
             progress: Callable[[float, str], None] = lambda done, what: None, last_dense: dict | None = None):
     """Dense and `preset` from the same seed -> (dense image, preset image, difference map,
-    markdown table of time, attention density and PSNR). `progress(share done, what)` is called
-    after every scale. Bad input raises SparvarError before any scale runs. `last_dense`, a dict
-    kept between calls, holds the last dense result, so that trying another preset on the same
-    image runs only that preset."""
+    markdown table of time, attention density and PSNR; the density is of a full dense
+    generation, so skipped scales count 0). `progress(share done, what)` is called after every
+    scale. Bad input raises SparvarError before any scale runs. `last_dense`, a dict kept between
+    calls, holds the last dense result, so that trying another preset on the same image runs only
+    that preset."""
     from sparvar.eval.draw import difference_map
+    from sparvar.eval.flops import attention_share
     from sparvar.eval.metrics import psnr, to_tensor
-    from sparvar.eval.flops import attention_density
 
     key = (condition, seed, cfg, aspect)
     cached = (last_dense or {}).get(key)
@@ -50,7 +53,7 @@ def compare(pipe, condition, seed: int, cfg: float, aspect: str, preset: str,
             progress((sum(scales[:i]) + k + 1) / sum(scales), what)
 
         out = pipe.generate([condition], config, progress=False, on_scale=on_scale)
-        results.append((out.images[0], out.stage_seconds["total"], attention_density(out.policy)))
+        results.append((out.images[0], out.stage_seconds["total"], attention_share(out, pipe.spec.transformer.depth)))
     other, dense = results[0], cached or results[1]
     if last_dense is not None:
         last_dense.clear()
@@ -58,18 +61,19 @@ def compare(pipe, condition, seed: int, cfg: float, aspect: str, preset: str,
     db = float(psnr(to_tensor([other[0]]), to_tensor([dense[0]]))[0])
     rows = [f"| {name} | {seconds:.2f} s | {density:.1%} | {psnr_text} |"
             for name, (_, seconds, density), psnr_text in (("dense", dense, "-"), (preset, other, f"{db:.2f} dB"))]
-    table = "\n".join(["| attention | time | attention density | PSNR against dense |", "|---|---|---|---|", *rows])
+    table = "\n".join(["| attention | time | attention density (of a full dense generation) | PSNR against dense |",
+                       "|---|---|---|---|", *rows])
     return dense[0], other[0], difference_map(dense[0], other[0]), table
 
 
 def _aspects(spec) -> list[str]:
-    """The aspect ratios the model makes (VAR: 1:1 only)."""
+    """The aspect ratios the model generates at its resolution (VAR, HART and the demo: 1:1 only)."""
     from sparvar.schedules import INFINITY_ASPECTS
 
     fits = []
     for aspect in INFINITY_ASPECTS:
         try:
-            spec.schedule(aspect)
+            GenerationConfig(aspect=aspect).resolved(spec)
             fits.append(aspect)
         except SparvarError:
             pass
@@ -85,17 +89,20 @@ def build_app(pipe):
 
     spec, last_dense = pipe.spec, {}
 
+    def refuse(message: str):  # a message on the page; the server's log keeps no traceback of it
+        return gr.Error(message, print_exception=False)
+
     def generate(condition, seed, cfg, aspect, preset, progress=gr.Progress()):
         if condition is None or not str(condition).strip():
-            raise gr.Error("give a prompt" if spec.text_conditioned else "pick a class")
+            raise refuse("give a prompt" if spec.text_conditioned else "pick a class")
         if seed is None or cfg is None:
-            raise gr.Error("give a seed and a cfg")
+            raise refuse("give a seed and a cfg")
         condition = str(condition).strip()
         try:
             return compare(pipe, condition, seed, cfg, aspect, preset or "default",
                            lambda done, what: progress(done, desc=what), last_dense)
         except SparvarError as err:
-            raise gr.Error(str(err)) from err
+            raise refuse(str(err)) from None
 
     with gr.Blocks(title="sparvar", analytics_enabled=False) as app:
         gr.Markdown(f"## sparvar: dense attention against SparVAR\n`{spec.name}` on {pipe.device}: {spec.about}. "
@@ -112,8 +119,9 @@ def build_app(pipe):
                                  info="a preset, or a combination: default+skip2, default+fastvar, dense+adaptive "
                                  "(sparvar presets)")
         with gr.Row():
-            seed = gr.Number(0, label="seed", precision=0, minimum=0, maximum=2**63 - 1)
-            cfg = gr.Number(spec.transformer.cfg, label="cfg (classifier-free guidance)", minimum=0)
+            # no minimum or maximum: Gradio's own refusal of them writes a traceback to the log; ours is a message
+            seed = gr.Number(0, label="seed", precision=0)
+            cfg = gr.Number(spec.transformer.cfg, label="cfg (classifier-free guidance)")
             aspect = gr.Dropdown(_aspects(spec), value="1:1", label="aspect (width:height)")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row(elem_id="outputs"):
@@ -134,22 +142,45 @@ def _gradio():
     return gradio
 
 
-def main(argv: list[str] | None = None) -> None:
-    from sparvar.loading import load_pipeline
+def _port(text: str) -> int:
+    """--port: a TCP port, 1..65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number in 1..65535, not {text!r}")
+    return int(text)
 
-    parser = argparse.ArgumentParser(prog="sparvar serve", description=__doc__.splitlines()[0])
+
+def _check_address(host: str, port: int) -> None:
+    """That the page could listen on host:port, found before the model loads (Gradio finds it after)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server: TIME_WAIT is no obstacle
+            probe.bind((host, port))
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise SparvarError(f"cannot serve on {host}:{port} ({reason}); choose another --port or --host") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Every option, the model's name and the address are checked before the model loads."""
+    from sparvar.loading import load_pipeline
+    from sparvar.models.registry import get_spec
+
+    parser = ArgumentParser(prog="sparvar serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="infinity-demo", help="model name, see `sparvar models`")
     parser.add_argument("--weights", help="transformer checkpoint (file or sharded folder)")
     parser.add_argument("--vae", help="VAE checkpoint (.pth)")
     parser.add_argument("--text-encoder", help="local folder of the T5 text encoder")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    parser.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public link through Gradio's share servers")
     args = parser.parse_args(argv)
 
+    spec = get_spec(args.model)
     gr = _gradio()
-    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device)
+    _check_address(args.host, args.port)
+    pipe = load_pipeline(spec, args.weights, args.vae, args.text_encoder, device=args.device)
     app = build_app(pipe)
     # system fonts: the page needs nothing from the internet
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

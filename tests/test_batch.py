@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 from PIL import Image
 
 from helpers import cli_error
-from sparvar import batch
-from sparvar.batch import MANIFEST, SETTINGS, Item, pending, save_png
+from sparvar import batch, files
+from sparvar.batch import MANIFEST, SETTINGS, Item, pending
 from sparvar.checkpoint import fingerprint
 from sparvar.cli import main
 from sparvar.models.registry import MODELS
@@ -131,7 +132,7 @@ def test_batch_job_errors(tmp_path, capsys):
 def test_pending_keeps_one_manifest_line_per_whole_image(tmp_path):
     items = [Item(i, f"p{i}", i, tmp_path / f"{i}.png") for i in range(4)]
     for i in (0, 1):
-        save_png(Image.new("RGB", (4, 4)), items[i].path)
+        files.save_image(Image.new("RGB", (4, 4)), items[i].path)
     line = lambda i, **more: json.dumps({"item": i, "condition": f"p{i}", "seed": i, "file": f"{i}.png", **more})  # noqa: E731
     lines = [line(0, v=1), line(2), line(0, v=2), "not json", line(1)]
     (tmp_path / MANIFEST).write_text("\n".join(lines) + "\n")
@@ -186,22 +187,23 @@ def test_a_folder_of_a_job_without_a_record_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_job_killed_between_its_lines_and_its_images_leaves_no_image_without_a_line(tmp_path, monkeypatch):
+def test_a_job_killed_between_its_images_and_its_lines_leaves_no_line_without_its_image(tmp_path, monkeypatch):
     assert main(_job(tmp_path / "whole")) == 0
-    written = []
+    recorded = []
+    append_lines = files.append_lines
 
-    def killed_after_one(image, path):  # the process dies after its first image, the second one's line written
-        if written:
-            raise KeyboardInterrupt
-        written.append(path)
-        save_png(image, path)
+    def killed_after_one(path, lines):  # the process dies after its first line, the second image written
+        if recorded:
+            raise SystemExit("killed")
+        recorded.extend(lines)
+        append_lines(path, lines)
 
-    monkeypatch.setattr(batch, "save_png", killed_after_one)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(files, "append_lines", killed_after_one)
+    with pytest.raises(SystemExit):
         main(_job(tmp_path / "killed"))
     killed = tmp_path / "killed"
     lines = {r["file"] for r in _manifest(killed)}
-    assert set(_images(killed)) == {"000_3.png"} and lines == {"000_3.png", "001_7.png"}  # a line came first
+    assert set(_images(killed)) == {"000_3.png", "001_7.png"} and lines == {"000_3.png"}  # an image came first
     monkeypatch.undo()
     assert main(_job(killed)) == 0
     whole, resumed = _images(tmp_path / "whole"), _images(killed)
@@ -232,3 +234,60 @@ def test_an_empty_or_damaged_png_counts_as_missing(tmp_path, capsys, damage):
     after = _images(tmp_path)
     assert all(np.array_equal(after[k], before[k]) for k in before)
     assert sorted(r["file"] for r in _manifest(tmp_path)) == sorted(before)  # one line each
+
+
+# ---- one job per folder; Ctrl+C and SIGTERM ----------------------------------------------------
+@pytest.mark.slow
+def test_a_second_job_into_a_folder_refuses_at_once_naming_the_first(tmp_path, capsys):
+    """Two identical jobs started at once into one new folder: the second one makes nothing."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from sparvar.batch import lock; "
+         "lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        err = cli_error(capsys, _job(tmp_path))
+        assert err == f"error: another job (pid {holder.pid}) is writing into {tmp_path}: wait for it to end, " \
+                      "or give another --out"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [batch.LOCK]  # no record, no image, no line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_job(tmp_path)) == 0 and len(_images(tmp_path)) == 3  # the lock went with its process
+
+
+@pytest.mark.slow
+def test_two_identical_jobs_started_at_once_make_each_image_once(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(str(i) for i in range(6)) + "\n")
+    job = [sys.executable, "-m", "sparvar", "generate", "--model", "var-tiny", "--prompts", str(classes), "--batch-size",
+           "1", "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    both = [subprocess.Popen(job, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [(proc.pid, proc.wait(300), proc.stderr.read()) for proc in both]
+    (winner, _, _), (_, status, err) = sorted(done, key=lambda d: d[1])
+    assert status == 2 and err.strip() == f"error: another job (pid {winner}) is writing into {tmp_path / 'out'}: " \
+                                          "wait for it to end, or give another --out"
+    assert sorted(r["item"] for r in _manifest(tmp_path / "out")) == list(range(6))  # each image once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number,status,name", [(signal.SIGINT, 130, "Ctrl+C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_ends_a_job_between_writes_in_one_line(tmp_path, capsys, monkeypatch, number, status, name):
+    generate, calls = batch.Job.generate, []
+
+    def signalled_in_the_second_batch(job, pipe, items):
+        calls.append(items)
+        if len(calls) == 2:
+            os.kill(os.getpid(), number)
+        return generate(job, pipe, items)
+
+    monkeypatch.setattr(batch.Job, "generate", signalled_in_the_second_batch)
+    assert main(_job(tmp_path)) == status
+    err = capsys.readouterr().err.strip()
+    assert err == f"stopped by {name}: 1 image made; the same command resumes the job"
+    assert sorted(_images(tmp_path)) == ["000_3.png"] and [r["file"] for r in _manifest(tmp_path)] == ["000_3.png"]
+    assert not list(tmp_path.glob("*.part"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    monkeypatch.undo()
+    assert main(_job(tmp_path)) == 0 and "images to make 2 (1 already there)" in capsys.readouterr().out

@@ -1,12 +1,15 @@
 """The end-to-end benchmark's bookkeeping (the timings themselves need a GPU), and its official
 mode's runner on a small official model where a clone of the official code is at hand."""
 
+import datetime
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from sparvar.bench import official
 from sparvar.bench.common import provenance
 from sparvar.bench.e2e import _summary, add_speedups, markdown
 
@@ -135,3 +138,22 @@ def test_official_varedit_runner_edits_a_picture():
     edited = official("make it red", spec.schedule(), seed=0, image=picture)
     assert edited.size == picture.size
     assert np.asarray(edited).std() > 1  # a picture, not a constant
+
+
+def test_pytz_stand_in_where_it_is_missing(monkeypatch):
+    """The GPU machine has no pytz, which the official Infinity code imports to stamp log lines."""
+    real_find_spec = official.importlib.util.find_spec
+    monkeypatch.setattr(official.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytz" else real_find_spec(name, *a))
+    monkeypatch.delitem(sys.modules, "pytz", raising=False)
+    before = set(sys.modules)
+    try:
+        official._install_stand_ins()
+        zone = sys.modules["pytz"].timezone("Asia/Shanghai")
+        assert zone.utcoffset(None) == datetime.timedelta(hours=8)
+        with pytest.raises(KeyError):
+            sys.modules["pytz"].timezone("Europe/Paris")
+    finally:  # stand-ins (modules no import made: no __spec__) leave with the test
+        for name in set(sys.modules) - before:
+            if getattr(sys.modules[name], "__spec__", None) is None:
+                del sys.modules[name]

@@ -234,3 +234,33 @@ def test_var_vae_file_without_the_encoder_is_refused(tmp_path):
     torch.save(state, tmp_path / "vae.pth")
     with pytest.raises(SparvarError, match=r"does not fit var-tiny's VAE .* missing \(encoder\.conv_in"):
         load_pipeline("var-tiny", vae=str(tmp_path / "vae.pth"), device="cpu")
+
+
+def test_integer_or_boolean_tensors_are_refused_naming_the_first(tmp_path, capsys):
+    """The right names and shapes, but integers: one line, before any tensor is loaded."""
+    from helpers import cli_error
+
+    state = {k: v.round().to(torch.int64) for k, v in create_model("var-tiny", seed=1).state_dict().items()}
+    state["attn_bias_for_masking"] = state["attn_bias_for_masking"].bool()
+    torch.save(state, tmp_path / "ints.pth")
+    err = cli_error(capsys, ["generate", "--model", "var-tiny", "--weights", str(tmp_path / "ints.pth"), "--class", "3",
+                             "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")])
+    floats = [k for k, v in create_model("var-tiny", device="meta").state_dict().items() if v.is_floating_point()]
+    assert f"{len(floats)} tensors hold integers or booleans where it takes floats ({floats[0]} int64, " \
+           f"{floats[1]} int64, attn_bias_for_masking bool and {len(floats) - 3} more)" in err
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_floats_of_another_precision_load_with_a_note(tmp_path, capsys):
+    state = create_model("var-tiny", seed=1).state_dict()
+    torch.save(state, tmp_path / "full.pth")
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "half.pth")
+    full = {k: v for k, v in state.items() if v.is_floating_point()}  # not lvl_1L, each token's scale
+    pipe = load_pipeline("var-tiny", weights=str(tmp_path / "half.pth"), device="cpu")
+    err = capsys.readouterr().err.strip()
+    assert err == f"note: var-tiny's transformer ({tmp_path / 'half.pth'}): converted {len(full)} float16 tensors " \
+                  "to float32"
+    loaded = pipe.transformer.state_dict()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.half().float()) for k, v in full.items())
+    load_pipeline("var-tiny", weights=str(tmp_path / "full.pth"), device="cpu")
+    assert capsys.readouterr().err == ""  # the model's own precision: nothing to say

@@ -43,17 +43,18 @@ def test_generate_checks_each_generation_once(tmp_path, capsys, monkeypatch, ext
 
 
 @pytest.mark.slow
-def test_generate_one_png_path(tmp_path):
+def test_generate_one_png_path(tmp_path, capsys):
     target = tmp_path / "sub" / "img.png"
     argv = ["generate", "--model", "var-tiny", "--class", "3", "--attention", "dense", "--out", str(target), "--quiet",
             "--device", "cpu"]
     assert main(argv) == 0 and target.is_file()
-    argv[argv.index("dense")] = "dense,paper,csla"  # several presets: one image each and a comparison
+    one = Image.open(target).width
+    argv[argv.index("dense")] = "dense,paper,csla"  # several presets: a comparison at --out, one image each beside it
     assert main(argv) == 0
-    names = {"img_dense.png", "img_paper.png", "img_csla.png", "img_compare.png"}
-    assert names <= {p.name for p in target.parent.iterdir()}
-    compare = Image.open(target.parent / "img_compare.png")
-    assert compare.width > 5 * Image.open(target).width  # 3 images and 2 difference maps
+    names = {"img.png", "img_dense.png", "img_paper.png", "img_csla.png"}
+    assert names == {p.name for p in target.parent.iterdir()}
+    assert Image.open(target).width > 5 * one  # 3 images and 2 difference maps
+    assert f"wrote {target} and one image per preset beside it" in capsys.readouterr().out
 
 
 def test_models_lists_configs_and_files(capsys):
@@ -232,8 +233,42 @@ def test_schedule_beyond_the_position_grid_or_the_memory(tmp_path, capsys, no_lo
     need = 2 * 40 * 2 * (1 + 14 * 128 * 128) * 3584 * 4  # k and v, 40 layers, cond + uncond, width, bytes
     err = cli_error(capsys, ["generate", "--model", "infinity-8b", "--random-weights", "--prompt", "x", "--schedule",
                           schedule, "--device", "cpu", "--out", str(tmp_path)])
-    assert f"needs {need / 1e9:.1f} GB for the KV cache alone (1 image(s) with guidance in float32), more than the " \
-           "64.0 GB of cpu" in err
+    assert f"(KV cache {need / 1e9:.1f} GB, activations " in err and "more than the 64.0 GB available on cpu" in err
+
+
+@pytest.mark.parametrize("device,dtype,size", [("cpu", "float32", 4), ("cuda", "bfloat16", 2)])
+def test_a_batch_beyond_the_memory_is_refused_with_the_number(tmp_path, capsys, monkeypatch, device, dtype, size):
+    """The demo's --batch-size 64 took 10.7-16.2 GB of RAM unannounced: activations and the decoder
+    count too, and a batch that does not fit the memory is refused before the model loads."""
+    import sparvar.validation
+
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(sparvar.loading, "load_pipeline", load)
+    if device == "cuda":  # the check as on a GPU, without one
+        monkeypatch.setattr(sparvar.validation, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(generation, "device_memory", lambda device: 4 * 10**9)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("sneaker\n" * 64)
+    argv = ["generate", "--prompts", str(classes), "--batch-size", "64", "--device", device, "--out", str(tmp_path / "o")]
+    err = cli_error(capsys, argv)
+    kv = 6 * 10521 * 2 * 128 * 128  # the demo's KV cache: layers, tokens, k and v, rows (64 with guidance), width
+    act, dec = 128 * 4096 * 128 * 24, 64 * 4 * 64 * 64 * 64  # rows, last scale, width, 24; images, 4 maps, 64 ch, 64x64
+    need = (kv + act + dec) * size
+    where = "of cuda" if device == "cuda" else "available on cpu"
+    assert err == f"error: 64 image(s) of schedule 1 2 4 6 8 12 16 20 24 32 40 48 64 with guidance in {dtype} need " \
+                  f"about {need / 1e9:.1f} GB besides the weights (KV cache {kv * size / 1e9:.1f} GB, activations " \
+                  f"{act * size / 1e9:.1f} GB, decoder {dec * size / 1e6:.1f} MB), more than the 4.0 GB {where}; " \
+                  "generate fewer images at once"
+    assert not (tmp_path / "o").exists()
+    if device == "cpu":
+        argv[argv.index("64")] = "8"  # 1.9 GB: it fits
+        with pytest.raises(Loaded):
+            main(argv)
 
 
 @pytest.mark.parametrize("schedule", ["64,1", "1,2,4,8"])
@@ -321,11 +356,72 @@ def test_official_generation_options_are_checked_before_loading(tmp_path, capsys
 
 
 def test_per_scale_values_that_are_not_numbers(capsys):
-    with pytest.raises(SystemExit) as exit:
-        main(["generate", "--cfg", "3,x"])
-    assert exit.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then its one-line reason
-    assert last.endswith("argument --cfg: expected a number or numbers separated by commas, got '3,x'")
+    assert cli_error(capsys, ["generate", "--cfg", "3,x"]) == \
+        "error: argument --cfg: expected a number or numbers separated by commas, got '3,x' " \
+        "(see sparvar generate --help)"
+
+
+# ---- issue 23's table: one line, exit status 2, before the model loads ----------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--seed", "1.5"], "argument --seed: invalid int value: '1.5' (see sparvar generate --help)"),
+    (["eval", "--seeds", "x"], "argument --seeds: invalid int value: 'x' (see sparvar eval --help)"),
+    (["bench", "e2e", "--repeats", "x"], "argument --repeats: invalid int value: 'x' (see sparvar bench e2e --help)"),
+    ([], "the following arguments are required: command (see sparvar --help)"),
+])
+def test_option_mistakes_are_one_line_without_the_usage_block(capsys, argv, message):
+    assert cli_error(capsys, argv) == f"error: {message}"
+
+
+def test_an_empty_preset_entry_is_refused(tmp_path, capsys, no_loading):
+    err = cli_error(capsys, ["generate", "--attention", "dense,,default", "--out", str(tmp_path)])
+    assert err == "error: --attention 'dense,,default' has an empty entry; separate presets with single commas"
+    assert "--presets 'dense,' has an empty entry" in cli_error(capsys, ["eval", "--presets", "dense,"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_or_too_long_out(tmp_path, capsys, no_loading, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_error(capsys, ["generate", "--out", ""]) == \
+        "error: --out is empty: give a folder, or a .png path for one image"
+    long = "x" * 300
+    assert cli_error(capsys, ["generate", "--out", str(tmp_path / long / "y")]) == \
+        f"error: cannot write to {tmp_path / long / 'y'}: File name too long"
+    name = "x" * 250 + ".png"  # fits, but not with the preset's name and the write's .part added
+    err = cli_error(capsys, ["generate", "--attention", "dense,default", "--out", str(tmp_path / name)])
+    assert err.startswith(f"error: cannot write {tmp_path / name[:-4]}_dense.png: its name is longer than the 255 "
+                          "bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--precision", "fp8"], "--precision fp8 needs a GPU with FP8 matmuls (Ada or Hopper); on the CPU it would only "
+                             "be emulated, slower and with other images"),
+    (["--offload", "blocks"], "--offload blocks keeps weights in CPU memory for a GPU; on the CPU they are there "
+                              "already: leave it out"),
+])
+@pytest.mark.parametrize("command", ["generate", "eval", "analyze", "calibrate-skip"])
+def test_gpu_settings_on_the_cpu_are_refused(tmp_path, capsys, no_loading, option, message, command):
+    err = cli_error(capsys, [command, "--device", "cpu", "--out", str(tmp_path / "out"), *option])
+    assert err == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_outside_a_batch_job_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sparvar.loading, "load_pipeline", interrupted)
+    assert main(["generate", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "stopped by Ctrl+C\n"
+
+
+def test_a_picture_to_vary_needs_a_vae_with_an_encoder(tmp_path, capsys, no_loading):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "picture.png")
+    err = cli_error(capsys, ["generate", "--init-image", str(tmp_path / "picture.png"), "--init-scales", "2",
+                             "--out", str(tmp_path / "out")])
+    assert err == "error: infinity-demo's VAE has no encoder, so it cannot make variations of a picture (--init-image)"
 
 
 @pytest.mark.slow

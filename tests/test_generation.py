@@ -113,12 +113,19 @@ def test_check_device_refuses_what_the_machine_cannot_run(monkeypatch):
     with pytest.raises(SparvarError, match="cuda_graphs needs a CUDA device"):
         GenerationConfig(cuda_graphs=True).resolved(spec).check_device(spec, cpu, torch.float32, 1)
     config = GenerationConfig(schedule="1,2,4").resolved(spec)
-    need = kv_cache_bytes(spec, config.schedule, 2, torch.float32)  # cfg 3: the batch runs twice
+    parts = config.memory_needed(spec, torch.float32, 1)
+    assert parts == {  # cfg 3: the batch runs twice through the transformer, once through the decoder
+        "KV cache": kv_cache_bytes(spec, config.schedule, 2, torch.float32),
+        "activations": 2 * 16 * 64 * 24 * 4,  # rows, tokens of the 4x4 scale, width, ACTIVATION_WIDTHS, float32
+        "decoder": 4 * 32 * 8 * 8 * 4,  # DECODER_MAPS of 32 channels at 8x8 pixels (4x4 tokens, patch 2)
+    }
+    need = sum(parts.values())
     monkeypatch.setattr(generation, "device_memory", lambda device: need)
     config.check_device(spec, cpu, torch.float32, 1)  # it just fits
     monkeypatch.setattr(generation, "device_memory", lambda device: need - 1)
-    with pytest.raises(SparvarError, match=r"needs 0.1 MB for the KV cache alone \(1 image\(s\) with guidance in "
-                       r"float32\), more than the 0.1 MB of cpu"):
+    with pytest.raises(SparvarError, match=r"^1 image\(s\) of schedule 1 2 4 with guidance in float32 need about "
+                       r"0.3 MB besides the weights \(KV cache 0.1 MB, activations 0.2 MB, decoder 0.0 MB\), more than "
+                       r"the 0.3 MB available on cpu; generate fewer images at once$"):
         config.check_device(spec, cpu, torch.float32, 1)
 
 

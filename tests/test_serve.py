@@ -14,14 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import difference_picture, tiny_pipeline, var_pipeline
 from sparvar.cli import main
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import psnr, to_tensor
+from sparvar.generation import GenerationConfig
 from sparvar.models.registry import get_spec
 from sparvar.serve import compare
+from sparvar.validation import validate
 
 
 def _table_psnr(table: str) -> float:
@@ -93,7 +96,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`sparvar serve` with the demo model on a free localhost port, stopped after the module."""
+    """`sparvar serve` with the demo model on a free localhost port, stopped after the module: its
+    address, and the file its output goes to (its log)."""
     pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     url = f"http://127.0.0.1:{_free_port()}/"
@@ -110,23 +114,79 @@ def server(tmp_path_factory):
                 break
             except OSError:
                 time.sleep(0.5)
-        yield url
+        yield url, log_path
     finally:
         proc.terminate()
         proc.wait(30)
 
 
 @pytest.mark.slow
-def test_serve_errors_are_one_line(capsys):
+def test_serve_errors_are_one_line_before_the_model_loads(capsys, monkeypatch):
     pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
+    import sparvar.loading
+
+    monkeypatch.setattr(sparvar.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        for options, message in ((["--model", "nope"], "unknown model 'nope'"),
-                                 (["--port", str(taken.getsockname()[1])], "choose another --port")):
+        port = taken.getsockname()[1]
+        for options, message in (
+            (["--model", "nope"], "unknown model 'nope'"),
+            (["--port", str(port)], f"cannot serve on 127.0.0.1:{port} (Address already in use); choose another "
+                                    "--port or --host"),
+            (["--port", "99999"], "argument --port: a port is a number in 1..65535, not '99999' (see sparvar serve "
+                                  "--help)"),
+        ):
             assert main(["serve", "--device", "cpu", *options]) == 2
             err = capsys.readouterr().err
             assert message in err and err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_the_page_offers_the_aspect_ratios_the_model_takes():
+    pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
+    from types import SimpleNamespace
+
+    from sparvar.schedules import INFINITY_ASPECTS
+    from sparvar.serve import build_app
+
+    for name, aspects in (("infinity-demo", ["1:1"]), ("var-tiny", ["1:1"]), ("infinity-tiny", list(INFINITY_ASPECTS))):
+        app = build_app(SimpleNamespace(spec=get_spec(name), device="cpu"))  # the page reads these two
+        offered = [b for b in app.blocks.values() if getattr(b, "label", None) == "aspect (width:height)"]
+        assert [choice for choice, _ in offered[0].choices] == aspects, name
+
+
+@pytest.mark.slow
+def test_refused_requests_name_no_option_and_leave_no_traceback():
+    """A mistake on the page is one message in it: no command-line flag, nothing in the log."""
+    gr = pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
+    from sparvar.serve import build_app
+
+    generate = next(fn.fn for fn in build_app(var_pipeline()).fns.values() if fn.api_name == "generate")
+    for condition, aspect, preset in (("3", "4:3", "default"), ("3", "1:1", "default+skip10"), ("", "1:1", "default"),
+                                      ("3", "1:1", "default+skip2+skip3"), ("unicorn", "1:1", "default")):
+        with pytest.raises(gr.Error) as refused:
+            generate(condition, 0, 3.0, aspect, preset)
+        assert refused.value.print_exception is False and "--" not in refused.value.message, refused.value.message
+    demo = get_spec("infinity-demo")  # a model trained on one schedule, asked for another
+    with pytest.raises(SparvarError) as refused:
+        validate(demo, ["t-shirt"], GenerationConfig(aspect="4:3"), torch.device("cpu"), torch.float32)
+    assert "--" not in str(refused.value) and "skipping its last scales stops it early" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_the_density_of_a_skipping_preset_counts_against_a_full_dense_generation():
+    """default+skip2 showed 71.8% against default's 25.3%: the share was of the scales that ran."""
+    pipe = tiny_pipeline()  # 13 scales up to 64x64, where default is sparse
+    schedule = pipe.schedule("1:1")
+    pairs = np.array([n * schedule.kv_length(k) for k, n in enumerate(schedule.lengths)], dtype=float)
+    density = {}
+    for preset in ("dense+skip2", "default", "default+skip2"):
+        table = compare(pipe, "a cat", 0, 3.0, "1:1", preset)[3]
+        assert "| attention density (of a full dense generation) |" in table
+        density[preset] = float(re.search(rf"\| {re.escape(preset)} \| [\d.]+ s \| ([\d.]+)% \|", table).group(1))
+    assert density["dense+skip2"] == round(100 * pairs[:-2].sum() / pairs.sum(), 1)
+    assert density["default+skip2"] < density["default"] < 100
 
 
 def _client(url, tmp_path):
@@ -143,22 +203,24 @@ def _condition(spec) -> str:
 def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, tmp_path):
     from gradio_client.exceptions import AppError
 
-    spec, client = get_spec("infinity-demo"), _client(server, tmp_path)
+    url, log = server
+    spec, client = get_spec("infinity-demo"), _client(url, tmp_path)
     bad = [("", 0, "default", "give a prompt" if spec.text_conditioned else "pick a class"),
-           (_condition(spec), -1, "default", "less than minimum"),
+           (_condition(spec), -1, "default", "seed must be in 0..9223372036854775807, got -1"),
            (_condition(spec), 0, "default+warp", "cannot read 'warp'")]
     if not spec.text_conditioned:
         bad.append(("unicorn", 0, "default", "not 'unicorn'"))
     for condition, seed, preset, message in bad:
         with pytest.raises(AppError, match=re.escape(message)):
             client.predict(condition, seed, 3.0, "1:1", preset, api_name="/generate")
-    assert urllib.request.urlopen(server, timeout=5).status == 200
+    assert urllib.request.urlopen(url, timeout=5).status == 200
+    assert "Traceback" not in log.read_text()  # refused requests are no server errors
 
 
 @pytest.mark.slow
 def test_generate_through_the_client(server, tmp_path):
     spec = get_spec("infinity-demo")
-    dense, other, diff, table = _client(server, tmp_path).predict(
+    dense, other, diff, table = _client(server[0], tmp_path).predict(
         _condition(spec), 0, spec.transformer.cfg, "1:1", "default+skip2", api_name="/generate")
     dense, other, diff = (Image.open(path).convert("RGB") for path in (dense, other, diff))
     assert dense.size == other.size == diff.size and min(dense.size) >= 32
@@ -194,7 +256,7 @@ def test_page_in_a_browser(server, tmp_path):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
     try:
-        driver.get(server)
+        driver.get(server[0])
         wait = WebDriverWait(driver, 60)
         field = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#condition input, #condition textarea"))
         spec = get_spec("infinity-demo")

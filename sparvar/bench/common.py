@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from sparvar import files
+from sparvar.options import output_folder
+
 PROMPT = "a photo of a red fox sitting in fresh snow at dawn, highly detailed"
 EDIT_PROMPT = "make the fox's fur white and add falling snow"
 
@@ -89,12 +92,10 @@ def header(title: str, result: dict) -> list[str]:
 
 
 def write(out_dir: str | Path, name: str, result: dict, markdown: str) -> list[Path]:
-    """NAME.json (strict JSON: no NaN) and NAME.md under out_dir, made if missing; the markdown
-    is printed too, as the run's report."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / f"{name}.json", out / f"{name}.md"]
-    files[0].write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-    files[1].write_text(markdown)
+    """NAME.json (strict JSON: no NaN) and NAME.md under out_dir, made if missing, each whole or
+    not at all (files.py); the markdown is printed too, as the run's report."""
+    out = output_folder(out_dir)
+    text = json.dumps(result, indent=1, allow_nan=False) + "\n"
+    written = [files.write_text(out / f"{name}.json", text), files.write_text(out / f"{name}.md", markdown)]
     print(markdown)
-    return files
+    return written

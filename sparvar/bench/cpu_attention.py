@@ -12,7 +12,6 @@ with OMP_NUM_THREADS=1 so they are the seconds of one core).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import replace
@@ -25,7 +24,7 @@ from sparvar.attention.flex import flex_attention
 from sparvar.attention.policy import AttentionCall, AttentionPolicy
 from sparvar.attention.sparse import sparse_attention
 from sparvar.bench.common import command_line, header, provenance, write
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 from sparvar.schedules import infinity_schedule
 from sparvar.sparsity import SparVARPolicy, get_config, make_policy
 from sparvar.sparsity.stats import table_density
@@ -209,8 +208,8 @@ def to_markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench cpu-attention", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="sparvar bench cpu-attention", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("--heads", type=int, default=3, help="attention heads of 64")
     parser.add_argument("--depth", type=int, default=12, help="layers")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats (the median is kept)")

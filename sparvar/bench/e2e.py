@@ -28,7 +28,6 @@ share comes from one extra eager generation with CUDA events around every attent
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
@@ -39,12 +38,13 @@ from typing import Callable
 
 import torch
 
+from sparvar import files
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.bench.common import command_line, generation_inputs, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.kernels import reference_only
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{model}, {result['card']}")
         ax.set_ylabel("seconds per image")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.whole(path, lambda part: fig.savefig(part, format="png", dpi=120))
 
 
 def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, title: str, command: str,
@@ -358,8 +358,8 @@ def check_official(path: str, models: list[str]) -> None:
 
 def main(argv: list[str] | None = None, which: str = "e2e") -> None:
     table = E2E_MODES if which == "e2e" else BASELINE_MODES
-    parser = argparse.ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="models to time")
     parser.add_argument("--modes", nargs="+", default=list(table), choices=list(table), help="modes to time")
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per mode (the median is kept)")

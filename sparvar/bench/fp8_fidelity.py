@@ -14,13 +14,12 @@ Run: sparvar bench fp8-fidelity [--models infinity-2b infinity-8b] [--samples 60
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.eval.metrics import psnr
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 
 VARIANTS = {"fp8": ("fp8", "static"), "fp8-kv": ("auto", "fp8"), "fp8 + fp8-kv": ("fp8", "fp8")}  # precision, cache
 DEMO_VARIANTS = {"default": ("auto", "static", "default"), "fp8": ("fp8", "static", None),
@@ -136,8 +135,8 @@ def run(models: list[str], device: str, resolution: int | None, samples: int, ou
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench fp8-fidelity", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="sparvar bench fp8-fidelity", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"],
                         help="models whose random weights are compared")
     parser.add_argument("--resolution", type=int, help="pixel budget of the Infinity models (default: theirs)")

@@ -7,19 +7,19 @@ Run: sparvar bench kernel-variants [--out variants.jsonl] [--sections sparse,pro
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import torch
 
+from sparvar import files
 from sparvar.attention.tables import BlockTable
 from sparvar.bench.common import command_line, provenance
 from sparvar.bench.kernels import (
     HEAD_DIM, _to, covered_pairs, make_inputs, paper_csla_table, random_table, rel_err, tflops, time_ms,
 )
 from sparvar.errors import SparvarError
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 from sparvar.schedules import infinity_schedule
 
 SECTIONS = ("sparse", "probe", "gather", "decision", "fp8", "warp_specialize")
@@ -179,8 +179,8 @@ def warp_specialize_configs(record, heads: int, scale: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench kernel-variants", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="sparvar bench kernel-variants", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("--out", default="variants.jsonl", help="JSON lines file the run is appended to")
     parser.add_argument("--heads", type=int, default=28, help="attention heads (Infinity-8B: 28)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sweeps to run")
@@ -188,29 +188,27 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SparvarError("the kernel sweep needs a CUDA GPU")
     torch.manual_seed(0)
-    with open(args.out, "a") as out:
 
-        def record(**row):
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    def record(**row):  # a line of the file per row, appended whole
+        files.append_lines(args.out, [json.dumps(row)])
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-        record(**provenance(command_line("sparvar bench kernel-variants", argv)))
+    record(**provenance(command_line("sparvar bench kernel-variants", argv)))
 
-        sections = args.sections.split(",")
-        for scale in (12, 10):
-            if "sparse" in sections:
-                sparse_configs(record, args.heads, scale)
-            if "probe" in sections:
-                overhead_probe(record, args.heads, scale)
-            if "fp8" in sections:
-                fp8_configs(record, args.heads, scale)
-            if "warp_specialize" in sections:
-                warp_specialize_configs(record, args.heads, scale)
-        if "gather" in sections:
-            gather_configs(record, args.heads)
-        if "decision" in sections:
-            decision_configs(record, args.heads)
+    sections = args.sections.split(",")
+    for scale in (12, 10):
+        if "sparse" in sections:
+            sparse_configs(record, args.heads, scale)
+        if "probe" in sections:
+            overhead_probe(record, args.heads, scale)
+        if "fp8" in sections:
+            fp8_configs(record, args.heads, scale)
+        if "warp_specialize" in sections:
+            warp_specialize_configs(record, args.heads, scale)
+    if "gather" in sections:
+        gather_configs(record, args.heads)
+    if "decision" in sections:
+        decision_configs(record, args.heads)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Run: sparvar bench kernels [--out-dir benchmarks]
 
 from __future__ import annotations
 
-import argparse
 import math
 from contextlib import nullcontext
 
@@ -18,7 +17,7 @@ import torch
 from sparvar.attention.tables import BlockTable
 from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 from sparvar.schedules import infinity_schedule
 
 BATCH, HEAD_DIM, BLOCK = 2, 128, 128
@@ -327,8 +326,8 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench kernels", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="sparvar bench kernels", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("--out-dir", default="benchmarks", help="folder for kernels.json and kernels.md")
     args = parser.parse_args(argv)
     run_kernel_bench(args.out_dir, command=command_line("sparvar bench kernels", argv))

@@ -13,7 +13,6 @@ Run: sparvar bench memory [--models infinity-2b infinity-8b] [--out benchmarks]
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import traceback
@@ -23,7 +22,7 @@ import torch
 
 from sparvar.bench.common import command_line, generation_inputs, header, provenance, write
 from sparvar.errors import SparvarError
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 
 GIB = 2**30
 MARGIN_GIB = 0.5  # a setting fits a card of N GiB when its peak is at most N - 0.5
@@ -222,8 +221,8 @@ def run(models: list[str], repeats: int, out_dir: str, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench memory", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="sparvar bench memory", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-2b", "infinity-8b"], help="models to measure")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per setting (the median is kept)")
     parser.add_argument("--out", default="benchmarks", help="folder for memory.json and memory.md")

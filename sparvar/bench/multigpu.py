@@ -10,7 +10,6 @@ steady-state time. Model loading and warm-up are excluded; writing the PNGs is i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,10 +21,11 @@ from pathlib import Path
 import torch
 
 import sparvar
+from sparvar import files
 from sparvar.batch import MANIFEST
 from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 
 
 def job_command(args, gpus: int, prompts: Path, out: Path) -> list[str]:
@@ -61,7 +61,7 @@ def run_one(args, gpus: int, work: Path) -> dict:
     """One torchrun job of `gpus` processes; its output streams to this terminal."""
     per_rank = (args.warmup + args.batches) * args.batch_size
     prompts = work / f"prompts_{gpus}.txt"
-    prompts.write_text(f"{PROMPT}\n" * (gpus * per_rank))
+    files.write_text(prompts, f"{PROMPT}\n" * (gpus * per_rank))
     command = job_command(args, gpus, prompts, work / f"gpus_{gpus}")
     print(f"{gpus} GPU{'s' if gpus > 1 else ''}: {' '.join(command[1:])}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # torchrun's default, for every N
@@ -103,8 +103,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="sparvar bench multigpu", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="sparvar bench multigpu", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("--model", default="infinity-8b", help="model of the job (random weights)")
     parser.add_argument("--resolution", type=int, default=1024, help="pixel budget of the schedule")
     parser.add_argument("--schedule", help="custom scales instead of --resolution (quick checks)")

@@ -8,6 +8,8 @@ Stand-ins (each one documented in tools/parity/README.md):
 - `timm`, `torchvision`, `cv2`, `pandas`, `yaml`, where not installed: imported by the official
   modules for training, logging or image I/O that the harness never calls; only the names used
   at import exist, and torchvision's `to_tensor` for the uint8 pictures VAREdit's transform gives it;
+- `pytz`, where not installed (the GPU machine lacks it): the official code asks it for one zone,
+  Asia/Shanghai, to stamp its log lines; the stand-in answers with that zone's fixed UTC+8;
 - float32 comparisons: Infinity's cross-attention casts float32 inputs to bf16 before the flash
   call; `exact_cross_attention()` makes that cast a no-op in its module, so both sides compute
   in float32;
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
 import importlib.util
 import sys
@@ -73,6 +76,13 @@ class _UnusedLoss(nn.Module):
     """A training loss the official modules import and the harness never calls."""
 
 
+def _shanghai(name: str) -> datetime.tzinfo:
+    """pytz.timezone for the one zone the official code names (UTC+8 all year: no summer time)."""
+    if name != "Asia/Shanghai":
+        raise KeyError(f"the pytz stand-in knows only Asia/Shanghai, not {name!r}")
+    return datetime.timezone(datetime.timedelta(hours=8), name)
+
+
 def _module(name: str, **attrs) -> types.ModuleType:
     mod = types.ModuleType(name)
     mod.__dict__.update(attrs)
@@ -97,6 +107,7 @@ def _install_stand_ins() -> None:
         "timm.loss": timm.loss, "torchvision": _module("torchvision", transforms=tv_transforms),
         "torchvision.transforms": tv_transforms, "torchvision.transforms.functional": tv_functional,
         "cv2": _module("cv2"), "pandas": _module("pandas"), "yaml": _module("yaml"),
+        "pytz": _module("pytz", timezone=_shanghai),
     }
     missing = {name for name in stand_ins if "." not in name and name not in sys.modules
                and (name == "flash_attn" or importlib.util.find_spec(name) is None)}  # real packages win
@@ -368,7 +379,7 @@ class OfficialVAREdit(OfficialInfinity):
         from PIL import Image
 
         cfg = self.spec.transformer
-        side = schedule.sizes[-1][0] * self.spec.vae.patch * (2 if cfg.patchify else 1)
+        side = self.spec.image_size(schedule)[0]
         scales = [(1, h, w) for h, w in schedule.sizes]
         on_cpu = cuda_calls_stay_on_cpu() if self.device.type == "cpu" else contextlib.nullcontext()
         with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), on_cpu:

@@ -7,7 +7,6 @@ same settings as `sparvar bench e2e` mode d (or b with --attention dense).
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import defaultdict
 
@@ -15,7 +14,7 @@ import torch
 
 from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.errors import SparvarError
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 
 CATEGORIES = (  # first match wins
     ("attention", r"flash|fmha|attention|cudnn|_attn|sparse_attention|colsum|flex"),
@@ -62,8 +61,8 @@ def profile(model: str, attention: str, sdpa_backend: str = "cudnn") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench profile", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="sparvar bench profile", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-8b"], help="models to profile")
     parser.add_argument("--attention", nargs="+", default=["dense", "default"], help="attention presets to profile")
     parser.add_argument("--out", default="benchmarks", help="folder for profile.json and profile.md")

@@ -11,7 +11,6 @@ Run: sparvar bench train-step [--rows prefix:48:eager ...] [--out benchmarks]
 
 from __future__ import annotations
 
-import argparse
 import time
 import traceback
 
@@ -21,7 +20,7 @@ from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.demo import train
 from sparvar.demo.step import TeacherForcing
 from sparvar.errors import SparvarError
-from sparvar.options import HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter
 
 VARIANTS = {"eager": ("sdpa", "off"), "compile": ("sdpa", "graph"), "compile-flex": ("flex", "graph"),
             "compile-blocks": ("sdpa", "blocks"), "compile-blocks-flex": ("flex", "blocks")}
@@ -102,7 +101,7 @@ def run(rows: list[str], data: str, steps: int, out_dir: str, command: str) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sparvar bench train-step", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="sparvar bench train-step", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
                         help=f"phase:batch:variant, variants {', '.join(VARIANTS)}")

@@ -4,7 +4,8 @@ Training runs in calls of a few minutes on a lent GPU machine that receives the 
 a few carried paths (64 MiB in all) and returns at most 8 files of 16 MiB. So a checkpoint is a
 folder of safetensors shards of at most 15 MiB plus one JSON file of the training state (steps,
 step budgets, history) that names its shards. The shards of a save get new names and the state is
-replaced last (write, then rename), so an interrupted save leaves the previous checkpoint whole.
+replaced last, each file written whole or not at all (files.py), so an interrupted save leaves the
+previous checkpoint whole.
 The optimiser's moments are not kept (they would double the size); a resumed phase re-warms its
 learning rate instead (train.py).
 """
@@ -12,12 +13,12 @@ learning rate instead (train.py).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sparvar import files
 from sparvar.errors import SparvarError
 
 SHARD_BYTES = 15 * 2**20
@@ -25,7 +26,7 @@ STATE = "state.json"
 _PREFIX = "weights-"
 
 
-def save(folder: str | Path, tensors: dict[str, torch.Tensor], state: dict, tag: str) -> list[Path]:
+def write(folder: str | Path, tensors: dict[str, torch.Tensor], state: dict, tag: str) -> list[Path]:
     """Write the tensors (as they are, on the CPU) in shards named after `tag`, then the state;
     returns the files of this checkpoint."""
     folder = Path(folder)
@@ -41,9 +42,8 @@ def save(folder: str | Path, tensors: dict[str, torch.Tensor], state: dict, tag:
         size += nbytes
     names = [f"{_PREFIX}{tag}-{i}.safetensors" for i in range(len(shards))]
     for shard, name in zip(shards, names):
-        save_file(shard, str(folder / name))
-    (folder / (STATE + ".tmp")).write_text(json.dumps(dict(state, shards=names), indent=1))
-    os.replace(folder / (STATE + ".tmp"), folder / STATE)
+        files.whole(folder / name, lambda part, shard=shard: save_file(shard, str(part)))
+    files.write_text(folder / STATE, json.dumps(dict(state, shards=names), indent=1))
     for old in folder.glob(f"{_PREFIX}*.safetensors"):  # earlier checkpoints' shards
         if old.name not in names:
             old.unlink()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, features
 
+from sparvar import files
 from sparvar.errors import SparvarError
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -115,8 +116,11 @@ def write(out: str | Path, images: list[Image.Image], prompts: list[str], held_o
         palette.save(buffer, "PNG", optimize=True)
         blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
     offsets = np.cumsum([0] + [len(b) for b in blobs])
-    np.savez_compressed(out, png=np.concatenate(blobs), offsets=offsets, prompts=np.array(prompts),
-                        held_out=np.array(held_out, dtype=bool), designs=np.array(designs))
+    arrays = dict(png=np.concatenate(blobs), offsets=offsets, prompts=np.array(prompts),
+                  held_out=np.array(held_out, dtype=bool), designs=np.array(designs))
+    npz = io.BytesIO()  # in memory: given a path, numpy would add ".npz" to the temporary name
+    np.savez_compressed(npz, **arrays)
+    files.whole(out, lambda part: part.write_bytes(npz.getvalue()))
     return int(offsets[-1])
 
 

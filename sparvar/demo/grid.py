@@ -6,12 +6,13 @@ reader can judge the trained model before running anything, and training writes 
 
 from __future__ import annotations
 
-import argparse
 import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sparvar import files
 from sparvar.loading import load_pipeline
+from sparvar.options import ArgumentParser
 
 LABEL_WIDTH = 150
 
@@ -34,7 +35,7 @@ def grid(pipe, conditions: list, seeds: list[int], scale: int = 1, schedule=None
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m sparvar.demo.grid", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="infinity-demo")
     p.add_argument("--out", default="docs/demo_grid.png")
     p.add_argument("--prompts", help="file with one prompt (or class) a line (default: the model's classes)")
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
     else:
         p.error(f"{args.model} is text-conditioned: give --prompts FILE")
     picture = grid(pipe, conditions, list(range(args.seeds)))
-    picture.quantize(colors=64).save(args.out, optimize=True)  # a 64-colour palette keeps the README's picture small
+    small = picture.quantize(colors=64)  # a 64-colour palette keeps the README's picture small
+    files.whole(args.out, lambda part: small.save(part, format="PNG", optimize=True))
     print(f"wrote {args.out}")
 
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from sparvar.demo.tokenizer import quantize
+from sparvar.models.base import Attend
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.infinity.transformer import Attend, InfinityTransformer, PrefixAttend
+from sparvar.models.infinity.transformer import InfinityTransformer, PrefixAttend
 from sparvar.schedules import Schedule
 
 ATTENTION = ("sdpa", "flex")

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from sparvar import files
 from sparvar.demo import checkpoint, data
 from sparvar.demo.grid import grid
 from sparvar.demo.score import retrieval_top1
@@ -48,12 +49,19 @@ from sparvar.demo.step import ATTENTION, COMPILE, TeacherForcing
 from sparvar.demo.tokenizer import Encoder, Tokenizer
 from sparvar.errors import SparvarError
 from sparvar.eval.metrics import psnr
+from sparvar.loading import load_pipeline
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.infinity.text import ByteTokenizer, TextEncoder, build_t5, load_t5, t5_state
+from sparvar.models.infinity.text import (
+    ByteTokenizer,
+    TextEncoder,
+    build_t5,
+    load_t5,
+    t5_state,
+)
 from sparvar.models.infinity.transformer import InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE
-from sparvar.loading import load_pipeline
 from sparvar.models.registry import ASSETS, get_spec
+from sparvar.options import ArgumentParser
 from sparvar.pipeline import Pipeline
 from sparvar.schedules import parse_schedule
 from sparvar.validation import resolve_device
@@ -71,7 +79,7 @@ CALL_OPTIONS = ("action", "data", "out", "resume", "resume_from_export", "phase"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar train-demo", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="sparvar train-demo", description=__doc__.splitlines()[0])
     p.add_argument("action", nargs="?", default="train", choices=("train", "prepare", "export", "score", "prompts"))
     p.add_argument("--data", default="runs/emoji.npz", help="the emoji data set (`prepare` writes it)")
     p.add_argument("--out", default="runs/demo", help="checkpoint folder")
@@ -285,9 +293,9 @@ class Run:
             print(f"note: the checkpoint was made on {self.state['device_type']}: its random streams restart here")
             self.state["device_type"] = self.device.type
 
-    def save(self, folder: str | Path | None = None, travel: bool = False) -> list[Path]:
+    def save_checkpoint(self, folder: str | Path | None = None, travel: bool = False) -> list[Path]:
         tag = "-".join(f"{name[0]}{self.state[name]['steps']}" for name in PHASES)
-        return checkpoint.save(folder or self.args.out, self.tensors(travel), self.state, tag)
+        return checkpoint.write(folder or self.args.out, self.tensors(travel), self.state, tag)
 
     # ---- phase 1: the tokenizer ------------------------------------------------------------
     def tokenizer_step(self) -> dict:
@@ -326,7 +334,7 @@ class Run:
         self.tokenizer.train()
         phase = Phase("tokenizer", [{"params": list(self.tokenizer.parameters())}], args.tokenizer_lr, rec,
                       args.tokenizer_minutes * 60, self.device)
-        if not phase.run(self.tokenizer_step, deadline, self.save, args.save_every_minutes * 60):
+        if not phase.run(self.tokenizer_step, deadline, self.save_checkpoint, args.save_every_minutes * 60):
             return False
         with torch.no_grad():  # frozen from here on as it ships, in bf16, so a resumed run sees the same weights
             for p in self.tokenizer.parameters():
@@ -337,7 +345,7 @@ class Run:
         rec["done"] = True
         print("[tokenizer] reconstruction PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in rec.items()
                                                               if "psnr" in k), flush=True)
-        self.save()
+        self.save_checkpoint()
         return True
 
     # ---- phases 2 and 3: the transformer ---------------------------------------------------
@@ -391,7 +399,7 @@ class Run:
                   {"params": temperatures, "lr_scale": args.scale_lr, "weight_decay": 0.0}]
         phase = Phase(kind, groups, getattr(args, f"{kind}_lr"), rec, getattr(args, f"{kind}_minutes") * 60,
                       self.device)
-        rec["done"] = phase.run(self.transformer_step, deadline, self.save, args.save_every_minutes * 60,
+        rec["done"] = phase.run(self.transformer_step, deadline, self.save_checkpoint, args.save_every_minutes * 60,
                                 self.held_out_loss)
         return rec["done"]
 
@@ -403,7 +411,7 @@ class Run:
         pipe = Pipeline(self.spec, self.model, self.decoder, encoder)
         train, held = self.train_set.prompts, self.held_out.prompts
         prompts = train[:: max(1, len(train) // 4)][:4] + held[:4]
-        grid(pipe, prompts, [0, 1], schedule=self.schedules[kind]).save(path)
+        files.save_image(grid(pipe, prompts, [0, 1], schedule=self.schedules[kind]), path)
         self.model.train()
         self.text.train()
 
@@ -464,13 +472,13 @@ def train(args, argv: list[str]) -> dict:
                 steps_after={p: state[p]["steps"] for p in PHASES})
     if device.type == "cuda":
         call["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    files = run.save()  # before the preview, which uses no random stream of the training
+    written = run.save_checkpoint()  # before the preview, which uses no random stream of the training
     if args.travel:
-        files += run.save(args.travel, travel=True)
+        written += run.save_checkpoint(args.travel, travel=True)
     if trained is not None:
         run.preview(out / "preview.png", trained)
-        files.append(out / "preview.png")
-    print(f"wrote {', '.join(str(f) for f in files)}")
+        written.append(out / "preview.png")
+    print(f"wrote {', '.join(str(f) for f in written)}")
     return state
 
 
@@ -478,10 +486,10 @@ def exported_files(spec, assets: str | Path) -> dict[str, Path]:
     """Checkpoint prefix -> the bf16 file `export` writes it to: the three the pipeline loads, and
     the tokenizer's encoder, which training needs (and which turns images into tokens)."""
     assets = Path(assets)
-    files = {prefix: assets / spec.bundled[option] for option, prefix in
+    paths = {prefix: assets / spec.bundled[option] for option, prefix in
              (("--weights", "transformer."), ("--vae", "vae."), ("--text-encoder", "text."))}
-    files["encoder."] = assets / spec.bundled["--vae"].replace("_vae.", "_encoder.")
-    return files
+    paths["encoder."] = assets / spec.bundled["--vae"].replace("_vae.", "_encoder.")
+    return paths
 
 
 def export(args) -> list[Path]:
@@ -497,7 +505,7 @@ def export(args) -> list[Path]:
         if not part:
             raise SparvarError(f"{args.out} holds no {prefix[:-1]} weights yet: train further first")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(part, str(path))
+        files.whole(path, lambda temporary, part=part: save_file(part, str(temporary)))
         written.append(path)
     tokenizer = state["tokenizer"]
     state["summary"] = {  # what `score` adds refers to these weights only: an export starts it anew
@@ -506,7 +514,7 @@ def export(args) -> list[Path]:
     }
     log = Path(args.log)
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(json.dumps(state, indent=1))
+    files.write_text(log, json.dumps(state, indent=1))
     return written + [log]
 
 
@@ -517,9 +525,9 @@ def score(args, argv: list[str]) -> dict:
         raise SparvarError(f"no training log at {log}: `score` measures what `export` wrote")
     state = json.loads(log.read_text())
     spec = get_spec(state["model"])
-    files = exported_files(spec, args.assets)
-    pipe = load_pipeline(spec, weights=str(files["transformer."]), vae=str(files["vae."]),
-                         text_encoder=str(files["text."]), device=args.device)
+    paths = exported_files(spec, args.assets)
+    pipe = load_pipeline(spec, weights=str(paths["transformer."]), vae=str(paths["vae."]),
+                         text_encoder=str(paths["text."]), device=args.device)
     schedule = spec.schedules[0] if args.scales == "full" else spec.schedules[0].truncated(state["args"]["prefix_scales"])
     train_set = data.load(args.data).split(held_out=False)
     result = retrieval_top1(pipe, train_set, args.samples, args.score_batch, schedule)
@@ -527,7 +535,7 @@ def score(args, argv: list[str]) -> dict:
     state.setdefault("summary", {}).update({
         key: result["train_prompt_retrieval_top1"], f"{key}_samples": result["samples"],
         f"{key}_command": "sparvar train-demo " + " ".join(argv), f"{key}_misses": result["misses_shown"]})
-    log.write_text(json.dumps(state, indent=1))
+    files.write_text(log, json.dumps(state, indent=1))
     print(f"{key}: {result['train_prompt_retrieval_top1']:.3f} of {result['samples']} prompts (written to {log})")
     return result
 
@@ -564,7 +572,7 @@ def main(argv=None) -> dict | None:
     if args.action == "prompts":
         prompts = data.load(args.data).split(held_out=args.split == "held-out").prompts
         if args.prompts_out:
-            Path(args.prompts_out).write_text("\n".join(prompts) + "\n", encoding="utf-8")
+            files.write_text(args.prompts_out, "\n".join(prompts) + "\n")
             print(f"wrote {len(prompts)} prompts to {args.prompts_out}")
         else:
             print("\n".join(prompts))

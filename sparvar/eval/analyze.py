@@ -30,8 +30,9 @@ from sparvar.attention.policy import DenseAttention
 from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.draw import heatmap, mask_picture
+from sparvar.files import save_image
 from sparvar.generation import GenerationConfig
-from sparvar.options import HelpFormatter, add_model_options, output_folder
+from sparvar.options import ArgumentParser, HelpFormatter, add_model_options, device_of, output_folder
 from sparvar.schedules import Schedule
 
 
@@ -146,14 +147,13 @@ def draw_tables(tables: dict, modes, out: Path) -> list[str]:
         title = f"layer {layer}, scale {scale} ({mode}): {mask.float().mean():.1%} of pairs"
         name = f"table_layer{layer}_scale{scale}_{mode}.png"
         starts = [start for start in schedule.offsets[: scale + 1] if start > 0]
-        mask_picture(mask.cpu(), starts, title).save(out / name)
+        save_image(mask_picture(mask.cpu(), starts, title), out / name)
         files.append(name)
     return files
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_model_options(p)
     p.add_argument("--condition", help="class index or name, or a prompt (default: the model's example prompt or "
                    "first class, or 'a photo of a cat' for text models without one)")
@@ -175,14 +175,14 @@ def main(argv=None) -> dict:
     from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
     from sparvar.sparsity import make_policy
-    from sparvar.validation import default_dtype, resolve_device, validate
+    from sparvar.validation import default_dtype, validate
 
     args = parse_args(argv)
     spec = get_spec(args.model)
     condition = args.condition or spec.default_condition
     if condition is None:  # a text model without an example prompt
         condition = "a photo of a cat"
-    device = resolve_device(args.device)
+    device = device_of(args, spec)
     config = validate(spec, [condition], GenerationConfig(seed=args.seed, resolution=args.resolution,
                                                           attention=args.attention, image=args.image),
                       device, default_dtype(device), args.precision, args.offload)
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
             grids[f"source_locality_r{r}"] = _grid(probe.source_local[r], layers, scales)
             titles[f"source_locality_r{r}"] = f"share of the source's attention within radius {r} of the projection"
     for name, grid in grids.items():
-        heatmap(grid, rows, cols, titles[name]).save(out / f"{name}.png")
+        save_image(heatmap(grid, rows, cols, titles[name]), out / f"{name}.png")
     table_files = draw_tables(recorder.tables, policy.plan(layers, schedule).modes, out)
     report = {
         **provenance(command_line("sparvar analyze", argv), pipe.device),

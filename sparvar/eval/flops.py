@@ -1,5 +1,5 @@
 """FLOPs accounting: what a generation computes against a full dense one (`sparvar eval`,
-`sparvar calibrate-skip`, the CLI's comparison captions).
+`sparvar calibrate-skip`, the CLI's lines and comparison captions, the web page).
 
 Estimates from the model's config, the schedule, the token pruning plan and the share of dense
 attention each (layer, scale) computed (the policy's stats); nothing is timed here.
@@ -49,6 +49,19 @@ def attention_density(policy: AttentionPolicy) -> float:
         return 1.0
     total = stats["total"]
     return total["flops"] / total["flops_dense"] if total["flops_dense"] else 1.0
+
+
+def attention_share(out, depth: int) -> float:
+    """Attention a generation computed as a share of a full dense generation of its schedule, in
+    (query, key) pairs over every layer and scale: scales it skipped count nothing, so skipping
+    lowers it (attention_density is of the calls that ran). A (layer, scale) that ran counts its
+    density, 1 for policies without stats (a pruned one: of the tokens that ran)."""
+    schedule = out.schedule
+    pairs = [n * schedule.kv_length(k) for k, n in enumerate(schedule.lengths)]
+    ran = max(out.scales_used, default=len(schedule))
+    density = attention_densities(out.policy) if out.policy is not None else {}
+    done = sum(density.get((layer, k), 1.0) * pairs[k] for layer in range(depth) for k in range(ran))
+    return done / (depth * sum(pairs))
 
 
 def flops_shares(spec, out, schedule: Schedule, prune: str | None) -> list[float]:

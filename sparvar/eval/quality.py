@@ -25,8 +25,9 @@ from sparvar.errors import SparvarError
 from sparvar.eval.flops import attention_density, flops_shares
 from sparvar.eval.metrics import lpips_distance, lpips_model, psnr, ssim, to_tensor
 from sparvar.generation import GenerationConfig
-from sparvar.options import HelpFormatter, add_model_options, output_folder, read_conditions
-from sparvar.validation import default_dtype, resolve_device, validate
+from sparvar.options import (ArgumentParser, HelpFormatter, add_model_options, device_of, output_folder, preset_list,
+                             read_conditions)
+from sparvar.validation import default_dtype, validate
 from sparvar.sparsity import combination
 
 
@@ -200,7 +201,7 @@ def to_markdown(results: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar eval", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="sparvar eval", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_model_options(p)
     p.add_argument("--presets", default="dense,paper,default",
                    help="comma-separated; the first is the reference. An attention preset may add accelerators: "
@@ -240,11 +241,9 @@ def main(argv=None) -> dict:
     if args.seeds < 1 or args.batch < 1:
         raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
     spec = get_spec(args.model)
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    if not presets:
-        raise SparvarError("--presets names no preset; see `sparvar presets`")
+    presets = preset_list(args.presets, "--presets")
     config = GenerationConfig(cfg=args.cfg, tau=args.tau, resolution=args.resolution)
-    device = resolve_device(args.device)
+    device = device_of(args, spec)
     conditions = conditions_of(spec, args.prompts, args.labels)
     runs = preset_configs(spec, conditions, presets, config, device, default_dtype(device), args.precision,
                           args.offload, args.batch)

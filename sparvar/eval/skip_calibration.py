@@ -21,7 +21,7 @@ from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.eval.flops import transformer_flops
 from sparvar.eval.metrics import to_tensor
-from sparvar.options import HelpFormatter, add_model_options, output_folder
+from sparvar.options import ArgumentParser, HelpFormatter, add_model_options, device_of, output_folder
 from sparvar.skipping import AdaptiveSkip
 
 
@@ -133,8 +133,8 @@ def to_markdown(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparvar calibrate-skip", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="sparvar calibrate-skip", description=__doc__.splitlines()[0],
+                       formatter_class=HelpFormatter)
     add_model_options(p)
     p.add_argument("--prompts", help="file with one prompt per line (text models)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per condition")
@@ -149,12 +149,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     from sparvar.eval.quality import conditions_of
     from sparvar.loading import load_pipeline
+    from sparvar.models.registry import get_spec
 
     args = parse_args(argv)
     if args.seeds < 1 or args.batch < 1:
         raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
+    device = device_of(args, get_spec(args.model))
     out = output_folder(args.out)
-    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=args.device,
+    pipe = load_pipeline(args.model, args.weights, args.vae, args.text_encoder, device=device,
                          precision=args.precision, offload=args.offload)
     conditions = conditions_of(pipe.spec, args.prompts)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

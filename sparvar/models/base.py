@@ -85,6 +85,7 @@ class TransformerConfig:
     system_prompt (families with one); schedule (families with a fixed schedule)."""
 
     cross_attention = False  # whether the blocks attend to text through cross-attention (FLOPs)
+    latent_per_token = 1  # side of the latent cells one token covers (the image's size before loading)
     # layers whose queries see a source slot (Schedule.source) area-pooled to their own scale's grid
     # (VAREdit's first): the keys' layout there is `schedule.pooled(scale)` (plans, FLOPs)
     pooled_source_layers = ()

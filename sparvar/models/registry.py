@@ -138,6 +138,17 @@ class ModelSpec:
         """The scale schedule of an aspect ratio (width:height) and pixel budget."""
         return self.family.schedule(self, aspect, resolution)
 
+    @property
+    def vae_encodes(self) -> bool:
+        """Whether its VAE has an encoder, which variations of a picture need (VQVAEs always do; the
+        first demo's BSQ-VAE file has none)."""
+        return getattr(self.vae, "encoder", True)
+
+    def image_size(self, schedule: Schedule) -> tuple[int, int]:
+        """(height, width) in pixels of the images a schedule makes, known before loading."""
+        side = self.transformer.latent_per_token * self.vae.patch
+        return schedule.sizes[-1][0] * side, schedule.sizes[-1][1] * side
+
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -319,7 +330,7 @@ def create_vae(spec: ModelSpec, device="cpu", dtype: torch.dtype | None = None, 
     with torch.device("meta"):
         vae = spec.family.decoder(spec.vae)
     if torch.device(device).type == "meta":
-        return vae
+        return vae.to(dtype) if dtype else vae
     return vae.to(dtype or torch.float32).to_empty(device=device).init_weights(seed).eval()
 
 

@@ -54,6 +54,10 @@ class InfinityConfig(TransformerConfig):
         return self.vae_channels * (4 if self.patchify else 1)
 
     @property
+    def latent_per_token(self) -> int:
+        return 2 if self.patchify else 1
+
+    @property
     def ffn_hidden(self) -> int:
         return round(self.width * self.mlp_ratio / 256) * 256
 
