@@ -139,6 +139,14 @@ def test_bad_pictures_fail_in_one_line_and_write_nothing(capsys, tmp_path, sourc
     assert not out.exists()
 
 
+def test_a_batch_job_refuses_a_picture_in_one_line(capsys, tmp_path, source_file):
+    out = tmp_path / "job"
+    argv = ["generate", "--model", "varedit-tiny", "--prompt", "make it blue", "--image", str(source_file),
+            "--batch-size", "1", "--out", str(out), "--device", "cpu"]
+    assert "batch jobs do not take a source picture yet" in cli_error(capsys, argv)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_generate_edits_a_picture_from_the_command_line(tmp_path, source_file, capsys):
     out = tmp_path / "edit.png"
