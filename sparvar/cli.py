@@ -69,7 +69,7 @@ def _generation_config(args) -> GenerationConfig:
     return GenerationConfig(
         seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, aspect=args.aspect,
         resolution=args.resolution, schedule=args.schedule, cuda_graphs=args.cuda_graphs, sampler=args.sampler,
-        negative_prompt=args.negative_prompt, more_smooth=args.more_smooth,
+        negative_prompt=args.negative_prompt, more_smooth=args.more_smooth, image=args.image,
         kv_cache=args.kv_cache, system_prompt=getattr(args, "system_prompt", None))
 
 
@@ -136,8 +136,12 @@ def cmd_generate(args) -> None:
     _check_init_image(args, spec, configs)
     if job and args.init_image:
         raise SparvarError("--init-image makes variations in one pass; it is not an option of batch jobs")
+    if job and args.image:
+        raise SparvarError("--image edits in one pass; batch jobs do not take a source picture yet")
     seeds = base.seeds(len(conditions))
     h, w = spec.image_size(configs[presets[0]].schedule)
+    for picture in configs[presets[0]].image or ():  # edits come back in their pictures' shapes
+        h, w = max(h, picture.height), max(w, picture.width)
     png = 3 * h * w + h + 4096  # at most: its raw pixels, a filter byte a row, its chunks
     # a batch job needs room for one batch (a full disk later ends it in one line); a comparison
     # writes each preset's image and a side-by-side of them and their differences
@@ -279,11 +283,18 @@ def cmd_plan(args) -> None:
     spec = get_spec(args.model)
     scales = GenerationConfig(aspect=args.aspect, resolution=args.resolution, schedule=args.schedule)
     schedule = scales.resolved(spec).schedule
-    report = plan_report(spec.transformer.depth, schedule, args.attention)
+    report = plan_report(spec.transformer.depth, schedule, args.attention,
+                         pooled_layers=spec.transformer.pooled_source_layers)
     if args.json:
         print(json.dumps(report, indent=1))
         return
     print(f"{spec.name}, preset {report['preset']}: {report['description']}")
+    if schedule.source:
+        window = report["source_window"]
+        seen = "all of it" if window is None else f"a {window}x{window} window around each query's place"
+        print(f"  the {schedule.source[0]}x{schedule.source[1]} source ({schedule.source_length} keys, before scale 0): "
+              f"dense passes see all of it, sparse ones {seen}; in layer(s) {_ranges(report['pooled_source_layers'])} "
+              "it is pooled to the query scale's grid")
     for k, size in enumerate(report["schedule"]["sizes"]):
         groups: dict[tuple, list[int]] = {}
         for layer in report["layers"]:
@@ -389,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(one generator for the batch), so a seed gives their images")
     gen.add_argument("--negative-prompt", help="text models: a prompt to steer away from (it replaces the empty "
                      "prompt of guidance)")
+    gen.add_argument("--image", help="the source picture of an edit (VAREdit models): every prompt is an "
+                     "instruction applied to it; the edited images come back in its shape")
     gen.add_argument("--init-image", help="a picture whose first --init-scales scales every image keeps: variations "
                      "of it (the official gt_leak)")
     gen.add_argument("--init-scales", type=int, default=0, help="how many first scales --init-image fixes")

@@ -15,8 +15,10 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
@@ -79,6 +81,9 @@ class GenerationConfig:
     # text put before every prompt in the text model's pass (HART's prompt enhancement); None: the
     # model's own (HART: the official sampler's), "" none. Only models whose text encoder takes one.
     system_prompt: str | None = None
+    # the source picture of an edit (VAREdit), or one per condition: PIL images or image files,
+    # which `validate` reads (validation.source_images); models that edit need one, others take none
+    image: Image.Image | str | Path | tuple | None = None
 
     def __post_init__(self):
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
@@ -143,6 +148,11 @@ class GenerationConfig:
             raise SparvarError("CUDA graphs and token pruning need a preallocated KV cache (static, lean or fp8)")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise SparvarError(f"system_prompt must be text ('' for none), not {self.system_prompt!r}")
+        if self.image is not None:
+            images = tuple(self.image) if isinstance(self.image, (list, tuple)) else (self.image,)
+            if not images or not all(isinstance(i, (Image.Image, str, Path)) for i in images):
+                raise SparvarError("image takes a PIL image or an image file, or one per condition")
+            object.__setattr__(self, "image", images)
 
     @classmethod
     def build(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
@@ -174,7 +184,7 @@ class GenerationConfig:
         family.refuse(spec.name, token_pruning=self.prune is not None, official_sampler=self.sampler == "official",
                       negative_prompts=self.negative_prompt is not None, init_images=self.init_scales > 0,
                       more_smooth=self.more_smooth, tiled_decode=bool(self.tiled_decode),
-                      system_prompt=bool(self.system_prompt))
+                      system_prompt=bool(self.system_prompt), source_image=self.image is not None)
         if self.prune is not None:  # settings that do not fit the model fail here, not at the pruned scale
             prune_plan(_prune_config(self.prune), model.depth, schedule)
         for name in ("cfg", "tau"):

@@ -1,9 +1,10 @@
 """Where the tokens of a schedule live: sequence offsets, (y, x) grid cells, and blocks.
 
-The sequence is scale 0, then scale 1, ..., each scale row-major. Sparse plans speak of three
-things this module defines once: a token's cell (y, x) on its own scale's grid, the projection of
-a cell onto another scale's grid (the cell at the same relative place), and the partition of a
-run of tokens into blocks of consecutive indices (the unit a block-sparse kernel skips).
+The sequence is a source slot where there is one (an edit's source picture, its grid row-major),
+then scale 0, scale 1, ..., each scale row-major. Sparse plans speak of three things this module
+defines once: a token's cell (y, x) on its own scale's grid, the projection of a cell onto another
+grid (the cell at the same relative place: another scale's, or the source's), and the partition
+of a run of tokens into blocks of consecutive indices (the unit a block-sparse kernel skips).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sparvar.schedules import Schedule
 
 
 def scale_of_tokens(schedule: Schedule, scale: int, device="cpu") -> torch.Tensor:
-    """Scale index of every token of scales 0..scale (int64, length kv_length(scale))."""
+    """Scale index of every token of scales 0..scale (int64)."""
     lengths = torch.tensor(schedule.lengths[: scale + 1], device=device)
     return torch.repeat_interleave(torch.arange(scale + 1, device=device), lengths)
 
@@ -32,12 +33,17 @@ def cells(schedule: Schedule, scale: int, device="cpu") -> tuple[torch.Tensor, t
 def project(
     schedule: Schedule, src: int, dst: int, y: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cells of scale `src` projected onto scale `dst`: (round(y*h_dst/h_src), round(x*w_dst/w_src)).
+    """Cells of scale `src` projected onto scale `dst`: (round(y*h_dst/h_src), round(x*w_dst/w_src))."""
+    return project_onto(schedule.sizes[src], schedule.sizes[dst], y, x)
+
+
+def project_onto(src: tuple[int, int], dst: tuple[int, int], y: torch.Tensor, x: torch.Tensor):
+    """Cells of a grid `src` (h, w) projected onto a grid `dst`, at the same relative place.
 
     Rounding is half-to-even (torch.round), computed exactly in float64; results are clamped onto
     the destination grid, which matters when a coarse grid has fewer than two cells per side.
     """
-    (hs, ws), (hd, wd) = schedule.sizes[src], schedule.sizes[dst]
+    (hs, ws), (hd, wd) = src, dst
     py = torch.round(y.double() * hd / hs).long().clamp_(0, hd - 1)
     px = torch.round(x.double() * wd / ws).long().clamp_(0, wd - 1)
     return py, px
@@ -53,15 +59,27 @@ def axis_window(centre: torch.Tensor, size: int, side: int) -> torch.Tensor:
     return (d >= -lo) & (d <= hi)
 
 
+def grid_window_mask(schedule: Schedule, q_scale: int, grid: tuple[int, int], side: int | None,
+                     device="cpu") -> torch.Tensor:
+    """(n_q, h*w) bool: cells of a key grid (h, w) in the `side` x `side` window around each query's
+    projection onto it; side None = every cell, 0 = none."""
+    n_q, (h, w) = schedule.lengths[q_scale], grid
+    if side is None or side <= 0:
+        return torch.full((n_q, h * w), side is None, dtype=torch.bool, device=device)
+    py, px = project_onto(schedule.sizes[q_scale], grid, *cells(schedule, q_scale, device))
+    return (axis_window(py, h, side)[:, :, None] & axis_window(px, w, side)[:, None, :]).view(n_q, h * w)
+
+
 def window_mask(schedule: Schedule, q_scale: int, key_scale: int, side: int | None, device="cpu") -> torch.Tensor:
     """(n_q, n_key) bool: tokens of `key_scale` in the `side` x `side` window around each query's
     projection; side None = every token, 0 = none."""
-    n_q, n_key = schedule.lengths[q_scale], schedule.lengths[key_scale]
-    if side is None or side <= 0:
-        return torch.full((n_q, n_key), side is None, dtype=torch.bool, device=device)
-    h, w = schedule.sizes[key_scale]
-    py, px = project(schedule, q_scale, key_scale, *cells(schedule, q_scale, device))
-    return (axis_window(py, h, side)[:, :, None] & axis_window(px, w, side)[:, None, :]).view(n_q, n_key)
+    return grid_window_mask(schedule, q_scale, schedule.sizes[key_scale], side, device)
+
+
+def source_window_mask(schedule: Schedule, q_scale: int, side: int | None, device="cpu") -> torch.Tensor:
+    """(n_q, n_source) bool: tokens of the source slot (Schedule.source) in the window around each
+    query's projection onto the source grid; side None = every token, 0 = none."""
+    return grid_window_mask(schedule, q_scale, schedule.source, side, device)
 
 
 def num_blocks(length: int, block: int) -> int:

@@ -116,20 +116,28 @@ def per_scale(text: str) -> float | tuple[float, ...]:
     return values[0] if len(values) == 1 else values
 
 
-def read_image(path: str | Path, size: tuple[int, int]):
-    """A picture as (1, 3, H, W) in [-1, 1] at `size` (H, W): resized to cover it, then centre-cropped,
-    as the official scripts prepare the image of a variation."""
-    import numpy as np
-    import torch
+def read_picture(path: str | Path):
+    """An image file's picture in RGB, read whole now (a bad file fails here, not mid-generation)."""
     from PIL import Image, UnidentifiedImageError
 
     file = Path(path)
     if not file.is_file():
         raise SparvarError(f"image not found: {file}")
     try:
-        image = Image.open(file).convert("RGB")
+        with Image.open(file) as image:
+            return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise SparvarError(f"cannot read {file} as an image: {err}") from None
+
+
+def read_image(path: str | Path, size: tuple[int, int]):
+    """A picture as (1, 3, H, W) in [-1, 1] at `size` (H, W): resized to cover it, then centre-cropped,
+    as the official scripts prepare the image of a variation."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = read_picture(path)
     h, w = size
     scale = max(h / image.height, w / image.width)
     image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.LANCZOS)

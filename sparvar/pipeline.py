@@ -166,7 +166,10 @@ class Pipeline:
             negatives = [config.negative_prompt] * len(prompts) if config.negative_prompt else []
             feats, mask = self._text(prompts + negatives, config.cuda_graphs, config.system_prompt)
             b = len(prompts)
-            return (feats[:b], mask[:b]), ((feats[b:], mask[b:]) if negatives else None), None
+            condition = (feats[:b], mask[:b])
+            if config.image is not None:  # an edit: the source pictures' input follows the text's
+                condition += (self._source(config.image, b, config.schedule),)
+            return condition, ((feats[b:], mask[b:]) if negatives else None), None
         labels = labels_of(self.spec, conditions)
         if draws is not None and None in labels:
             labels = draws.labels(self.spec.num_classes, len(labels)).tolist()
@@ -174,6 +177,14 @@ class Pipeline:
             labels = [int(torch.randint(self.spec.num_classes, (1,), generator=g, device=g.device)) if label is None
                       else label for label, g in zip(labels, generators)]
         return torch.tensor(labels, device=self.device), None, labels
+
+    def _source(self, images, count: int, schedule: Schedule) -> torch.Tensor:
+        """The transformer input (count, n, channels) of an edit's source pictures (one, or one per
+        item): the family's pixels of them, encoded by the VAE and seen at the last scale's grid."""
+        side = self.spec.image_size(schedule)[0]
+        pixels = self.spec.family.source_image.pixels(list(images), side).to(self.device)
+        source = self.codes.next_input(self.vae.latent_of(pixels), len(schedule) - 1, schedule)
+        return source.expand(count, -1, -1) if len(images) == 1 else source
 
     def _graph_runner(self, key: tuple, prep, cache, policy, schedule, num_scales, pruning) -> ScaleGraphs | None:
         """Graphs for this generation's shapes: none on the first (eager, warm-up) run of a
@@ -303,8 +314,12 @@ class Pipeline:
         }
         stages["total"] = sum(stages.values())
         used = refining.scales_used if refining is not None else [num_scales] * len(conditions)
-        return GenerationOutput(to_pil(images), schedule, tokens, scale_seconds, stages, policy, used,
-                                images.float().cpu(), labels)
+        pictures = to_pil(images)
+        if config.image is not None:  # edits come back in the shapes of their source pictures
+            sources = config.image * len(pictures) if len(config.image) == 1 else config.image
+            pictures = [self.spec.family.source_image.restore(p, s.size) for p, s in zip(pictures, sources)]
+        return GenerationOutput(pictures, schedule, tokens, scale_seconds, stages, policy, used, images.float().cpu(),
+                                labels)
 
     def _draw(self, k: int, logits: torch.Tensor, config: GenerationConfig, guidance: bool, weights: list[float],
               draws: OfficialDraws | None, generators: list[torch.Generator]):

@@ -6,14 +6,16 @@ ratio, so the 512x512 schedule (first 10 scales) shares the positions of the 102
 
 Scale 0's slot of the sequence holds what the first scale is predicted from: one start token in
 Infinity and VAR (its own 1x1 grid), HART's whole text prefix (`prefix` tokens), whose last
-position predicts the 1x1 token. `lengths`, `offsets` and `total` count sequence tokens (the KV
-cache's layout); `sizes` are the token grids that get sampled.
+position predicts the 1x1 token. An edit (VAREdit) holds its source image's tokens in a slot
+before scale 0 (`source`, a grid): every scale attends to them, none samples them. `lengths`
+count the tokens of each scale, `offsets` and `total` place them in the sequence (the KV cache's
+layout, the source first); `sizes` are the token grids that get sampled.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -28,6 +30,7 @@ class Schedule:
     sizes: tuple[tuple[int, int], ...]
     pos_grid: tuple[int, int] | None = None  # defaults to the last scale
     prefix: int | None = None  # tokens in scale 0's slot when they are not its grid's (HART's text)
+    source: tuple[int, int] | None = None  # grid of a source image's tokens before scale 0 (VAREdit)
 
     def __post_init__(self):
         if not self.sizes:
@@ -40,6 +43,10 @@ class Schedule:
             object.__setattr__(self, "pos_grid", self.sizes[-1])
         if self.prefix is not None and self.prefix < 1:
             raise SparvarError(f"a schedule's prefix needs at least one token, got {self.prefix}")
+        if self.source is not None:
+            object.__setattr__(self, "source", (int(self.source[0]), int(self.source[1])))
+            if min(self.source) < 1:
+                raise SparvarError(f"a source grid needs positive sides, got {self.source}")
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -50,10 +57,15 @@ class Schedule:
         grid = tuple(h * w for h, w in self.sizes)
         return grid if self.prefix is None else (self.prefix, *grid[1:])
 
+    @property
+    def source_length(self) -> int:
+        """Tokens of the source slot before scale 0 (0 without one)."""
+        return 0 if self.source is None else self.source[0] * self.source[1]
+
     @cached_property
     def offsets(self) -> tuple[int, ...]:
-        """Index of each scale's first token in the whole sequence."""
-        out, total = [], 0
+        """Index of each scale's first token in the whole sequence (after the source, if any)."""
+        out, total = [], self.source_length
         for n in self.lengths:
             out.append(total)
             total += n
@@ -61,17 +73,27 @@ class Schedule:
 
     @property
     def total(self) -> int:
-        return sum(self.lengths)
+        return self.source_length + sum(self.lengths)
 
     def kv_length(self, scale: int) -> int:
-        """Keys visible to queries of `scale`: every token of scales 0..scale."""
+        """Keys visible to queries of `scale`: the source's and every token of scales 0..scale."""
         return self.offsets[scale] + self.lengths[scale]
 
     def truncated(self, num_scales: int) -> "Schedule":
-        """The first `num_scales` scales, keeping the position grid."""
+        """The first `num_scales` scales, keeping the position grid and the source."""
         if not 1 <= num_scales <= len(self):
             raise SparvarError(f"cannot keep {num_scales} of {len(self)} scales")
-        return Schedule(self.sizes[:num_scales], self.pos_grid, self.prefix)
+        return replace(self, sizes=self.sizes[:num_scales])
+
+    @property
+    def target(self) -> "Schedule":
+        """The scales alone, without a source slot."""
+        return replace(self, source=None)
+
+    def pooled(self, scale: int) -> "Schedule":
+        """The keys' layout where the source is seen area-pooled to `scale`'s grid (VAREdit's
+        first layer): a source slot of that grid before the scales."""
+        return replace(self, source=self.sizes[scale])
 
     def positions(self, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, col) of every token of `scale` on the position grid, row-major, as float32.
@@ -86,6 +108,8 @@ class Schedule:
 
     def describe(self) -> str:
         grids = " ".join(f"{h}x{w}" if h != w else str(h) for h, w in self.sizes)
+        if self.source is not None:
+            grids += f" after a {self.source[0]}x{self.source[1]} source"
         return grids if self.prefix is None else f"{grids} after {self.prefix} text tokens"
 
 

@@ -1,8 +1,9 @@
 """What is checked before any work, in one place: a generation against a model and a machine.
 
 `validate` checks one generation: its conditions (prompts or classes), its GenerationConfig
-resolved for the model (generation.py), how the model is loaded (precision, offload) and what
-the device must offer (CUDA graphs, memory for the KV cache). The command line calls it before
+resolved for the model (generation.py), the source pictures of an edit (read here), how the model
+is loaded (precision, offload) and what the device must offer (CUDA graphs, memory for the KV
+cache). The command line calls it before
 the model loads (for a batch job: the job's settings at its batch size, which every batch then
 runs), and so do eval and analyze; the web page and `Pipeline.__call__` call it per generation.
 The loop (`Pipeline.generate`) trusts what it returns. `load_pipeline` checks its own device,
@@ -11,6 +12,8 @@ precision and offload with the same functions, for callers that load without gen
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -18,6 +21,7 @@ import torch
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.models.registry import ModelSpec
+from sparvar.options import read_picture
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -105,6 +109,20 @@ def check_precision(precision: str, device: torch.device, dtype: torch.dtype) ->
             raise SparvarError(f"precision fp8 runs with dtype bfloat16 on the GPU, not {dtype}")
 
 
+def source_images(spec: ModelSpec, conditions: Sequence, config: GenerationConfig) -> GenerationConfig:
+    """`config` with its source pictures read: a model that edits needs one, or one per condition
+    (a model that edits nothing refuses them when the config is resolved)."""
+    if not spec.family.source_image:
+        return config
+    if config.image is None:
+        raise SparvarError(f"{spec.name} edits a picture: give it one (image= in Python, --image FILE on the command "
+                           "line)")
+    if len(config.image) not in (1, len(conditions)):
+        raise SparvarError(f"{len(config.image)} source pictures for {len(conditions)} prompts: give one, or one per "
+                           "prompt")
+    return replace(config, image=tuple(read_picture(i) if isinstance(i, (str, Path)) else i for i in config.image))
+
+
 def validate(spec: ModelSpec, conditions: Sequence, config: GenerationConfig, device: torch.device,
              dtype: torch.dtype, precision: str = "auto", offload: str | None = None,
              batch: int | None = None) -> GenerationConfig:
@@ -116,7 +134,7 @@ def validate(spec: ModelSpec, conditions: Sequence, config: GenerationConfig, de
     check_conditions(spec, conditions, config.sampler)
     check_precision(precision, device, dtype)
     check_offload(offload, spec)
-    resolved = config.resolved(spec)
+    resolved = source_images(spec, conditions, config.resolved(spec))
     if resolved.cuda_graphs and offload == "blocks":
         raise SparvarError("offload 'blocks' streams the weights through the GPU: run it without CUDA graphs")
     resolved.check_device(spec, device, dtype, batch or len(conditions))

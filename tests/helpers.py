@@ -16,6 +16,7 @@ from sparvar.models.infinity.vae import InfinityVAE
 from sparvar.models.registry import MODELS
 from sparvar.models.var.transformer import VARTransformer
 from sparvar.models.var.vqvae import VQVAE
+from sparvar.models.varedit.transformer import VAREditTransformer, pool_source
 from sparvar.pipeline import Pipeline
 
 
@@ -42,10 +43,21 @@ def var_pipeline(seed: int = 0, **overrides) -> Pipeline:
     return Pipeline(spec, transformer, VQVAE(spec.vae).init_weights(seed).eval())
 
 
+def edit_pipeline(seed: int = 0, **overrides) -> Pipeline:
+    """varedit-tiny (7 scales after a 16x16 source, 32x32 pixels) with config fields overridden,
+    random weights, on the CPU."""
+    spec = MODELS["varedit-tiny"]
+    spec = replace(spec, transformer=replace(spec.transformer, **overrides))
+    transformer = VAREditTransformer(spec.transformer).init_weights(seed).eval()
+    text = TextEncoder.random(spec.text, "cpu", torch.float32, seed, spec.transformer.text_max_len)
+    return Pipeline(spec, transformer, InfinityVAE(spec.vae).init_weights(seed).eval(), text)
+
+
 @torch.no_grad()  # the sampled tokens are inference tensors
-def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: float) -> torch.Tensor:
+def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: float, image=None) -> torch.Tensor:
     """Guided logits of one full forward pass (block-causal mask) over the sequence rebuilt from
-    the sampled tokens: what the KV-cache loop must have produced scale by scale."""
+    the sampled tokens: what the KV-cache loop must have produced scale by scale. `image`: an
+    edit's source picture."""
     model, codes = pipe.transformer, pipe.codes
     weights = [model.guidance_weight(k, len(schedule), cfg) for k in range(len(schedule))]
     guidance = any(w != 0 for w in weights)
@@ -55,7 +67,10 @@ def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: flo
         if k + 1 < len(schedule):
             x = codes.next_input(summed, k + 1, schedule)
             inputs.append(torch.cat([x, x]) if guidance else x)
-    logits = model.forward_full(inputs, schedule, model.prepare(pipe.encode(conditions), guidance))
+    condition = pipe.encode(conditions)
+    if image is not None:
+        condition += (pipe._source((image,), len(conditions), schedule),)
+    logits = model.forward_full(inputs, schedule, model.prepare(condition, guidance))
     if not guidance:
         return logits
     cond, uncond = logits.chunk(2)
@@ -66,19 +81,24 @@ def teacher_forced_logits(pipe: Pipeline, conditions, schedule, tokens, cfg: flo
 
 # ---- a generation without a model ----------------------------------------------------------------
 def simulate(
-    policy, schedule, num_layers=3, batch=2, heads=2, dim=16, seed=0, dtype=torch.float32, sharpness=8.0, device="cpu"
+    policy, schedule, num_layers=3, batch=2, heads=2, dim=16, seed=0, dtype=torch.float32, sharpness=8.0, device="cpu",
+    pooled_layers=(),
 ):
     """Random q/k/v per (layer, scale) through a static KV cache laid out as the pipeline's: cache
-    (B, H, N_total, D), scale k writes [offset_k, offset_k + n_k), the policy sees the views
-    [:, :, :kv_length(k)]. Returns {(layer, scale): (q, k_view, v_view, out)}.
+    (B, H, N_total, D), a source slot (Schedule.source) filled first, scale k writes [offset_k,
+    offset_k + n_k), the policy sees the views [:, :, :kv_length(k)] (in `pooled_layers`, the
+    source pooled to scale k's grid, as VAREdit's first layer sees it). Returns {(layer, scale):
+    (q, k_view, v_view, out)}.
 
     Queries and keys are unit vectors and queries are scaled by `sharpness` (cosine attention,
     softmax scale 1), so attention is peaked as in real models rather than uniform.
     """
     gen = torch.Generator().manual_seed(seed)
-    total = schedule.total
+    total, source = schedule.total, schedule.source_length
     cache_k = torch.zeros(num_layers, batch, heads, total, dim, dtype=dtype, device=device)
     cache_v = torch.zeros_like(cache_k)
+    cache_k[:, :, :, :source] = F.normalize(torch.randn(num_layers, batch, heads, source, dim, generator=gen), dim=-1)
+    cache_v[:, :, :, :source] = torch.randn(num_layers, batch, heads, source, dim, generator=gen)
     policy.reset()
     seen = {}
     for scale, n in enumerate(schedule.lengths):
@@ -88,10 +108,38 @@ def simulate(
             q = (F.normalize(torch.randn(batch, heads, n, dim, generator=gen), dim=-1) * sharpness).to(device, dtype)
             cache_k[layer, :, :, start:end] = F.normalize(torch.randn(batch, heads, n, dim, generator=gen), dim=-1)
             cache_v[layer, :, :, start:end] = torch.randn(batch, heads, n, dim, generator=gen)
-            k, v = cache_k[layer, :, :, :end], cache_v[layer, :, :, :end]
-            call = AttentionCall(layer, scale, num_layers, schedule, 1.0)
+            k, v, keys = cache_k[layer, :, :, :end], cache_v[layer, :, :, :end], schedule
+            if layer in pooled_layers:
+                k, v, keys = pool_source(k, schedule, scale), pool_source(v, schedule, scale), schedule.pooled(scale)
+            call = AttentionCall(layer, scale, num_layers, keys, 1.0)
             seen[layer, scale] = (q, k, v, policy(q, k, v, call))
     return seen
+
+
+def all_covering(schedule, **extra):
+    """SparVAR settings whose every mode runs on `schedule` and keeps every key (windows past every
+    grid, the whole top-k, the whole source): sparse passes must then give dense attention."""
+    from sparvar.sparsity import get_config
+
+    K = len(schedule)
+    settings = dict(sink_scales=1, decision_from_end=2, topk=1.0, local_windows=(99,), csla_scales=K - 1,
+                    csla_windows_from_end=(99,) * K, group=24, q_block=32, key_block=32, source_window=None)
+    return get_config("paper", **{**settings, **extra})
+
+
+def capture_tables(monkeypatch) -> dict:
+    """The tables the SparVAR policy hands to sparse_attention, keyed by (query length, key length)."""
+    import sparvar.sparsity.policy as policy_module
+    from sparvar.attention.sparse import sparse_attention
+
+    tables = {}
+
+    def spy(q, k, v, table, scale, backend="auto"):
+        tables[q.shape[2], k.shape[2]] = table
+        return sparse_attention(q, k, v, table, scale, backend)
+
+    monkeypatch.setattr(policy_module, "sparse_attention", spy)
+    return tables
 
 
 def random_table(b: int, h: int, q_len: int, kv_len: int, q_block: int, key_block: int, *, density: float = 1.0,

@@ -5,6 +5,7 @@ import datetime
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,8 +78,66 @@ def test_e2e_refuses_unknown_models_and_the_official_infinity_mode_for_hart():
 
     with pytest.raises(SparvarError, match="unknown model"):
         main(["--models", "hart-9b"])
-    with pytest.raises(SparvarError, match="Infinity models only"):
+    with pytest.raises(SparvarError, match="one family that has one"):
         main(["--models", "hart-0.7b", "--official", "/nowhere"])
+    with pytest.raises(SparvarError, match="one family that has one"):  # two repositories: one path cannot be both
+        main(["--models", "infinity-8b", "varedit-8b-1024", "--official", "/nowhere"])
+    with pytest.raises(SparvarError, match="not a clone of HiDream-ai/VAREdit"):
+        main(["--models", "varedit-8b-1024", "--official", "/nowhere"])
+
+
+@pytest.mark.slow
+def test_the_modes_of_a_varedit_row_edit_a_picture_on_the_cpu():
+    """What `bench e2e --models varedit-8b-1024` runs, on varedit-tiny without CUDA graphs: every
+    mode edits the benchmark's picture; the official-style concatenated cache (a) and the static
+    one (b) draw the same tokens (both dense)."""
+    from dataclasses import replace
+
+    from helpers import edit_pipeline, same_generation
+    from sparvar.bench.common import generation_inputs
+    from sparvar.bench.e2e import E2E_MODES, modes_for
+    from sparvar.kernels import reference_only
+
+    pipe = edit_pipeline()
+    prompt, inputs = generation_inputs(pipe.spec)
+    assert set(inputs) == {"image"}
+    modes = modes_for("varedit-8b-1024", E2E_MODES)
+    assert list(modes) == ["a", "b", "c", "d", "e", "i"]
+    outs = {}
+    for name, mode in modes.items():
+        config = replace(mode.config, cuda_graphs=False)
+        policy = mode.attention() if name != "c" else None  # c's FlexAttention tables need CUDA
+        with reference_only() if not mode.fused else __import__("contextlib").nullcontext():
+            outs[name] = pipe([prompt], config, attention=policy, seed=0, progress=False, **inputs)
+        assert outs[name].images[0].size == inputs["image"].size
+    assert same_generation(outs["a"], outs["b"])
+    assert len(outs["e"].tokens) == len(outs["d"].tokens) - 2
+
+
+VAREDIT_CLONE = os.environ.get("SPARVAR_VAREDIT_CLONE")
+
+
+@pytest.mark.skipif(not VAREDIT_CLONE, reason="set SPARVAR_VAREDIT_CLONE to a clone of HiDream-ai/VAREdit")
+def test_official_varedit_runner_edits_a_picture():
+    """bench e2e's mode o for VAREdit models: the official code builds a (small) model as its
+    loader does and edits the picture as infer.generate_image does."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from sparvar.bench.official import RUNNERS
+    from sparvar.models.registry import get_spec
+
+    spec = get_spec("varedit-8b-1024")
+    spec = replace(spec, transformer=replace(spec.transformer, depth=2, width=64, heads=1, block_chunks=2,
+                                             text_width=128, resolution=256),
+                   vae=replace(spec.vae, base=32),
+                   text=dict(spec.text, d_model=128, num_layers=1, num_heads=2, d_kv=64, d_ff=256, vocab_size=300))
+    official = RUNNERS[spec.family.official_code](VAREDIT_CLONE, spec, torch.device("cpu"))
+    picture = Image.new("RGB", (90, 60), (20, 120, 220))
+    edited = official("make it red", spec.schedule(), seed=0, image=picture)
+    assert edited.size == picture.size
+    assert np.asarray(edited).std() > 1  # a picture, not a constant
 
 
 def test_pytz_stand_in_where_it_is_missing(monkeypatch):

@@ -13,12 +13,20 @@ from helpers import difference_picture, tiny_pipeline
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.bench.common import provenance
 from sparvar.cli import main
-from sparvar.eval.analyze import PropertyProbe, TableRecorder, draw_tables, head_mean_probs, locality, resize_map
+from sparvar.eval.analyze import (
+    PropertyProbe,
+    TableRecorder,
+    draw_tables,
+    head_mean_probs,
+    locality,
+    resize_map,
+    source_locality,
+)
 from sparvar.eval.draw import difference_map
 from sparvar.eval.metrics import lpips_model, psnr, ssim, to_tensor
 from sparvar.eval.quality import ErrorProbe, evaluate, preset_configs, summary, to_markdown
 from sparvar.generation import GenerationConfig
-from sparvar.schedules import parse_schedule
+from sparvar.schedules import Schedule, parse_schedule
 from sparvar.sparsity import make_policy
 
 SCHEDULE = parse_schedule("1,2,3,4,6,8,12,16")  # sinks 0-4, CS4A decides at 5, CSLA at 5-7
@@ -137,6 +145,35 @@ def test_attention_maps_resize_and_locality():
     assert torch.allclose(head_mean_probs(q, k, 0.5).sum(-1), torch.ones(5))
 
 
+def test_source_locality_is_the_share_near_each_querys_place_on_the_source():
+    s = Schedule(((1, 1), (2, 2)), source=(4, 4))  # keys: the 16 source cells, then scales 0 and 1
+    y, x = np.divmod(np.arange(4), 2)  # the 2x2 scale's queries land on source cells (2y, 2x)
+    p = torch.zeros(4, 21)
+    p[np.arange(4), 2 * y * 4 + 2 * x] = 0.5
+    p[:, 16:] = 0.1  # mass elsewhere does not count
+    assert source_locality(p, s, 1, 0) == pytest.approx(1.0)
+    uniform = torch.cat([torch.full((4, 16), 1 / 32), torch.full((4, 5), 0.1)], dim=1)
+    assert source_locality(uniform, s, 1, 0) == pytest.approx(1 / 16)
+    assert source_locality(uniform, s, 1, 1) == pytest.approx(np.mean([9, 6, 6, 4]) / 16)  # 3x3 windows, clipped
+
+
+@pytest.mark.slow
+def test_analyze_measures_the_source_of_an_edit_on_random_weights(tmp_path):
+    from PIL import Image
+
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (20, 12), (200, 50, 50)).save(picture)
+    argv = ["analyze", "--model", "varedit-tiny", "--image", str(picture), "--attention", "paper", "--radii", "1,3",
+            "--out", str(tmp_path / "a"), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "a" / "analyze.json").read_text())
+    grids = {name: np.array(grid) for name, grid in report["layers"].items()}
+    assert {"source_mass", "source_locality_r1", "source_locality_r3"} <= set(grids) and report["random_weights"]
+    assert ((grids["source_mass"] > 0) & (grids["source_mass"] + grids["sink_mass"] <= 1 + 1e-6)).all()
+    assert (grids["source_locality_r1"] <= grids["source_locality_r3"] + 1e-9).all()  # wider window, more mass
+    assert "say nothing about a trained model" in (tmp_path / "a" / "analyze.md").read_text()
+
+
 @pytest.mark.slow
 def test_property_probe_and_table_pictures(tmp_path):
     pipe = tiny_pipeline(text_width=0, num_classes=3)
@@ -155,8 +192,8 @@ def test_property_probe_and_table_pictures(tmp_path):
     modes = policy.plan(depth, SCHEDULE).modes
     sparse = {(layer, k) for layer in range(depth) for k in range(len(SCHEDULE)) if modes[layer][k] in ("cs4a", "csla")}
     assert sparse and sparse <= set(recorder.tables)
-    files = draw_tables({key: recorder.tables[key] for key in sparse}, modes, SCHEDULE, tmp_path)
-    distinct = {id(recorder.tables[key]) for key in sparse}  # CSLA's tables are shared by its layers
+    files = draw_tables({key: recorder.tables[key] for key in sparse}, modes, tmp_path)
+    distinct = {id(recorder.tables[key][0]) for key in sparse}  # CSLA's tables are shared by its layers
     assert len(files) == len(distinct) < len(sparse) and all((tmp_path / f).is_file() for f in files)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
@@ -25,6 +26,7 @@ ASKS = {
     "more_smooth": dict(more_smooth=True),
     "tiled_decode": dict(tiled_decode=True),
     "system_prompt": dict(system_prompt="be brief"),
+    "source_image": dict(image=Image.new("RGB", (8, 8))),
 }
 
 

@@ -8,7 +8,7 @@ from helpers import teacher_forced_logits, tiny_pipeline
 
 from sparvar.kernels.fused import apply_rope
 from sparvar.models.infinity.bitwise import BitwiseCodes
-from sparvar.models.infinity.transformer import RopeTable
+from sparvar.models.infinity.transformer import InfinityTransformer, RopeTable
 from sparvar.schedules import Schedule, infinity_schedule
 
 
@@ -38,7 +38,7 @@ def test_kv_cache_generation_equals_teacher_forcing(schedule, overrides):
 
 def test_rope_angles_follow_row_then_column_recipe():
     s = infinity_schedule("1:1", 1024)
-    table = RopeTable(s, head_dim=128, device="cpu")
+    table = RopeTable(*InfinityTransformer.positions(s), head_dim=128, device="cpu")
     off = s.offsets[9]  # the 32x32 scale, stretched onto the 64-grid
     token = 5 * 32 + 7
     row, col = round(5 * 64 / 32), round(7 * 64 / 32)

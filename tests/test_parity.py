@@ -1,5 +1,5 @@
 """Parity with the official code of every family, on fixtures it recorded (tools/parity/record.py
-for Infinity and VAR, record_hart.py for HART).
+for Infinity and VAR, record_hart.py for HART, record_varedit.py for VAREdit).
 
 The weights are official-format files (HART: the official folders) of small random models; they
 load through `sparvar.load_pipeline` as a user's would. One suite runs over every family, each
@@ -7,11 +7,12 @@ through a small adapter that says where its fixtures are and how a recorded run 
 For every recorded run: the tokens equal the official ones at every scale, the decoded images
 agree within 1e-3, and the teacher-forced logits within 1e-4 relative, scale by scale. What one
 family alone has (Infinity's aspect tables, init images and packed T5 features; HART's EMA
-weights, text features and diffusion head) follows the suite.
+weights, text features and diffusion head; VAREdit's source input and layouts) follows the suite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from functools import cache, cached_property
@@ -23,9 +24,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from PIL import Image
+
+from sparvar import create_model
 from sparvar.loading import load_pipeline
 from sparvar.models.hart.text import SYSTEM_PROMPT
 from sparvar.models.registry import get_spec
+from sparvar.pipeline import Pipeline
 from sparvar.schedules import Schedule
 
 DATA = Path(__file__).parent / "data"
@@ -72,6 +77,7 @@ class Recorded:
 
 class InfinityRecorded(Recorded):
     folder, family = DATA / "parity", "infinity"
+    text_folder = DATA / "parity" / "t5"
 
     def about(self, run):
         extras = [k for k in ("sampler", "negative_prompt", "more_smooth", "init_scales") if run.get(k)]
@@ -87,7 +93,7 @@ class InfinityRecorded(Recorded):
         spec = replace(base, name=f"{name} (parity fixture)", files={}, vae=replace(base.vae, **vae_fields),
                        transformer=replace(base.transformer, **case["transformer"]))
         vae = self.folder / case.get("vae_file", f"{name}/vae.pth")
-        text = self.folder / "t5" if spec.text_conditioned else None
+        text = self.text_folder if spec.text_conditioned else None
         return load_pipeline(spec, weights=str(self.folder / name / "transformer.pth"), vae=str(vae),
                              text_encoder=None if text is None else str(text), device="cpu", dtype=torch.float32)
 
@@ -164,8 +170,42 @@ class HARTRecorded(Recorded):
         return self.pipeline(name).encode(run["prompts"], system_prompt=system_prompt(run))
 
 
-INFINITY, VAR, HART = InfinityRecorded(), VARRecorded(), HARTRecorded()
-FAMILIES = (INFINITY, VAR, HART)
+class VAREditRecorded(InfinityRecorded):
+    """Edits of two source pictures; a run's resolution picks its model's schedule, the weights
+    are the case's (one pipeline per case, its spec set to the run's resolution)."""
+
+    folder, family = DATA / "parity_varedit", "varedit"  # its prompts go through the Infinity fixtures' T5
+
+    def about(self, run):
+        return f"-{run['source']}-picture-at-{run['resolution']}" + ("-official-sampler" if run.get("sampler") else "")
+
+    @cache
+    def generated(self, name, index):
+        run, pipe = self.run(name, index), self.pipeline(name)
+        spec = replace(pipe.spec, transformer=replace(pipe.spec.transformer, resolution=run["resolution"]))
+        return Pipeline(spec, pipe.transformer, pipe.vae, pipe.text_encoder)([run["prompt"]], progress=False,
+                                                                             **self.options(name, index))
+
+    def picture(self, run) -> Image.Image:
+        return Image.open(self.folder / f"source_{run['source']}.png").convert("RGB")
+
+    def schedule(self, name, index):
+        cfg = self.pipeline(name).spec.transformer
+        return replace(cfg, resolution=self.run(name, index)["resolution"]).schedule
+
+    def options(self, name, index):
+        run = self.run(name, index)
+        options = {k: run[k] for k in ("seed", "cfg", "tau", "top_k", "top_p") + ("sampler",) * ("sampler" in run)}
+        return dict(options, image=self.picture(run))
+
+    def condition(self, name, index):
+        run, pipe = self.run(name, index), self.pipeline(name)
+        feats, mask = pipe.encode([run["prompt"]])
+        return feats, mask, pipe._source((self.picture(run),), 1, self.schedule(name, index))
+
+
+INFINITY, VAR, HART, VAREDIT = InfinityRecorded(), VARRecorded(), HARTRecorded(), VAREditRecorded()
+FAMILIES = (INFINITY, VAR, HART, VAREDIT)
 
 
 def system_prompt(run: dict) -> str:
@@ -195,7 +235,8 @@ def test_tokens_equal_the_official_code_at_every_scale(family, name, index):
         assert agree == 1.0, f"scale {k}: {agree:.2%} of the tokens agree with the official code"
 
 
-@pytest.mark.parametrize("family, name, index", [p for f in (INFINITY, VAR) for p in f.runs("images")] + HART.runs())
+@pytest.mark.parametrize("family, name, index",
+                         [p for f in (INFINITY, VAR) for p in f.runs("images")] + HART.runs() + VAREDIT.runs())
 @pytest.mark.slow
 def test_images_equal_the_official_code(family, name, index):
     pixels = family.generated(name, index).pixels
@@ -233,7 +274,8 @@ def test_teacher_forced_logits_equal_the_official_code(family, name, index):
 
 
 @pytest.mark.parametrize("family, budget, commits", [(INFINITY, 5e6, ("infinity_commit", "var_commit")),
-                                                     (HART, 2e6, ("hart_commit",))], ids=["infinity-var", "hart"])
+                                                     (HART, 2e6, ("hart_commit",)), (VAREDIT, 2e6, ("varedit_commit",))],
+                         ids=["infinity-var", "hart", "varedit"])
 def test_fixtures_stay_small_and_say_where_they_come_from(family, budget, commits):
     assert sum(f.stat().st_size for f in family.folder.rglob("*") if f.is_file()) < budget
     assert all(len(family.manifest[key]) == 40 for key in commits)
@@ -310,3 +352,43 @@ def test_a_hart_run_has_an_unguided_last_scale():
     """The last scale's weight of the w == 1 run: the official diffusion sampler runs unguided there."""
     scales = len(HART.manifest["schedule"])
     assert any(run["cfg"] * (scales - 2) / (scales - 1) == 1.0 for case in HART.cases.values() for run in case["runs"])
+
+
+# ---- VAREdit -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family, name, index", VAREDIT.runs())
+def test_varedit_source_input_equals_the_official_one(family, name, index):
+    """The picture padded and resized as infer.py does, encoded by the VAE (its continuous features,
+    patchified for the 8B) at the last scale's grid: what the official code feeds word_embed."""
+    source = family.condition(name, index)[2]
+    stored = family.results(name)
+    want = stored[f"run{index}_source"]
+    got = source[:, stored[f"run{index}_source_rows"]]
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_varedit_runs_cover_a_padded_picture_both_position_tables_and_the_official_sampler():
+    """A wide picture (white padding), 1024 (every token its own RoPE place) and 512 (the official
+    table read by sequence index), the 2B's bits and the 8B's patchified ones, the official sampler."""
+    runs = [(name, run) for name, case in VAREDIT.cases.items() for run in case["runs"]]
+    assert {VAREDIT.picture(run).width != VAREDIT.picture(run).height for _, run in runs} == {True, False}
+    assert {512, 1024} <= {run["resolution"] for _, run in runs}
+    assert {VAREDIT.cases[name]["base_model"] for name, _ in runs} == {"varedit-2b-512", "varedit-8b-1024"}
+    assert any(run.get("sampler") == "official" for _, run in runs)
+
+
+@pytest.mark.parametrize("family, name, index", VAREDIT.runs())
+def test_varedit_schedules_are_the_official_ones(family, name, index):
+    schedule = family.schedule(name, index)
+    assert [list(s) for s in schedule.sizes] == family.run(name, index)["schedule"]
+    assert schedule.source == schedule.sizes[-1]
+
+
+@pytest.mark.parametrize("size, name", [("2b", "varedit-2b-512"), ("8b", "varedit-8b-1024"), ("8b", "varedit-8b-512")])
+def test_varedit_layouts_equal_the_official_models(size, name):
+    """The recorder built the official 2B and 8B on the meta device and kept a digest of their
+    (name, shape) lists: sparvar's modules have the same, so official files load strictly."""
+    layout = {k: list(v.shape) for k, v in create_model(name, device="meta").state_dict().items()}
+    text = json.dumps(sorted(layout.items()))
+    digest = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "tensors": len(layout),
+              "elements": int(sum(np.prod(shape) for shape in layout.values()))}
+    assert digest == VAREDIT.manifest["official_layouts"][size]

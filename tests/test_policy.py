@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import nearest_groups, rel_err, simulate
+from helpers import all_covering, capture_tables, nearest_groups, rel_err, simulate
 
 from sparvar.attention.decision import attention_with_colsum
 from sparvar.attention.sparse import sparse_attention
@@ -50,18 +50,10 @@ def test_the_paper_preset_uses_every_mode_on_var_schedules():
         assert {m for row in plan.modes for m in row} == {"dense", "decision", "cs4a", "csla"}
 
 
-def _all_covering(schedule, **extra):
-    K = len(schedule)
-    return get_config(
-        "paper", sink_scales=1, decision_from_end=2, topk=1.0, local_windows=(99,), csla_scales=K - 1,
-        csla_windows_from_end=(99,) * K, group=24, q_block=32, key_block=32, **extra,
-    )
-
-
 @pytest.mark.parametrize("residual", [True, False])
 def test_all_covering_windows_and_full_top_k_equal_dense_in_every_mode(residual):
     schedule = Schedule(((1, 1), (2, 3), (3, 4), (5, 6), (7, 10), (9, 13)))
-    policy = SparVARPolicy(_all_covering(schedule, residual=residual))
+    policy = SparVARPolicy(all_covering(schedule, residual=residual))
     seen = simulate(policy, schedule, num_layers=4)
     modes = set()
     for (layer, scale), (q, k, v, out) in seen.items():
@@ -70,22 +62,8 @@ def test_all_covering_windows_and_full_top_k_equal_dense_in_every_mode(residual)
     assert modes == {"dense", "decision", "cs4a", "csla"}
 
 
-def _capture_tables(monkeypatch):
-    """Record the tables the policy hands to sparse_attention, keyed by query length."""
-    import sparvar.sparsity.policy as policy_module
-
-    tables = {}
-
-    def spy(q, k, v, table, scale, backend="auto"):
-        tables[q.shape[2], k.shape[2]] = table
-        return sparse_attention(q, k, v, table, scale, backend)
-
-    monkeypatch.setattr(policy_module, "sparse_attention", spy)
-    return tables
-
-
 def test_cs4a_keys_are_the_decision_top_k_plus_sinks_and_window_and_the_residual_is_added(monkeypatch):
-    tables = _capture_tables(monkeypatch)
+    tables = capture_tables(monkeypatch)
     schedule = Schedule(((1, 1), (2, 2), (3, 4), (5, 7), (6, 9), (8, 12), (10, 15)))
     config = get_config("cs4a", sink_scales=2, topk=0.25, topk_multiple=16, group=16, local_windows=(3, 5))
     policy = SparVARPolicy(config)
@@ -119,7 +97,7 @@ def test_cs4a_keys_are_the_decision_top_k_plus_sinks_and_window_and_the_residual
 
 
 def test_remap_moves_picked_keys_into_finer_scales(monkeypatch):
-    tables = _capture_tables(monkeypatch)
+    tables = capture_tables(monkeypatch)
     schedule = Schedule(((1, 1), (2, 2), (3, 4), (5, 7), (6, 9), (8, 12), (10, 15)))
     config = get_config("paper-remap", csla=False, sink_scales=2, topk=0.25, topk_multiple=16, group=16, local_windows=(1,))
     policy = SparVARPolicy(config)

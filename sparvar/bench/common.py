@@ -1,5 +1,6 @@
 """What every benchmark and eval writer shares: where a run's numbers come from, the prompt the
-GPU benchmarks draw, the first lines of their markdown and the writer of NAME.json and NAME.md.
+GPU benchmarks draw (and the picture they edit, for models that edit one), the first lines of
+their markdown and the writer of NAME.json and NAME.md.
 
 A result is a dict whose provenance keys (`provenance`) sit beside its own: which card, when
 (ISO 8601, UTC), which torch, Triton and CUDA, which commit of sparvar and which command.
@@ -20,6 +21,22 @@ from sparvar import files
 from sparvar.options import output_folder
 
 PROMPT = "a photo of a red fox sitting in fresh snow at dawn, highly detailed"
+EDIT_PROMPT = "make the fox's fur white and add falling snow"
+
+
+def edit_picture(side: int = 1024):
+    """The picture the benchmarks edit (VAREdit): a square of colour gradients, the same every run."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:side, 0:side] / side
+    return Image.fromarray((np.stack([x, y, 1 - x * y], axis=-1) * 255).round().astype(np.uint8))
+
+
+def generation_inputs(spec) -> tuple[str, dict]:
+    """The prompt a benchmark generation of `spec` draws, and what it passes besides (the picture
+    to edit, for a model that edits one)."""
+    return (EDIT_PROMPT, {"image": edit_picture()}) if spec.family.source_image else (PROMPT, {})
 PROVENANCE = ("card", "date", "torch", "triton", "cuda", "commit", "command")
 
 

@@ -1,8 +1,10 @@
-"""End-to-end generation timing on the GPU: random weights, 1024x1024, batch 1 with CFG, bf16.
+"""End-to-end generation timing on the GPU: random weights, 1024x1024 (each model's own schedule
+where it has one), batch 1 with CFG, bf16.
 
 `sparvar bench baseline` times the plain dense pipeline (issue 2's reference point);
-`sparvar bench e2e` times the modes below side by side, in one run on one card (HART models, e.g.
-`--models hart-0.7b`, run those without token pruning: all but f, g, h):
+`sparvar bench e2e` times the modes below side by side, in one run on one card (HART and VAREdit
+models, e.g. `--models hart-0.7b`, run those without token pruning: all but f, g, h; VAREdit's
+edit a fixed picture, bench/common.py):
   a  as users run Infinity today: SDPA's default backend, a KV cache grown by concatenation,
      one PyTorch kernel per elementwise step
   b  our best dense path: static KV cache, SDPA's cuDNN kernel, CUDA graphs per scale, fused
@@ -15,8 +17,9 @@
   h  (d) with FastVAR-style token pruning
   i  (d) with adaptive skip (the demo model's thresholds; on random weights its decisions mean
      nothing, so this mode measures the cost of deciding: one host sync per decision scale)
-  o  the official Infinity code itself, from a local clone (`--official PATH`), as its inference
-     script runs it, its flash-attn calls served by SDPA (default backend); its own random init
+  o  the official code itself (Infinity's, or VAREdit's for VAREdit models), from a local clone
+     (`--official PATH`), as its inference script runs it, its flash-attn calls served by SDPA
+     (default backend); its own random init
 Every number is the median over `repeats` timed generations after warm-up (which also captures
 the graphs). Per-scale and per-stage times come from CUDA events recorded by the pipeline; the
 latency is the host clock around the whole call (image conversion included); the attention
@@ -37,7 +40,7 @@ import torch
 
 from sparvar import files
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
-from sparvar.bench.common import PROMPT, command_line, header, provenance, write
+from sparvar.bench.common import command_line, generation_inputs, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.generation import GenerationConfig
 from sparvar.kernels import reference_only
@@ -130,14 +133,14 @@ def time_mode(pipe, mode: Mode, repeats: int, seed: int = 0) -> dict:
 
 
 def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
-    schedule = pipe.schedule("1:1", 1024)
+    prompt, inputs = generation_inputs(pipe.spec)
+    run = lambda s, p, **o: pipe([prompt], mode.config, seed=s, schedule=pipe.schedule(), attention=p,  # noqa: E731
+                                 progress=False, **inputs, **o)
     policy = mode.attention()
-    run = lambda s, p: pipe([PROMPT], mode.config, seed=s, schedule=schedule, attention=p, progress=False)  # noqa: E731
     for s in range(3 if mode.config.cuda_graphs else 1):  # graphs: eager warm-up, capture, first replay
         run(seed + s, policy)
     timed = TimedAttention(mode.attention())  # eager (events need the Python code), after the kernels compiled
-    eager = pipe([PROMPT], mode.config, seed=seed, schedule=schedule, attention=timed, cuda_graphs=False,
-                 progress=False)
+    eager = run(seed, timed, cuda_graphs=False)
     attention_s = timed.seconds_per_scale(len(eager.scale_seconds))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -165,22 +168,22 @@ OFFICIAL_ABOUT = ("official code (local clone), its inference script's settings,
 
 def time_official(path: str, model: str, repeats: int, seed: int = 0) -> dict:
     """Median latency and peak memory of the official code generating one image (mode o)."""
-    from sparvar.bench.official import OfficialInfinity
+    from sparvar.bench.official import RUNNERS
     from sparvar.models.registry import get_spec
 
     spec = get_spec(model)
-    schedule = spec.schedule("1:1", 1024)
-    official = OfficialInfinity(path, spec, torch.device("cuda"), seed)
-    official(PROMPT, schedule, seed)  # warm-up
+    prompt, inputs = generation_inputs(spec)
+    official = RUNNERS[spec.family.official_code](path, spec, torch.device("cuda"), seed)
+    official(prompt, spec.schedule(), seed, **inputs)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    latencies = [t for t, _ in timed_calls(lambda i: official(PROMPT, schedule, seed + i), repeats)]
+    latencies = [t for t, _ in timed_calls(lambda i: official(prompt, spec.schedule(), seed + i, **inputs), repeats)]
     return {"latency_s": statistics.median(latencies), "latencies_s": latencies,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def modes_for(model: str, modes: dict[str, Mode]) -> dict[str, Mode]:
-    """The modes a model can run: HART has no token pruning (its default rows are a, b, d, e, i)."""
+    """The modes a model can run: HART and VAREdit have no token pruning (their rows are a-e and i)."""
     from sparvar.models.registry import get_spec
 
     if not get_spec(model).family.token_pruning:
@@ -205,8 +208,7 @@ def bench(models: list[str], modes: dict[str, Mode], repeats: int, seed: int = 0
             print(f"{model} o: " + (f"{row['latency_s']:.3f} s" if "latency_s" in row else row["error"]), flush=True)
         pipe = load_pipeline(model, device="cuda", random_weights=True, seed=seed)
         for name, mode in modes_for(model, modes).items():
-            row = {"model": model, "mode": name, "about": mode.about,
-                   "scales": [list(s) for s in pipe.schedule("1:1", 1024).sizes]}
+            row = {"model": model, "mode": name, "about": mode.about, "scales": [list(s) for s in pipe.schedule().sizes]}
             try:
                 row.update(time_mode(pipe, mode, repeats, seed))
             except Exception as err:  # one failing mode must not lose the others' numbers
@@ -287,6 +289,12 @@ def _summary(rows: list[dict]) -> dict:
         "hart_d_over_b": ("hart-0.7b", "d", "speedup_over_b"),
         "hart_e_over_a": ("hart-0.7b", "e", "speedup_over_a"),
         "hart_d_latency_s": ("hart-0.7b", "d", "latency_s"),
+        "varedit_8b_d_over_o": ("varedit-8b-1024", "d", "speedup_over_o"),
+        "varedit_8b_d_over_b": ("varedit-8b-1024", "d", "speedup_over_b"),
+        "varedit_8b_o_latency_s": ("varedit-8b-1024", "o", "latency_s"),
+        "varedit_8b_d_latency_s": ("varedit-8b-1024", "d", "latency_s"),
+        "varedit_8b_o_peak_gib": ("varedit-8b-1024", "o", "peak_gib"),
+        "varedit_8b_d_peak_gib": ("varedit-8b-1024", "d", "peak_gib"),
     }
     return {k: v for k, args in pairs.items() if (v := get(*args)) is not None}
 
@@ -309,7 +317,7 @@ def plot(result: dict, path: Path) -> None:
         ax.bar([r["mode"] for r in mine], [r["latency_s"] for r in mine], color="tab:blue")
         for i, r in enumerate(mine):
             ax.text(i, r["latency_s"], f"{r['latency_s']:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{model}, 1024x1024, {result['card']}")
+        ax.set_title(f"{model}, {result['card']}")
         ax.set_ylabel("seconds per image")
     fig.tight_layout()
     files.whole(path, lambda part: fig.savefig(part, format="png", dpi=120))
@@ -333,6 +341,21 @@ def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, t
     return result
 
 
+def check_official(path: str, models: list[str]) -> None:
+    """--official PATH: a clone of the one repository whose code all the models have (Family.official_code)."""
+    from sparvar.bench.official import RUNNERS
+    from sparvar.models.registry import FAMILIES, get_spec
+
+    repositories = {get_spec(m).family.official_code for m in models}
+    if None in repositories or len(repositories) > 1:
+        have = "; ".join(f"{f.name}: {f.official_code}" for f in FAMILIES.values() if f.official_code)
+        raise SparvarError(f"--official times the official code of one repository: give models of one family that "
+                           f"has one ({have})")
+    runner = RUNNERS[repositories.pop()]
+    if not Path(path, runner.marker).is_file():
+        raise SparvarError(f"--official {path} is not a clone of {runner.repository} ({runner.marker} is missing)")
+
+
 def main(argv: list[str] | None = None, which: str = "e2e") -> None:
     table = E2E_MODES if which == "e2e" else BASELINE_MODES
     parser = ArgumentParser(prog=f"sparvar bench {which}", description=__doc__.splitlines()[0],
@@ -344,7 +367,8 @@ def main(argv: list[str] | None = None, which: str = "e2e") -> None:
     parser.add_argument("--name", default=which, help="file name of the results (NAME.json, NAME.md)")
     if which == "e2e":
         parser.add_argument("--official", metavar="PATH",
-                            help="local clone of FoundationVision/Infinity: adds mode o, the official code itself")
+                            help="local clone of the models' official code (FoundationVision/Infinity, or "
+                            "HiDream-ai/VAREdit for VAREdit models): adds mode o, the official code itself")
     args = parser.parse_args(argv)
     from sparvar.models.registry import get_spec
 
@@ -352,13 +376,10 @@ def main(argv: list[str] | None = None, which: str = "e2e") -> None:
         get_spec(model)  # an unknown name fails before any GPU work
     command = command_line(f"sparvar bench {which}", argv)
     title = ("Dense generation baseline" if which == "baseline" else "End to end") + (
-        ": random weights, 1024x1024, batch 1 with CFG, bf16")
+        ": random weights, 1024x1024 (or the model's own schedule), batch 1 with CFG, bf16")
     official = getattr(args, "official", None)
-    if official and not all(get_spec(m).family.official_bench for m in args.models):
-        raise SparvarError("--official runs the official Infinity code: give Infinity models only with it")
-    if official and not Path(official, "infinity", "models", "infinity.py").is_file():
-        raise SparvarError(f"--official {official} is not a clone of FoundationVision/Infinity "
-                           "(infinity/models/infinity.py is missing)")
+    if official:
+        check_official(official, args.models)
     run(args.models, {k: table[k] for k in args.modes}, args.repeats, args.out, args.name, title, command.strip(),
         official)
 

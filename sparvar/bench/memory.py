@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sparvar.bench.common import PROMPT, command_line, header, provenance, write
+from sparvar.bench.common import command_line, generation_inputs, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import ArgumentParser, HelpFormatter
 
@@ -59,10 +59,10 @@ def time_setting(pipe, setting: Setting, repeats: int) -> dict:
     """Median latency and peak memory of `repeats` generations after warm-up (and capture)."""
     from sparvar.sparsity import make_policy
 
-    schedule = pipe.schedule("1:1", 1024)
+    prompt, inputs = generation_inputs(pipe.spec)
     policy = make_policy("default", sdpa_backend="cudnn")  # as `sparvar bench e2e` mode d
-    run = lambda seed: pipe([PROMPT], seed=seed, schedule=schedule, attention=policy,  # noqa: E731
-                            kv_cache=setting.kv_cache, cuda_graphs=setting.cuda_graphs, progress=False)
+    run = lambda seed: pipe([prompt], seed=seed, schedule=pipe.schedule(), attention=policy,  # noqa: E731
+                            kv_cache=setting.kv_cache, cuda_graphs=setting.cuda_graphs, progress=False, **inputs)
     for seed in range(3 if setting.cuda_graphs else 1):  # graphs: eager, capture, first replay
         run(seed)
     torch.cuda.synchronize()

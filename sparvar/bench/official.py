@@ -1,13 +1,13 @@
-"""Importing the official Infinity, VAR and HART code from local clones, for the parity harness
-(tools/parity) and the benchmark's official mode (`sparvar bench e2e --official PATH`), with
-stand-ins for what this machine may lack. Nothing of the official code is copied here: the clones
+"""Importing the official Infinity, VAR, HART and VAREdit code from local clones, for the parity
+harness (tools/parity) and the benchmark's official mode (`sparvar bench e2e --official PATH`:
+`RUNNERS`, one per official repository), with stand-ins for what this machine may lack. Nothing of the official code is copied here: the clones
 are put on sys.path.
 
 Stand-ins (each one documented in tools/parity/README.md):
 - `flash_attn`: its two attention calls, served by SDPA (per sequence for the varlen one);
 - `timm`, `torchvision`, `cv2`, `pandas`, `yaml`, where not installed: imported by the official
   modules for training, logging or image I/O that the harness never calls; only the names used
-  at import exist;
+  at import exist, and torchvision's `to_tensor` for the uint8 pictures VAREdit's transform gives it;
 - `pytz`, where not installed (the GPU machine lacks it): the official code asks it for one zone,
   Asia/Shanghai, to stamp its log lines; the stand-in answers with that zone's fixed UTC+8;
 - float32 comparisons: Infinity's cross-attention casts float32 inputs to bf16 before the flash
@@ -56,6 +56,12 @@ def _flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seql
     return torch.cat(outs)
 
 
+def _to_tensor(picture):
+    """torchvision's to_tensor for an (H, W, 3) uint8 array, as VAREdit's image transform calls it:
+    (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(picture).permute(2, 0, 1).float().div(255)
+
+
 class _DropPath(nn.Module):
     """Drop path is the identity at inference; the harness never trains."""
 
@@ -94,7 +100,7 @@ def _install_stand_ins() -> None:
                      trunc_normal_=nn.init.trunc_normal_)
     timm_models = _module("timm.models", register_model=lambda fn: fn, layers=layers)
     timm = _module("timm", models=timm_models, loss=_module("timm.loss", SoftTargetCrossEntropy=_UnusedLoss))
-    tv_functional = _module("torchvision.transforms.functional", to_tensor=None)
+    tv_functional = _module("torchvision.transforms.functional", to_tensor=_to_tensor)
     tv_transforms = _module("torchvision.transforms", functional=tv_functional)
     stand_ins = {
         "flash_attn": flash, "timm": timm, "timm.models": timm_models, "timm.models.layers": layers,
@@ -136,6 +142,18 @@ def load_infinity(path: str | Path):
 
     return types.SimpleNamespace(basic=basic, model=model, bsq_vae=bsq_vae, run=run_infinity,
                                  dynamic_resolution=dynamic_resolution)
+
+
+def load_varedit(path: str | Path):
+    """The official VAREdit code: its `infinity` package (Infinity's, with the edit's source), its
+    `tools.run_infinity` helpers and `infer` (the picture transform). Its package has Infinity's
+    name: one process imports one of the two."""
+    add_clone(path, "infer.py")
+    off = load_infinity(path)
+    import infer
+
+    off.infer = infer
+    return off
 
 
 def load_var(path: str | Path):
@@ -230,9 +248,19 @@ def exact_cross_attention(basic):
     return mock.patch.object(basic, "torch", _Float32As("torch"))
 
 
+@contextlib.contextmanager
 def cuda_calls_stay_on_cpu():
-    """`Tensor.cuda()` returns the tensor itself (the official prompt encoder moves ids to CUDA)."""
-    return mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    """`Tensor.cuda()` and `Tensor.to("cuda")` leave the tensor on the CPU (the official prompt
+    encoder moves ids to CUDA, VAREdit's generation the source picture)."""
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and args[0] == "cuda":
+            args = ("cpu", *args[1:])
+        return real_to(self, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self), mock.patch.object(torch.Tensor, "to", to):
+        yield
 
 
 @contextlib.contextmanager
@@ -291,10 +319,13 @@ class OfficialInfinity:
     blocks in bf16, cfg on the logits), for `sparvar bench e2e --official PATH`. flash-attn's calls
     are served by SDPA (`_install_stand_ins`)."""
 
+    repository, marker = "FoundationVision/Infinity", "infinity/models/infinity.py"  # a clone has the marker file
+    load = staticmethod(load_infinity)
+
     def __init__(self, path: str | Path, spec, device: torch.device, seed: int = 0):
         from sparvar.models.infinity.text import TextEncoder
 
-        self.off, self.spec, self.device = load_infinity(path), spec, device
+        self.off, self.spec, self.device = self.load(path), spec, device
         cfg = spec.transformer
         torch.manual_seed(seed)
         with torch.device(device), _generators_follow_tensors():
@@ -330,3 +361,36 @@ class OfficialInfinity:
                 scale_schedule=scales, top_k=900, top_p=0.97, cfg_insertion_layer=[0], vae_type=cfg.vae_channels,
                 g_seed=seed,
             )
+
+
+class OfficialVAREdit(OfficialInfinity):
+    """The official VAREdit code, built as its loader builds the model (Infinity's constructor
+    with its settings), run as `infer.generate_image` runs an edit: the picture padded and resized
+    (`transform`), `gen_one_img` at the model's sampling defaults, the result turned into a
+    picture and cropped back to the source's shape. Its file read and logging are left out;
+    `generate_image` itself takes 512 or 1024 pixels only, which small test models are not."""
+
+    repository, marker = "HiDream-ai/VAREdit", "infer.py"
+    load = staticmethod(load_varedit)
+
+    def __call__(self, prompt: str, schedule, seed: int, image=None):
+        """One edit of `image` (a PIL picture) by the official code; returns the edited picture."""
+        import numpy as np
+        from PIL import Image
+
+        cfg = self.spec.transformer
+        side = self.spec.image_size(schedule)[0]
+        scales = [(1, h, w) for h, w in schedule.sizes]
+        on_cpu = cuda_calls_stay_on_cpu() if self.device.type == "cpu" else contextlib.nullcontext()
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), on_cpu:
+            pixels, crop = self.off.infer.transform(image.convert("RGB"), side)
+            edited = self.off.run.gen_one_img(
+                self.model, self.vae, self.tokenizer, self.encoder, prompt, pixels, g_seed=seed, gt_leak=0,
+                gt_ls_Bl=None, cfg_list=cfg.cfg, tau_list=cfg.tau, scale_schedule=scales, cfg_insertion_layer=[0],
+                vae_type=cfg.vae_channels, sampling_per_bits=1, enable_positive_prompt=0,
+                apply_spatial_patchify=int(cfg.patchify),
+            )
+        return crop(Image.fromarray(edited.cpu().numpy()[..., ::-1].astype(np.uint8)))
+
+
+RUNNERS = {runner.repository: runner for runner in (OfficialInfinity, OfficialVAREdit)}  # Family.official_code

@@ -7,8 +7,12 @@ probabilities (the conditional sample, mean over heads) give:
   query scale k onto key scale i and the map of scale k-1 onto i-1 resized to it (bilinear on
   both grids); averaged over i (CS4A reuses the coarser scale's choice);
 - locality: the share of the attention on non-sink key scales that lies within Chebyshev radius
-  r of the query's projected position on each key scale (what CSLA's windows keep).
-Then a generation with the chosen preset records its block tables and draws them.
+  r of the query's projected position on each key scale (what CSLA's windows keep);
+- for an edit (a source slot before scale 0, VAREdit): the source's share of the attention, and
+  the share of that within radius r of the query's projection onto the source grid (what the
+  plan's source window keeps; in the first layer the source is seen pooled to the query scale).
+Then a generation with the chosen preset records its block tables and draws them. On random
+weights the numbers only exercise the code: what a model attends to is learned.
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ def resize_map(m: torch.Tensor, src_q: tuple, src_k: tuple, dst_q: tuple, dst_k:
     return x.reshape(x.shape[0], -1).T  # (n_q', n_k')
 
 
+def source_locality(p: torch.Tensor, schedule: Schedule, scale: int, radius: int) -> float:
+    """Share of the attention on the source slot within `radius` of the query's projection onto it."""
+    block = p[:, : schedule.source_length]
+    window = layout.source_window_mask(schedule, scale, 2 * radius + 1, p.device)
+    total = float(block.sum())
+    return float((block * window).sum()) / total if total > 0 else float("nan")
+
+
 def locality(p: torch.Tensor, schedule: Schedule, scale: int, sinks: int, radius: int) -> float:
     """Share of the attention on key scales sinks..scale within `radius` of the projected position."""
     near = total = 0.0
@@ -70,7 +82,9 @@ class PropertyProbe(DenseAttention):
         super().__init__()
         self.from_scale, self.radii, self.sinks = from_scale, radii, sinks
         self.sink_mass, self.cross, self.local = {}, {}, defaultdict(dict)
-        self._previous: dict[int, torch.Tensor] = {}  # layer -> head-mean map of the previous scale
+        self.source_mass, self.source_local = {}, defaultdict(dict)  # edits only
+        # layer -> head-mean map of the previous scale, and its keys' layout (the pooled layer's changes)
+        self._previous: dict[int, tuple[torch.Tensor, Schedule]] = {}
 
     def __call__(self, q, k, v, call):
         out = super().__call__(q, k, v, call)
@@ -79,19 +93,23 @@ class PropertyProbe(DenseAttention):
             p = head_mean_probs(q[0], k[0], call.softmax_scale)
             key = (layer, k_scale)
             if k_scale >= self.from_scale:
-                self.sink_mass[key] = float(p[:, : s.offsets[self.sinks]].sum(1).mean())
+                self.sink_mass[key] = float(p[:, s.source_length : s.offsets[self.sinks]].sum(1).mean())
                 for r in self.radii:
                     self.local[r][key] = locality(p, s, k_scale, self.sinks, r)
-                self.cross[key] = self._cross_similarity(p, self._previous[layer], s, k_scale)
-            self._previous[layer] = p
+                if s.source is not None:
+                    self.source_mass[key] = float(p[:, : s.source_length].sum(1).mean())
+                    for r in self.radii:
+                        self.source_local[r][key] = source_locality(p, s, k_scale, r)
+                self.cross[key] = self._cross_similarity(p, s, *self._previous[layer], k_scale)
+            self._previous[layer] = p, s
         return out
 
     @staticmethod
-    def _cross_similarity(p, prev, s: Schedule, k: int) -> float:
+    def _cross_similarity(p, s: Schedule, prev, prev_s: Schedule, k: int) -> float:
         sims = []
         for i in range(1 if s.prefix is None else 2, k + 1):  # a text prefix in scale 0's slot has no grid
             now = p[:, s.offsets[i] : s.offsets[i] + s.lengths[i]]
-            before = prev[:, s.offsets[i - 1] : s.offsets[i - 1] + s.lengths[i - 1]]
+            before = prev[:, prev_s.offsets[i - 1] : prev_s.offsets[i - 1] + s.lengths[i - 1]]
             before = resize_map(before, s.sizes[k - 1], s.sizes[i - 1], s.sizes[k], s.sizes[i])
             sims.append(float(F.cosine_similarity(now.flatten(), before.flatten(), dim=0)))
         return sum(sims) / len(sims)
@@ -105,21 +123,22 @@ class TableRecorder:
     """Wraps a SparVAR policy's sparse step to keep the last table of every (layer, scale)."""
 
     def __init__(self, policy):
-        self.policy, self.tables = policy, {}
+        self.policy, self.tables = policy, {}  # (layer, scale) -> (table, the keys' layout)
         inner = policy._sparse
 
         def record(q, k, v, table, call):
-            self.tables.setdefault((call.layer, call.scale), table)
+            self.tables.setdefault((call.layer, call.scale), (table, call.schedule))
             return inner(q, k, v, table, call)
 
         policy._sparse = record
 
 
-def draw_tables(tables: dict, modes, schedule: Schedule, out: Path) -> list[str]:
-    """One picture per sparse (layer, scale): token mask of sample 0, head 0; red lines at scale
-    starts. A table shared by several layers (CSLA's are cached per scale) is drawn once."""
+def draw_tables(tables: dict, modes, out: Path) -> list[str]:
+    """One picture per sparse (layer, scale) (TableRecorder's tables and their keys' layouts):
+    token mask of sample 0, head 0; red lines where the source ends and scales start. A table
+    shared by several layers (CSLA's are cached per scale) is drawn once."""
     files, drawn = [], set()
-    for (layer, scale), table in sorted(tables.items()):
+    for (layer, scale), (table, schedule) in sorted(tables.items(), key=lambda item: item[0]):
         if id(table) in drawn:
             continue
         drawn.add(id(table))
@@ -127,7 +146,8 @@ def draw_tables(tables: dict, modes, schedule: Schedule, out: Path) -> list[str]
         mode = modes[layer][scale]
         title = f"layer {layer}, scale {scale} ({mode}): {mask.float().mean():.1%} of pairs"
         name = f"table_layer{layer}_scale{scale}_{mode}.png"
-        save_image(mask_picture(mask.cpu(), list(schedule.offsets[1 : scale + 1]), title), out / name)
+        starts = [start for start in schedule.offsets[: scale + 1] if start > 0]
+        save_image(mask_picture(mask.cpu(), starts, title), out / name)
         files.append(name)
     return files
 
@@ -142,6 +162,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--from-scale", type=int, help="first query scale measured (default: the first after the sinks)")
     p.add_argument("--radii", default="1,2,4", help="locality radii in cells of each key scale")
     p.add_argument("--attention", default="default", help="preset whose block tables are drawn")
+    p.add_argument("--image", help="the source picture, for models that edit one (VAREdit)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights for every part, no files needed (the measurements then only exercise the code)")
     p.add_argument("--out", default="out/analyze", help="folder for analyze.json and the pictures")
     p.add_argument("--quiet", action="store_true", help="no progress")
     return p.parse_args(argv)
@@ -161,8 +184,9 @@ def main(argv=None) -> dict:
         condition = "a photo of a cat"
     device = device_of(args, spec)
     config = validate(spec, [condition], GenerationConfig(seed=args.seed, resolution=args.resolution,
-                                                          attention=args.attention),
+                                                          attention=args.attention, image=args.image),
                       device, default_dtype(device), args.precision, args.offload)
+    random = args.random_weights or not (args.weights or spec.files or spec.bundled)
     schedule = config.schedule
     sinks = layout.default_sink_scales(schedule)
     from_scale = args.from_scale if args.from_scale is not None else sinks
@@ -178,7 +202,7 @@ def main(argv=None) -> dict:
     say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))  # noqa: E731
 
     pipe = load_pipeline(spec.name, args.weights, args.vae, args.text_encoder, device=device,
-                         precision=args.precision, offload=args.offload)
+                         random_weights=args.random_weights, precision=args.precision, offload=args.offload)
     probe = PropertyProbe(max(from_scale, 1), radii, sinks)
     say(f"1/3 dense generation, measuring attention at query scales {probe.from_scale}-{len(schedule) - 1}")
     pipe.generate([condition], GenerationConfig.build(config, attention=probe), progress=not args.quiet)
@@ -199,9 +223,15 @@ def main(argv=None) -> dict:
         "cross_scale_similarity": "cosine similarity of scale k's maps to scale k-1's (resized)",
         **{f"locality_r{r}": f"share of non-sink attention within radius {r} of the projected position" for r in radii},
     }
+    if schedule.source is not None:
+        grids["source_mass"] = _grid(probe.source_mass, layers, scales)
+        titles["source_mass"] = "attention mass on the source picture's tokens, by layer and query scale"
+        for r in radii:
+            grids[f"source_locality_r{r}"] = _grid(probe.source_local[r], layers, scales)
+            titles[f"source_locality_r{r}"] = f"share of the source's attention within radius {r} of the projection"
     for name, grid in grids.items():
         save_image(heatmap(grid, rows, cols, titles[name]), out / f"{name}.png")
-    table_files = draw_tables(recorder.tables, policy.plan(layers, schedule).modes, schedule, out)
+    table_files = draw_tables(recorder.tables, policy.plan(layers, schedule).modes, out)
     report = {
         **provenance(command_line("sparvar analyze", argv), pipe.device),
         "model": spec.name,
@@ -211,6 +241,7 @@ def main(argv=None) -> dict:
         "sink_scales": sinks,
         "query_scales": scales,
         "preset": args.attention,
+        "random_weights": random,
         "layers": {name: [[float(v) for v in row] for row in grid] for name, grid in grids.items()},
         "means_per_scale": {name: [float(grid[:, j].mean()) for j in range(len(scales))] for name, grid in grids.items()},
         "pictures": [f"{name}.png" for name in grids] + table_files,
@@ -226,6 +257,8 @@ def to_markdown(report: dict) -> str:
     lines = [*header(f"Attention properties: {report['model']}", report),
              f"Condition {report['condition']!r}, seed {report['seed']}, schedule {report['schedule']}; sinks: scales "
              f"0-{report['sink_scales'] - 1}; tables of the `{report['preset']}` preset. Means over the layers:", "",
+             *(["Random weights: these numbers exercise the code and say nothing about a trained model.", ""]
+               if report["random_weights"] else []),
              "| measurement | " + " | ".join(f"scale {k}" for k in scales) + " |", "|---" * (len(scales) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{m:.2f}" for m in means) + " |"
               for name, means in report["means_per_scale"].items()]

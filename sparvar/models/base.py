@@ -86,6 +86,9 @@ class TransformerConfig:
 
     cross_attention = False  # whether the blocks attend to text through cross-attention (FLOPs)
     latent_per_token = 1  # side of the latent cells one token covers (the image's size before loading)
+    # layers whose queries see a source slot (Schedule.source) area-pooled to their own scale's grid
+    # (VAREdit's first): the keys' layout there is `schedule.pooled(scale)` (plans, FLOPs)
+    pooled_source_layers = ()
 
     @property
     def head_dim(self) -> int:
@@ -147,8 +150,10 @@ class ScaleTransformer(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def prepare(self, condition, guidance: bool, negative=None) -> Prepared:
         """The condition tensors of one generation (the text encoder's (features, mask), or class
-        labels (B,)); with guidance the batch is [cond; uncond], `negative` (a negative prompt's
-        features and mask) taking the unconditional half's place where the family has them."""
+        labels (B,); families with a source image: (features, mask, source), the source's
+        transformer input (B, n, channels) on the last scale's grid); with guidance the batch is
+        [cond; uncond], `negative` (a negative prompt's features and mask) taking the
+        unconditional half's place where the family has them."""
 
     @abstractmethod
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -237,7 +242,7 @@ class TextEncoder(Protocol):
 OPTIONS = {
     "token_pruning": "token pruning", "official_sampler": "official sampler", "negative_prompts": "negative prompt",
     "init_images": "init tokens", "more_smooth": "more_smooth", "tiled_decode": "tiled decode",
-    "system_prompt": "system prompt",
+    "system_prompt": "system prompt", "source_image": "source image",
 }
 
 
@@ -270,7 +275,11 @@ class Family:
     more_smooth: bool = False  # Gumbel-softmax mixtures of codewords (codes.soft_codes)
     tiled_decode: bool = False  # decoder.decode_tiled
     system_prompt: bool = False  # text put before every prompt (config.system_prompt is the default)
-    official_bench: bool = False  # `sparvar bench e2e --official` times its official code
+    # edits a source image, which every generation then needs: the class that turns pictures into
+    # the pixels the family encodes and its outputs back to the pictures' shapes (VAREdit)
+    source_image: type | None = None
+    # the repository of the official code `sparvar bench e2e --official` times for it (bench/official.py)
+    official_code: str | None = None
     # the linear layers of a block (paths within it) that precision="fp8" quantises, and those it keeps
     # in the model dtype on purpose; every nn.Linear of a block is in one of the two (tests/test_fp8.py)
     fp8_layers: tuple[str, ...] = ()

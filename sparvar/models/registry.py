@@ -19,6 +19,8 @@ from sparvar.models.infinity.text import T5_XL, TextEncoder
 from sparvar.models.infinity.transformer import InfinityConfig, InfinityTransformer
 from sparvar.models.infinity.vae import InfinityVAE, VAEConfig
 from sparvar.models.var.transformer import VARConfig, VARTransformer
+from sparvar.models.varedit.source import EditImages
+from sparvar.models.varedit.transformer import VAREditConfig, VAREditTransformer
 from sparvar.models.var.vqvae import VQVAE, VQVAEConfig
 from sparvar.schedules import VAR_256, VAR_512, Schedule, infinity_schedule
 
@@ -42,17 +44,22 @@ def _own_schedule(spec: "ModelSpec", aspect: str, resolution: int | None) -> Sch
     return spec.transformer.schedule
 
 
+def _bitwise_codes(spec: "ModelSpec", decoder) -> BitwiseCodes:
+    cfg = spec.transformer
+    return BitwiseCodes(cfg.vae_channels, cfg.patchify, cfg.next_input)
+
+
+INFINITY_FP8 = ("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj", "ffn.fc1", "ffn.fc2")
 # Infinity: 2B and 8B; the demo models are Infinity models trained on one schedule
 INFINITY = Family(
     "Infinity",
     InfinityTransformer,
     InfinityVAE,
-    lambda spec, decoder: BitwiseCodes(spec.transformer.vae_channels, spec.transformer.patchify,
-                                       spec.transformer.next_input),
+    _bitwise_codes,
     lambda spec, aspect, resolution: infinity_schedule(aspect, resolution or spec.resolution),
     TextEncoder,
-    negative_prompts=True, tiled_decode=True, official_bench=True,
-    fp8_layers=("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj", "ffn.fc1", "ffn.fc2"),
+    negative_prompts=True, tiled_decode=True, official_code="FoundationVision/Infinity",
+    fp8_layers=INFINITY_FP8,
 )
 # the VQVAE's residual quantiser turns token indices into the latent and the next input
 VAR = Family(
@@ -68,7 +75,18 @@ HART = Family(
     fp8_layers=("attn.qkv_proj", "attn.proj", "ffn.gate_proj", "ffn.up_proj", "ffn.down_proj"),
     kept_layers=("ada_lin.1",),  # the blocks' adaLN: once per generation (prepare)
 )
-FAMILIES = {family.name: family for family in (INFINITY, VAR, HART)}
+# VAREdit: Infinity fine-tuned to edit a source image (its VAE, codes and text encoder are Infinity's)
+VAREDIT = Family(
+    "VAREdit", VAREditTransformer, InfinityVAE, _bitwise_codes, _own_schedule, TextEncoder,
+    fixed_schedule=True, token_pruning=False, init_images=False, tiled_decode=True, source_image=EditImages,
+    official_code="HiDream-ai/VAREdit", fp8_layers=INFINITY_FP8,
+)
+# Infinity-2B and -8B (and VAREdit, their fine-tuning): transformer sizes, VAEs and the VAE files
+ARCH = {"2b": dict(depth=32, width=2048, heads=16, vae_channels=32),
+        "8b": dict(depth=40, width=3584, heads=28, vae_channels=14, patchify=True)}
+VAES = {"2b": VAEConfig(channels=32, ch_mult=(1, 2, 4, 4, 4)), "8b": VAEConfig(channels=14, ch_mult=(1, 2, 4, 4))}
+VAE_FILES = {"2b": "infinity_vae_d32reg.pth", "8b": "infinity_vae_d56_f8_14_patchify.pth"}
+FAMILIES = {family.name: family for family in (INFINITY, VAR, HART, VAREDIT)}
 
 
 @dataclass(frozen=True)
@@ -138,24 +156,24 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "infinity-2b",
             "Infinity-2B text-to-image, 1024x1024, d32 BSQ-VAE at patch 16",
-            InfinityConfig(depth=32, width=2048, heads=16, vae_channels=32, cfg=3.0, tau=0.5),
-            VAEConfig(channels=32, ch_mult=(1, 2, 4, 4, 4)),
+            InfinityConfig(**ARCH["2b"], cfg=3.0, tau=0.5),
+            VAES["2b"],
             T5_XL,
             files={
                 "--weights": "infinity_2b_reg.pth",
-                "--vae": "infinity_vae_d32reg.pth",
+                "--vae": VAE_FILES["2b"],
                 "--text-encoder": "folder of google/flan-t5-xl (config.json, weights, tokenizer)",
             },
         ),
         ModelSpec(
             "infinity-8b",
             "Infinity-8B text-to-image, 1024x1024, 14-channel BSQ-VAE at patch 8, 2x2 patchified tokens",
-            InfinityConfig(depth=40, width=3584, heads=28, vae_channels=14, patchify=True, cfg=3.0, tau=1.0),
-            VAEConfig(channels=14, ch_mult=(1, 2, 4, 4)),
+            InfinityConfig(**ARCH["8b"], cfg=3.0, tau=1.0),
+            VAES["8b"],
             T5_XL,
             files={
                 "--weights": "infinity_8b_weights/ (folder of shards with an index json)",
-                "--vae": "infinity_vae_d56_f8_14_patchify.pth",
+                "--vae": VAE_FILES["8b"],
                 "--text-encoder": "folder of google/flan-t5-xl (config.json, weights, tokenizer)",
             },
         ),
@@ -246,6 +264,34 @@ MODELS: dict[str, ModelSpec] = {
                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
             resolution=128,
             family=HART,
+        ),
+        *[
+            ModelSpec(
+                f"varedit-{size}-{resolution}",
+                f"VAREdit-{size.upper()} image editing (Infinity-{size.upper()} fine-tuned), 1:1 at "
+                f"{resolution}x{resolution}: a prompt and a source picture, whose VAE features lead the KV cache",
+                VAREditConfig(**ARCH[size], resolution=resolution),
+                VAES[size],
+                T5_XL,
+                files={
+                    "--weights": f"{size.upper()}-{resolution}.pth (from HiDream-ai/VAREdit)",
+                    "--vae": f"{VAE_FILES[size]} (beside it)",
+                    "--text-encoder": "flan-t5-xl/ (beside it; google/flan-t5-xl)",
+                },
+                resolution=resolution,
+                family=VAREDIT,
+            )
+            for size, resolution in (("2b", 512), ("8b", 512), ("8b", 1024))
+        ],
+        ModelSpec(
+            "varedit-tiny",
+            "tiny VAREdit for tests (random weights, byte tokenizer), 7 scales to 16x16 after a 16x16 source",
+            VAREditConfig(depth=4, width=64, heads=2, vae_channels=4, text_width=32, text_max_len=16, block_chunks=2,
+                          resolution=256),
+            VAEConfig(channels=4, ch_mult=(1, 2), base=32),
+            dict(T5_XL, d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=300),
+            resolution=256,
+            family=VAREDIT,
         ),
         ModelSpec(
             "var-tiny",

@@ -2,10 +2,12 @@
 them at the finer scales.
 
 At the decision scale S attention is dense; the column sums of its probabilities over each
-group of `group` consecutive queries rank the keys, and each (sample, head, group) keeps its
-top keys. The residual O_dense - O_sparse(kept keys) is cached. At a later scale k each query
-group takes the keys of the decision group at the same relative place, plus a local window on
-its own scale and the sinks; the residual, upsampled to scale k, is added to the output.
+group of `group` consecutive queries rank the keys of the scales, and each (sample, head, group)
+keeps its top keys. The residual O_dense - O_sparse(kept keys) is cached. At a later scale k each
+query group takes the keys of the decision group at the same relative place, plus a local window
+on its own scale and the sinks; the residual, upsampled to scale k, is added to the output. An
+edit's source slot (Schedule.source) is not ranked: each group sees the source tokens in the
+windows around its queries' projections onto the source grid (`source_keys`), at every scale.
 
 Key lists are built on the device without host syncs: candidates are concatenated, sorted and
 de-duplicated into the gathered BlockTable form (key_block == 1, q_block == group).
@@ -58,8 +60,19 @@ def group_map(schedule: Schedule, src: int, dst: int, group: int, device="cpu") 
 @lru_cache(maxsize=64)
 def sink_keys(schedule: Schedule, sink_scales: int, device="cpu"):
     """Every token of the first `sink_scales` scales, as an (indices, valid) part of a key list."""
-    idx = torch.arange(schedule.offsets[sink_scales], device=device)
+    idx = torch.arange(schedule.source_length, schedule.offsets[sink_scales], device=device)
     return idx, torch.ones_like(idx, dtype=torch.bool)
+
+
+def _group_keys(mask: torch.Tensor, group: int, offset: int, device):
+    """A (queries, keys) window mask -> the keys any query of each group sees, as (indices (G, W)
+    int64 from `offset` on, valid (G, W) bool)."""
+    n, keys = mask.shape
+    mask = F.pad(mask, (0, 0, 0, -n % group)).view(-1, group, keys).any(dim=1)
+    width = int(mask.sum(dim=1).max())
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.gather(mask, 1, order)
+    return (order + offset).to(device), valid.to(device)
 
 
 @lru_cache(maxsize=64)
@@ -68,18 +81,22 @@ def local_keys(schedule: Schedule, scale: int, group: int, side: int, device="cp
 
     Returns (indices (G, W) int64 into the whole sequence, valid (G, W) bool).
     """
-    n = schedule.lengths[scale]
-    mask = layout.window_mask(schedule, scale, scale, side)
-    mask = F.pad(mask, (0, 0, 0, -n % group)).view(-1, group, n).any(dim=1)
-    width = int(mask.sum(dim=1).max())
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.gather(mask, 1, order)
-    return (order + schedule.offsets[scale]).to(device), valid.to(device)
+    return _group_keys(layout.window_mask(schedule, scale, scale, side), group, schedule.offsets[scale], device)
+
+
+@lru_cache(maxsize=64)
+def source_keys(schedule: Schedule, scale: int, group: int, side: int | None, device="cpu"):
+    """Tokens of the source slot inside the window (side None: all) around any query's projection
+    of each group of scale `scale`, as local_keys gives them (width 0 without a source)."""
+    if schedule.source is None:
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.bool, device=device)
+    return _group_keys(layout.source_window_mask(schedule, scale, side), group, 0, device)
 
 
 @lru_cache(maxsize=64)
 def key_remap(schedule: Schedule, src: int, dst: int, sink_scales: int, device="cpu") -> torch.Tensor:
-    """The paper's key re-mapping: key index at query scale `src` -> key index at scale `dst`.
+    """The paper's key re-mapping: a key's index among the scales' keys (from scale 0's first
+    token) at query scale `src` -> its sequence index at scale `dst`.
 
     A key of scale j > sinks moves to scale j + (dst - src), at cell
     (floor(y * h_j' / h_j), floor(x * w_j' / w_j)); sink keys stay where they are.

@@ -2,7 +2,9 @@
 every earlier scale, plus all tokens of the sink scales.
 
 A query at cell (y, x) of scale k is projected onto each key scale i (layout.project) and sees
-the `side` x `side` square of cells around that projection, clipped at the grid's border.
+the `side` x `side` square of cells around that projection, clipped at the grid's border. Before
+the scales, an edit's source slot (Schedule.source) is seen through a window of `source_window`
+cells around the query's projection onto the source grid (None: all of it).
 The token mask becomes a block table: a key block is kept for a query block when any pair
 inside is kept. It depends only on (schedule, scale, windows, block sizes), so it is built once
 on the device, cached, and shared by all heads and samples.
@@ -29,30 +31,37 @@ def _check(schedule: Schedule, scale: int, windows) -> None:
         raise SparvarError(f"CSLA needs a window for each key scale 0..{scale}, got {len(windows)}")
 
 
-def csla_token_mask(schedule: Schedule, scale: int, windows, device="cpu") -> torch.Tensor:
+def csla_token_mask(schedule: Schedule, scale: int, windows, device="cpu", source_window: int | None = 0) -> torch.Tensor:
     """(n_scale, kv_length(scale)) bool token mask of CSLA at query scale `scale`."""
     _check(schedule, scale, windows)
-    return torch.cat([layout.window_mask(schedule, scale, i, windows[i], device) for i in range(scale + 1)], dim=1)
+    parts = [layout.window_mask(schedule, scale, i, windows[i], device) for i in range(scale + 1)]
+    if schedule.source is not None:
+        parts.insert(0, layout.source_window_mask(schedule, scale, source_window, device))
+    return torch.cat(parts, dim=1)
+
+
+def _kept_pairs(schedule: Schedule, scale: int, grid: tuple[int, int], side: int | None) -> int:
+    """Pairs of scale `scale`'s queries with the cells of `grid` in their windows, counted per axis."""
+    if side is None:
+        return schedule.lengths[scale] * grid[0] * grid[1]
+    if side <= 0:
+        return 0
+    py, px = layout.project_onto(schedule.sizes[scale], grid, *layout.cells(schedule, scale))
+    return int((layout.axis_window(py, grid[0], side).sum(1) * layout.axis_window(px, grid[1], side).sum(1)).sum())
 
 
 @lru_cache(maxsize=256)
-def _token_density(schedule: Schedule, scale: int, windows: tuple) -> float:
-    kept = 0
-    for i in range(scale + 1):
-        side = windows[i]
-        if side is None:
-            kept += schedule.lengths[scale] * schedule.lengths[i]
-        elif side > 0:
-            h, w = schedule.sizes[i]
-            py, px = layout.project(schedule, scale, i, *layout.cells(schedule, scale))
-            kept += int((layout.axis_window(py, h, side).sum(1) * layout.axis_window(px, w, side).sum(1)).sum())
+def _token_density(schedule: Schedule, scale: int, windows: tuple, source_window: int | None) -> float:
+    kept = sum(_kept_pairs(schedule, scale, schedule.sizes[i], windows[i]) for i in range(scale + 1))
+    if schedule.source is not None:
+        kept += _kept_pairs(schedule, scale, schedule.source, source_window)
     return kept / (schedule.lengths[scale] * schedule.kv_length(scale))
 
 
-def csla_token_density(schedule: Schedule, scale: int, windows) -> float:
+def csla_token_density(schedule: Schedule, scale: int, windows, source_window: int | None = 0) -> float:
     """Fraction of (query, key) pairs the CSLA token mask keeps, counted per axis (no mask built)."""
     _check(schedule, scale, windows)
-    return _token_density(schedule, scale, tuple(windows))
+    return _token_density(schedule, scale, tuple(windows), source_window)
 
 
 def token_mask_to_table(mask: torch.Tensor, q_block: int, key_block: int) -> BlockTable:
@@ -68,12 +77,14 @@ def token_mask_to_table(mask: torch.Tensor, q_block: int, key_block: int) -> Blo
 
 
 @lru_cache(maxsize=256)
-def _cached_table(schedule, scale, windows, q_block, key_block, device) -> BlockTable:
-    return token_mask_to_table(csla_token_mask(schedule, scale, windows, device), q_block, key_block)
+def _cached_table(schedule, scale, windows, q_block, key_block, device, source_window) -> BlockTable:
+    mask = csla_token_mask(schedule, scale, windows, device, source_window)
+    return token_mask_to_table(mask, q_block, key_block)
 
 
 def csla_block_table(
-    schedule: Schedule, scale: int, windows, q_block: int = 128, key_block: int = 128, device="cpu"
+    schedule: Schedule, scale: int, windows, q_block: int = 128, key_block: int = 128, device="cpu",
+    source_window: int | None = 0,
 ) -> BlockTable:
     """CSLA block table for query scale `scale`; same for all heads (leading dims 1, 1). Cached."""
-    return _cached_table(schedule, scale, tuple(windows), q_block, key_block, str(torch.device(device)))
+    return _cached_table(schedule, scale, tuple(windows), q_block, key_block, str(torch.device(device)), source_window)

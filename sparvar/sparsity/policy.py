@@ -53,10 +53,9 @@ class SparVARPolicy(AttentionPolicy):
         if mode == "dense":
             return self._dense(q, k, v, call)
         if mode == "csla":
-            table = csla_block_table(
-                call.schedule, call.scale, plan.csla_windows, self.config.q_block, self.config.key_block, q.device
-            )
-            record["pairs"], record["windows"] = table_pairs(table), plan.csla_windows
+            table = csla_block_table(call.schedule, call.scale, plan.csla_windows, self.config.q_block,
+                                     self.config.key_block, q.device, plan.source_window)
+            record["pairs"], record["windows"] = table_pairs(table), (plan.csla_windows, plan.source_window)
             return self._sparse(q, k, v, table, call)
         if mode == "decision":
             return self._decide(q, k, v, call, plan, record)
@@ -66,17 +65,23 @@ class SparVARPolicy(AttentionPolicy):
         return sparse_attention(q, k, v, table, call.softmax_scale, self.backend)
 
     def _decide(self, q, k, v, call, plan, record):
-        cfg = self.config
+        cfg, source = self.config, call.schedule.source_length
         out, colsum = attention_with_colsum(q, k, v, cfg.group, call.softmax_scale, self.backend)
-        selected = cs4a.select_keys(colsum, plan.topk, cfg.mass)
-        self._selected[call.layer] = selected
+        # the scales' keys are ranked (indices kept from the first scale's token on); a source is windowed
+        idx, valid = cs4a.select_keys(colsum[..., source:], plan.topk, cfg.mass)
+        self._selected[call.layer] = idx, valid
         if cfg.residual:
             b, h, n, _ = q.shape
-            sinks = cs4a.sink_keys(call.schedule, plan.sink_scales, q.device)
-            table = cs4a.key_table([sinks, selected], b, h, n, cfg.group, k.shape[2])
+            parts = [*self._fixed_keys(call, plan, q.device), (idx + source, valid)]
+            table = cs4a.key_table(parts, b, h, n, cfg.group, k.shape[2])
             record["pairs"] = table_pairs(table)
             self._residual[call.layer] = out - self._sparse(q, k, v, table, call)
         return out
+
+    def _fixed_keys(self, call, plan, device) -> list:
+        """The key-list parts every CS4A pass of a call has: the sinks and the source's window."""
+        return [cs4a.sink_keys(call.schedule, plan.sink_scales, device),
+                cs4a.source_keys(call.schedule, call.scale, self.config.group, plan.source_window, device)]
 
     def _cs4a(self, q, k, v, call, plan, record):
         cfg, S, scale = self.config, plan.decision_scale, call.scale
@@ -90,10 +95,12 @@ class SparVARPolicy(AttentionPolicy):
         idx, valid = idx[:, :, group_of], valid[:, :, group_of]
         if cfg.key_mapping == "remap":
             idx = cs4a.key_remap(call.schedule, S, scale, plan.sink_scales, q.device)[idx]
+        else:
+            idx = idx + call.schedule.source_length
         local = cs4a.local_keys(call.schedule, scale, cfg.group, plan.local_windows[scale], q.device)
         b, h, n, _ = q.shape
-        sinks = cs4a.sink_keys(call.schedule, plan.sink_scales, q.device)
-        table = cs4a.key_table([sinks, (idx, valid), local], b, h, n, cfg.group, k.shape[2])
+        parts = [*self._fixed_keys(call, plan, q.device), (idx, valid), local]
+        table = cs4a.key_table(parts, b, h, n, cfg.group, k.shape[2])
         record["pairs"] = table_pairs(table)  # a tiny device tensor; the table itself is let go
         out = self._sparse(q, k, v, table, call)
         if cfg.residual:
@@ -122,7 +129,7 @@ class SparVARPolicy(AttentionPolicy):
             else:
                 block_per_head = token_per_head = sparse_share
                 if rec["mode"] == "csla":
-                    token = csla_token_density(rec["schedule"], scale, rec["windows"])
+                    token = csla_token_density(rec["schedule"], scale, *rec["windows"])
                     token_per_head = torch.full((h,), token, dtype=torch.float64)
                 done = dense_flops * float(block_per_head.mean())
             entries.append(

@@ -10,6 +10,11 @@ A plan says, for every (layer, scale) of a model depth and a schedule, which mod
   deciding at the third-last scale (Infinity 1024: 10), sparse at the scales after it;
 - CSLA in the other layers at the last 3 query scales, window side by key scale counted from
   the last one: 7, 5, 3, 1, 1, then none (Infinity 1024: scales 12..8), sinks whole.
+An edit's source slot before the scales (VAREdit's source picture, Schedule.source) is planned
+apart: every sparse pass sees the source tokens in a `source_window` x `source_window` window
+around each query's projection onto the source grid (the edit keeps most of the picture in
+place), the modes and CS4A's top-k are those of the scales alone (so a layer that sees the source
+pooled to each scale's grid runs the same modes), and dense passes see all of it.
 """
 
 from __future__ import annotations
@@ -51,8 +56,11 @@ class SparVARConfig:
     csla_windows_from_end: tuple[int, ...] = (7, 5, 3, 1, 1)  # key scale K-1, K-2, ...; older: none
     q_block: int = 128
     key_block: int = 128
-    # a sparse scale whose planned block density exceeds this runs dense instead
+    # a sparse scale whose planned block density exceeds this runs dense instead (decided on the
+    # scales alone where a source slot comes first)
     max_density: float = 1.0
+    # a source slot's window side, in source cells, around each query's projection (None: all of it)
+    source_window: int | None = 7
 
     def __post_init__(self):
         if self.key_mapping not in cs4a.KEY_MAPPINGS:
@@ -61,6 +69,9 @@ class SparVARConfig:
             raise SparvarError("topk and mass are shares of the keys / of the attention mass, in (0, 1]")
         if min(self.group, self.q_block, self.key_block, self.topk_multiple) < 1 or not self.local_windows:
             raise SparvarError("group, block sizes and topk_multiple must be positive; give at least one local window")
+        if self.source_window is not None and self.source_window < 0:
+            raise SparvarError(f"source_window is a side in cells, 0 or more (None: the whole source), not "
+                               f"{self.source_window}")
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,7 @@ class Plan:
     local_windows: tuple[int, ...]  # own-scale CS4A window per scale (0 where unused)
     csla_windows: tuple[int | None, ...]  # per key scale: None = all tokens, 0 = none
     density: dict  # (mode, scale) -> planned block density; CS4A: an upper bound of its budget
+    source_window: int | None = 0  # a source slot's window side (None: all of it); 0 without a source
 
 
 def _csla_windows(config: SparVARConfig, schedule: Schedule, sinks: int) -> tuple[int | None, ...]:
@@ -198,16 +210,32 @@ def _csla_windows(config: SparVARConfig, schedule: Schedule, sinks: int) -> tupl
     return tuple(None if i < sinks else (from_end[b] if b < len(from_end) else 0) for i, b in enumerate(back))
 
 
-def cs4a_budget_density(schedule: Schedule, scale: int, sink_tokens: int, topk: int, group: int, side: int) -> float:
-    """Upper bound of CS4A's density at a later scale: (sinks + top-k + own window) / keys."""
-    _, valid = cs4a.local_keys(schedule, scale, group, side)
-    window = float(valid.sum(dim=1).float().mean())
-    return min(1.0, (sink_tokens + topk + window) / schedule.kv_length(scale))
+def cs4a_budget_density(schedule: Schedule, scale: int, sink_tokens: int, topk: int, group: int, side: int,
+                        source_side: int | None = 0) -> float:
+    """Upper bound of CS4A's density at a later scale: (sinks + source window + top-k + own window) / keys."""
+    windows = [cs4a.local_keys(schedule, scale, group, side), cs4a.source_keys(schedule, scale, group, source_side)]
+    mean = sum(float(valid.sum(dim=-1).float().mean()) if valid.numel() else 0.0 for _, valid in windows)
+    return min(1.0, (sink_tokens + topk + mean) / schedule.kv_length(scale))
 
 
 @lru_cache(maxsize=64)
 def make_plan(config: SparVARConfig, num_layers: int, schedule: Schedule) -> Plan:
     """Apply the rules (module docstring) to one model depth and schedule."""
+    if schedule.source is not None:  # the scales' plan, its passes' densities over the source too
+        own = make_plan(config, num_layers, schedule.target)
+        density = {}
+        for mode, k in own.density:
+            if mode == "csla":
+                table = csla_block_table(schedule, k, own.csla_windows, config.q_block, config.key_block,
+                                         source_window=config.source_window)
+                density[mode, k] = float(table_density(table).max())
+            elif mode == "cs4a":
+                sinks = schedule.offsets[own.sink_scales] - schedule.source_length
+                density[mode, k] = cs4a_budget_density(schedule, k, sinks, own.topk, config.group,
+                                                       own.local_windows[k], config.source_window)
+            else:
+                density[mode, k] = own.density[mode, k]
+        return replace(own, density=density, source_window=config.source_window)
     K = len(schedule)
     sinks = min(K, config.sink_scales if config.sink_scales is not None else layout.default_sink_scales(schedule))
     windows = _csla_windows(config, schedule, sinks)

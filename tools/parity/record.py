@@ -13,8 +13,10 @@ tools/parity/README.md for the quirks of the official code that the harness work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
+import types
 from datetime import date
 from pathlib import Path
 
@@ -62,6 +64,18 @@ def bf16_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def even_rows(n: int, count: int = TOKENS_PER_SCALE) -> torch.Tensor:
     """`count` evenly spaced token indices of a scale of n tokens (all of them if fewer)."""
     return torch.linspace(0, n - 1, min(n, count)).round().long().unique()
+
+
+def logits_record(prefix: str, logits: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
+    """Teacher-forced logits (B, L, ...) of scales of `lengths` tokens, kept for TOKENS_PER_SCALE
+    evenly spaced tokens of each (`{prefix}_logits_{k}`), with those tokens (`{prefix}_rows_{k}`)."""
+    out, start = {}, 0
+    for k, n in enumerate(lengths):
+        rows = even_rows(n)
+        out[f"{prefix}_rows_{k}"] = rows
+        out[f"{prefix}_logits_{k}"] = logits[:, start + rows].contiguous()
+        start += n
+    return out
 
 
 def image_record(prefix: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,15 +129,16 @@ class InfinityCase:
         self.t5 = t5
         self.d = 14 if patchify else 32
         self.levels = 4 if patchify else 5
+        self.patch = 8 if patchify else 16
         self.arch = dict(depth=2, embed_dim=32, num_heads=1, mlp_ratio=8, block_chunks=2)  # FFN 256 wide
 
     def build_vae(self, path: Path | None):
-        """The official BSQ-VAE at a small width (base 32 channels, VAE_RES_BLOCKS a level),
+        """The official BSQ-VAE at a small width (base 32 channels, `levels` levels, VAE_RES_BLOCKS a level),
         loaded from `path` by the official loader, or with the official init."""
         with official.shrunk(self.off.bsq_vae, "AutoEncoder", base_ch=32, num_res_blocks=VAE_RES_BLOCKS):
             return self.off.bsq_vae.vae_model(
                 None if path is None else str(path), "dynamic", self.d, 2 ** self.d,
-                patch_size=8 if self.patchify else 16, encoder_ch_mult=[1] * self.levels,
+                patch_size=self.patch, encoder_ch_mult=[1] * self.levels,
                 decoder_ch_mult=[1] * self.levels, test_mode=True,
             ).float().eval()
 
@@ -210,20 +225,6 @@ class InfinityCase:
         cfg_list = run["cfg"] if isinstance(run["cfg"], list) else [run["cfg"]] * k
         tau_list = run["tau"] if isinstance(run["tau"], list) else [run["tau"]] * k
 
-        # what the official loop makes: each scale's bits (it returns none of them for bitwise
-        # models), the next-scale inputs, and the decoded images
-        bits, inputs, images = [], [], []
-        hook = model.word_embed.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].clone()))
-        lfq, to_codes, decode = vae.quantizer.lfq, vae.quantizer.lfq.indices_to_codes, vae.decode
-
-        def keep_bits(indices, *args, **kwargs):
-            bits.append(indices.clone())
-            return to_codes(indices, *args, **kwargs)
-
-        def keep_decoded(z):
-            images.append(decode(z))
-            return images[-1]
-
         out, forced = {}, None
         if run.get("init_scales"):  # variations of a given image: its encoded bits force the first scales
             vae_schedule = [(1, 2 * h, 2 * w) for _, h, w in schedule] if self.patchify else schedule
@@ -231,30 +232,21 @@ class InfinityCase:
             with torch.no_grad():
                 forced = vae.encode(image, scale_schedule=vae_schedule)[3]
             out.update({f"{key}_init_bits_{s}": pack_bits(self.token_bits(b)) for s, b in enumerate(forced)})
-        lfq.indices_to_codes, vae.decode = keep_bits, keep_decoded
-        try:
-            with torch.no_grad(), official.exact_cross_attention(self.off.basic):
-                model.autoregressive_infer_cfg(
-                    vae=vae, scale_schedule=schedule, label_B_or_BLT=text, g_seed=run["seed"], B=len(prompts),
-                    negative_label_B_or_BLT=negative, cfg_list=cfg_list, tau_list=tau_list, top_k=run["top_k"],
-                    top_p=run["top_p"], returns_vemb=1, cfg_insertion_layer=[0], vae_type=self.d, ret_img=True,
-                    gt_leak=run.get("init_scales", 0), gt_ls_Bl=forced, inference_mode=True,
-                )
-        finally:
-            hook.remove()
-            del lfq.indices_to_codes, vae.decode  # back to the class's methods
+        with what_the_loop_makes(model, vae) as made, torch.no_grad(), official.exact_cross_attention(self.off.basic):
+            model.autoregressive_infer_cfg(
+                vae=vae, scale_schedule=schedule, label_B_or_BLT=text, g_seed=run["seed"], B=len(prompts),
+                negative_label_B_or_BLT=negative, cfg_list=cfg_list, tau_list=tau_list, top_k=run["top_k"],
+                top_p=run["top_p"], returns_vemb=1, cfg_insertion_layer=[0], vae_type=self.d, ret_img=True,
+                gt_leak=run.get("init_scales", 0), gt_ls_Bl=forced, inference_mode=True,
+            )
+        bits, inputs, images = made.bits, made.inputs, made.images
         out.update({f"{key}_bits_{s}": pack_bits(self.token_bits(b)) for s, b in enumerate(bits)})
         if run.get("images"):
             out.update(image_record(f"{key}_image", images[0]))
         if run.get("teacher_forced"):
             with torch.no_grad(), official.exact_cross_attention(self.off.basic):
                 logits = model(text, torch.cat(inputs, dim=1), schedule).float()  # (B, L, 2 * bits)
-            start = 0
-            for s, (_, h, w) in enumerate(schedule):
-                rows = even_rows(h * w)
-                out[f"{key}_rows_{s}"] = rows
-                out[f"{key}_logits_{s}"] = logits[:, start + rows].contiguous()
-                start += h * w
+            out.update(logits_record(key, logits, [h * w for _, h, w in schedule]))
         return out
 
     def token_bits(self, bits: torch.Tensor) -> torch.Tensor:
@@ -276,6 +268,31 @@ class InfinityCase:
         lens = [n for p in parts for n in p[1]]
         cu = F.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
         return kv, lens, cu, max(lens)
+
+
+@contextlib.contextmanager
+def what_the_loop_makes(model, vae):
+    """What the official loop makes, in lists that fill as it runs: each scale's bits (it returns
+    none of them for bitwise models: they are read where it turns them into codes), the inputs of
+    `word_embed` (the next-scale inputs; VAREdit's source first) and the decoded images."""
+    made = types.SimpleNamespace(bits=[], inputs=[], images=[])
+    hook = model.word_embed.register_forward_pre_hook(lambda mod, args: made.inputs.append(args[0].clone()))
+    lfq, to_codes, decode = vae.quantizer.lfq, vae.quantizer.lfq.indices_to_codes, vae.decode
+
+    def keep_bits(indices, *args, **kwargs):
+        made.bits.append(indices.clone())
+        return to_codes(indices, *args, **kwargs)
+
+    def keep_decoded(z):
+        made.images.append(decode(z))
+        return made.images[-1]
+
+    lfq.indices_to_codes, vae.decode = keep_bits, keep_decoded
+    try:
+        yield made
+    finally:
+        hook.remove()
+        del lfq.indices_to_codes, vae.decode  # back to the class's methods
 
 
 def save_text_model(model: torch.nn.Module, folder: Path, seed: int):
@@ -420,12 +437,7 @@ class VARCase:
         if run.get("teacher_forced"):
             with torch.no_grad():
                 logits = model(labels[0], vae.quantize.idxBl_to_var_input(tokens)).float()
-            start = 0
-            for s, pn in enumerate(self.patch_nums):
-                rows = even_rows(pn * pn)
-                out[f"{key}_rows_{s}"] = rows
-                out[f"{key}_logits_{s}"] = logits[:, start + rows].contiguous()
-                start += pn * pn
+            out.update(logits_record(key, logits, [pn * pn for pn in self.patch_nums]))
         return out
 
 

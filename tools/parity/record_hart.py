@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import bf16_state, even_rows, git_commit, image_record, randomize, save_text_model  # noqa: E402
+from record import bf16_state, git_commit, image_record, logits_record, randomize, save_text_model  # noqa: E402
 
 from sparvar.bench import official  # noqa: E402
 from sparvar.models.hart.diffusion import diffusion_noise  # noqa: E402
@@ -228,12 +228,7 @@ class Case:
             forced = torch.cat(inputs[: len(SCHEDULE) - 1], dim=1)  # the last call embeds the diffusion's codes
             with torch.no_grad():
                 logits = teacher_forced(model, context, forced, positions, mask)
-            start = 0
-            for s, pn in enumerate(SCHEDULE):
-                picked = even_rows(pn * pn)
-                out[f"{key}_rows_{s}"] = picked
-                out[f"{key}_logits_{s}"] = logits[:, start + picked].contiguous()
-                start += pn * pn
+            out.update(logits_record(key, logits, [pn * pn for pn in SCHEDULE]))
         return out
 
 

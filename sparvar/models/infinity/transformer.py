@@ -76,17 +76,15 @@ def adaptive_norm(x, scale, shift, eps, dtype):
 
 
 class RopeTable:
-    """2D rotary embedding of one schedule: cos/sin (total_tokens, head_dim / 2) in float32.
+    """2D rotary embedding: cos/sin (tokens, head_dim / 2) in float32 of tokens at (row, col).
 
     Pairs (2i, 2i+1) of a head rotate: the first half of the pairs with the row position,
-    the second half with the column position (positions from `Schedule.positions`).
+    the second half with the column position.
     """
 
-    def __init__(self, schedule: Schedule, head_dim: int, device, base: float = 10000.0):
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, head_dim: int, device, base: float = 10000.0):
         half = head_dim // 2
         inv_freq = 1.0 / base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half)
-        rows, cols = zip(*(schedule.positions(k) for k in range(len(schedule))))
-        rows, cols = torch.cat(rows), torch.cat(cols)
         angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)
         self.cos = angles.cos().to(device)
         self.sin = angles.sin().to(device)
@@ -357,11 +355,17 @@ class InfinityTransformer(ScaleTransformer):
         """Next-scale input (B, n, bits) -> token embeddings (B, n, C), float32."""
         return self.word_embed(codes.to(self.dtype)).float()
 
+    @staticmethod
+    def positions(schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, col) on the RoPE grid of every token of the sequence (`Schedule.positions`)."""
+        rows, cols = zip(*(schedule.positions(k) for k in range(len(schedule))))
+        return torch.cat(rows), torch.cat(cols)
+
     def rope(self, schedule: Schedule) -> RopeTable:
         key = (schedule, self.device)
         if key not in self._ropes:
             with torch.inference_mode(False):  # a cached table must also serve training
-                self._ropes[key] = RopeTable(schedule, self.cfg.head_dim, self.device)
+                self._ropes[key] = RopeTable(*self.positions(schedule), self.cfg.head_dim, self.device)
         return self._ropes[key]
 
     # ---- the transformer ----------------------------------------------------------------
