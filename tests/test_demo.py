@@ -176,6 +176,15 @@ def test_training_in_calls_resumes_like_one_run(emoji_file, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_call_near_its_end_keeps_the_next_phase_for_the_next_call(emoji_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "NEXT_PHASE_SECONDS", 10**6)
+    state = train.main(_smoke(tmp_path / "run", emoji_file))
+    assert state["prefix"]["done"] and state["full"]["steps"] == 0
+    assert "[full] not started" in capsys.readouterr().out
+    _, saved = checkpoint.load(tmp_path / "run")
+    assert saved["prefix"]["done"] and saved["full"]["steps"] == 0
+
+
 def test_checkpoint_shards_and_export_load_as_a_pipeline(emoji_file, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "SHARD_BYTES", 4 * 2**20)
     out = tmp_path / "run"

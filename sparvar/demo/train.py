@@ -70,6 +70,7 @@ PROBE_STEPS = 10  # steps timed (after 3 warm-up steps) to turn planned minutes 
 REWARM_STEPS = 50  # a resumed phase has fresh optimiser moments: its learning rate ramps up again
 END_MARGIN = 45.0  # seconds a call keeps for its last save and the preview
 EVAL_EVERY = 500  # steps between two held-out losses
+NEXT_PHASE_SECONDS = 300.0  # a call starts a second phase only with this much time left: its first step compiles
 PHASES = ("tokenizer", "prefix", "full")  # the transformer's phases: the schedule's prefix, then all of it
 # options of one call (or of the other actions); the others belong to the run and come from the
 # checkpoint on --resume
@@ -465,6 +466,11 @@ def train(args, argv: list[str]) -> dict:
     trained = None
     for kind in ("prefix", "full"):
         if ready and not state[kind]["done"] and args.phase in ("all", kind):
+            if trained is not None:
+                run.save_checkpoint()  # the finished phase is kept whatever the next one's compile costs
+                if deadline - time.monotonic() < NEXT_PHASE_SECONDS:
+                    print(f"[{kind}] not started: less than {NEXT_PHASE_SECONDS:.0f} s of the call are left", flush=True)
+                    break
             trained = kind
             ready = run.train_transformer(kind, deadline)
         ready = ready and state[kind]["done"]
