@@ -422,6 +422,9 @@ def test_a_picture_to_vary_needs_a_vae_with_an_encoder(tmp_path, capsys, no_load
     err = cli_error(capsys, ["generate", "--init-image", str(tmp_path / "picture.png"), "--init-scales", "2",
                              "--out", str(tmp_path / "out")])
     assert err == "error: infinity-demo's VAE has no encoder, so it cannot make variations of a picture (--init-image)"
+    err = cli_error(capsys, ["generate", "--model", "infinity-demo256", "--prompt", "cat face", "--init-image",
+                             str(tmp_path / "picture.png"), "--init-scales", "2", "--out", str(tmp_path / "out")])
+    assert err == "error: infinity-demo256's VAE has no encoder, so it cannot make variations of a picture (--init-image)"
 
 
 @pytest.mark.slow

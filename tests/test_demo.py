@@ -230,6 +230,17 @@ def test_generate_without_a_prompt_draws_the_example(tmp_path, capsys):
     assert [p.name for p in tmp_path.glob("*.png")] == ["000_cat-face.png"]
 
 
+def test_the_demo_vae_is_its_trained_decoder_alone():
+    """The shipped VAE file also holds InfinityVAE's encoder, untrained (the tokenizer has its own):
+    it is not loaded, so nothing encodes pictures with it."""
+    spec = MODELS[DEMO]
+    shipped = load_file(str(spec.bundled_path("--vae")))
+    assert any(k.startswith("encoder.") for k in shipped)
+    vae = load_pipeline(DEMO, device="cpu").vae
+    assert vae.encoder is None and not spec.vae_encodes
+    assert torch.equal(vae.decoder.conv_in.weight, shipped["decoder.conv_in.weight"].float())
+
+
 def test_demo_pipeline_loads_the_shipped_weights(capsys):
     spec = MODELS["infinity-demo"]
     pipe = load_pipeline("infinity-demo", device="cpu")

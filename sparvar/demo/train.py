@@ -275,7 +275,8 @@ class Run:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         self.encoder.load_state_dict(part("encoder."))
-        self.decoder.load_state_dict(part("vae."))
+        # without the untrained encoder that exports and checkpoints before the decoder-only VAE hold
+        self.decoder.load_state_dict(self.decoder.checkpoint_state(part("vae.")))
         if part("transformer."):  # saved once the transformer has begun
             self.model.load_state_dict(part("transformer."))
             load_t5(self.text, part("text."), "the checkpoint's text encoder")

@@ -141,7 +141,7 @@ class ModelSpec:
     @property
     def vae_encodes(self) -> bool:
         """Whether its VAE has an encoder, which variations of a picture need (VQVAEs always do; the
-        first demo's BSQ-VAE file has none)."""
+        demo's BSQ-VAE has no trained one)."""
         return getattr(self.vae, "encoder", True)
 
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
@@ -199,7 +199,8 @@ MODELS: dict[str, ModelSpec] = {
             "training under way: so far its first 10 scales (128x128 px) only",
             InfinityConfig(depth=12, width=256, heads=4, vae_channels=16, text_width=256, text_max_len=128,
                            block_chunks=1, cfg=3.0, tau=1.0),
-            VAEConfig(channels=16, ch_mult=(1, 2, 2), base=32),
+            # its VAE file's encoder (this class's) was never trained: the tokenizer's is sparvar/demo's
+            VAEConfig(channels=16, ch_mult=(1, 2, 2), base=32, encoder=False),
             DEMO_TEXT,
             # trained as Infinity was: first on the 10-scale prefix (128x128 px), then on all 13
             schedules=(infinity_schedule("1:1", 1024), infinity_schedule("1:1", 512)),

@@ -27,7 +27,7 @@ class VAEConfig:
     ch_mult: tuple[int, ...]  # one level per entry; 2 ** (levels - 1) = patch size
     base: int = 128
     res_blocks: int = 2  # per encoder level; the decoder has one more
-    encoder: bool = True  # the official files hold the encoder too (the first demo's file does not)
+    encoder: bool = True  # the official files hold a trained encoder too (the demo's do not)
 
     @property
     def patch(self) -> int:
