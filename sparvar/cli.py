@@ -242,12 +242,15 @@ def cmd_models(args) -> None:
             print(f"  classes: {', '.join(spec.classes)}")
         elif not spec.text_conditioned:
             print(f"  classes: indices 0..{spec.num_classes - 1} (--class)")
+        if spec.example:
+            print(f"  prompt when none is given: {spec.example}")
         m = spec.transformer
         top_k = m.top_k if isinstance(m.top_k, int) else f"{m.top_k[0]} (per scale: {','.join(map(str, m.top_k))})"
         print(f"  sampling defaults: --cfg {m.cfg} --tau {m.tau} --top-k {top_k} --top-p {m.top_p}")
         if spec.only_schedules:
             trained = " or ".join(s.describe() for s in spec.only_schedules)
-            print(f"  generates only the schedule it was trained on: {trained}")
+            which = "schedule" if len(spec.only_schedules) == 1 else "schedules"
+            print(f"  generates only the {which} it was trained on: {trained}")
     print(f"Infinity aspect ratios (--aspect W:H): {', '.join(INFINITY_ASPECTS)}")
     print(f"Infinity resolutions (--resolution): {', '.join(map(str, INFINITY_RESOLUTIONS))}")
     print("VAR models generate 1:1 images at their own resolution and scales only")

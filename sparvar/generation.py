@@ -283,7 +283,8 @@ def check_schedule(spec: ModelSpec, schedule: Schedule) -> None:
     """Whether `spec`'s model can generate `schedule` (see `GenerationConfig.resolved`)."""
     if spec.only_schedules and schedule not in spec.only_schedules:
         known = " or ".join(s.describe() for s in spec.only_schedules)
-        raise SparvarError(f"{spec.name} generates only the schedule it was trained on ({known}), not "
+        which = "schedule" if len(spec.only_schedules) == 1 else "schedules"
+        raise SparvarError(f"{spec.name} generates only the {which} it was trained on ({known}), not "
                            f"{schedule.describe()}; skipping its last scales stops it early")
     if len(schedule) > spec.max_scales:
         raise SparvarError(f"schedule {schedule.describe()} has {len(schedule)} scales; {spec.name} has level "

@@ -18,7 +18,7 @@ from sparvar.generation import GenerationConfig
 from sparvar.options import ArgumentParser
 from sparvar.sparsity import Combination, combination
 
-# small images (the demo's 64x64) fill their box, enlarged with sharp pixels
+# small images (the demo's 128x128 or 256x256) fill their box, enlarged with sharp pixels
 CSS = ".pixels img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
@@ -109,7 +109,7 @@ def build_app(pipe):
                     "Each generation runs twice from the same seed, with dense attention and with the chosen preset.")
         with gr.Row():
             if spec.text_conditioned:
-                condition = gr.Textbox(label="prompt", placeholder="a prompt", scale=2, elem_id="condition")
+                condition = gr.Textbox(spec.example, label="prompt", placeholder="a prompt", scale=2, elem_id="condition")
             else:
                 names = list(spec.classes) or [str(i) for i in range(spec.num_classes)]
                 condition = gr.Dropdown(names, value=names[0], label="class", allow_custom_value=True, scale=2,

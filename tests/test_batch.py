@@ -99,15 +99,16 @@ def test_rerun_of_a_finished_job_makes_nothing_again(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_class_file_for_class_conditional_models(tmp_path):
-    classes = tmp_path / "classes.txt"
-    classes.write_text("sneaker\n\nbag\n3\n")
-    argv = ["generate", "--model", "infinity-demo", "--prompts", str(classes), "--skip-last", "11",
+def test_prompts_file_of_the_demo_model(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("cat face\n\nflag: Japan\n3\n")
+    argv = ["generate", "--model", "infinity-demo", "--prompts", str(prompts), "--skip-last", "11",
             "--batch-size", "2", "--out", str(tmp_path / "out"), "--quiet"]
     assert main(argv) == 0
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["000_sneaker.png", "001_bag.png", "002_3.png"]
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert names == ["000_cat-face.png", "001_flag-japan.png", "002_3.png"]
     records = _manifest(tmp_path / "out")
-    assert [r["condition"] for r in records] == ["sneaker", "bag", "3"]
+    assert [r["condition"] for r in records] == ["cat face", "flag: Japan", "3"]
     settings = json.loads((tmp_path / "out" / SETTINGS).read_text())
     assert settings["attention"] == "default" and settings["skip_last"] == 11  # a batch job runs one preset
     assert settings["weights"] == fingerprint(MODELS["infinity-demo"].bundled_path("--weights"))

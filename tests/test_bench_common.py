@@ -43,10 +43,11 @@ def test_every_bench_and_eval_writer_goes_through_the_common_writer():
 
 @pytest.mark.slow
 def test_cpu_attention_is_a_sparvar_command(tmp_path, capsys):
-    assert main(["bench", "cpu-attention", "--heads", "1", "--depth", "1", "--repeats", "1", "--out", str(tmp_path),
-                 "--name", "cpu"]) == 0
+    assert main(["bench", "cpu-attention", "--heads", "1", "--depth", "1", "--repeats", "1", "--e2e", "--out",
+                 str(tmp_path), "--name", "cpu"]) == 0
     result = json.loads((tmp_path / "cpu.json").read_text())
     assert result["command"].startswith("sparvar bench cpu-attention") and result["rows"]
+    assert result["e2e"]["dense"]["attention_flops_saved"] == 0 < result["e2e"]["default"]["attention_flops_saved"]
     assert (tmp_path / "cpu.md").read_text().startswith("# CPU attention")
 
 

@@ -13,6 +13,7 @@ from helpers import difference_picture, tiny_pipeline
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.bench.common import provenance
 from sparvar.cli import main
+from sparvar.errors import SparvarError
 from sparvar.eval.analyze import (
     PropertyProbe,
     TableRecorder,
@@ -24,8 +25,9 @@ from sparvar.eval.analyze import (
 )
 from sparvar.eval.draw import difference_map
 from sparvar.eval.metrics import lpips_model, psnr, ssim, to_tensor
-from sparvar.eval.quality import ErrorProbe, evaluate, preset_configs, summary, to_markdown
+from sparvar.eval.quality import ErrorProbe, conditions_of, evaluate, preset_configs, summary, to_markdown
 from sparvar.generation import GenerationConfig
+from sparvar.models.registry import get_spec
 from sparvar.schedules import Schedule, parse_schedule
 from sparvar.sparsity import make_policy
 
@@ -128,6 +130,13 @@ def test_eval_command_writes_json_and_markdown(tmp_path):
     assert results["presets"]["default"]["density"] < 1
     assert "| default |" in (out / "eval.md").read_text()
     assert main(["eval", "--model", "var-tiny", "--out", str(out), "--quiet"]) == 2  # 10 unnamed classes: name some
+
+
+def test_without_prompts_a_text_model_is_evaluated_on_its_example():
+    """eval and calibrate-skip on the demo model draw its example prompt; other text models need a file."""
+    assert conditions_of(get_spec("infinity-demo"), None) == ["cat face"]
+    with pytest.raises(SparvarError, match="infinity-tiny is text-conditioned: give --prompts FILE"):
+        conditions_of(get_spec("infinity-tiny"), None)
 
 
 def test_attention_maps_resize_and_locality():

@@ -597,7 +597,7 @@ def test_fused_kernels_match_their_reference_in_the_demo_model_cuda():
     pipe = load_pipeline("infinity-demo", device="cuda")
     schedule, bits = pipe.schedule(), pipe.transformer.cfg.bits
     gen = torch.Generator("cuda").manual_seed(0)
-    prep = pipe.transformer.prepare(pipe.encode([0, 7]), guidance=True)
+    prep = pipe.transformer.prepare(pipe.encode(["cat face", "flag: Japan"]), guidance=True)
     inputs = [torch.randint(0, 2, (4, n, bits), generator=gen, device="cuda") * 2.0 - 1 for n in schedule.lengths[1:]]
     z = torch.randn(2, pipe.vae.cfg.channels, 64, 64, generator=gen, device="cuda")
     fast, image = pipe.transformer.forward_full(inputs, schedule, prep), pipe.vae.decode(z)

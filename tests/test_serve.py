@@ -157,6 +157,18 @@ def test_the_page_offers_the_aspect_ratios_the_model_takes():
 
 
 @pytest.mark.slow
+def test_the_page_starts_with_the_models_example_prompt():
+    pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
+    from types import SimpleNamespace
+
+    from sparvar.serve import build_app
+
+    for name, value in (("infinity-demo", "cat face"), ("infinity-tiny", None)):
+        app = build_app(SimpleNamespace(spec=get_spec(name), device="cpu"))
+        assert [b.value for b in app.blocks.values() if b.elem_id == "condition"] == [value], name
+
+
+@pytest.mark.slow
 def test_refused_requests_name_no_option_and_leave_no_traceback():
     """A mistake on the page is one message in it: no command-line flag, nothing in the log."""
     gr = pytest.importorskip("gradio", reason="the UI extra is not installed (pip install -e '.[ui]')")
@@ -168,9 +180,9 @@ def test_refused_requests_name_no_option_and_leave_no_traceback():
         with pytest.raises(gr.Error) as refused:
             generate(condition, 0, 3.0, aspect, preset)
         assert refused.value.print_exception is False and "--" not in refused.value.message, refused.value.message
-    demo = get_spec("infinity-demo")  # a model trained on one schedule, asked for another
+    demo = get_spec("infinity-demo")  # a model trained on two square schedules, asked for another
     with pytest.raises(SparvarError) as refused:
-        validate(demo, ["t-shirt"], GenerationConfig(aspect="4:3"), torch.device("cpu"), torch.float32)
+        validate(demo, ["cat face"], GenerationConfig(aspect="4:3"), torch.device("cpu"), torch.float32)
     assert "--" not in str(refused.value) and "skipping its last scales stops it early" in str(refused.value)
 
 
@@ -195,21 +207,15 @@ def _client(url, tmp_path):
     return Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
 
 
-def _condition(spec) -> str:
-    return "a red apple" if spec.text_conditioned else spec.classes[7]
-
-
 @pytest.mark.slow
 def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, tmp_path):
     from gradio_client.exceptions import AppError
 
     url, log = server
-    spec, client = get_spec("infinity-demo"), _client(url, tmp_path)
-    bad = [("", 0, "default", "give a prompt" if spec.text_conditioned else "pick a class"),
-           (_condition(spec), -1, "default", "seed must be in 0..9223372036854775807, got -1"),
-           (_condition(spec), 0, "default+warp", "cannot read 'warp'")]
-    if not spec.text_conditioned:
-        bad.append(("unicorn", 0, "default", "not 'unicorn'"))
+    client = _client(url, tmp_path)
+    bad = [("", 0, "default", "give a prompt"),
+           ("cat face", -1, "default", "seed must be in 0..9223372036854775807, got -1"),
+           ("cat face", 0, "default+warp", "cannot read 'warp'")]
     for condition, seed, preset, message in bad:
         with pytest.raises(AppError, match=re.escape(message)):
             client.predict(condition, seed, 3.0, "1:1", preset, api_name="/generate")
@@ -221,7 +227,7 @@ def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, tmp_path
 def test_generate_through_the_client(server, tmp_path):
     spec = get_spec("infinity-demo")
     dense, other, diff, table = _client(server[0], tmp_path).predict(
-        _condition(spec), 0, spec.transformer.cfg, "1:1", "default+skip2", api_name="/generate")
+        spec.example, 0, spec.transformer.cfg, "1:1", "default+skip2", api_name="/generate")
     dense, other, diff = (Image.open(path).convert("RGB") for path in (dense, other, diff))
     assert dense.size == other.size == diff.size and min(dense.size) >= 32
     assert np.asarray(dense).std() > 10  # an image, not a flat colour
@@ -259,13 +265,12 @@ def test_page_in_a_browser(server, tmp_path):
         driver.get(server[0])
         wait = WebDriverWait(driver, 60)
         field = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#condition input, #condition textarea"))
-        spec = get_spec("infinity-demo")
-        field.send_keys(Keys.CONTROL, "a", Keys.NULL, _condition(spec), Keys.ENTER)
+        field.send_keys(Keys.CONTROL, "a", Keys.NULL, "cat face", Keys.ENTER)
         driver.find_element(By.ID, "generate").click()
         loaded = "return [...document.querySelectorAll('#outputs img')].filter(i => i.naturalWidth > 0).length"
         WebDriverWait(driver, 600).until(lambda d: d.execute_script(loaded) == 3)
         assert "PSNR against dense" in driver.find_element(By.ID, "table").text
-        assert field.get_attribute("value") == _condition(spec)
+        assert field.get_attribute("value") == "cat face"
         assert not driver.find_elements(By.CSS_SELECTOR, ".toast-body.error")
         shot = Path(os.environ.get("SPARVAR_SCREENSHOT", tmp_path / "serve.png"))
         driver.save_screenshot(str(shot))

@@ -167,21 +167,19 @@ def bench_e2e(heads: int, depth: int, repeats: int, clock=time.perf_counter) -> 
     Per run: the pipeline's stage seconds (wall clock), and `clock` seconds of the whole call and
     of its attention calls. Summary per preset: the run of median total.
     """
-    from sparvar.models.infinity.transformer import InfinityTransformer
-    from sparvar.models.infinity.vae import InfinityVAE
+    from sparvar.loading import load_pipeline
     from sparvar.models.registry import get_spec
-    from sparvar.pipeline import Pipeline
 
     spec = get_spec("infinity-demo")
     spec = replace(spec, transformer=replace(spec.transformer, depth=depth, width=heads * HEAD_DIM, heads=heads))
-    pipe = Pipeline(spec, InfinityTransformer(spec.transformer).init_weights(0).eval(), InfinityVAE(spec.vae).init_weights(0).eval())
+    pipe = load_pipeline(spec, device="cpu", random_weights=True)
     policies = {name: _Timed(make_policy(name), clock) for name in ("dense", "default")}
     runs = {name: [] for name in policies}
-    pipe([0], seed=0, attention=policies["default"], progress=False)  # warm-up
+    pipe([spec.example], seed=0, attention=policies["default"], progress=False)  # warm-up
     for _ in range(repeats):
         for name, policy in policies.items():
             start = clock()
-            out = pipe([0], seed=0, attention=policy, progress=False)
+            out = pipe([spec.example], seed=0, attention=policy, progress=False)
             runs[name].append({**out.stage_seconds, "clock_total": clock() - start, "clock_attention": policy.seconds,
                                "attention_flops_saved": policy.inner.stats()["total"]["saved_fraction"]})
     return {name: sorted(r, key=lambda s: s["clock_total"])[len(r) // 2] for name, r in runs.items()} | {"runs": runs}

@@ -6,10 +6,10 @@
    KV cache). Per scale: the relative error of its guided logits against bf16's, and the share
    of greedy choices (bits, or VAR token indices) it agrees with.
 2. The demo model: the PSNR of each variant's images against the bf16 dense images of the same
-   classes and seeds (mean of per-image PSNR, and pooled over all pixels). Target of issue 18:
+   prompts and seeds (mean of per-image PSNR, and pooled over all pixels). Target of issue 18:
    FP8 alone costs less PSNR than the `default` preset does.
 Variants: FP8 matmuls, FP8 KV cache, both; on the demo also `default` and FP8 with `default`.
-Run: sparvar bench fp8-fidelity [--models infinity-2b infinity-8b] [--samples 60] [--out benchmarks]
+Run: sparvar bench fp8-fidelity [--models infinity-2b infinity-8b] [--samples 60] [--prompts FILE] [--out benchmarks]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from sparvar.bench.common import PROMPT, command_line, header, provenance, write
 from sparvar.eval.metrics import psnr
-from sparvar.options import ArgumentParser, HelpFormatter
+from sparvar.options import ArgumentParser, HelpFormatter, read_conditions
 
 VARIANTS = {"fp8": ("fp8", "static"), "fp8-kv": ("auto", "fp8"), "fp8 + fp8-kv": ("fp8", "fp8")}  # precision, cache
 DEMO_VARIANTS = {"default": ("auto", "static", "default"), "fp8": ("fp8", "static", None),
@@ -59,16 +59,16 @@ def logit_rows(model: str, device: str, resolution: int | None, seed: int = 0) -
     return rows
 
 
-def demo_rows(device: str, samples: int) -> list[dict]:
-    """PSNR against bf16 dense images of `samples` demo images (classes cycled, one seed each)."""
+def demo_rows(device: str, samples: int, prompts: list[str]) -> list[dict]:
+    """PSNR against bf16 dense images of `samples` demo images (`prompts` cycled, one seed each)."""
     from sparvar.loading import load_pipeline
 
     pipes = {p: load_pipeline("infinity-demo", device=device, precision=p) for p in ("auto", "fp8")}
-    classes = [i % pipes["auto"].spec.num_classes for i in range(samples)]
+    conditions = [prompts[i % len(prompts)] for i in range(samples)]
     seeds = list(range(samples))
 
     def images(precision, kv_cache, attention):
-        out = [pipes[precision](classes[i:i + 10], seed=seeds[i:i + 10], kv_cache=kv_cache, attention=attention,
+        out = [pipes[precision](conditions[i:i + 10], seed=seeds[i:i + 10], kv_cache=kv_cache, attention=attention,
                                 progress=False).pixels for i in range(0, samples, 10)]
         return (torch.cat(out) + 1) / 2
 
@@ -123,12 +123,13 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(models: list[str], device: str, resolution: int | None, samples: int, out_dir: str, command: str) -> dict:
+def run(models: list[str], device: str, resolution: int | None, samples: int, prompts: list[str], out_dir: str,
+        command: str) -> dict:
     from sparvar.validation import resolve_device
 
     device = str(resolve_device(device))
     logits = [row for model in models for row in logit_rows(model, device, resolution)]
-    demo = demo_rows(device, samples) if samples else []
+    demo = demo_rows(device, samples, prompts) if samples else []
     result = {**provenance(command, device), "logits": logits, "demo": demo, "summary": summarize(logits, demo)}
     write(out_dir, "fp8_fidelity", result, to_markdown(result))
     return result
@@ -141,10 +142,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="models whose random weights are compared")
     parser.add_argument("--resolution", type=int, help="pixel budget of the Infinity models (default: theirs)")
     parser.add_argument("--samples", type=int, default=60, help="demo images per variant (0: none)")
+    parser.add_argument("--prompts", default="benchmarks/demo_held_out_prompts.txt",
+                        help="the demo's prompts, one a line, cycled over the samples")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", default="benchmarks", help="folder for fp8_fidelity.json and .md")
     args = parser.parse_args(argv)
-    run(args.models, args.device, args.resolution, args.samples, args.out,
+    prompts = read_conditions(args.prompts) if args.samples else []
+    run(args.models, args.device, args.resolution, args.samples, prompts, args.out,
         command_line("sparvar bench fp8-fidelity", argv))
 
 

@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="sdpa", choices=ATTENTION, help="teacher forcing's attention (step.py)")
     p.add_argument("--compile", default="auto", choices=("auto",) + COMPILE,
                    help="torch.compile the transformer step as one graph or per block (step.py; auto: graph on CUDA)")
-    p.add_argument("--model", default="infinity-demo256", help="registry config to train")
+    p.add_argument("--model", default="infinity-demo", help="registry config to train")
     p.add_argument("--schedule", help="other scales than the model's (small test runs)")
     p.add_argument("--depth", type=int, help="other depth than the model's (small test runs)")
     p.add_argument("--width", type=int, help="other width than the model's (small test runs)")

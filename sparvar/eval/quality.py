@@ -208,7 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default+skip2, fastvar (dense attention with FastVAR pruning), fastvar+skip2, default+adaptive")
     p.add_argument("--seeds", type=int, default=7, help="seeds per condition: 0..N-1")
     p.add_argument("--labels", help="comma-separated class indices or names (default: every named class)")
-    p.add_argument("--prompts", help="file with one prompt per line (text models)")
+    p.add_argument("--prompts", help="file with one prompt per line (text models; default: the model's example "
+                   "prompt, see `sparvar models`)")
     p.add_argument("--batch", type=int, default=10, help="images per forward pass")
     p.add_argument("--resolution", type=int, help="pixel budget of the schedule (default: the model's)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance (default: the model's)")
@@ -219,12 +220,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def conditions_of(spec, prompts: str | None, labels: str | None = None) -> list:
-    """What to generate: the lines of a prompts file (text models), the given labels, or every
-    named class."""
+    """What to generate: the lines of a prompts file (text models; without one, the model's example
+    prompt), the given labels, or every named class."""
     if spec.text_conditioned:
-        if not prompts:
+        if prompts:
+            return read_conditions(prompts)
+        if spec.example is None:
             raise SparvarError(f"{spec.name} is text-conditioned: give --prompts FILE (one prompt a line)")
-        return read_conditions(prompts)
+        return [spec.example]
     if labels:
         return [c.strip() for c in labels.split(",") if c.strip()]
     if spec.classes:

@@ -136,7 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="sparvar calibrate-skip", description=__doc__.splitlines()[0],
                        formatter_class=HelpFormatter)
     add_model_options(p)
-    p.add_argument("--prompts", help="file with one prompt per line (text models)")
+    p.add_argument("--prompts", help="file with one prompt per line (text models; default: the model's example "
+                   "prompt, see `sparvar models`)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per condition")
     p.add_argument("--first-seed", type=int, default=1000, help="away from the seeds `sparvar eval` uses")
     p.add_argument("--attention", default="dense", help="attention preset of the generations")

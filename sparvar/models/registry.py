@@ -25,10 +25,6 @@ from sparvar.models.var.vqvae import VQVAE, VQVAEConfig
 from sparvar.schedules import VAR_256, VAR_512, Schedule, infinity_schedule
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# the classes of the Fashion-MNIST demo model (shipped until the emoji model replaces it)
-FASHION_MNIST_CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
-)
 # the demo's text encoder: a small T5 over UTF-8 bytes (ByteTokenizer), trained with the transformer
 DEMO_TEXT = dict(T5_XL, d_model=256, num_layers=3, num_heads=4, d_kv=64, d_ff=512, vocab_size=259)
 
@@ -50,7 +46,7 @@ def _bitwise_codes(spec: "ModelSpec", decoder) -> BitwiseCodes:
 
 
 INFINITY_FP8 = ("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj", "ffn.fc1", "ffn.fc2")
-# Infinity: 2B and 8B; the demo models are Infinity models trained on one schedule
+# Infinity: 2B and 8B; the demo model is an Infinity model trained on one schedule and its first scales
 INFINITY = Family(
     "Infinity",
     InfinityTransformer,
@@ -179,24 +175,10 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "infinity-demo",
-            "small class-conditional Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 64x64 px), "
-            "trained on Fashion-MNIST (benchmarks/demo_fm_training.json); weights ship "
-            "with the package",
-            InfinityConfig(
-                depth=6, width=128, heads=2, vae_channels=8, text_width=0, num_classes=10, block_chunks=1,
-                cfg=3.0, tau=1.0, next_input="area",  # it was trained on area-downsampled inputs
-            ),
-            VAEConfig(channels=8, ch_mult=(1,), base=64, encoder=False),  # its encoder lives in sparvar/demo
-            None,
-            classes=FASHION_MNIST_CLASSES,
-            schedules=(infinity_schedule("1:1", 1024),),  # it was trained on this one only
-            bundled={"--weights": "infinity_demo.safetensors", "--vae": "infinity_demo_vae.safetensors"},
-        ),
-        ModelSpec(
-            "infinity-demo256",
-            "small text-to-image Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 256x256 px), "
-            "trained on Noto's colour emoji and their Unicode names (sparvar train-demo, docs/demo_model.md); "
-            "training under way: so far its first 10 scales (128x128 px) only",
+            "small text-to-image Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 256x256 px) and its "
+            "first 10 scales (32x32 tokens, 128x128 px: --resolution 512), trained on Noto's colour emoji and their "
+            "Unicode names (sparvar train-demo, docs/demo_model.md); weights ship with the package; training under "
+            "way: so far its first 10 scales only",
             InfinityConfig(depth=12, width=256, heads=4, vae_channels=16, text_width=256, text_max_len=128,
                            block_chunks=1, cfg=3.0, tau=1.0),
             # its VAE file's encoder (this class's) was never trained: the tokenizer's is sparvar/demo's
@@ -204,8 +186,8 @@ MODELS: dict[str, ModelSpec] = {
             DEMO_TEXT,
             # trained as Infinity was: first on the 10-scale prefix (128x128 px), then on all 13
             schedules=(infinity_schedule("1:1", 1024), infinity_schedule("1:1", 512)),
-            bundled={"--weights": "infinity_demo256.safetensors", "--vae": "infinity_demo256_vae.safetensors",
-                     "--text-encoder": "infinity_demo256_text.safetensors"},
+            bundled={"--weights": "infinity_demo.safetensors", "--vae": "infinity_demo_vae.safetensors",
+                     "--text-encoder": "infinity_demo_text.safetensors"},
             example="cat face",
         ),
         ModelSpec(
