@@ -238,9 +238,7 @@ def cmd_models(args) -> None:
                 print(f"  {option:15s} {spec.bundled_path(option)}")
         else:
             print("  needs no files")
-        if spec.classes:
-            print(f"  classes: {', '.join(spec.classes)}")
-        elif not spec.text_conditioned:
+        if not spec.text_conditioned:
             print(f"  classes: indices 0..{spec.num_classes - 1} (--class)")
         if spec.example:
             print(f"  prompt when none is given: {spec.example}")
@@ -383,12 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images (default: the demo model)", formatter_class=HelpFormatter)
     add_model_options(gen)
     gen.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
-    gen.add_argument("--prompts", help="file with one condition per line: a prompt, or a class name or index "
-                     "for class-conditional models (demo, VAR); without --batch-size or torchrun all of them run "
+    gen.add_argument("--prompts", help="file with one condition per line: a prompt, or a class index for "
+                     "class-conditional models (VAR); without --batch-size or torchrun all of them run "
                      "in one pass per preset (a comparison), not as a resumable batch job")
     gen.add_argument("--class", dest="label", action="append",
-                     help="class index or name, or 'random' for a class drawn from the seed; repeatable (default, "
-                     "without prompts: the first class)")
+                     help="class index, or 'random' for a class drawn from the seed; repeatable (default, "
+                     "without prompts: class 0)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (0..2^63-1)")
     gen.add_argument("--cfg", type=per_scale, help="classifier-free guidance, 0 or more, or one value per scale "
                      "separated by commas (default: the model's, see `sparvar models`)")

@@ -74,7 +74,7 @@ def preset_list(text: str, option: str) -> list[str]:
 
 
 def read_conditions(path: str | Path) -> list[str]:
-    """The non-empty lines of a file of prompts (or class names or indices), stripped."""
+    """The non-empty lines of a file of prompts (or class indices), stripped."""
     file = Path(path)
     if not file.is_file():
         raise SparvarError(f"prompts file not found: {file}")

@@ -134,7 +134,7 @@ class Pipeline:
         return self.codes.tokens_of(self.vae.latent_of(images.to(self.device)), schedule)
 
     def encode(self, conditions: Sequence, cuda_graph: bool = False, system_prompt: str | None = None) -> object:
-        """Prompts -> text features and mask, or class labels/names -> label tensor. A system
+        """Prompts -> text features and mask, or class labels -> label tensor. A system
         prompt (HART's prompt enhancement) goes to the text encoders that take one."""
         check_conditions(self.spec, conditions)
         if self.spec.text_conditioned:
@@ -217,7 +217,7 @@ class Pipeline:
         on_scale: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         **options,
     ) -> GenerationOutput:
-        """Generate one image per condition (prompts, or class indices or names).
+        """Generate one image per condition (prompts, or class indices).
 
         `config` (a GenerationConfig, sparvar/generation.py) holds the settings; keyword options
         build one or replace some of its fields: `pipe(["a fox"], seed=0, attention="paper")`.

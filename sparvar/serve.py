@@ -109,11 +109,12 @@ def build_app(pipe):
                     "Each generation runs twice from the same seed, with dense attention and with the chosen preset.")
         with gr.Row():
             if spec.text_conditioned:
-                condition = gr.Textbox(spec.example, label="prompt", placeholder="a prompt", scale=2, elem_id="condition")
+                condition = gr.Textbox(spec.example, label="prompt", placeholder="a prompt", scale=2,
+                                       elem_id="condition")
             else:
-                names = list(spec.classes) or [str(i) for i in range(spec.num_classes)]
-                condition = gr.Dropdown(names, value=names[0], label="class", allow_custom_value=True, scale=2,
-                                        info=f"a name or an index 0..{spec.num_classes - 1}", elem_id="condition")
+                indices = [str(i) for i in range(spec.num_classes)]
+                condition = gr.Dropdown(indices, value=indices[0], label="class", allow_custom_value=True, scale=2,
+                                        info=f"an index 0..{spec.num_classes - 1}", elem_id="condition")
             preset = gr.Dropdown(list(PRESETS), value="default", label="attention against dense",
                                  allow_custom_value=True, scale=2,
                                  info="a preset, or a combination: default+skip2, default+fastvar, dense+adaptive "

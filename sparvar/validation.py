@@ -51,22 +51,19 @@ RANDOM_CLASS = "random"  # a condition that asks for a random class (the officia
 
 
 def labels_of(spec: ModelSpec, conditions: Sequence) -> list[int | None]:
-    """Class indices of a class-conditional model's conditions: indices, digit strings or class names;
-    None (or "random") where a random class is to be drawn."""
+    """Class indices of a class-conditional model's conditions: indices or digit strings; None (or
+    "random") where a random class is to be drawn."""
     labels = []
     for c in conditions:
         if c is None or c == RANDOM_CLASS:
             labels.append(None)
             continue
-        if isinstance(c, str) and c in spec.classes:
-            c = spec.classes.index(c)
         if isinstance(c, str) and c.isdigit():
             c = int(c)
         if not isinstance(c, int) or not 0 <= c < spec.num_classes:
             raise SparvarError(
-                f"{spec.name} is class-conditional: give class indices 0..{spec.num_classes - 1}"
-                + (f" or names ({', '.join(spec.classes)})" if spec.classes else "")
-                + f", or {RANDOM_CLASS!r}, not {c!r}"
+                f"{spec.name} is class-conditional: give class indices 0..{spec.num_classes - 1}, or {RANDOM_CLASS!r}, "
+                f"not {c!r}"
             )
         labels.append(c)
     return labels

@@ -31,7 +31,7 @@ def tiny_pipeline(seed: int = 0, **overrides) -> Pipeline:
     if spec.transformer.text_conditioned:
         text = TextEncoder.random(spec.text, "cpu", torch.float32, seed, spec.transformer.text_max_len)
     else:
-        spec = replace(spec, text=None, classes=tuple(f"c{i}" for i in range(spec.transformer.num_classes)))
+        spec = replace(spec, text=None)
     return Pipeline(spec, transformer, vae, text)
 
 

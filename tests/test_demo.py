@@ -112,16 +112,6 @@ def test_quantiser_builds_what_the_sampler_loop_builds():
     assert errors[-1] < errors[0] / 2  # residual quantisation: each scale corrects the ones before
 
 
-def test_quantiser_uses_the_models_next_input():
-    """The emoji model trains with bilinear next-scale inputs (official Infinity); the Fashion-MNIST one had area."""
-    schedule = parse_schedule("1,2,3,5,8")
-    z = torch.randn(1, 4, 8, 8)
-    assert MODELS[DEMO].transformer.next_input == "bilinear"
-    bilinear = quantize(z, schedule, BitwiseCodes(4, patchify=False, next_input="bilinear"))[1]
-    area = quantize(z, schedule, BitwiseCodes(4, patchify=False, next_input="area"))[1]
-    assert not torch.allclose(bilinear[2], area[2])
-
-
 def test_bit_flips_corrupt_inputs_and_later_labels_correct_them():
     schedule = parse_schedule("1,2,4")
     z = torch.randn(3, 4, 4, 4)

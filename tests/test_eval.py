@@ -129,7 +129,7 @@ def test_eval_command_writes_json_and_markdown(tmp_path):
     assert set(results["summary"]) == {"default_psnr", "default_ssim", "default_density"}
     assert results["presets"]["default"]["density"] < 1
     assert "| default |" in (out / "eval.md").read_text()
-    assert main(["eval", "--model", "var-tiny", "--out", str(out), "--quiet"]) == 2  # 10 unnamed classes: name some
+    assert main(["eval", "--model", "var-tiny", "--out", str(out), "--quiet"]) == 2  # which classes: --labels
 
 
 def test_without_prompts_a_text_model_is_evaluated_on_its_example():

@@ -84,24 +84,13 @@ def test_next_input_is_the_sum_of_upsampled_codes_at_the_next_size():
     assert torch.allclose(x1, torch.tensor([1.0, -1.0]) / math.sqrt(2) * torch.ones(1, 4, 1))
 
 
-@pytest.mark.parametrize("mode", ["bilinear", "area"])
-def test_next_input_resizes_as_the_model_config_says(mode):
-    """Official Infinity resizes the summed codes bilinearly (align_corners False); area gives
-    other inputs on a non-constant sum, so the mode must follow the model."""
-    codes = BitwiseCodes(channels=3, patchify=False, next_input=mode)
+def test_next_input_resizes_bilinearly_as_official_infinity():
+    """Official Infinity resizes the summed codes bilinearly (align_corners False); area, which an
+    earlier version used, gives other inputs on a non-constant sum."""
+    codes = BitwiseCodes(channels=3, patchify=False)
     schedule = Schedule(((2, 2), (3, 3), (8, 8)))
     summed = torch.randn(2, 3, 8, 8)
-    expected = torch.nn.functional.interpolate(summed, size=(3, 3), mode=mode)
-    assert torch.allclose(codes.next_input(summed, 1, schedule), expected.flatten(2).transpose(1, 2))
-    other = "area" if mode == "bilinear" else "bilinear"
-    assert not torch.allclose(BitwiseCodes(3, False, other).next_input(summed, 1, schedule),
-                              expected.flatten(2).transpose(1, 2), atol=1e-3)
-
-
-def test_official_checkpoints_use_bilinear_next_inputs():
-    from sparvar.models.registry import get_spec
-
-    assert get_spec("infinity-2b").transformer.next_input == "bilinear"
-    assert get_spec("infinity-8b").transformer.next_input == "bilinear"
-    with pytest.raises(ValueError, match="next_input"):
-        BitwiseCodes(3, False, "nearest")
+    got = codes.next_input(summed, 1, schedule)
+    for mode, same in (("bilinear", True), ("area", False)):
+        expected = torch.nn.functional.interpolate(summed, size=(3, 3), mode=mode).flatten(2).transpose(1, 2)
+        assert torch.allclose(got, expected, atol=1e-3) == same, mode

@@ -114,7 +114,7 @@ def test_kv_cache_is_static_and_reused(pipe):
 
 def test_class_conditional_labels_and_errors():
     pipe = tiny_pipeline(text_width=0, num_classes=4)
-    out = pipe([0, "c3"], schedule=SCHEDULE, progress=False)
+    out = pipe([0, "3"], schedule=SCHEDULE, progress=False)
     assert len(out.images) == 2
     for bad in ([4], ["dog"], [-1]):
         with pytest.raises(SparvarError, match="class-conditional"):

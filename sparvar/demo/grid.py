@@ -1,7 +1,7 @@
-"""A picture of what the demo model draws: `python -m sparvar.demo.grid --out docs/demo_grid.png`.
+"""A picture of what the demo model draws: `python -m sparvar.demo.grid --prompts FILE --out docs/demo_grid.png`.
 
-One row per prompt (or class), one column per seed, dense attention; the README shows it so a
-reader can judge the trained model before running anything, and training writes one as its preview.
+One row per prompt, one column per seed, dense attention; the README shows it so a reader can
+judge the trained model before running anything, and training writes one as its preview.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sparvar import files
 from sparvar.loading import load_pipeline
-from sparvar.options import ArgumentParser
+from sparvar.options import ArgumentParser, read_conditions
 
 LABEL_WIDTH = 150
 
@@ -38,19 +38,13 @@ def main(argv=None) -> None:
     p = ArgumentParser(prog="python -m sparvar.demo.grid", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="infinity-demo")
     p.add_argument("--out", default="docs/demo_grid.png")
-    p.add_argument("--prompts", help="file with one prompt (or class) a line (default: the model's classes)")
+    p.add_argument("--prompts", required=True, help="file with one prompt a line")
     p.add_argument("--seeds", type=int, default=8, help="images per row (seeds 0..N-1)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    prompts = read_conditions(args.prompts)
     pipe = load_pipeline(args.model, device=args.device)
-    if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            conditions = [line.strip() for line in f if line.strip()]
-    elif pipe.spec.classes:
-        conditions = list(pipe.spec.classes)
-    else:
-        p.error(f"{args.model} is text-conditioned: give --prompts FILE")
-    picture = grid(pipe, conditions, list(range(args.seeds)))
+    picture = grid(pipe, prompts, list(range(args.seeds)))
     small = picture.quantize(colors=64)  # a 64-colour palette keeps the README's picture small
     files.whole(args.out, lambda part: small.save(part, format="PNG", optimize=True))
     print(f"wrote {args.out}")

@@ -234,7 +234,7 @@ class Run:
         torch.manual_seed(args.seed)
         self.encoder = Encoder(cfg.vae_channels, args.encoder_width).to(device)
         self.decoder = InfinityVAE(spec.vae).to(device).init_weights(args.seed)
-        self.codes = BitwiseCodes(cfg.vae_channels, patchify=False, next_input=cfg.next_input)
+        self.codes = BitwiseCodes(cfg.vae_channels, patchify=False)
         self.tokenizer = Tokenizer(self.encoder, self.decoder, self.codes)
         self.text = build_t5(spec.text).to(device)
         self.model = InfinityTransformer(cfg).to(device).init_weights(args.seed)

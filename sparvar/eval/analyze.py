@@ -155,8 +155,8 @@ def draw_tables(tables: dict, modes, out: Path) -> list[str]:
 def parse_args(argv) -> argparse.Namespace:
     p = ArgumentParser(prog="sparvar analyze", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add_model_options(p)
-    p.add_argument("--condition", help="class index or name, or a prompt (default: the model's example prompt or "
-                   "first class, or 'a photo of a cat' for text models without one)")
+    p.add_argument("--condition", help="class index, or a prompt (default: the model's example prompt or "
+                   "class 0, or 'a photo of a cat' for text models without one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generations")
     p.add_argument("--resolution", type=int, help="pixel budget of the schedule (default: the model's)")
     p.add_argument("--from-scale", type=int, help="first query scale measured (default: the first after the sinks)")

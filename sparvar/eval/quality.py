@@ -207,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated; the first is the reference. An attention preset may add accelerators: "
                    "default+skip2, fastvar (dense attention with FastVAR pruning), fastvar+skip2, default+adaptive")
     p.add_argument("--seeds", type=int, default=7, help="seeds per condition: 0..N-1")
-    p.add_argument("--labels", help="comma-separated class indices or names (default: every named class)")
+    p.add_argument("--labels", help="comma-separated class indices (class-conditional models)")
     p.add_argument("--prompts", help="file with one prompt per line (text models; default: the model's example "
                    "prompt, see `sparvar models`)")
     p.add_argument("--batch", type=int, default=10, help="images per forward pass")
@@ -221,7 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def conditions_of(spec, prompts: str | None, labels: str | None = None) -> list:
     """What to generate: the lines of a prompts file (text models; without one, the model's example
-    prompt), the given labels, or every named class."""
+    prompt), or the given labels."""
     if spec.text_conditioned:
         if prompts:
             return read_conditions(prompts)
@@ -230,9 +230,7 @@ def conditions_of(spec, prompts: str | None, labels: str | None = None) -> list:
         return [spec.example]
     if labels:
         return [c.strip() for c in labels.split(",") if c.strip()]
-    if spec.classes:
-        return list(spec.classes)
-    raise SparvarError(f"{spec.name} has {spec.num_classes} unnamed classes: pick some, --labels 1,2,3")
+    raise SparvarError(f"{spec.name} is class-conditional: pick some of its {spec.num_classes} classes, --labels 1,2,3")
 
 
 def main(argv=None) -> dict:

@@ -42,7 +42,7 @@ def _own_schedule(spec: "ModelSpec", aspect: str, resolution: int | None) -> Sch
 
 def _bitwise_codes(spec: "ModelSpec", decoder) -> BitwiseCodes:
     cfg = spec.transformer
-    return BitwiseCodes(cfg.vae_channels, cfg.patchify, cfg.next_input)
+    return BitwiseCodes(cfg.vae_channels, cfg.patchify)
 
 
 INFINITY_FP8 = ("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj", "ffn.fc1", "ffn.fc2")
@@ -94,7 +94,6 @@ class ModelSpec:
     text: dict | None  # architecture of the text encoder (T5, Qwen2); None for class-conditional models
     files: dict[str, str] = field(default_factory=dict)  # CLI option -> the official file it takes
     resolution: int = 1024  # default pixel budget (Infinity) or the one resolution (VAR)
-    classes: tuple[str, ...] = ()  # label names of class-conditional models
     family: Family = INFINITY
     bundled: dict[str, str] = field(default_factory=dict)  # CLI option -> weights file in sparvar/assets
     # the schedules an Infinity model trained on one (or a few) generates, none else (the demo);
@@ -121,10 +120,8 @@ class ModelSpec:
 
     @property
     def default_condition(self) -> str | int | None:
-        """What `sparvar generate` draws when given nothing: the example prompt, or the first class."""
-        if self.text_conditioned:
-            return self.example
-        return self.classes[0] if self.classes else 0
+        """What `sparvar generate` draws when given nothing: the example prompt, or class 0."""
+        return self.example if self.text_conditioned else 0
 
     @property
     def num_classes(self) -> int:

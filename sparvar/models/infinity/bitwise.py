@@ -2,9 +2,8 @@
 
 A token's bits b map to codes (2b - 1) / sqrt(c) over the c latent channels (unit norm). Codes of
 every scale are upsampled (bilinear, i.e. Infinity's trilinear with one frame) to the final latent
-size and summed; the next scale's input is that sum resized to the next size. Official Infinity
-resizes it bilinearly too (its quantiser's `z_interplote_up`, at inference and in training); a
-model trained on area-downsampled inputs says so in its config (`InfinityConfig.next_input`).
+size and summed; the next scale's input is that sum resized bilinearly to the next size, as
+official Infinity does (its quantiser's `z_interplote_up`, at inference and in training).
 The 8B's VAE works at twice the token resolution: 2x2 latent pixels are folded into one token of
 4c bits.
 """
@@ -19,16 +18,10 @@ import torch.nn.functional as F
 from sparvar.schedules import Schedule
 
 
-NEXT_INPUT_MODES = ("bilinear", "area")
-
-
 class BitwiseCodes:
-    def __init__(self, channels: int, patchify: bool, next_input: str = "bilinear"):
-        if next_input not in NEXT_INPUT_MODES:
-            raise ValueError(f"next_input must be one of {NEXT_INPUT_MODES}, got {next_input!r}")
+    def __init__(self, channels: int, patchify: bool):
         self.channels = channels
         self.patchify = patchify
-        self.next_input_mode = next_input
 
     @property
     def bits(self) -> int:
@@ -73,7 +66,7 @@ class BitwiseCodes:
 
     def next_input(self, summed: torch.Tensor, scale: int, schedule: Schedule) -> torch.Tensor:
         """The running sum seen at the token grid of `scale`, as transformer input (B, h*w, bits)."""
-        x = F.interpolate(summed, size=self.latent_size(schedule.sizes[scale]), mode=self.next_input_mode)
+        x = F.interpolate(summed, size=self.latent_size(schedule.sizes[scale]), mode="bilinear")
         if self.patchify:
             x = F.pixel_unshuffle(x, 2)
         return x.flatten(2).transpose(1, 2)

@@ -36,7 +36,6 @@ class InfinityConfig(TransformerConfig):
     heads: int
     vae_channels: int  # channels of the VAE latent (32, or 14 for the 8B's VAE)
     patchify: bool = False  # 8B: 2x2 pixel-unshuffle of the latent, so 4 * 14 = 56 bits per token
-    next_input: str = "bilinear"  # how the summed codes are resized to the next scale (bitwise.py)
     text_width: int = 2048  # 0: class-conditional (no cross-attention)
     text_max_len: int = 512
     num_classes: int = 0
