@@ -26,6 +26,8 @@ def _slug(text: str) -> str:
 
 
 def _conditions(args, spec) -> list:
+    if args.label and spec.text_conditioned:
+        raise SparvarError(f"{spec.name} is text-conditioned: give --prompt TEXT, not --class")
     conditions = list(args.prompt or []) + list(args.label or [])
     if args.prompts:
         conditions += read_conditions(args.prompts)

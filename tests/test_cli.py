@@ -88,6 +88,8 @@ def test_bad_values(tmp_path, capsys):
     assert "unknown model" in cli_error(capsys, ["generate", "--model", "infinity-3b"])
     assert "class-conditional" in cli_error(
         capsys, ["generate", "--model", "var-tiny", "--class", "dog", "--out", str(tmp_path)])
+    assert cli_error(capsys, ["generate", "--class", "3", "--out", str(tmp_path)]) == \
+        "error: infinity-demo is text-conditioned: give --prompt TEXT, not --class"
     assert "names one file" in cli_error(
         capsys, ["generate", "--prompt", "a", "--prompt", "b", "--out", str(tmp_path / "a.png")])
 
