@@ -315,9 +315,9 @@ def kv_cache_bytes(spec: ModelSpec, schedule: Schedule, rows: int, dtype: torch.
 
 
 # working memory of one token (one batch row) of the largest scale, in model widths: the hidden
-# states, q, k and v, the MLP's hidden layer and the attention's own buffers. Measured on the
-# demo on a 2-core CPU (float32, guidance): peak RSS grew 182 MB an image with dense attention
-# and 235 MB with default, of which 129 MB KV cache; 24 widths make 101 MB.
+# states, q, k and v, the MLP's hidden layer and the attention's own buffers. Measured on the first
+# demo model (width 128) on a 2-core CPU (float32, guidance): peak RSS grew 182 MB an image with
+# dense attention and 235 MB with default, of which 129 MB KV cache; 24 widths make 101 MB.
 ACTIVATION_WIDTHS = 24
 DECODER_MAPS = 4  # feature maps at full resolution that the decoder holds at once
 
