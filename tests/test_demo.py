@@ -175,6 +175,23 @@ def test_a_call_near_its_end_keeps_the_next_phase_for_the_next_call(emoji_file, 
     assert saved["prefix"]["done"] and saved["full"]["steps"] == 0
 
 
+def test_replan_moves_a_phases_end_and_refuses_what_cannot_be(emoji_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "NEXT_PHASE_SECONDS", 10**6)  # the first call ends after the prefix phase
+    train.main(_smoke(tmp_path / "run", emoji_file))
+    monkeypatch.undo()
+    base = ["--out", str(tmp_path / "run"), "--data", str(emoji_file), "--device", "cpu"]
+    with pytest.raises(SparvarError, match="--resume"):
+        train.main(_smoke(tmp_path / "other", emoji_file, "--replan", "full=5"))
+    for bad, says in (("prefix=2", "at step"), ("mid=9", "takes prefix=STEPS"), ("full=x", "takes prefix=STEPS")):
+        with pytest.raises(SparvarError, match=says):
+            train.main(base + ["--resume", "--replan", bad])
+    state = train.main(base + ["--resume", "--phase", "full", "--replan", "full=3"])
+    assert state["full"]["steps"] == 3 and state["full"]["done"]
+    assert state["full"]["replanned"] == [{"at_step": 0, "from": None, "to": 3}]
+    with pytest.raises(SparvarError, match="has ended"):
+        train.main(base + ["--resume", "--replan", "full=9"])
+
+
 def test_checkpoint_shards_and_export_load_as_a_pipeline(emoji_file, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "SHARD_BYTES", 4 * 2**20)
     out = tmp_path / "run"

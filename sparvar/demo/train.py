@@ -74,7 +74,7 @@ NEXT_PHASE_SECONDS = 300.0  # a call starts a second phase only with this much t
 PHASES = ("tokenizer", "prefix", "full")  # the transformer's phases: the schedule's prefix, then all of it
 # options of one call (or of the other actions); the others belong to the run and come from the
 # checkpoint on --resume
-CALL_OPTIONS = ("action", "data", "out", "resume", "resume_from_export", "phase", "budget_minutes", "save_every_minutes",
+CALL_OPTIONS = ("action", "data", "out", "resume", "resume_from_export", "replan", "phase", "budget_minutes", "save_every_minutes",
                 "device", "travel", "attention", "compile", "assets", "log", "samples", "scales", "score_batch", "split",
                 "prompts_out")
 
@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phase", default="all", choices=("all",) + PHASES, help="which phases this call may train")
     p.add_argument("--budget-minutes", type=float, default=8.5, help="wall time of this call, saving included")
     p.add_argument("--save-every-minutes", type=float, default=2.0)
+    p.add_argument("--replan", metavar="PHASE=STEPS", action="append", default=[],
+                   help="on a resume: give a phase that has not ended a new step count; its cosine schedule "
+                        "continues from the step it is at towards the new end (e.g. full=5000)")
     p.add_argument("--travel", help="also write the checkpoint here at the end, in bf16 (what a GPU call sends back)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -426,6 +429,22 @@ def _new_state(args, device: torch.device) -> dict:
             "calls": [], **{name: phase() for name in PHASES}}
 
 
+def replan(state: dict, changes: list[str]) -> None:
+    """Applies --replan PHASE=STEPS to a resumed state: the phase's total, which its learning-rate
+    schedule ends at, becomes STEPS (at least the steps it has done, plus one)."""
+    for change in changes:
+        kind, _, steps = change.partition("=")
+        if kind not in ("prefix", "full") or not steps.isdigit():
+            raise SparvarError(f"--replan takes prefix=STEPS or full=STEPS, got {change!r}")
+        rec = state[kind]
+        if rec["done"] or int(steps) <= rec["steps"]:
+            raise SparvarError(f"--replan {change}: the {kind} phase is at step {rec['steps']}"
+                               + (" and has ended" if rec["done"] else ": give more steps than that"))
+        rec.setdefault("replanned", []).append({"at_step": rec["steps"], "from": rec["total"], "to": int(steps)})
+        rec["total"] = int(steps)
+        print(f"[{kind}] replanned: {int(steps)} steps in all (was {rec['replanned'][-1]['from']})")
+
+
 def train(args, argv: list[str]) -> dict:
     deadline = time.monotonic() + args.budget_minutes * 60
     out = Path(args.out)
@@ -434,9 +453,12 @@ def train(args, argv: list[str]) -> dict:
         raise SparvarError("--resume continues --out; --resume-from-export continues --assets and --log: pick one")
     if args.resume_from_export and checkpoint.exists(out):
         raise SparvarError(f"{out} holds a training checkpoint: continue it with --resume, or give another --out")
+    if args.replan and not (args.resume or args.resume_from_export):
+        raise SparvarError("--replan changes a resumed run's plan: pass --resume or --resume-from-export")
     if args.resume or args.resume_from_export:
         tensors, state = checkpoint.load(out) if args.resume else load_export(args)
         args = argparse.Namespace(**{**vars(args), **state["args"]})
+        replan(state, args.replan)
         print(f"resuming {out}: " + ", ".join(f"{p} step {state[p]['steps']}" for p in PHASES)
               + f" (run options of the first call: {state['args']})")
     elif checkpoint.exists(out):

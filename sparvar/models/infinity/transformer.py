@@ -223,7 +223,7 @@ class Block(nn.Module):
     def forward(self, x, mod, text, rope, attend: Attend, layer: int):
         """mod: this block's adaLN (Prepared.mods); text: this block's ((k, v), mask) of the
         cross-attention (Prepared.text[layer]). Each residual add is fused with the norm that
-        follows it (models/fused.py); with FP8 projections the norms hand them FP8 rows."""
+        follows it (kernels/fused.py); with FP8 projections the norms hand them FP8 rows."""
         dtype = self.ffn.fc1.weight.dtype
         gamma1, gamma2, mul1, mul2, shift1, shift2 = mod.unbind(2)
         _, normed = add_norm(x, None, None, mul1, shift1, self.eps, dtype)
