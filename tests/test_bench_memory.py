@@ -84,6 +84,14 @@ def test_fp8_fidelity_rows_on_tiny_models(tmp_path):
                                                         if r["model"] == "infinity-tiny" and r["variant"] == "fp8")
 
 
+def test_first_different_scale_is_where_the_tokens_part():
+    reference = [torch.zeros(3, 1, 2), torch.zeros(3, 4, 2), torch.zeros(3, 9, 2)]
+    tokens = [t.clone() for t in reference]
+    tokens[1][0, 3, 1] = 1  # sample 0 parts at scale 1, sample 1 at scale 2, sample 2 never
+    tokens[2][0, 0, 0] = tokens[2][1, 8, 1] = 1
+    assert fp8_fidelity.first_different_scale(tokens, reference).tolist() == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_the_greedy_loop_feeds_its_own_choices():
     from sparvar.loading import load_pipeline
