@@ -379,3 +379,31 @@ def test_score_sample_is_fixed_and_distinct():
     a, b = score.sample(3461, 500), score.sample(3461, 500)
     assert np.array_equal(a, b) and len(set(a.tolist())) == 500 and a.max() < 3461
     assert np.array_equal(score.sample(5, 500), np.arange(5))
+
+
+def test_sheet_lays_out_sections_of_captioned_images(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from sparvar.demo.grid import section, sheet
+
+    calls = []
+
+    def pipe(prompts, seed, attention, progress):
+        calls.append((list(prompts), seed, attention))
+        return SimpleNamespace(images=[Image.new("RGB", (16, 16), "red") for _ in prompts])
+
+    titled = tmp_path / "train.txt"
+    titled.write_text("# Training prompts\ncat face\nflag: Japan\nrainbow\n", encoding="utf-8")
+    plain = tmp_path / "held.txt"
+    plain.write_text("kiss: man, man\n", encoding="utf-8")
+    sections = [section(str(titled)), section(str(plain))]
+    assert sections == [("Training prompts", ["cat face", "flag: Japan", "rainbow"]), ("held", ["kiss: man, man"])]
+    picture = sheet(pipe, sections, seed=3, columns=2, batch=2)
+    assert calls == [(["cat face", "flag: Japan"], 3, "dense"), (["rainbow"], 3, "dense"), (["kiss: man, man"], 3, "dense")]
+    assert picture.size == (32, 3 * (16 + 30) + 2 * 30)  # two rows, then one, under two titles
+    assert picture.getpixel((0, 30)) == (255, 0, 0) and picture.getpixel((16, 30 + 46)) == (255, 255, 255)
+    (tmp_path / "title_only.txt").write_text("# nothing\n", encoding="utf-8")
+    with pytest.raises(SparvarError, match="no prompts"):
+        section(str(tmp_path / "title_only.txt"))
