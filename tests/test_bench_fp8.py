@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sparvar.bench import fp8, memory
+from sparvar.bench import fp8, kernels, memory
 from sparvar.bench.common import provenance
 
 
@@ -91,11 +91,13 @@ def test_a_missing_torchao_is_said_in_one_line(monkeypatch, capsys):
     assert len(out) == 1 and out[0].startswith("torchao is missing")
 
 
-def test_fp8_bench_needs_a_gpu():
+@pytest.mark.parametrize("bench", [lambda: fp8.run("infinity-8b", False, 1, "unused", "c"),
+                                   lambda: kernels.run_kernel_bench("unused", "c", ["8b"], [12])])
+def test_the_fp8_and_kernel_benches_need_a_gpu(bench):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     with pytest.raises(Exception, match="needs a CUDA GPU"):
-        fp8.run("infinity-8b", False, 1, "unused", "c")
+        bench()
 
 
 def test_memory_settings_record_the_median_time_of_each_scale(monkeypatch):
