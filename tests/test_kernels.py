@@ -180,6 +180,7 @@ def test_sparse_matches_reference(poisoned, b, h, tdims, lq, lk, d, q_block, key
         out, lse = kernels_sparse.triton_sparse_attention(q, k, v, table, scale, return_lse=True, tma=tma, **opts)
 
         assert out.dtype == dtype and lse.dtype == torch.float32
+        assert out.transpose(1, 2).is_contiguous()  # the out projection's rows, with no copy
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < BF16_TOL
         empty = torch.isinf(ref_lse)
