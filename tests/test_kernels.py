@@ -527,8 +527,9 @@ def test_add_norm_fp8_matches_reference(poisoned, b, n, c, branch):
 
 @pytest.mark.parametrize("shape", [(3, 100), (2, 5, 64), (1, 1, 300)])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_quantize_rows_matches_reference(poisoned, shape, gelu):
-    x = (torch.randn(shape) * 4).to(DEVICE, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_rows_matches_reference(poisoned, shape, gelu, dtype):
+    x = (torch.randn(shape) * 4).to(DEVICE, dtype)
     x[0, ..., :] = 0  # an all-zero row keeps a finite scale and quantises to zeros
     rows, ref = kernels_fp8.quantize_rows_triton(x, gelu), kernels_fp8.quantize_rows_reference(x, gelu)
     assert rows.shape == shape and rows.scale.shape == (*shape[:-1], 1)
