@@ -340,6 +340,7 @@ BENCHES = {
     "multigpu": ("multigpu", "images/s of a torchrun batch job on 1 and 2 GPUs"),
     "memory": ("memory", "latency and peak memory of the precision / offload / KV cache settings"),
     "fp8-fidelity": ("fp8_fidelity", "what FP8 costs in logits and images"),
+    "fp8": ("fp8", "FP8 matmuls per layer and scale against bf16 and torchao, and the scales of a generation"),
     "train-step": ("train_step", "the demo model's training step per variant"),
 }
 

@@ -320,7 +320,8 @@ def test_every_help_shows_the_defaults(monkeypatch, capsys):
     monkeypatch.setattr(argparse.ArgumentParser, "format_help", record)
     monkeypatch.setenv("COLUMNS", "10000")  # no line breaks inside the help texts
     commands = [[], ["generate"], ["plan"], ["eval"], ["analyze"], ["calibrate-skip"], ["bench", "e2e"],
-                ["bench", "baseline"], ["bench", "kernels"], ["bench", "profile"], ["bench", "multigpu"]]
+                ["bench", "baseline"], ["bench", "kernels"], ["bench", "profile"], ["bench", "multigpu"],
+                ["bench", "fp8"]]
     for command in commands:
         with pytest.raises(SystemExit):
             main(command + ["--help"])

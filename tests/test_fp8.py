@@ -64,6 +64,22 @@ def test_a_cpu_torch_without_rowwise_scales_computes_the_reference(monkeypatch):
     assert torch.equal(out, fp8_matmul_reference(rows, wq, ws, None, torch.bfloat16))
 
 
+def test_few_rows_go_to_the_triton_kernel_where_kernels_run(monkeypatch):
+    """Up to TRITON_ROWS rows (over all leading dims) take the Triton kernel (tested against the
+    reference in test_kernels.py); more take `_scaled_mm`."""
+    import sparvar.models.fp8 as fp8
+
+    calls = []
+    monkeypatch.setattr(fp8, "use_kernels", lambda x: True)
+    monkeypatch.setattr(fp8, "fp8_matmul_triton",
+                        lambda *args: calls.append(args[0].shape) or fp8_matmul_reference(*args))
+    wq, ws = quantize_weight(torch.randn(24, 32))
+    for shape in [(2, 32, 32), (1, fp8.TRITON_ROWS, 32), (2, 33, 32)]:
+        out = fp8.fp8_matmul(quantize_rows(torch.randn(shape)), wq, ws, None, torch.float32)
+        assert out.shape == (*shape[:2], 24)
+    assert calls == [(2, 32, 32), (1, fp8.TRITON_ROWS, 32)]
+
+
 @torch.no_grad()
 def test_fp8_linear_takes_rows_or_tensors_and_a_bias_override():
     linear = nn.Linear(64, 96)
@@ -137,8 +153,10 @@ def test_precision_is_checked_in_one_line(capsys):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-@pytest.mark.parametrize("m,k,n", [(2, 2048, 6144), (8192, 3584, 14336), (77, 14336, 3584)])
-def test_scaled_mm_matches_the_float_reference_cuda(m, k, n):
+@pytest.mark.parametrize("m,k,n", [(2, 2048, 6144), (64, 3584, 10752), (8192, 3584, 14336), (77, 14336, 3584)])
+def test_fp8_matmul_matches_the_float_reference_cuda(m, k, n):
+    """Both GPU paths at the 2B and 8B sizes: the Triton kernel up to TRITON_ROWS rows,
+    `_scaled_mm` with fast accumulation past them."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)

@@ -1,15 +1,19 @@
 """Attention kernel benchmark on Infinity's 1024x1024 shapes, every contender in one run on one card.
 
 Our Triton block-sparse kernel runs random block tables (5-100% density) and the paper's CSLA
-table; on each table it races FlexAttention, and the dense SDPA flash and cuDNN backends set the
-baseline. The decision-scale kernel (dense attention + column sums) races SDPA flash at scale 10.
+table; on each table it races FlexAttention and, where flash-attn-4 is installed,
+FlashAttention-4's block-sparse kernel (attention/fa4.py; its first call, which compiles, is
+timed apart, and its dense kernel runs on the 100% rows); the dense SDPA flash and cuDNN backends
+set the baseline. Without flash-attn-4 one line says so and its columns stay empty. The
+decision-scale kernel (dense attention + column sums) races SDPA flash at scale 10.
 Effective TFLOP/s count only the (query, key) pairs of computed blocks.
-Run: sparvar bench kernels [--out-dir benchmarks]
+Run: sparvar bench kernels [--models 2b 8b] [--scales 10 11 12] [--out-dir benchmarks]
 """
 
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 
 import torch
@@ -29,10 +33,23 @@ ROUNDS = 2  # interleaved timing passes per comparison
 TARGETS = {  # summary key -> (comparison, bound)
     "csla_paper_s12_8b_vs_flex": (">=", 1.4),
     "csla_paper_s12_8b_vs_sdpa_flash": (">=", 8.0),
+    "csla_paper_s12_8b_vs_cudnn": (">=", 6.0),
     "min_tflops_density_10_to_50": (">=", 450.0),
+    "min_tflops_density_25_to_50": (">=", 600.0),
     "dense_vs_sdpa_flash": (">=", 1.0),
     "decision_time_over_sdpa_flash": ("<=", 1.3),
 }
+
+
+def fa4_installed() -> bool:
+    """Whether flash-attn-4 imports; says in one line why not."""
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError as err:
+        print(f"flash-attn-4 is missing ({err}): no FA4 columns (benchmarks/kernels_notes.md: how to carry it)",
+              flush=True)
+        return False
+    return True
 
 def table_from_block_mask(blocks: torch.Tensor, q_len: int, kv_len: int) -> BlockTable:
     """BlockTable (shared by all heads) from a (num_q_blocks, num_kv_blocks) bool mask."""
@@ -162,8 +179,42 @@ def time_rounds(contenders: dict) -> dict:
     return {name: (sum(t) / len(t) if t else None, t, errors.get(name)) for name, t in times.items()}
 
 
-def bench_sparse(model: str, scale: int, flex: _Flex) -> list[dict]:
-    """Rows for one (model, query scale): every table, our kernel vs Flex and the SDPA backends."""
+def _first_call(fn) -> tuple[torch.Tensor | None, float | None, str | None]:
+    """fn's output and the seconds its first call took (a JIT compile included), or its error."""
+    start = time.perf_counter()
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+    except Exception as e:  # recorded in the row, not fatal
+        return None, None, f"{type(e).__name__}: {e}"[:300]
+    return out, time.perf_counter() - start, None
+
+
+def fa4_contenders(q, k, v, table: BlockTable, sm: float, dense: bool, ours: torch.Tensor) -> tuple[dict, dict]:
+    """FA4 on `table` (and dense, with `dense`: the 100% table, where our output is dense attention
+    too): the contenders that ran, and per kernel the seconds of its first call, its error against
+    our kernel's output `ours`, or why it failed."""
+    from sparvar.attention.fa4 import fa4_attention, fa4_block_sparsity
+
+    blocks = fa4_block_sparsity(table)
+    calls = {"fa4": lambda: fa4_attention(q, k, v, blocks, sm)}
+    if dense:
+        calls["fa4_dense"] = lambda: fa4_attention(q, k, v, None, sm)
+    contenders, facts = {}, {}
+    for name, fn in calls.items():
+        out, seconds, err = _first_call(fn)
+        facts[f"{name}_first_call_s"] = seconds
+        facts[f"{name}_rel_err_vs_triton"] = None if out is None else rel_err(out, ours)
+        if err:
+            facts[f"{name}_error"] = err
+        else:
+            contenders[name] = (fn, nullcontext)
+    return contenders, facts
+
+
+def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False) -> list[dict]:
+    """Rows for one (model, query scale): every table, our kernel vs Flex, FA4 (with `fa4`) and the
+    SDPA backends."""
     from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     heads = MODELS[model]
@@ -191,13 +242,19 @@ def bench_sparse(model: str, scale: int, flex: _Flex) -> list[dict]:
             flex_err = rel_err(flex(q, k, v, mask, sm), ours)
         except Exception:  # its timing below records the error
             flex_err = None
-        t = time_rounds({
+        contenders = {
             "triton": (lambda: triton_sparse_attention(q, k, v, table, sm), nullcontext),
             "flex": (lambda: flex(q, k, v, mask, sm), nullcontext),
             "sdpa_flash": (sdpa, lambda: _sdpa("flash")),
             "sdpa_cudnn": (sdpa, lambda: _sdpa("cudnn")),
-        })
-        ms, flex_ms, flash_ms, cudnn_ms = (t[c][0] for c in ("triton", "flex", "sdpa_flash", "sdpa_cudnn"))
+        }
+        fa4_facts = {}
+        if fa4:
+            more, fa4_facts = fa4_contenders(q, k, v, table, sm, nominal == 1.0, ours)
+            contenders.update(more)
+        t = time_rounds(contenders)
+        ms, flex_ms, flash_ms, cudnn_ms, fa4_ms, fa4_dense_ms = (
+            t[c][0] if c in t else None for c in ("triton", "flex", "sdpa_flash", "sdpa_cudnn", "fa4", "fa4_dense"))
         rows.append({
             "kind": "sparse", "model": model, "heads": heads, "scale": scale, "q_len": q_len,
             "kv_len": kv_len, "table": name, "nominal_density": nominal, "density": pairs / dense_pairs,
@@ -210,6 +267,12 @@ def bench_sparse(model: str, scale: int, flex: _Flex) -> list[dict]:
             "rounds_ms": {c: t[c][1] for c in t},
             "rel_err_vs_flex": flex_err,
             "rel_err_vs_sdpa": rel_err(ours, dense_ref) if nominal == 1.0 else None,
+            "fa4_ms": fa4_ms, "fa4_tflops": fa4_ms and tflops(pairs, heads, fa4_ms),
+            "fa4_dense_ms": fa4_dense_ms, "fa4_dense_tflops": fa4_dense_ms and tflops(dense_pairs, heads, fa4_dense_ms),
+            "fa4_speedup_vs_flex": fa4_ms and flex_ms and flex_ms / fa4_ms,
+            "fa4_speedup_vs_sdpa_cudnn": fa4_ms and cudnn_ms and cudnn_ms / fa4_ms,
+            "fa4_speedup_vs_triton": fa4_ms and ms / fa4_ms,
+            **fa4_facts,
             "errors": {c: t[c][2] for c in t if t[c][2]},
         })
     return rows
@@ -244,24 +307,31 @@ def bench_decision(model: str) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    def sparse(model, scale, pick):
-        return next(r for r in rows if r["kind"] == "sparse" and r["model"] == model and r["scale"] == scale and pick(r))
+    """The targets' keys (ours) and FA4's, each None where its rows were not run (--models, --scales)."""
+    sparse = [r for r in rows if r["kind"] == "sparse"]
+    s12 = [r for r in sparse if r["model"] == "8b" and r["scale"] == 12]
+    paper = next((r for r in s12 if r["table"].startswith("paper")), {})
+    dense = next((r for r in s12 if r["nominal_density"] == 1.0), {})
+    decision = next((r for r in rows if r["kind"] == "decision" and r["model"] == "8b"), {})
 
-    paper = sparse("8b", 12, lambda r: r["table"].startswith("paper"))
-    dense = sparse("8b", 12, lambda r: r["nominal_density"] == 1.0)
-    mids = [r["triton_tflops"] for r in rows if r["kind"] == "sparse" and r["nominal_density"] in (0.10, 0.25, 0.50)]
-    decision = next(r for r in rows if r["kind"] == "decision" and r["model"] == "8b")
+    def lowest(key, densities, scale=None):
+        values = [r[key] for r in sparse if r["nominal_density"] in densities and scale in (None, r["scale"])]
+        return min((v for v in values if v is not None), default=None)
+
     summary = {
-        "paper_table": paper["table"],
-        "min_tflops_density_10_to_50_scale12": min(
-            r["triton_tflops"] for r in rows
-            if r["kind"] == "sparse" and r["scale"] == 12 and r["nominal_density"] in (0.10, 0.25, 0.50)),
-        "csla_paper_s12_8b_vs_flex": paper["speedup_vs_flex"],
-        "csla_paper_s12_8b_vs_sdpa_flash": paper["speedup_vs_sdpa_flash"],
-        "min_tflops_density_10_to_50": min(mids),
-        "dense_vs_sdpa_flash": dense["speedup_vs_sdpa_flash"],
-        "decision_time_over_sdpa_flash": decision["time_over_sdpa_flash"],
+        "paper_table": paper.get("table"),
+        "min_tflops_density_10_to_50_scale12": lowest("triton_tflops", (0.10, 0.25, 0.50), 12),
+        "csla_paper_s12_8b_vs_sdpa_flash": paper.get("speedup_vs_sdpa_flash"),
+        "dense_vs_sdpa_flash": dense.get("speedup_vs_sdpa_flash"),
+        "decision_time_over_sdpa_flash": decision.get("time_over_sdpa_flash"),
+        "fa4_dense_s12_8b_tflops": dense.get("fa4_dense_tflops"),
     }
+    for prefix, speedup, tflops_key in [("", "speedup_vs_", "triton_tflops"),
+                                        ("fa4_", "fa4_speedup_vs_", "fa4_tflops")]:
+        summary[f"{prefix}csla_paper_s12_8b_vs_flex"] = paper.get(f"{speedup}flex")
+        summary[f"{prefix}csla_paper_s12_8b_vs_cudnn"] = paper.get(f"{speedup}sdpa_cudnn")
+        summary[f"{prefix}min_tflops_density_10_to_50"] = lowest(tflops_key, (0.10, 0.25, 0.50))
+        summary[f"{prefix}min_tflops_density_25_to_50"] = lowest(tflops_key, (0.25, 0.50))
     met = {}
     for key, (op, bound) in TARGETS.items():
         value = summary[key]
@@ -280,8 +350,9 @@ def to_markdown(result: dict) -> str:
         f"averaged over {ROUNDS} interleaved passes over the contenders of a row. "
         "TFLOP/s count computed blocks only (SDPA: all pairs).",
         "",
-        "| model | scale | table | density | triton ms | TFLOP/s | flex ms | SDPA flash ms | SDPA cuDNN ms | vs flex | vs flash | vs cuDNN |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| model | scale | table | density | triton ms | TFLOP/s | flex ms | SDPA flash ms | SDPA cuDNN ms | "
+         "vs flex | vs flash | vs cuDNN | FA4 ms | FA4 TFLOP/s | FA4 vs cuDNN |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r["kind"] != "sparse":
@@ -290,8 +361,18 @@ def to_markdown(result: dict) -> str:
             f"| {r['model']} | {r['scale']} | {r['table']} | {r['density']:.3f} | {r['triton_ms']:.3f} | "
             f"{r['triton_tflops']:.0f} | {_fmt(r['flex_ms'])} | {_fmt(r['sdpa_flash_ms'])} | {_fmt(r['sdpa_cudnn_ms'])} | "
             f"{_fmt(r['speedup_vs_flex'], '.2f')} | {_fmt(r['speedup_vs_sdpa_flash'], '.2f')} | "
-            f"{_fmt(r['speedup_vs_sdpa_cudnn'], '.2f')} |"
+            f"{_fmt(r['speedup_vs_sdpa_cudnn'], '.2f')} | {_fmt(r.get('fa4_ms'))} | "
+            f"{_fmt(r.get('fa4_tflops'), '.0f')} | {_fmt(r.get('fa4_speedup_vs_sdpa_cudnn'), '.2f')} |"
         )
+    fa4 = [r for r in result["rows"] if r.get("fa4_first_call_s") is not None]
+    if fa4:
+        lines += ["", ("FlashAttention-4's first call on each table (it compiles for new shapes), its error against "
+                       "our kernel's output, and its dense kernel beside the 100% tables:"), "",
+                  "| model | scale | table | first call s | rel err vs ours | dense ms | dense TFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['scale']} | {r['table']} | {r['fa4_first_call_s']:.2f} | "
+                  f"{r['fa4_rel_err_vs_triton']:.1e} | {_fmt(r.get('fa4_dense_ms'))} | "
+                  f"{_fmt(r.get('fa4_dense_tflops'), '.0f')} |" for r in fa4]
     lines += ["", "Decision scale (dense attention + column sums per group of "
               f"{DECISION_GROUP}) vs SDPA flash:", "",
               "| model | scale | triton ms | SDPA flash ms | time ratio |", "|---|---|---|---|---|"]
@@ -301,24 +382,27 @@ def to_markdown(result: dict) -> str:
                          f"{r['time_over_sdpa_flash']:.2f} |")
     s = result["summary"]
     lines += ["", "## Summary", "", f"Paper table: {s['paper_table']}. Lowest effective TFLOP/s of the 10-50% rows at "
-              f"scale 12 alone: {s['min_tflops_density_10_to_50_scale12']:.0f}.", "",
+              f"scale 12 alone: {_fmt(s['min_tflops_density_10_to_50_scale12'], '.0f')}.", "",
               "| metric | value | target | met |", "|---|---|---|---|"]
     for key in TARGETS:
         lines.append(f"| {key} | {_fmt(s[key])} | {s['targets'][key]} | {'yes' if s['met'][key] else 'NO'} |")
+    lines += [f"| {key} | {_fmt(v)} | - | - |" for key, v in s.items() if key.startswith("fa4_")]
     return "\n".join(lines) + "\n"
 
 
-def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench kernels") -> dict:
-    """Run every comparison, write kernels.json and kernels.md under out_dir, return the result."""
+def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench kernels", models=tuple(MODELS),
+                     scales=SCALES) -> dict:
+    """Run the comparisons of `models` and `scales`, write kernels.json and kernels.md under
+    out_dir, return the result."""
     if not torch.cuda.is_available():
         raise SparvarError("the kernel benchmark needs a CUDA GPU")
     torch.manual_seed(0)
-    flex = _Flex()
+    flex, fa4 = _Flex(), fa4_installed()
     rows = []
-    for model in MODELS:
-        for scale in SCALES:
-            rows += bench_sparse(model, scale, flex)
-    for model in MODELS:
+    for model in models:
+        for scale in scales:
+            rows += bench_sparse(model, scale, flex, fa4)
+    for model in models:
         rows.append(bench_decision(model))
     result = {**provenance(command), "rows": rows, "summary": summarize(rows)}
     write(out_dir, "kernels", result, to_markdown(result))
@@ -328,9 +412,13 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="sparvar bench kernels", description=__doc__.splitlines()[0],
                             formatter_class=HelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                        help="Infinity sizes whose head counts run")
+    parser.add_argument("--scales", nargs="+", type=int, default=list(SCALES), choices=SCALES,
+                        help="query scales of the 1024x1024 schedule")
     parser.add_argument("--out-dir", default="benchmarks", help="folder for kernels.json and kernels.md")
     args = parser.parse_args(argv)
-    run_kernel_bench(args.out_dir, command=command_line("sparvar bench kernels", argv))
+    run_kernel_bench(args.out_dir, command_line("sparvar bench kernels", argv), args.models, args.scales)
 
 
 if __name__ == "__main__":

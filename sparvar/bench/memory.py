@@ -56,7 +56,8 @@ CARDS_8B = {"24g": (24, False), "16g": (16, True), "12g": (12, True)}  # card Gi
 
 
 def time_setting(pipe, setting: Setting, repeats: int) -> dict:
-    """Median latency and peak memory of `repeats` generations after warm-up (and capture)."""
+    """Median latency, median time of each scale (the pipeline's CUDA events) and peak memory of
+    `repeats` generations after warm-up (and capture)."""
     from sparvar.sparsity import make_policy
 
     prompt, inputs = generation_inputs(pipe.spec)
@@ -67,13 +68,14 @@ def time_setting(pipe, setting: Setting, repeats: int) -> dict:
         run(seed)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, scales = [], []
     for seed in range(repeats):
         start = time.perf_counter()
-        run(seed)
+        scales.append(run(seed).scale_seconds)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {"latency_s": statistics.median(times), "latencies_s": times,
+            "scale_s": [statistics.median(per_scale) for per_scale in zip(*scales)],
             "peak_gib": torch.cuda.max_memory_allocated() / GIB}
 
 

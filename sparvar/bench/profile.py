@@ -19,6 +19,7 @@ from sparvar.options import ArgumentParser, HelpFormatter
 CATEGORIES = (  # first match wins
     ("attention", r"flash|fmha|attention|cudnn|_attn|sparse_attention|colsum|flex"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|wgmma"),
+    ("fp8 quantise", r"quantize_rows"),
     ("norm", r"layer_norm|norm|reduce"),
     ("copy", r"copy|cat|memcpy|memset|fill"),
 )
@@ -29,14 +30,14 @@ def category(name: str) -> str:
     return next((c for c, pattern in CATEGORIES if re.search(pattern, low)), "elementwise/other")
 
 
-def profile(model: str, attention: str, sdpa_backend: str = "cudnn") -> dict:
+def profile(model: str, attention: str, precision: str = "auto", sdpa_backend: str = "cudnn") -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from sparvar.loading import load_pipeline
     from sparvar.sparsity import make_policy
 
-    pipe = load_pipeline(model, device="cuda", random_weights=True)
+    pipe = load_pipeline(model, device="cuda", random_weights=True, precision=precision)
     schedule = pipe.schedule("1:1", 1024)
     policy = make_policy(attention, sdpa_backend=sdpa_backend)
     pipe([PROMPT], schedule=schedule, attention=policy, progress=False)  # warm-up: compile, tables
@@ -54,6 +55,7 @@ def profile(model: str, attention: str, sdpa_backend: str = "cudnn") -> dict:
     return {
         "model": model,
         "attention": attention,
+        "precision": precision,
         "stages_s": out.stage_seconds,
         "gpu_seconds_by_category": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
         "top_kernels_s": [{"kernel": k[:160], "category": category(k), "seconds": s} for k, s in top],
@@ -65,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
                             formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=["infinity-8b"], help="models to profile")
     parser.add_argument("--attention", nargs="+", default=["dense", "default"], help="attention presets to profile")
+    parser.add_argument("--precision", nargs="+", default=["auto"], help="precisions to profile (auto, fp8)")
     parser.add_argument("--out", default="benchmarks", help="folder for profile.json and profile.md")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SparvarError("profiling needs a CUDA GPU")
     result = {**provenance(command_line("sparvar bench profile", argv)),
-              "rows": [profile(m, a) for m in args.models for a in args.attention]}
+              "rows": [profile(m, a, p) for m in args.models for a in args.attention for p in args.precision]}
     write(args.out, "profile", result, to_markdown(result))
 
 
@@ -78,7 +81,7 @@ def to_markdown(result: dict) -> str:
     """Per model and preset: the transformer's time, GPU time by kind, the longest kernels."""
     lines = header("Where the GPU time goes", result)
     for row in result["rows"]:
-        lines += [f"## {row['model']}, {row['attention']}", "",
+        lines += [f"## {row['model']}, {row['attention']}, precision {row.get('precision', 'auto')}", "",
                   f"Transformer {row['stages_s']['transformer']:.3f} s; GPU time by kind: "
                   + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["gpu_seconds_by_category"].items()) + ".", "",
                   "| ms | kind | kernel |", "|---|---|---|"]

@@ -269,7 +269,9 @@ def triton_sparse_attention(
     """Attention of q (B, H, Lq, D) over the keys `table` lists per query block; no host sync.
 
     k, v: (B, H, Lk, D), any strides with a contiguous last dim. Returns out (B, H, Lq, D) in
-    q's dtype and, with return_lse, lse (B, H, Lq) float32 (-inf on rows that see no key).
+    q's dtype, in (B, Lq, H, D) memory (so the out projection reads out.transpose(1, 2) as
+    (B, Lq, H * D) rows without a copy, as it reads SDPA's), and with return_lse, lse (B, H, Lq)
+    float32 (-inf on rows that see no key).
     block_m x block_n is the tile (clipped to what the table's blocks allow; 64 x 64 with one
     warpgroup measured fastest on H200, benchmarks/kernels_notes.md); num_stages, maxnreg and tma
     (block mode through TMA where the views allow) are tuning knobs too.
@@ -295,7 +297,7 @@ def triton_sparse_attention(
                            f"got {block_m} x {block_n} for q_block {table.q_block}, key_block {kb}")
     use_tma = tma and kb >= block_n and tma_ready(k) and tma_ready(v)
 
-    out = torch.empty(q.shape, device=q.device, dtype=out_dtype)
+    out = torch.empty((b, lq, h, d), device=q.device, dtype=out_dtype).transpose(1, 2)
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32) if return_lse else out
     qs, ks, vs = (t if t is not None else lse for t in (q_scale, k_scale, v_scale))  # unread when not FP8
     counts = table.counts.to(device=q.device, dtype=torch.int32)

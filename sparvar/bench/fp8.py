@@ -1,0 +1,237 @@
+"""FP8 matmuls on the GPU: each linear layer of an Infinity block at each scale's row count, and
+the model's scales in bf16 and FP8, in one run on one card.
+
+Layers (1024x1024, batch 1 with CFG: a scale's rows are twice its tokens), each a median of
+triton.testing.do_bench, in ms:
+  bf16        the bf16 blocks' matmul (cuBLAS; fc1 with its GELU in the epilogue, `linear_gelu`)
+  quantise    the FP8 blocks' separate pass over the layer's input where they have one: the
+              attention outputs into sa.proj and ca.proj, fc1's output into fc2 (with its GELU).
+              The norms quantise inside their own kernel and are not counted.
+  scaled_mm   torch._scaled_mm with rowwise scales, fast accumulation off ("slow") and on
+  triton      our Triton kernel (kernels/fp8.py) with N tiles of 16, 32 and 64, up to
+              TRITON_SWEEP_ROWS rows
+  dispatch    what `models.fp8.fp8_matmul` runs: the Triton kernel up to TRITON_ROWS rows
+  torchao     torchao's float8 inference (Float8DynamicActivationFloat8WeightConfig, PerRow) on the
+              same nn.Linear, its own activation quantisation included, eager; without torchao
+              one line says so and the column stays empty
+Per scale, each way's sum over a block's layers times the depth: the matmul time of that scale
+(the cross-attention's text projection runs once per generation and is left out).
+Scales: `sparvar bench memory`'s bf16 and fp8 settings of the model (random weights, `default`
+attention, CUDA graphs): latency and the median time of each scale.
+Run: sparvar bench fp8 [--model infinity-8b] [--no-scales] [--out benchmarks]
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from sparvar.bench.common import command_line, header, provenance, write
+from sparvar.errors import SparvarError
+from sparvar.options import ArgumentParser, HelpFormatter
+
+TRITON_SWEEP_ROWS = 1024
+TRITON_TILES = (16, 32, 64)
+
+
+def layer_shapes(width: int, hidden: int) -> dict[str, tuple[int, int, str | None]]:
+    """Each FP8 layer of an Infinity block run at every scale: (K, N, the separate quantising pass
+    of its input: None, "plain" or "gelu")."""
+    return {"sa.mat_qkv": (width, 3 * width, None), "sa.proj": (width, width, "plain"),
+            "ca.mat_q": (width, width, None), "ca.proj": (width, width, "plain"),
+            "ffn.fc1": (width, hidden, None), "ffn.fc2": (hidden, width, "gelu")}
+
+
+def load_torchao():
+    """(torchao's float8 inference as a function of an nn.Linear, its version), or (None,
+    "missing") with one line said."""
+    try:
+        import torchao
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+    except ImportError as err:
+        print(f"torchao is missing ({err}): no torchao column (torchao>=0.18 runs on torch 2.11)", flush=True)
+        return None, "missing"
+
+    def quantized(linear: torch.nn.Linear) -> torch.nn.Module:
+        module = torch.nn.Sequential(linear)
+        quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        return module
+
+    return quantized, torchao.__version__
+
+
+def _timed(fn) -> float | None:
+    from sparvar.bench.kernels import time_ms
+
+    try:
+        return time_ms(fn)
+    except Exception:  # one refusing variant must not lose the others' numbers
+        traceback.print_exc()
+        return None
+
+
+def bench_layer(name: str, k: int, n: int, quantise: str | None, rows: int, torchao, device="cuda") -> dict:
+    """One layer kind at one row count: every way of running it (None where one failed or is skipped)."""
+    from sparvar.kernels.fp8 import fp8_matmul_triton, quantize_rows
+    from sparvar.kernels.fused import linear_gelu
+    from sparvar.models.fp8 import TRITON_ROWS, fp8_matmul, quantize_weight
+
+    linear = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+    fp8_rows = quantize_rows(x)
+    weight, scale = quantize_weight(linear.weight)
+    bias = linear.bias.detach()
+    row = {"layer": name, "rows": rows, "k": k, "n": n, "quantise_pass": quantise}
+    with torch.no_grad():
+        row["bf16_ms"] = _timed(lambda: linear_gelu(x, linear) if name == "ffn.fc1" else linear(x))
+        if quantise:  # the pass reads the layer's input in bf16: for fc2, fc1's output
+            row["quantise_ms"] = _timed(lambda: quantize_rows(x, gelu=quantise == "gelu"))
+        for fast in (False, True):
+            row[f"scaled_mm_{'fast' if fast else 'slow'}_ms"] = _timed(lambda fast=fast: torch._scaled_mm(
+                fp8_rows.data, weight.t(), scale_a=fp8_rows.scale, scale_b=scale.view(1, -1), bias=bias,
+                out_dtype=torch.bfloat16, use_fast_accum=fast))
+        for tile in TRITON_TILES if rows <= TRITON_SWEEP_ROWS else ():
+            row[f"triton_n{tile}_ms"] = _timed(lambda tile=tile: fp8_matmul_triton(
+                fp8_rows, weight, scale, bias, torch.bfloat16, block_n=tile))
+        row["dispatch"] = "triton" if rows <= TRITON_ROWS else "scaled_mm_fast"
+        row["dispatch_ms"] = _timed(lambda: fp8_matmul(fp8_rows, weight, scale, bias, torch.bfloat16))
+        if torchao is not None:
+            ao = torchao(torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16))
+            row["torchao_ms"] = _timed(lambda: ao(x))
+        ref = F.linear(x.float(), linear.weight.float(), bias.float())
+        out = fp8_matmul(fp8_rows, weight, scale, bias, torch.bfloat16).float()
+        row["dispatch_rel_err"] = float((out - ref).norm() / ref.norm())
+    return row
+
+
+def fp8_ways(row: dict) -> dict[str, float | None]:
+    """The FP8 layer's time each way, its separate quantising pass included: as the blocks ran it
+    before (`_scaled_mm`, no fast accumulation), as they run it now (dispatch), the fastest
+    measured, and torchao's (which quantises its input itself)."""
+    extra = row.get("quantise_ms") or 0.0
+    kernels = [v for key, v in row.items() if key.endswith("_ms") and key.startswith(("scaled_mm", "triton"))]
+    kernels = [v for v in kernels if v is not None]
+
+    def plus(v):
+        return None if v is None else v + extra
+
+    return {"fp8_before": plus(row.get("scaled_mm_slow_ms")), "fp8_now": plus(row.get("dispatch_ms")),
+            "fp8_best": plus(min(kernels, default=None)), "torchao": row.get("torchao_ms")}
+
+
+def per_scale(rows: list[dict], depth: int) -> list[dict]:
+    """Per row count (scale): each way's time summed over a block's layers, times the depth, in ms."""
+    out = []
+    for count in sorted({r["rows"] for r in rows}):
+        layers = [r for r in rows if r["rows"] == count]
+        ways = [fp8_ways(r) for r in layers]
+        totals = {"bf16": [r["bf16_ms"] for r in layers], **{w: [x[w] for x in ways] for w in ways[0]}}
+        out.append({"rows": count, **{f"{w}_ms": None if None in v else depth * sum(v) for w, v in totals.items()}})
+    return out
+
+
+def summarize(scales: list[dict], gen_rows: list[dict]) -> dict:
+    """Totals over the scales of the matmuls each way, the generations' latencies, and the row
+    counts at which the Triton kernel (best tile) beat `_scaled_mm` with fast accumulation."""
+    summary = {}
+    for way in ("bf16", "fp8_before", "fp8_now", "fp8_best", "torchao"):
+        values = [s[f"{way}_ms"] for s in scales]
+        summary[f"matmul_{way}_s"] = None if None in values else sum(values) / 1000
+    for r in gen_rows:
+        summary[f"{r['setting']}_latency_s"] = r.get("latency_s")
+    return summary
+
+
+def triton_wins(rows: list[dict]) -> list[int]:
+    """Row counts at which the best Triton tile beat `_scaled_mm` (fast) for every layer kind."""
+    counts = []
+    for count in sorted({r["rows"] for r in rows}):
+        layers = [r for r in rows if r["rows"] == count]
+        best = [min((r[f"triton_n{t}_ms"] for t in TRITON_TILES if r.get(f"triton_n{t}_ms")), default=None)
+                for r in layers]
+        if all(b is not None and r["scaled_mm_fast_ms"] and b < r["scaled_mm_fast_ms"] for b, r in zip(best, layers)):
+            counts.append(count)
+    return counts
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def to_markdown(result: dict) -> str:
+    ways = ("bf16", "fp8_before", "fp8_now", "fp8_best", "torchao")
+    lines = [*header(f"FP8 matmuls: {result['model']}", result),
+             f"Rows = 2 x the scale's tokens (batch 1 with CFG). torchao: {result['torchao']}.", "",
+             "## Per layer (ms)", "",
+             "| layer | rows | bf16 | quantise | scaled_mm slow | scaled_mm fast | "
+             + " | ".join(f"triton n{t}" for t in TRITON_TILES) + " | dispatch | torchao | rel err |",
+             "|---|---|---|---|---|---|" + "---|" * len(TRITON_TILES) + "---|---|---|"]
+    for r in result["layers"]:
+        cells = [r.get(k) for k in ("bf16_ms", "quantise_ms", "scaled_mm_slow_ms", "scaled_mm_fast_ms")]
+        cells += [r.get(f"triton_n{t}_ms") for t in TRITON_TILES] + [r.get("dispatch_ms"), r.get("torchao_ms")]
+        lines.append(f"| {r['layer']} | {r['rows']} | " + " | ".join(_fmt(c) for c in cells)
+                     + f" | {r['dispatch_rel_err']:.4f} |")
+    lines += ["", f"## Per scale: a block's matmuls x {result['depth']} blocks (ms)", "",
+              "FP8 ways include the separate quantising passes; torchao quantises inside its own call.", "",
+              "| rows | " + " | ".join(ways) + " |", "|---|" + "---|" * len(ways)]
+    lines += [f"| {s['rows']} | " + " | ".join(_fmt(s[f'{w}_ms'], '.2f') for w in ways) + " |"
+              for s in result["scales_matmul"]]
+    if result["generations"]:
+        lines += ["", "## Generations (`sparvar bench memory` settings, CUDA graphs)", "",
+                  "| setting | latency (s) | per scale (ms) |", "|---|---|---|"]
+        for r in result["generations"]:
+            told = " ".join(f"{s * 1000:.1f}" for s in r.get("scale_s", [])) or r.get("error", "-")
+            lines.append(f"| {r['setting']} | {_fmt(r.get('latency_s'))} | {told} |")
+    lines += ["", "## Summary", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v) if not isinstance(v, list) else v} |" for k, v in result["summary"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(model: str, scales: bool, repeats: int, out_dir: str, command: str) -> None:
+    from sparvar.bench import memory
+    from sparvar.models.registry import MODELS
+
+    if not torch.cuda.is_available():
+        raise SparvarError("the FP8 benchmark needs a CUDA GPU")
+    spec = MODELS[model]
+    cfg = spec.transformer
+    if spec.family.fp8_layers != MODELS["infinity-8b"].family.fp8_layers:
+        raise SparvarError(f"the FP8 benchmark knows Infinity's layers, not {spec.family.name}'s")
+    torch.manual_seed(0)
+    torchao, torchao_version = load_torchao()
+    layers = []
+    for count in [2 * n for n in spec.schedule().lengths]:
+        for name, (k, n, quantise) in layer_shapes(cfg.width, cfg.ffn_hidden).items():
+            layers.append(bench_layer(name, k, n, quantise, count, torchao))
+            print(f"{name} x {count} rows: bf16 {_fmt(layers[-1]['bf16_ms'])} ms, "
+                  f"FP8 {_fmt(layers[-1]['dispatch_ms'])} ms", flush=True)
+    generations = []
+    if scales:
+        settings = {name: memory.SETTINGS[name] for name in ("bf16", "fp8")}
+        generations = memory.bench([model], settings, repeats)
+    by_scale = per_scale(layers, cfg.depth)
+    summary = {**summarize(by_scale, generations), "triton_beats_scaled_mm_at_rows": triton_wins(layers)}
+    result = {**provenance(command), "model": model, "depth": cfg.depth, "torchao": torchao_version,
+              "layers": layers, "scales_matmul": by_scale, "generations": generations, "summary": summary}
+    write(out_dir, "fp8", result, to_markdown(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="sparvar bench fp8", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="infinity-8b", help="an Infinity model (its sizes and schedule)")
+    parser.add_argument("--no-scales", action="store_true", help="time the layers only, no generations")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per setting (the median is kept)")
+    parser.add_argument("--out", default="benchmarks", help="folder for fp8.json and fp8.md")
+    args = parser.parse_args(argv)
+    run(args.model, not args.no_scales, args.repeats, args.out, command_line("sparvar bench fp8", argv))
+
+
+if __name__ == "__main__":
+    main()

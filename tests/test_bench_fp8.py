@@ -1,0 +1,120 @@
+"""Bookkeeping of `sparvar bench fp8` on fake rows (its timings need a GPU), and the per-scale
+times `sparvar bench memory` now records."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sparvar.bench import fp8, kernels, memory
+from sparvar.bench.common import provenance
+
+
+def layer(name, rows, bf16, slow, fast, quantise=None, triton=None, dispatch=None, torchao=None):
+    row = {"layer": name, "rows": rows, "bf16_ms": bf16, "scaled_mm_slow_ms": slow, "scaled_mm_fast_ms": fast,
+           "dispatch_ms": dispatch or fast, "dispatch_rel_err": 0.03}
+    if quantise is not None:
+        row["quantise_ms"] = quantise
+    if torchao is not None:
+        row["torchao_ms"] = torchao
+    for tile, ms in (triton or {}).items():
+        row[f"triton_n{tile}_ms"] = ms
+    return row
+
+
+LAYERS = [
+    layer("sa.proj", 2, 0.020, 0.030, 0.028, quantise=0.002, triton={16: 0.012, 32: 0.015, 64: 0.020}, dispatch=0.012),
+    layer("ffn.fc2", 2, 0.040, 0.050, 0.045, quantise=0.003, triton={16: 0.030, 32: 0.025, 64: 0.035}, dispatch=0.030),
+    layer("sa.proj", 8192, 0.300, 0.220, 0.190, quantise=0.020, torchao=0.260),
+    layer("ffn.fc2", 8192, 1.200, 0.800, 0.700, quantise=0.080, torchao=0.900),
+]
+
+
+def test_layer_shapes_are_an_infinity_blocks_fp8_layers_run_per_scale():
+    from sparvar.models.registry import INFINITY_FP8
+
+    shapes = fp8.layer_shapes(3584, 14336)
+    assert set(shapes) == set(INFINITY_FP8) - {"ca.mat_kv"}  # the text projection runs once per generation
+    assert shapes["sa.mat_qkv"] == (3584, 10752, None) and shapes["ffn.fc2"] == (14336, 3584, "gelu")
+
+
+def test_each_way_counts_the_quantising_pass_and_the_best_kernel():
+    ways = fp8.fp8_ways(LAYERS[1])
+    assert ways == pytest.approx({"fp8_before": 0.053, "fp8_now": 0.033, "fp8_best": 0.028, "torchao": None})
+    assert fp8.fp8_ways(LAYERS[3])["torchao"] == 0.9  # torchao quantises inside its own call
+
+
+def test_per_scale_sums_a_blocks_layers_times_the_depth():
+    scales = fp8.per_scale(LAYERS, depth=40)
+    assert [s["rows"] for s in scales] == [2, 8192]
+    assert scales[0]["bf16_ms"] == pytest.approx(40 * 0.060) and scales[0]["fp8_now_ms"] == pytest.approx(40 * 0.047)
+    assert scales[0]["torchao_ms"] is None and scales[1]["torchao_ms"] == pytest.approx(40 * 1.16)
+    summary = fp8.summarize(scales, [{"setting": "bf16", "latency_s": 0.67}, {"setting": "fp8", "error": "x"}])
+    assert summary["matmul_bf16_s"] == pytest.approx(40 * 1.56 / 1000) and summary["matmul_torchao_s"] is None
+    assert summary["bf16_latency_s"] == 0.67 and summary["fp8_latency_s"] is None
+    assert fp8.triton_wins(LAYERS) == [2]
+
+
+def test_markdown_has_every_layer_scale_and_generation():
+    scales = fp8.per_scale(LAYERS, depth=40)
+    gens = [{"setting": "bf16", "latency_s": 0.67, "scale_s": [0.0084, 0.2270]}, {"setting": "fp8", "error": "OOM"}]
+    result = {**provenance("c"), "model": "infinity-8b", "depth": 40, "torchao": "missing", "layers": LAYERS,
+              "scales_matmul": scales, "generations": gens, "summary": fp8.summarize(scales, gens)}
+    md = fp8.to_markdown(result)
+    assert md.count("| sa.proj |") == 2 and md.count("| ffn.fc2 |") == 2 and "torchao: missing." in md
+    assert "| bf16 | 0.670 | 8.4 227.0 |" in md and "| fp8 | - | OOM |" in md
+
+
+def test_a_layer_row_has_every_way_timed(monkeypatch):
+    """bench_layer end to end on the CPU, with one call per timing and the reference standing in for
+    the Triton kernel (tested against it in test_kernels.py)."""
+    import sparvar.bench.kernels
+    import sparvar.kernels.fp8 as kernels_fp8
+
+    monkeypatch.setattr(sparvar.bench.kernels, "time_ms", lambda fn: fn() is not None and 1.0)
+    monkeypatch.setattr(kernels_fp8, "fp8_matmul_triton",
+                        lambda *args, block_n: kernels_fp8.fp8_matmul_reference(*args))
+    row = fp8.bench_layer("ffn.fc2", 64, 48, "gelu", 4, lambda linear: linear, device="cpu")
+    timed = {key for key, value in row.items() if key.endswith("_ms") and value == 1.0}
+    assert timed == {"bf16_ms", "quantise_ms", "scaled_mm_slow_ms", "scaled_mm_fast_ms", "triton_n16_ms",
+                     "triton_n32_ms", "triton_n64_ms", "dispatch_ms", "torchao_ms"}
+    assert row["dispatch"] == "triton" and 0 < row["dispatch_rel_err"] < 0.1
+
+
+def test_a_missing_torchao_is_said_in_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import fails
+    assert fp8.load_torchao() == (None, "missing")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("torchao is missing")
+
+
+@pytest.mark.parametrize("bench", [lambda: fp8.run("infinity-8b", False, 1, "unused", "c"),
+                                   lambda: kernels.run_kernel_bench("unused", "c", ["8b"], [12])])
+def test_the_fp8_and_kernel_benches_need_a_gpu(bench):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(Exception, match="needs a CUDA GPU"):
+        bench()
+
+
+def test_memory_settings_record_the_median_time_of_each_scale(monkeypatch):
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2 * memory.GIB)
+    monkeypatch.setattr("sparvar.sparsity.make_policy", lambda *a, **kw: None)
+    per_scale = iter([[9.0, 9.0]] * 3 + [[1.0, 5.0], [3.0, 4.0], [2.0, 6.0]])  # three warm-ups (graphs) first
+
+    class Pipe:
+        spec = SimpleNamespace(family=SimpleNamespace(source_image=None))
+
+        def schedule(self):
+            return None
+
+        def __call__(self, *args, **kwargs):
+            return SimpleNamespace(scale_seconds=next(per_scale))
+
+    row = memory.time_setting(Pipe(), memory.SETTINGS["bf16"], repeats=3)
+    assert row["peak_gib"] == 2.0 and len(row["latencies_s"]) == 3 and row["scale_s"] == [2.0, 5.0]

@@ -1,0 +1,56 @@
+"""Bookkeeping of `sparvar bench kernels` on fake rows (its timings need a GPU): the summary of a
+partial run, FlashAttention-4's columns, and the one line said without flash-attn-4."""
+
+from __future__ import annotations
+
+import sys
+
+from sparvar.bench import kernels
+from sparvar.bench.common import provenance
+
+
+def sparse(scale, table, nominal, tflops, model="8b", **more):
+    row = {"kind": "sparse", "model": model, "scale": scale, "table": table, "nominal_density": nominal,
+           "density": nominal or 0.165, "triton_ms": 1.0, "triton_tflops": tflops, "flex_ms": 1.2, "sdpa_flash_ms": 3.5,
+           "sdpa_cudnn_ms": 2.3, "speedup_vs_flex": 1.2, "speedup_vs_sdpa_flash": 3.5, "speedup_vs_sdpa_cudnn": 2.3,
+           "fa4_ms": None, "fa4_tflops": None, "fa4_dense_ms": None, "fa4_dense_tflops": None}
+    return {**row, **more}
+
+
+ROWS = [
+    sparse(12, "random 10%", 0.10, 400.0, fa4_ms=0.5, fa4_tflops=550.0, fa4_first_call_s=2.5,
+           fa4_rel_err_vs_triton=1e-3),
+    sparse(12, "random 25%", 0.25, 500.0, fa4_ms=0.6, fa4_tflops=640.0, fa4_first_call_s=0.1,
+           fa4_rel_err_vs_triton=2e-3),
+    sparse(12, "random 50%", 0.50, 450.0),  # FA4 failed on this table
+    sparse(12, "random 100%", 1.00, 440.0, fa4_ms=1.7, fa4_tflops=700.0, fa4_dense_ms=1.67, fa4_dense_tflops=738.0,
+           fa4_first_call_s=0.2, fa4_rel_err_vs_triton=1e-3),
+    sparse(12, "paper CSLA (x)", None, 420.0, speedup_vs_sdpa_cudnn=4.99, fa4_speedup_vs_flex=1.5,
+           fa4_speedup_vs_sdpa_cudnn=7.0),
+]
+
+
+def test_a_run_of_one_scale_summarises_what_it_ran():
+    s = kernels.summarize(ROWS)
+    assert s["csla_paper_s12_8b_vs_cudnn"] == 4.99 and s["min_tflops_density_25_to_50"] == 450.0
+    assert s["min_tflops_density_10_to_50"] == 400.0 and s["decision_time_over_sdpa_flash"] is None
+    assert s["fa4_min_tflops_density_25_to_50"] == 640.0 and s["fa4_min_tflops_density_10_to_50"] == 550.0
+    assert s["fa4_csla_paper_s12_8b_vs_cudnn"] == 7.0 and s["fa4_dense_s12_8b_tflops"] == 738.0
+    assert s["met"]["csla_paper_s12_8b_vs_cudnn"] is False and s["met"]["decision_time_over_sdpa_flash"] is False
+    empty = kernels.summarize([])
+    assert empty["paper_table"] is None and not any(empty["met"].values())
+
+
+def test_markdown_shows_fa4_where_it_ran():
+    result = {**provenance("c"), "rows": ROWS, "summary": kernels.summarize(ROWS)}
+    md = kernels.to_markdown(result)
+    assert md.count("| 8b | 12 |") == len(ROWS) + 3  # the table's rows and FA4's three that ran
+    assert "| 8b | 12 | random 100% | 0.20 | 1.0e-03 | 1.670 | 738 |" in md
+    assert "| fa4_dense_s12_8b_tflops | 738.000 | - | - |" in md
+
+
+def test_a_missing_flash_attn_4_is_said_in_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    assert kernels.fa4_installed() is False
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("flash-attn-4 is missing")

@@ -1,0 +1,78 @@
+"""FlashAttention-4's block-sparse inputs from block tables (attention/fa4.py), checked on the CPU
+against the tables' token masks. FA4's kernel itself needs a GPU: `sparvar bench kernels` runs it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import random_table
+from sparvar.attention.fa4 import fa4_block_sparsity
+from sparvar.attention.tables import BlockTable
+from sparvar.errors import SparvarError
+
+
+def fa4_token_mask(blocks, q_len: int, kv_len: int) -> torch.Tensor:
+    """The (B|1, H|1, q_len, kv_len) mask FA4 computes from its inputs: the first `count` full
+    blocks of each query block, whole, keys past kv_len cut off; mask blocks none (their counts
+    must be 0)."""
+    assert not blocks.mask_block_cnt.any()
+    qb, kb = blocks.block_size
+    b, h, nq, _ = blocks.full_block_idx.shape
+    mask = torch.zeros(b, h, nq * qb, -(-kv_len // kb) * kb, dtype=torch.bool)
+    for i in range(b):
+        for j in range(h):
+            for r in range(nq):
+                for unit in blocks.full_block_idx[i, j, r, : blocks.full_block_cnt[i, j, r]].tolist():
+                    mask[i, j, r * qb : (r + 1) * qb, unit * kb : (unit + 1) * kb] = True
+    return mask[..., :q_len, :kv_len]
+
+
+@pytest.mark.parametrize("b,h,q_len,kv_len,q_block,key_block,density", [
+    (1, 1, 4096, 10521, 128, 128, 0.165),  # 8B scale 12 shapes, one table for all heads
+    (2, 3, 200, 300, 64, 64, 0.5),  # per head and item; neither length a multiple of its block
+    (1, 2, 130, 129, 128, 16, 0.3),  # the last key block one token long
+    (2, 1, 64, 1000, 64, 128, 1.0),
+])
+def test_fa4_inputs_cover_exactly_the_tables_mask(b, h, q_len, kv_len, q_block, key_block, density):
+    """Random tables: unsorted entries, junk past each count, empty query blocks."""
+    table = random_table(b, h, q_len, kv_len, q_block, key_block, density=density, junk=10**6, seed=q_len + kv_len)
+    blocks = fa4_block_sparsity(table)
+    assert blocks.block_size == (q_block, key_block)
+    for t in blocks[:4]:
+        assert t.dtype == torch.int32 and t.is_contiguous() and t.shape[:3] == table.counts.shape
+    assert blocks.full_block_idx.shape[-1] <= table.num_kv_units  # FA4 takes at most one entry per key block
+    assert torch.equal(fa4_token_mask(blocks, q_len, kv_len), table.to_mask())
+    listed = torch.arange(blocks.full_block_idx.shape[-1]) < blocks.full_block_cnt[..., None]
+    steps = blocks.full_block_idx.diff(dim=-1)
+    assert (steps[listed[..., 1:]] > 0).all()  # ascending: a listed last key block is walked first, and masked
+
+
+def test_tables_fa4_cannot_take_are_refused():
+    gathered = BlockTable(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 1, dtype=torch.int32),
+                          192, 1, 300, 50)
+    with pytest.raises(SparvarError, match="gathered key lists"):
+        fa4_block_sparsity(gathered)
+    with pytest.raises(SparvarError, match="multiple of 64"):
+        fa4_block_sparsity(random_table(1, 1, 100, 100, 32, 32))
+    with pytest.raises(SparvarError, match="up to 128"):
+        fa4_block_sparsity(random_table(1, 1, 256, 512, 128, 256))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fa4_matches_the_reference_cuda(per_head):
+    """FA4 over a random table (and dense) against the float32 reference, where flash-attn-4 is installed."""
+    pytest.importorskip("flash_attn.cute")
+    from sparvar.attention.fa4 import fa4_attention
+    from sparvar.attention.tables import reference_attention, reference_sparse_attention
+
+    b, h, q_len, kv_len = 2, 3, 700, 1500
+    table = random_table(1, h if per_head else 1, q_len, kv_len, 128, 128, density=0.4, junk=10**6, device="cuda")
+    q, k, v = (torch.randn(b, h, n, 128, device="cuda", dtype=torch.bfloat16) for n in (q_len, kv_len, kv_len))
+    out = fa4_attention(q, k, v, fa4_block_sparsity(table), 0.09)
+    ref = reference_sparse_attention(q, k, v, table, 0.09)
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
+    dense = fa4_attention(q, k, v, None, 0.09)
+    ref = reference_attention(q, k, v, None, 0.09)[0]
+    assert (dense.float() - ref.float()).norm() / ref.float().norm() < 1e-2
