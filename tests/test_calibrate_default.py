@@ -1,0 +1,47 @@
+"""tools/calibrate_default.py: candidate settings against dense on calibration prompts."""
+
+import json
+
+import pytest
+from helpers import tiny_pipeline
+
+from sparvar.errors import SparvarError
+from sparvar.sparsity import get_config
+from tools.calibrate_default import calibrate, read_candidates
+
+
+def test_candidates_are_settings_over_a_preset(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"paper": {}, "wide": {"csla_windows_from_end": [9, 5], "topk": 0.3},
+                                "ablation": {"preset": "csla", "sink_scales": 6}}))
+    candidates = read_candidates(path)
+    assert candidates["paper"] == get_config("paper")
+    assert candidates["wide"] == get_config("paper", csla_windows_from_end=(9, 5), topk=0.3)
+    assert candidates["ablation"] == get_config("csla", sink_scales=6)
+    for text, error in (("{", "cannot read candidates file"), ("[1]", "must hold"), ('{"a": {"top": 1}}', "top"),
+                        ('{"a": {"preset": "fast"}}', "unknown attention preset")):
+        path.write_text(text)
+        with pytest.raises(SparvarError, match=error) as raised:
+            read_candidates(path)
+        assert "\n" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_calibration_measures_candidates_once_and_keeps_their_record(tmp_path):
+    pipe = tiny_pipeline()
+    run = lambda candidates, conditions=("a cat", "a dog"): calibrate(  # noqa: E731
+        pipe, list(conditions), 1, candidates, 2, tmp_path / "dense.pt", tmp_path, "cal", "cmd")
+    first = run({"paper": get_config("paper", group=16), "dense": get_config("dense")})
+    rows = first["candidates"]
+    assert rows["dense"]["psnr"] == 100 and rows["dense"]["density"] == 1 and rows["dense"]["settings"] == {
+        "cs4a": False, "csla": False}
+    assert 0 < rows["paper"]["density"] < 1 and rows["paper"]["psnr"] < 100 and len(rows["paper"]["psnr_per_image"]) == 2
+    assert set(rows["paper"]["planned_density"]) == {"infinity-tiny", "infinity-2b", "infinity-8b"}
+    second = run({"paper": get_config("paper", group=16), "more": get_config("paper", group=16, topk=0.5)})
+    assert second["candidates"]["paper"] == rows["paper"] and list(second["candidates"]) == ["paper", "dense", "more"]
+    assert json.loads((tmp_path / "cal.json").read_text())["commands"] == ["cmd", "cmd"]
+    assert "| more | group=16, topk=0.5 |" in (tmp_path / "cal.md").read_text()
+    with pytest.raises(SparvarError, match="other settings: rename it"):
+        run({"more": get_config("paper", topk=0.5)})
+    with pytest.raises(SparvarError, match="other prompts or seeds"):
+        run({}, ("a cat",))
