@@ -102,8 +102,8 @@ def test_error_probe_returns_the_inner_output_and_measures_its_error():
 @pytest.mark.slow
 def test_evaluate_compares_presets_on_the_same_seeds():
     pipe = tiny_pipeline(text_width=0, num_classes=3)
-    runs = preset_configs(pipe.spec, [0, 2], ["dense", "paper"], GenerationConfig(schedule=SCHEDULE), pipe.device,
-                          pipe.transformer.dtype, batch=3)
+    runs = preset_configs(pipe.spec, [0, 2], ["dense", "paper", "default"], GenerationConfig(schedule=SCHEDULE),
+                          pipe.device, pipe.transformer.dtype, batch=3)
     results = evaluate(pipe, [0, 2], [0, 1], runs, batch=3, progress=False)
     dense, paper = results["presets"]["dense"], results["presets"]["paper"]
     assert results["samples"] == 4 and dense["density"] == 1.0 and dense["attention_rel_error_max"] == 0.0
@@ -112,7 +112,9 @@ def test_evaluate_compares_presets_on_the_same_seeds():
     errors = np.array(paper["attention_rel_error"])
     assert errors.shape == (pipe.spec.transformer.depth, len(SCHEDULE)) and (errors[:, :5] == 0).all()
     results = {**provenance("sparvar eval"), **results, "summary": summary(results)}
-    assert results["summary"]["paper_density"] == paper["density"]
+    assert results["summary"]["paper_density"] == paper["density"] and results["summary"]["samples"] == 4
+    gain = results["presets"]["default"]["psnr"] - paper["psnr"]
+    assert results["summary"]["default_minus_paper_psnr_db"] == gain
     text = to_markdown(results)
     assert "| dense |" in text and "| paper |" in text and "paper_psnr" in text
 
@@ -126,7 +128,7 @@ def test_eval_command_writes_json_and_markdown(tmp_path):
     assert main(argv) == 0
     results = json.loads((out / "eval.json").read_text())
     assert results["samples"] == 2 and results["conditions"] == ["a boat", "a tree"]
-    assert set(results["summary"]) == {"default_psnr", "default_ssim", "default_density"}
+    assert set(results["summary"]) == {"samples", "default_psnr", "default_ssim", "default_density"}
     assert results["presets"]["default"]["density"] < 1
     assert "| default |" in (out / "eval.md").read_text()
     assert main(["eval", "--model", "var-tiny", "--out", str(out), "--quiet"]) == 2  # which classes: --labels

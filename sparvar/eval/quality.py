@@ -153,15 +153,17 @@ def _description(name: str) -> str:
 
 
 def summary(results: dict) -> dict:
-    """The headline numbers: PSNR and density of `default` and `paper`, PSNR and FLOPs of the
-    paper's skip-2 comparison (where evaluated)."""
-    out = {}
+    """The headline numbers: the samples, PSNR and density of `default` and `paper` and the PSNR
+    `default` gains over `paper`, PSNR and FLOPs of the paper's skip-2 comparison (where evaluated)."""
+    out = {"samples": results["samples"]}
     for name in ("default", "paper"):
         if name in results["presets"]:
             row = results["presets"][name]
             out[f"{name}_psnr"] = row.get("psnr")
             out[f"{name}_ssim"] = row.get("ssim")
             out[f"{name}_density"] = row["density"]
+    if out.get("default_psnr") is not None and out.get("paper_psnr") is not None:
+        out["default_minus_paper_psnr_db"] = out["default_psnr"] - out["paper_psnr"]
     for name in ("default+skip2", "fastvar+skip2"):
         if name in results["presets"]:
             row = results["presets"][name]
