@@ -126,7 +126,7 @@ def to_markdown(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="infinity-demo256")
+    p.add_argument("--model", default="infinity-demo")
     p.add_argument("--prompts", required=True, help="calibration prompts, one a line (never the held-out ones)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt: 0..N-1")
     p.add_argument("--candidates", required=True, help="JSON file of candidate settings (module docstring)")
