@@ -407,3 +407,19 @@ def test_sheet_lays_out_sections_of_captioned_images(tmp_path):
     (tmp_path / "title_only.txt").write_text("# nothing\n", encoding="utf-8")
     with pytest.raises(SparvarError, match="no prompts"):
         section(str(tmp_path / "title_only.txt"))
+
+
+@pytest.mark.parametrize("argv, says", [(["--columns", "0"], "--columns must be 1 or more"),
+                                        (["--prompts", "missing.txt"], "prompts file not found")])
+def test_grid_command_refuses_bad_input_in_one_line(argv, says, tmp_path):
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("cat face\n", encoding="utf-8")
+    base = argv if "--prompts" in argv else ["--prompts", str(prompts)] + argv
+    done = subprocess.run([sys.executable, "-m", "sparvar.demo.grid", *base, "--out", str(tmp_path / "g.png")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: ") and says in done.stderr
+    assert not (tmp_path / "g.png").exists()

@@ -1,8 +1,8 @@
 """What FP8 costs in fidelity: logits on random weights, images on the trained demo model.
 
 1. Random Infinity-2B and 8B weights (the FP8 pipeline holds the quantised weights of the same
-   seeded bf16 one), and the trained demo model's: a greedy bf16 generation (every bit its likelier value) fixes the tokens,
-   then each variant runs the scale loop on those same tokens (teacher forcing through its own
+   seeded bf16 one), and the trained demo model's: a greedy bf16 generation (every bit its
+   likelier value) fixes the tokens, then each variant runs the scale loop on those same tokens (teacher forcing through its own
    KV cache). Per scale: the relative error of its guided logits against bf16's, and the share
    of greedy choices (bits, or VAR token indices) it agrees with.
 2. The demo model: the PSNR of each variant's images against the bf16 dense images of the same
@@ -115,7 +115,8 @@ def summarize(logits: list[dict], demo: list[dict]) -> dict:
 
 def to_markdown(result: dict) -> str:
     lines = [*header("FP8 fidelity", result), "Random weights (infinity-demo: its trained ones), teacher-forced on "
-             "bf16's greedy tokens, dense attention; per scale: relative error of the guided logits against bf16, and greedy agreement.", ""]
+             "bf16's greedy tokens, dense attention; per scale: relative error of the guided logits against bf16, "
+             "and greedy agreement.", ""]
     models = sorted({r["model"] for r in result["logits"]})
     for model in models:
         rows = [r for r in result["logits"] if r["model"] == model]

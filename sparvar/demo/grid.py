@@ -6,6 +6,7 @@ so a reader can judge the trained model before running anything.
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def sheet(pipe, sections: list[tuple[str, list[str]]], seed: int = 0, columns: i
     """One image per prompt, `columns` a row with its prompt below it, under each section's title:
     the README's view of what the model draws for training and for held-out prompts."""
     font, title_font = ImageFont.load_default(size=11), ImageFont.load_default(size=18)
-    tiles = []  # (title or None, image or None, caption)
+    tiles = []  # (section title, its images, its prompts)
     for title, prompts in sections:
         images = [image for i in range(0, len(prompts), batch) for image in
                   pipe(prompts[i:i + batch], seed=seed, attention="dense", progress=False).images]
@@ -75,10 +76,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.columns < 1:
         p.error("--columns must be 1 or more")
-    try:
-        sections = [section(path) for path in args.prompts]
-    except SparvarError as err:
-        p.error(str(err))
+    sections = [section(path) for path in args.prompts]
     pipe = load_pipeline(args.model, device=args.device)
     picture = sheet(pipe, sections, args.seed, args.columns)
     small = picture.quantize(colors=128)  # a palette keeps the README's picture small
@@ -96,5 +94,9 @@ def section(path: str) -> tuple[str, list[str]]:
     return title, prompts
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # one line and status 2 for bad input, as `sparvar` gives
+    try:
+        main()
+    except SparvarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.status)
