@@ -1,8 +1,12 @@
 """tools/calibrate_default.py: candidate settings against dense on calibration prompts."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_pipeline
 
 from sparvar.errors import SparvarError
@@ -19,7 +23,8 @@ def test_candidates_are_settings_over_a_preset(tmp_path):
     assert candidates["wide"] == get_config("paper", csla_windows_from_end=(9, 5), topk=0.3)
     assert candidates["ablation"] == get_config("csla", sink_scales=6)
     for text, error in (("{", "cannot read candidates file"), ("[1]", "must hold"), ('{"a": {"top": 1}}', "top"),
-                        ('{"a": {"preset": "fast"}}', "unknown attention preset")):
+                        ('{"a": {"preset": "fast"}}', "unknown attention preset"),
+                        ('{"a": {"local_windows": 7}}', "candidate 'a' in .*not iterable")):
         path.write_text(text)
         with pytest.raises(SparvarError, match=error) as raised:
             read_candidates(path)
@@ -45,3 +50,20 @@ def test_calibration_measures_candidates_once_and_keeps_their_record(tmp_path):
         run({"more": get_config("paper", topk=0.5)})
     with pytest.raises(SparvarError, match="other prompts or seeds"):
         run({}, ("a cat",))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("candidates, argv, says", [
+    ("{", [], "cannot read candidates file"),
+    ('{"a": {"topk": "x"}}', [], "candidate 'a'"),
+    pytest.param("{}", ["--device", "cuda"], "CUDA was asked for",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_command_refuses_bad_input_in_one_line(candidates, argv, says, tmp_path):
+    (tmp_path / "c.json").write_text(candidates, encoding="utf-8")
+    (tmp_path / "p.txt").write_text("a cat\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "tools.calibrate_default", "--prompts", str(tmp_path / "p.txt"),
+                           "--candidates", str(tmp_path / "c.json"), "--out", str(tmp_path), *argv],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: ") and says in done.stderr

@@ -29,7 +29,7 @@ from sparvar.eval.flops import attention_density
 from sparvar.eval.metrics import psnr, ssim, to_tensor
 from sparvar.generation import GenerationConfig
 from sparvar.models.registry import get_spec
-from sparvar.options import read_conditions
+from sparvar.options import ArgumentParser, read_conditions
 from sparvar.sparsity import SparVARConfig, SparVARPolicy, get_config, plan_report
 
 PLANNED_ON = ("infinity-2b", "infinity-8b")  # the models `default` runs at 1024 in the speed numbers
@@ -46,8 +46,11 @@ def read_candidates(path: str | Path) -> dict[str, SparVARConfig]:
     tuples = {f.name for f in fields(SparVARConfig) if "tuple" in str(f.type)}
     out = {}
     for name, entry in entries.items():
-        overrides = {k: tuple(v) if k in tuples else v for k, v in entry.items() if k != "preset"}
-        out[name] = get_config(entry.get("preset", "paper"), **overrides)
+        try:
+            overrides = {k: tuple(v) if k in tuples else v for k, v in entry.items() if k != "preset"}
+            out[name] = get_config(entry.get("preset", "paper"), **overrides)
+        except TypeError as e:  # a value of the wrong kind: a number for a list, text for a number
+            raise SparvarError(f"candidate {name!r} in {path}: {e}") from None
     return out
 
 
@@ -125,8 +128,9 @@ def to_markdown(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m tools.calibrate_default", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="infinity-demo")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--prompts", required=True, help="calibration prompts, one a line (never the held-out ones)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt: 0..N-1")
     p.add_argument("--candidates", required=True, help="JSON file of candidate settings (module docstring)")
@@ -170,13 +174,14 @@ def main(argv=None) -> dict:
     conditions = read_conditions(args.prompts)
     if args.seeds < 1 or args.batch < 1:
         raise SparvarError(f"--seeds and --batch must be at least 1, got {args.seeds} and {args.batch}")
-    pipe = load_pipeline(args.model, device="cpu")
+    pipe = load_pipeline(args.model, device=args.device)
     return calibrate(pipe, conditions, args.seeds, candidates, args.batch, Path(args.cache), args.out, args.name,
                      command_line("python -m tools.calibrate_default", argv))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # one line and status 2 for bad input, as `sparvar` gives
     try:
         main()
-    except SparvarError as e:
-        sys.exit(f"error: {e}")
+    except SparvarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.status)
