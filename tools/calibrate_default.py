@@ -73,8 +73,9 @@ def generate(pipe, items: list, attention, batch: int) -> tuple[torch.Tensor, fl
 
 
 def dense_images(pipe, items: list, batch: int, cache: Path) -> torch.Tensor:
-    """The dense images of `items`, from `cache` when it holds these items."""
-    key = {"model": pipe.spec.name, "items": [list(item) for item in items]}
+    """The dense images of `items`, from `cache` when it holds these items made on this kind of device
+    (a GPU's bf16 images are not the CPU's)."""
+    key = {"model": pipe.spec.name, "device": pipe.device.type, "items": [list(item) for item in items]}
     if cache.is_file():
         saved = torch.load(cache)
         if saved["key"] == key:
