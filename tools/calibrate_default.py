@@ -1,4 +1,4 @@
-"""Choose `default`'s SparVAR rules on calibration prompts: for candidate settings, the PSNR and
+r"""Choose `default`'s SparVAR rules on calibration prompts: for candidate settings, the PSNR and
 SSIM of their images against dense attention (same prompts and seeds, as `sparvar eval`
 measures them) and their attention density (share of dense attention FLOPs computed), with the
 density each plans on the Infinity models. Results go to NAME.json and NAME.md through
@@ -8,7 +8,8 @@ Candidates are JSON: {"name": {"preset": "paper", "topk": 0.25, "local_windows":
 SparVARConfig's fields over a preset (default: paper). Dense images are generated once and kept
 in --cache.
 
-    python -m tools.calibrate_default --prompts runs/calib/cal16.txt --candidates tools/default_candidates.json
+    python -m tools.calibrate_default --model infinity-demo --prompts benchmarks/default_calibration_prompts.txt \
+        --candidates tools/default_candidates.json --device cuda --batch 32 --name default_calibration
 """
 
 from __future__ import annotations
