@@ -135,7 +135,7 @@ def test_demo_model_is_shaped_like_infinity():
     with torch.device("meta"):
         params += sum(p.numel() for p in [*decoder.parameters(), *build_t5(spec.text).parameters()])
     assert 2 * params <= 48e6  # bf16 weights in sparvar/assets
-    assert spec.default_condition == "cat face"
+    assert spec.default_condition == "grinning face"
 
 
 def _smoke(out, data_file, *extra):
@@ -234,7 +234,7 @@ def test_generate_without_a_prompt_draws_the_example(tmp_path, capsys):
     argv = ["generate", "--model", DEMO, "--random-weights", "--skip-last", "11", "--attention", "dense",
             "--out", str(tmp_path), "--quiet", "--device", "cpu"]
     assert main(argv) == 0
-    assert [p.name for p in tmp_path.glob("*.png")] == ["000_cat-face.png"]
+    assert [p.name for p in tmp_path.glob("*.png")] == ["000_grinning-face.png"]
 
 
 def test_the_demo_vae_is_its_trained_decoder_alone():
@@ -258,7 +258,7 @@ def test_demo_pipeline_loads_the_shipped_weights(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "trained on Noto's colour emoji" in out and str(spec.bundled_path("--weights")) in out
-    assert "prompt when none is given: cat face" in out
+    assert "prompt when none is given: grinning face" in out
 
 
 def test_default_generate_compares_dense_and_default(tmp_path, capsys):
@@ -266,7 +266,7 @@ def test_default_generate_compares_dense_and_default(tmp_path, capsys):
     the 10-scale prefix: the full schedule takes about 20 s on 2 cores (its time is in the README)."""
     assert main(["generate", "--resolution", "512", "--out", str(tmp_path), "--quiet", "--device", "cpu"]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert names == ["000_cat-face_compare.png", "000_cat-face_default.png", "000_cat-face_dense.png"]
+    assert names == ["000_grinning-face_compare.png", "000_grinning-face_default.png", "000_grinning-face_dense.png"]
     out = capsys.readouterr().out
     assert "infinity-demo on cpu, 10 scales" in out
     assert "dense:" in out and "default:" in out and "attention density 100.0%" in out

@@ -136,7 +136,7 @@ def test_eval_command_writes_json_and_markdown(tmp_path):
 
 def test_without_prompts_a_text_model_is_evaluated_on_its_example():
     """eval and calibrate-skip on the demo model draw its example prompt; other text models need a file."""
-    assert conditions_of(get_spec("infinity-demo"), None) == ["cat face"]
+    assert conditions_of(get_spec("infinity-demo"), None) == ["grinning face"]
     with pytest.raises(SparvarError, match="infinity-tiny is text-conditioned: give --prompts FILE"):
         conditions_of(get_spec("infinity-tiny"), None)
 

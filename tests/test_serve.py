@@ -163,7 +163,7 @@ def test_the_page_starts_with_the_models_example_prompt():
 
     from sparvar.serve import build_app
 
-    for name, value in (("infinity-demo", "cat face"), ("infinity-tiny", None)):
+    for name, value in (("infinity-demo", "grinning face"), ("infinity-tiny", None)):
         app = build_app(SimpleNamespace(spec=get_spec(name), device="cpu"))
         assert [b.value for b in app.blocks.values() if b.elem_id == "condition"] == [value], name
 

@@ -185,7 +185,7 @@ MODELS: dict[str, ModelSpec] = {
             schedules=(infinity_schedule("1:1", 1024), infinity_schedule("1:1", 512)),
             bundled={"--weights": "infinity_demo.safetensors", "--vae": "infinity_demo_vae.safetensors",
                      "--text-encoder": "infinity_demo_text.safetensors"},
-            example="cat face",
+            example="grinning face",
         ),
         ModelSpec(
             "infinity-tiny",
