@@ -174,8 +174,7 @@ MODELS: dict[str, ModelSpec] = {
             "infinity-demo",
             "small text-to-image Infinity over the full 13-scale 1:1 schedule (64x64 tokens, 256x256 px) and its "
             "first 10 scales (32x32 tokens, 128x128 px: --resolution 512), trained on Noto's colour emoji and their "
-            "Unicode names (sparvar train-demo); weights ship with the package; training under way "
-            "(docs/demo_model.md)",
+            "Unicode names (sparvar train-demo, docs/demo_model.md); weights ship with the package",
             InfinityConfig(depth=12, width=256, heads=4, vae_channels=16, text_width=256, text_max_len=128,
                            block_chunks=1, cfg=3.0, tau=1.0),
             # its VAE file's encoder (this class's) was never trained: the tokenizer's is sparvar/demo's
