@@ -1,5 +1,7 @@
 """The exceptions users see: each message says in one line what went wrong and what to do."""
 
+import sys
+
 
 class SparvarError(Exception):
     """Bad input or an unusable environment; the CLI prints the message and exits with status 2.
@@ -20,3 +22,13 @@ class Stopped(SparvarError):
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.status = 128 + signal_number
+
+
+def run_module(main) -> None:
+    """Runs a `python -m` entry point's main() as `sparvar` runs its commands: bad input ends it
+    with one `error:` line and the error's exit status, never a traceback."""
+    try:
+        main()
+    except SparvarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.status)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sparvar.bench.common import command_line, header, provenance, write
-from sparvar.errors import SparvarError
+from sparvar.errors import SparvarError, run_module
 from sparvar.eval.flops import attention_density
 from sparvar.eval.metrics import psnr, ssim, to_tensor
 from sparvar.generation import GenerationConfig
@@ -181,9 +180,5 @@ def main(argv=None) -> dict:
                      command_line("python -m tools.calibrate_default", argv))
 
 
-if __name__ == "__main__":  # one line and status 2 for bad input, as `sparvar` gives
-    try:
-        main()
-    except SparvarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.status)
+if __name__ == "__main__":
+    run_module(main)

@@ -6,14 +6,13 @@ so a reader can judge the trained model before running anything.
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from sparvar import files
-from sparvar.errors import SparvarError
+from sparvar.errors import SparvarError, run_module
 from sparvar.loading import load_pipeline
 from sparvar.options import ArgumentParser, read_conditions
 
@@ -94,9 +93,5 @@ def section(path: str) -> tuple[str, list[str]]:
     return title, prompts
 
 
-if __name__ == "__main__":  # one line and status 2 for bad input, as `sparvar` gives
-    try:
-        main()
-    except SparvarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.status)
+if __name__ == "__main__":
+    run_module(main)
