@@ -9,6 +9,7 @@
 #   bash tools/demo_measurements.sh calibrate OUT   score, default's calibration, skip thresholds, FP8
 #   bash tools/demo_measurements.sh evaluate OUT    every preset on 130 held-out images
 #
+# `score` reads runs/emoji.npz (`sparvar train-demo prepare`): carry it to the device.
 # `calibrate` comes first: `default`'s rules are chosen from its calibration table (and committed)
 # before `evaluate` measures them on the held-out prompts.
 set -uo pipefail
