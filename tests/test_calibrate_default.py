@@ -11,7 +11,7 @@ from helpers import tiny_pipeline
 
 from sparvar.errors import SparvarError
 from sparvar.sparsity import get_config
-from tools.calibrate_default import calibrate, read_candidates
+from tools.calibrate_default import calibrate, choice, read_candidates
 
 
 def test_candidates_are_settings_over_a_preset(tmp_path):
@@ -31,6 +31,16 @@ def test_candidates_are_settings_over_a_preset(tmp_path):
         assert "\n" not in str(raised.value)
 
 
+def test_the_choice_is_the_best_psnr_at_no_more_density_than_the_paper():
+    row = lambda psnr, density, planned: {"psnr": psnr, "density": density,  # noqa: E731
+                                          "planned_density": {"demo": density, "infinity-8b": planned}}
+    rows = {"paper": row(30.0, 0.25, 0.248), "denser": row(31.0, 0.26, 0.24),
+            "plans-more-on-8b": row(30.9, 0.24, 0.25), "lean": row(30.5, 0.245, 0.245), "leaner": row(30.2, 0.2, 0.2)}
+    assert choice(rows) == "lean"
+    assert choice({"paper": row(30.0, 0.25, 0.248), "worse": row(29.0, 0.2, 0.2)}) == "paper"
+    assert choice({"lean": row(30.5, 0.245, 0.245)}) is None
+
+
 @pytest.mark.slow
 def test_calibration_measures_candidates_once_and_keeps_their_record(tmp_path):
     pipe = tiny_pipeline()
@@ -46,6 +56,7 @@ def test_calibration_measures_candidates_once_and_keeps_their_record(tmp_path):
     assert second["candidates"]["paper"] == rows["paper"] and list(second["candidates"]) == ["paper", "dense", "more"]
     assert json.loads((tmp_path / "cal.json").read_text())["commands"] == ["cmd", "cmd"]
     assert "| more | group=16, topk=0.5 |" in (tmp_path / "cal.md").read_text()
+    assert "paper's): `paper`, +0.00 dB over the paper." in (tmp_path / "cal.md").read_text()  # the others: denser
     with pytest.raises(SparvarError, match="other settings: rename it"):
         run({"more": get_config("paper", topk=0.5)})
     with pytest.raises(SparvarError, match="other prompts or seeds"):
