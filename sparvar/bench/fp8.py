@@ -125,11 +125,15 @@ def fp8_ways(row: dict) -> dict[str, float | None]:
             "fp8_best": plus(min(kernels, default=None)), "torchao": row.get("torchao_ms")}
 
 
+def by_row_count(rows: list[dict]) -> dict[int, list[dict]]:
+    """The layer rows of each row count (scale), in ascending order."""
+    return {count: [r for r in rows if r["rows"] == count] for count in sorted({r["rows"] for r in rows})}
+
+
 def per_scale(rows: list[dict], depth: int) -> list[dict]:
     """Per row count (scale): each way's time summed over a block's layers, times the depth, in ms."""
     out = []
-    for count in sorted({r["rows"] for r in rows}):
-        layers = [r for r in rows if r["rows"] == count]
+    for count, layers in by_row_count(rows).items():
         ways = [fp8_ways(r) for r in layers]
         totals = {"bf16": [r["bf16_ms"] for r in layers], **{w: [x[w] for x in ways] for w in ways[0]}}
         out.append({"rows": count, **{f"{w}_ms": None if None in v else depth * sum(v) for w, v in totals.items()}})
@@ -151,8 +155,7 @@ def summarize(scales: list[dict], gen_rows: list[dict]) -> dict:
 def triton_wins(rows: list[dict]) -> list[int]:
     """Row counts at which the best Triton tile beat `_scaled_mm` (fast) for every layer kind."""
     counts = []
-    for count in sorted({r["rows"] for r in rows}):
-        layers = [r for r in rows if r["rows"] == count]
+    for count, layers in by_row_count(rows).items():
         best = [min((r[f"triton_n{t}_ms"] for t in TRITON_TILES if r.get(f"triton_n{t}_ms")), default=None)
                 for r in layers]
         if all(b is not None and r["scaled_mm_fast_ms"] and b < r["scaled_mm_fast_ms"] for b, r in zip(best, layers)):

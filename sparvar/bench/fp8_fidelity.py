@@ -2,8 +2,8 @@
 
 1. Random Infinity-2B and 8B weights (the FP8 pipeline holds the quantised weights of the same
    seeded bf16 one), and the trained demo model's: a greedy bf16 generation (every bit its
-   likelier value) fixes the tokens, then each variant runs the scale loop on those same tokens (teacher forcing through its own
-   KV cache). Per scale: the relative error of its guided logits against bf16's, and the share
+   likelier value) fixes the tokens, then each variant runs the scale loop on those same tokens
+   (teacher forcing through its own KV cache). Per scale: the relative error of its guided logits against bf16's, and the share
    of greedy choices (bits, or VAR token indices) it agrees with.
 2. The demo model: the PSNR of each variant's images against the bf16 dense images of the same
    prompts and seeds (mean of per-image PSNR, and pooled over all pixels), and the first scale
