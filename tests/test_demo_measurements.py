@@ -20,6 +20,12 @@ def test_an_unknown_stage_is_one_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_no_output_folder_is_one_line():
+    done = run("calibrate")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: give the output folder: tools/demo_measurements.sh calibrate OUT"]
+
+
 def test_a_spent_budget_skips_every_step(tmp_path):
     for stage, steps in (("calibrate", 4), ("evaluate", 2)):
         done = run(stage, str(tmp_path / stage))

@@ -14,9 +14,13 @@
 # before `evaluate` measures them on the held-out prompts.
 set -uo pipefail
 stage=${1:-}
-out=${2:?usage: tools/demo_measurements.sh calibrate|evaluate OUT}
+out=${2:-}
 if [ "$stage" != calibrate ] && [ "$stage" != evaluate ]; then
     echo "error: the stage is calibrate or evaluate, not '$stage'" >&2
+    exit 2
+fi
+if [ -z "$out" ]; then
+    echo "error: give the output folder: tools/demo_measurements.sh $stage OUT" >&2
     exit 2
 fi
 mkdir -p "$out"
