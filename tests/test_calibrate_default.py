@@ -78,3 +78,10 @@ def test_command_refuses_bad_input_in_one_line(candidates, argv, says, tmp_path)
                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert done.stderr.startswith("error: ") and says in done.stderr
+
+
+def test_default_is_the_choice_of_the_committed_calibration():
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "default_calibration.json").read_text())
+    candidates = read_candidates(root / "tools" / "default_candidates.json")
+    assert get_config("default") == candidates[choice(result["candidates"])]

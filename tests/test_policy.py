@@ -187,7 +187,10 @@ def test_plans_for_other_schedules():
             for s in layer["scales"]:
                 assert s["mode"] in ("dense", "decision") or s["block_density"] <= 0.4
     assert all(s["mode"] == "dense" for layer in plan_report(16, VAR_256, "default")["layers"] for s in layer["scales"])
-    assert plan_report(32, infinity_schedule(), "default")["layers"] == plan_report(32, infinity_schedule(), "paper")["layers"]
+    # default was chosen at no more planned attention than the paper's (tools/calibrate_default.py)
+    for depth in (12, 32, 40):
+        planned = {p: plan_report(depth, infinity_schedule(), p)["pairs"]["planned"] for p in ("default", "paper")}
+        assert planned["default"] <= planned["paper"]
     assert plan_report(32, infinity_schedule(), "paper", q_block=64)["settings"]["q_block"] == 64
 
 
