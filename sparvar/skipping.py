@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from sparvar.errors import SparvarError
 from sparvar.schedules import Schedule
 
-# Thresholds calibrated on the first demo model (64x64 grey; `sparvar calibrate-skip`,
-# benchmarks/adaptive_skip.md), to be recalibrated on the emoji demo once it is trained: skip the
-# last r scales when the detail energy after scale K-1-r is below DEMO_THRESHOLDS[r - 1].
-DEMO_THRESHOLDS = (0.3195, 0.2100)
+# Thresholds calibrated on the emoji demo model (`sparvar calibrate-skip`, benchmarks/adaptive_skip.md):
+# skip the last r scales when the detail energy after scale K-1-r is below DEMO_THRESHOLDS[r - 1].
+DEMO_THRESHOLDS = (0.09035, 0.06821)
 
 
 @dataclass(frozen=True)
