@@ -76,3 +76,53 @@ def test_fa4_matches_the_reference_cuda(per_head):
     dense = fa4_attention(q, k, v, None, 0.09)
     ref = reference_attention(q, k, v, None, 0.09)[0]
     assert (dense.float() - ref.float()).norm() / ref.float().norm() < 1e-2
+
+
+def test_auto_picks_fa4_only_where_it_was_measured_faster():
+    """Hopper, fp16/bf16, heads of 128, FA4_MIN_QUERIES queries or more, a table FA4 has a form for,
+    no log-sum-exp; anything else stays with the other backends."""
+    from sparvar.attention.sparse import FA4_MIN_QUERIES, prefers_fa4
+
+    table = random_table(1, 1, 4096, 10521, 128, 128, density=0.2)
+    big = torch.Size((2, 24, 4096, 128))
+    assert prefers_fa4(big, torch.bfloat16, table, (9, 0))
+    assert prefers_fa4(torch.Size((2, 24, FA4_MIN_QUERIES, 128)), torch.float16, table, (9, 0))
+    gathered = BlockTable(torch.ones(1, 1, 22, dtype=torch.int32), torch.zeros(1, 1, 22, 1, dtype=torch.int32),
+                          192, 1, 4096, 10521)
+    for shape, dtype, t, capability, lse in [
+        (big, torch.bfloat16, table, (9, 0), True),  # the log-sum-exp
+        (big, torch.bfloat16, table, (8, 0), False),  # Ampere
+        (big, torch.bfloat16, table, (10, 0), False),  # Blackwell: not measured
+        (big, torch.float32, table, (9, 0), False),
+        (torch.Size((2, 24, 4096, 64)), torch.bfloat16, table, (9, 0), False),  # heads of 64
+        (torch.Size((2, 24, FA4_MIN_QUERIES - 1, 128)), torch.bfloat16, table, (9, 0), False),
+        (big, torch.bfloat16, gathered, (9, 0), False),  # CS4A's key lists
+        (big, torch.bfloat16, None, (9, 0), False),
+    ]:
+        assert not prefers_fa4(shape, dtype, t, capability, lse)
+
+
+def test_auto_stays_off_fa4_on_the_cpu():
+    from sparvar.attention.sparse import resolve_backend
+
+    table = random_table(1, 1, 4096, 10521, 128, 128, density=0.2)
+    assert resolve_backend("auto", torch.zeros(1, 1, 4096, 128, dtype=torch.bfloat16), table) == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_runs_fa4_on_hopper_and_matches_the_reference_cuda():
+    """Where flash-attn-4 is installed on a Hopper GPU, "auto" takes it for a CSLA-sized call, and
+    its output (empty query blocks included) matches the float32 reference."""
+    pytest.importorskip("flash_attn.cute")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("FA4 is picked on Hopper only")
+    from sparvar.attention.sparse import resolve_backend, sparse_attention
+    from sparvar.attention.tables import reference_sparse_attention
+
+    table = random_table(2, 4, 2304, 5000, 128, 128, density=0.3, junk=10**6, device="cuda")
+    q, k, v = (torch.randn(2, 4, n, 128, device="cuda", dtype=torch.bfloat16) for n in (2304, 5000, 5000))
+    assert resolve_backend("auto", q, table) == "fa4"
+    out = sparse_attention(q, k, v, table, 0.09)
+    ref = reference_sparse_attention(q, k, v, table, 0.09)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2

@@ -14,7 +14,8 @@ from sparvar.sparsity.presets import PRESETS, Combination, SparVARConfig, combin
 def make_policy(name: str, backend: str = "auto", sdpa_backend: str = "auto", **overrides) -> SparVARPolicy:
     """The policy of preset `name` ("dense", "paper", "default", ...), some settings replaced.
 
-    `backend` picks the sparse kernel ("auto": Triton on CUDA, the CPU backend on the CPU);
+    `backend` picks the sparse kernel ("auto": FlashAttention-4 where attention/sparse.py's
+    `prefers_fa4` says so, else Triton on CUDA; the CPU backend on the CPU);
     `sdpa_backend` pins torch's kernel for the dense calls ("auto", "flash", "cudnn", ...).
     """
     return SparVARPolicy(get_config(name, **overrides), name=name, backend=backend, sdpa_backend=sdpa_backend)
