@@ -64,20 +64,21 @@ def test_a_cpu_torch_without_rowwise_scales_computes_the_reference(monkeypatch):
     assert torch.equal(out, fp8_matmul_reference(rows, wq, ws, None, torch.bfloat16))
 
 
-def test_few_rows_go_to_the_triton_kernel_where_kernels_run(monkeypatch):
-    """Up to TRITON_ROWS rows (over all leading dims) take the Triton kernel (tested against the
-    reference in test_kernels.py); more take `_scaled_mm`."""
+def test_every_row_count_takes_scaled_mm_with_fast_accumulation(monkeypatch):
+    """One path at every row count (the early scales' few rows too): `_scaled_mm`, with fast
+    accumulation unless asked otherwise."""
     import sparvar.models.fp8 as fp8
 
-    calls = []
-    monkeypatch.setattr(fp8, "use_kernels", lambda x: True)
-    monkeypatch.setattr(fp8, "fp8_matmul_triton",
-                        lambda *args: calls.append(args[0].shape) or fp8_matmul_reference(*args))
+    calls, scaled_mm = [], torch._scaled_mm
+    monkeypatch.setattr(fp8, "cpu_takes_rowwise_scales", lambda: True)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, *args, **kw: calls.append((a.shape[0], kw["use_fast_accum"]))
+                        or scaled_mm(a, *args, **kw))
     wq, ws = quantize_weight(torch.randn(24, 32))
-    for shape in [(2, 32, 32), (1, fp8.TRITON_ROWS, 32), (2, 33, 32)]:
+    for shape in [(1, 2, 32), (1, 64, 32), (2, 33, 32)]:
         out = fp8.fp8_matmul(quantize_rows(torch.randn(shape)), wq, ws, None, torch.float32)
         assert out.shape == (*shape[:2], 24)
-    assert calls == [(2, 32, 32), (1, fp8.TRITON_ROWS, 32)]
+    fp8.fp8_matmul(quantize_rows(torch.randn(3, 32)), wq, ws, None, torch.float32, fast_accum=False)
+    assert calls == [(2, True), (64, True), (66, True), (3, False)]
 
 
 @torch.no_grad()
@@ -155,8 +156,8 @@ def test_precision_is_checked_in_one_line(capsys):
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("m,k,n", [(2, 2048, 6144), (64, 3584, 10752), (8192, 3584, 14336), (77, 14336, 3584)])
 def test_fp8_matmul_matches_the_float_reference_cuda(m, k, n):
-    """Both GPU paths at the 2B and 8B sizes: the Triton kernel up to TRITON_ROWS rows,
-    `_scaled_mm` with fast accumulation past them."""
+    """`_scaled_mm` with fast accumulation at the 2B and 8B sizes, from the early scales' few rows
+    to the last scale's thousands."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)

@@ -29,7 +29,6 @@ from sparvar.attention.decision import attention_with_colsum, reference_attentio
 from sparvar.attention.sparse import resolve_backend, sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
-from sparvar.kernels.fp8 import Fp8Rows
 
 KERNELS_DIR = Path(compiled_sparse.__file__).parent
 BF16_TOL = 1e-2  # relative error for bf16 operands
@@ -459,19 +458,6 @@ def test_fused_kernels_build_for_hopper(name, pointers, constexprs, num_warps):
     assert kernel.metadata.shared <= 227 * 1024 and kernel.metadata.global_scratch_size == 0
 
 
-@pytest.mark.parametrize("block_m,block_n,mma", [(16, 16, r"mma\.sync\S*\.f32\.(e4m3\.e4m3|f16\.f16)\.f32"),
-                                                 (64, 32, r"wgmma\.mma_async\S*\.e4m3\.e4m3")])
-@pytest.mark.slow
-def test_fp8_matmul_builds_for_hopper_on_tensor_cores(block_m, block_n, mma):
-    """The FP8 matmul's products run on Hopper's tensor cores: e4m3 wgmma from 64 rows a tile;
-    at 16 rows Triton (3.9 here) widens e4m3 to f16, exactly, for mma.sync."""
-    k = _compile_for_hopper(
-        compiled_fp8._fp8_matmul_kernel,
-        dict(X="*fp8e4nv", X_SCALE="*fp32", W="*fp8e4nv", W_SCALE="*fp32", BIAS="*bf16", OUT="*bf16"),
-        dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), num_warps=4, num_stages=4)
-    assert re.search(mma, k.asm["ptx"]) and k.metadata.global_scratch_size == 0
-
-
 # ---- the blocks' fused elementwise kernels and FP8 rows (sparvar/kernels/fused.py, fp8.py) ---
 def _vector(kind, b, c, gen):
     """A gate/mul/add vector: per item (a float32 strided slice of a (B, 1, 6, C) tensor), or
@@ -549,41 +535,6 @@ def test_dequantize_rows_writes_into_strided_views(poisoned, length, d):
     kernels_fp8.dequantize_rows(data[:, :, :length], scale[:, :, :length], staging[:, :, :length])
     ref = (data[:, :, :length].float() * scale[:, :, :length]).to(torch.bfloat16)
     assert torch.equal(staging[:, :, :length], ref) and staging[:, :, length:].isnan().all()
-
-
-@pytest.mark.parametrize("m,k,n,block_n", [(1, 16, 16, 16), (2, 80, 48, 32), (7, 272, 100, 64), (37, 48, 16, None),
-                                           (70, 144, 112, 32)])
-@pytest.mark.parametrize("bias,out_dtype", [(None, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                            (torch.float32, torch.float16)])
-def test_fp8_matmul_matches_reference(poisoned, m, k, n, block_n, bias, out_dtype):
-    """Rows and output channels that fill no tile, K past the last whole tile (block_k 64), a
-    zero row and a zero output channel (their floor scales), several row tiles past 64 rows."""
-    gen = torch.Generator().manual_seed(m * k + n)
-    x = torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, m)[:, None]
-    x[m // 2] = 0
-    w = torch.randn(n, k, generator=gen)
-    w[n - 1] = 0
-    rows = kernels_fp8.quantize_rows_reference(x)
-    q = (w / (scale := w.abs().amax(1).clamp_min(1e-12) / 448)[:, None]).to(kernels_fp8.FP8)
-    b = None if bias is None else torch.randn(n, generator=gen).to(bias)
-    rows, q, scale, b = (Fp8Rows(rows.data.to(DEVICE), rows.scale.to(DEVICE)), q.to(DEVICE),
-                         scale.to(DEVICE), None if b is None else b.to(DEVICE))
-    out = kernels_fp8.fp8_matmul_triton(rows, q, scale, b, out_dtype, block_n=block_n, block_k=64)
-    ref = kernels_fp8.fp8_matmul_reference(rows, q, scale, b, out_dtype)
-    assert out.shape == (m, n) and out.dtype == out_dtype
-    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
-
-
-def test_fp8_matmul_keeps_leading_dims_and_picks_its_tiles():
-    rows = kernels_fp8.quantize_rows_reference(torch.randn(2, 3, 32))
-    w = torch.randn(24, 32).to(kernels_fp8.FP8)
-    out = kernels_fp8.fp8_matmul_triton(Fp8Rows(rows.data.to(DEVICE), rows.scale.to(DEVICE)), w.to(DEVICE),
-                                        torch.ones(24, device=DEVICE), None, torch.float32)
-    assert out.shape == (2, 3, 24)
-    # 132 SMs (an H100 or H200), one or two row tiles by the 8B projections to the width, to 3x and to 4x it
-    assert [kernels_fp8._fp8_block_n(1, n, 132) for n in (3584, 10752, 14336)] == [16, 32, 32]
-    assert kernels_fp8._fp8_block_n(2, 10752, 132) == 64
 
 
 @pytest.mark.parametrize("b,n,heads,d", [(2, 5, 3, 64), (1, 1, 1, 16), (2, 9, 5, 128)])

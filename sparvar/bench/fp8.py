@@ -8,12 +8,11 @@ triton.testing.do_bench, in ms:
               attention outputs into sa.proj and ca.proj, fc1's output into fc2 (with its GELU).
               The norms quantise inside their own kernel and are not counted.
   scaled_mm   torch._scaled_mm with rowwise scales, fast accumulation off ("slow") and on
-  triton      our Triton kernel (kernels/fp8.py) with N tiles of 16, 32 and 64, up to
-              TRITON_SWEEP_ROWS rows
-  dispatch    what `models.fp8.fp8_matmul` runs: the Triton kernel up to TRITON_ROWS rows
+              ("fast": what `models.fp8.fp8_matmul` runs at every row count)
   torchao     torchao's float8 inference (Float8DynamicActivationFloat8WeightConfig, PerRow) on the
               same nn.Linear, its own activation quantisation included, eager; without torchao
               one line says so and the column stays empty
+  rel err     `fp8_matmul`'s output against the float32 product of the bf16 operands
 Per scale, each way's sum over a block's layers times the depth: the matmul time of that scale
 (the cross-attention's text projection runs once per generation and is left out).
 Scales: `sparvar bench memory`'s bf16 and fp8 settings of the model (random weights, `default`
@@ -31,10 +30,6 @@ import torch.nn.functional as F
 from sparvar.bench.common import command_line, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import ArgumentParser, HelpFormatter
-
-TRITON_SWEEP_ROWS = 1024
-TRITON_TILES = (16, 32, 64)
-
 
 def layer_shapes(width: int, hidden: int) -> dict[str, tuple[int, int, str | None]]:
     """Each FP8 layer of an Infinity block run at every scale: (K, N, the separate quantising pass
@@ -78,9 +73,9 @@ def _timed(fn) -> float | None:
 
 def bench_layer(name: str, k: int, n: int, quantise: str | None, rows: int, torchao, device="cuda") -> dict:
     """One layer kind at one row count: every way of running it (None where one failed or is skipped)."""
-    from sparvar.kernels.fp8 import fp8_matmul_triton, quantize_rows
+    from sparvar.kernels.fp8 import quantize_rows
     from sparvar.kernels.fused import linear_gelu
-    from sparvar.models.fp8 import TRITON_ROWS, fp8_matmul, quantize_weight
+    from sparvar.models.fp8 import fp8_matmul, quantize_weight
 
     linear = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
     x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
@@ -96,32 +91,27 @@ def bench_layer(name: str, k: int, n: int, quantise: str | None, rows: int, torc
             row[f"scaled_mm_{'fast' if fast else 'slow'}_ms"] = _timed(lambda fast=fast: torch._scaled_mm(
                 fp8_rows.data, weight.t(), scale_a=fp8_rows.scale, scale_b=scale.view(1, -1), bias=bias,
                 out_dtype=torch.bfloat16, use_fast_accum=fast))
-        for tile in TRITON_TILES if rows <= TRITON_SWEEP_ROWS else ():
-            row[f"triton_n{tile}_ms"] = _timed(lambda tile=tile: fp8_matmul_triton(
-                fp8_rows, weight, scale, bias, torch.bfloat16, block_n=tile))
-        row["dispatch"] = "triton" if rows <= TRITON_ROWS else "scaled_mm_fast"
-        row["dispatch_ms"] = _timed(lambda: fp8_matmul(fp8_rows, weight, scale, bias, torch.bfloat16))
         if torchao is not None:
             ao = torchao(torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16))
             row["torchao_ms"] = _timed(lambda: ao(x))
         ref = F.linear(x.float(), linear.weight.float(), bias.float())
         out = fp8_matmul(fp8_rows, weight, scale, bias, torch.bfloat16).float()
-        row["dispatch_rel_err"] = float((out - ref).norm() / ref.norm())
+        row["fp8_rel_err"] = float((out - ref).norm() / ref.norm())
     return row
 
 
 def fp8_ways(row: dict) -> dict[str, float | None]:
     """The FP8 layer's time each way, its separate quantising pass included: as the blocks ran it
-    before (`_scaled_mm`, no fast accumulation), as they run it now (dispatch), the fastest
-    measured, and torchao's (which quantises its input itself)."""
+    before (`_scaled_mm`, no fast accumulation), as `fp8_matmul` runs it now (`_scaled_mm` with
+    fast accumulation), the faster of the two for this layer, and torchao's (which quantises its
+    input itself)."""
     extra = row.get("quantise_ms") or 0.0
-    kernels = [v for key, v in row.items() if key.endswith("_ms") and key.startswith(("scaled_mm", "triton"))]
-    kernels = [v for v in kernels if v is not None]
+    kernels = [v for v in (row.get("scaled_mm_slow_ms"), row.get("scaled_mm_fast_ms")) if v is not None]
 
     def plus(v):
         return None if v is None else v + extra
 
-    return {"fp8_before": plus(row.get("scaled_mm_slow_ms")), "fp8_now": plus(row.get("dispatch_ms")),
+    return {"fp8_before": plus(row.get("scaled_mm_slow_ms")), "fp8_now": plus(row.get("scaled_mm_fast_ms")),
             "fp8_best": plus(min(kernels, default=None)), "torchao": row.get("torchao_ms")}
 
 
@@ -141,8 +131,7 @@ def per_scale(rows: list[dict], depth: int) -> list[dict]:
 
 
 def summarize(scales: list[dict], gen_rows: list[dict]) -> dict:
-    """Totals over the scales of the matmuls each way, the generations' latencies, and the row
-    counts at which the Triton kernel (best tile) beat `_scaled_mm` with fast accumulation."""
+    """Totals over the scales of the matmuls each way, and the generations' latencies."""
     summary = {}
     for way in ("bf16", "fp8_before", "fp8_now", "fp8_best", "torchao"):
         values = [s[f"{way}_ms"] for s in scales]
@@ -152,17 +141,6 @@ def summarize(scales: list[dict], gen_rows: list[dict]) -> dict:
     return summary
 
 
-def triton_wins(rows: list[dict]) -> list[int]:
-    """Row counts at which the best Triton tile beat `_scaled_mm` (fast) for every layer kind."""
-    counts = []
-    for count, layers in by_row_count(rows).items():
-        best = [min((r[f"triton_n{t}_ms"] for t in TRITON_TILES if r.get(f"triton_n{t}_ms")), default=None)
-                for r in layers]
-        if all(b is not None and r["scaled_mm_fast_ms"] and b < r["scaled_mm_fast_ms"] for b, r in zip(best, layers)):
-            counts.append(count)
-    return counts
-
-
 def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -170,16 +148,15 @@ def _fmt(x, spec=".3f"):
 def to_markdown(result: dict) -> str:
     ways = ("bf16", "fp8_before", "fp8_now", "fp8_best", "torchao")
     lines = [*header(f"FP8 matmuls: {result['model']}", result),
-             f"Rows = 2 x the scale's tokens (batch 1 with CFG). torchao: {result['torchao']}.", "",
+             f"Rows = 2 x the scale's tokens (batch 1 with CFG). torchao: {result['torchao']}.",
+             "FP8 blocks run `_scaled_mm` fast (fp8_now); rel err: their output against float32.", "",
              "## Per layer (ms)", "",
-             "| layer | rows | bf16 | quantise | scaled_mm slow | scaled_mm fast | "
-             + " | ".join(f"triton n{t}" for t in TRITON_TILES) + " | dispatch | torchao | rel err |",
-             "|---|---|---|---|---|---|" + "---|" * len(TRITON_TILES) + "---|---|---|"]
+             "| layer | rows | bf16 | quantise | scaled_mm slow | scaled_mm fast | torchao | rel err |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["layers"]:
-        cells = [r.get(k) for k in ("bf16_ms", "quantise_ms", "scaled_mm_slow_ms", "scaled_mm_fast_ms")]
-        cells += [r.get(f"triton_n{t}_ms") for t in TRITON_TILES] + [r.get("dispatch_ms"), r.get("torchao_ms")]
+        cells = [r.get(k) for k in ("bf16_ms", "quantise_ms", "scaled_mm_slow_ms", "scaled_mm_fast_ms", "torchao_ms")]
         lines.append(f"| {r['layer']} | {r['rows']} | " + " | ".join(_fmt(c) for c in cells)
-                     + f" | {r['dispatch_rel_err']:.4f} |")
+                     + f" | {r['fp8_rel_err']:.4f} |")
     lines += ["", f"## Per scale: a block's matmuls x {result['depth']} blocks (ms)", "",
               "FP8 ways include the separate quantising passes; torchao quantises inside its own call.", "",
               "| rows | " + " | ".join(ways) + " |", "|---|" + "---|" * len(ways)]
@@ -192,7 +169,7 @@ def to_markdown(result: dict) -> str:
             told = " ".join(f"{s * 1000:.1f}" for s in r.get("scale_s", [])) or r.get("error", "-")
             lines.append(f"| {r['setting']} | {_fmt(r.get('latency_s'))} | {told} |")
     lines += ["", "## Summary", "", "| key | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v) if not isinstance(v, list) else v} |" for k, v in result["summary"].items()]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in result["summary"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -213,13 +190,13 @@ def run(model: str, scales: bool, repeats: int, out_dir: str, command: str) -> N
         for name, (k, n, quantise) in layer_shapes(cfg.width, cfg.ffn_hidden).items():
             layers.append(bench_layer(name, k, n, quantise, count, torchao))
             print(f"{name} x {count} rows: bf16 {_fmt(layers[-1]['bf16_ms'])} ms, "
-                  f"FP8 {_fmt(layers[-1]['dispatch_ms'])} ms", flush=True)
+                  f"FP8 {_fmt(layers[-1]['scaled_mm_fast_ms'])} ms", flush=True)
     generations = []
     if scales:
         settings = {name: memory.SETTINGS[name] for name in ("bf16", "fp8")}
         generations = memory.bench([model], settings, repeats)
     by_scale = per_scale(layers, cfg.depth)
-    summary = {**summarize(by_scale, generations), "triton_beats_scaled_mm_at_rows": triton_wins(layers)}
+    summary = summarize(by_scale, generations)
     result = {**provenance(command), "model": model, "depth": cfg.depth, "torchao": torchao_version,
               "layers": layers, "scales_matmul": by_scale, "generations": generations, "summary": summary}
     write(out_dir, "fp8", result, to_markdown(result))

@@ -6,9 +6,8 @@ being amax(|row|) / 448. `quantize_rows` makes them in one pass (the FFN's GELU 
 asked), `dequantize_rows` reads the FP8 KV cache back; `_fp8_row` is the in-kernel step that
 kernels/fused.py's add/norm kernel also ends with, so a norm's output never exists in bf16.
 
-`fp8_matmul_triton` is the FP8 product for a few rows (the early scales), where torch's rowwise
-`_scaled_mm` runs one row of 64 x 128 tiles, so only N / 128 programs (28 for an 8B projection
-to the width) read the weights; `fp8_matmul_reference` defines what both compute.
+The FP8 matmuls themselves run torch's `_scaled_mm` (models/fp8.py); `fp8_matmul_reference`
+(float32 of the same quantised numbers) defines what it computes.
 """
 
 from __future__ import annotations
@@ -76,33 +75,6 @@ def fp8_matmul_reference(rows: Fp8Rows, weight, scale, bias, out_dtype) -> torch
     return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
-def fp8_matmul_triton(rows: Fp8Rows, weight, scale, bias, out_dtype, block_n: int | None = None,
-                      block_k: int = 128) -> torch.Tensor:
-    """fp8_matmul_reference's product as one Triton kernel: FP8 x FP8 tensor-core products (e4m3
-    wgmma on Hopper from 64 rows a tile; below, Triton widens e4m3 to f16 exactly for mma.sync),
-    both scales and the bias applied to the float32 accumulator. Programs tile the rows by
-    up to 64 and N by `block_n` (default: the widest of 64, 32, 16 that still gives every SM two
-    programs), so few rows still spread the weight reads over the whole GPU. Its speed against
-    `_scaled_mm` is measured by `sparvar bench fp8`, on a GPU only."""
-    k, n = rows.data.shape[-1], weight.shape[0]
-    x = rows.data.reshape(-1, k)
-    m = x.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=out_dtype)
-    block_m = min(max(triton.next_power_of_2(m), 16), 64)
-    if block_n is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        block_n = _fp8_block_n(triton.cdiv(m, block_m), n, sms)
-    _fp8_matmul_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
-        x.contiguous(), rows.scale.reshape(-1).contiguous(), weight, scale, bias if bias is not None else scale, out,
-        m, n, k, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=4)
-    return out.view(*rows.data.shape[:-1], n)
-
-
-def _fp8_block_n(m_tiles: int, n: int, sms: int) -> int:
-    """The widest tile of N (64, 32 or 16) that gives each of `sms` SMs at least two programs."""
-    return next((b for b in (64, 32) if m_tiles * triton.cdiv(n, b) >= 2 * sms), 16)
-
-
 def dequantize_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
     """out = data * scale, for FP8 rows `data` (P, L, D) with `scale` (P, L, 1): the FP8 KV
     cache's prefix into its staging buffer (any leading dims; the last two may be strided
@@ -140,27 +112,6 @@ if triton is not None:
             u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
             y = 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
         tl.store(Q + row * K + cols, _fp8_row(y, SCALE + row).to(Q.dtype.element_ty), mask=ok)
-
-    @triton.jit(do_not_specialize=["M"])
-    def _fp8_matmul_kernel(X, X_SCALE, W, W_SCALE, BIAS, OUT, M, N, K, HAS_BIAS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok, col_ok = rows < M, cols < N
-        x_ptrs = X + rows.to(tl.int64)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
-        w_ptrs = W + cols.to(tl.int64)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]  # (N, K) rows: K-major B
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            k_ok = (start + tl.arange(0, BLOCK_K) < K)[None, :]
-            x = tl.load(x_ptrs + start, mask=row_ok[:, None] & k_ok, other=0.0)
-            w = tl.load(w_ptrs + start, mask=col_ok[:, None] & k_ok, other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
-        x_scale = tl.load(X_SCALE + rows, mask=row_ok, other=0.0)
-        acc *= x_scale[:, None] * tl.load(W_SCALE + cols, mask=col_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out = OUT + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit(do_not_specialize=["length"])
     def _dequantize_rows_kernel(SRC, SCALE, DST, length, src_sp, src_sl, scale_sp, dst_sp, dst_sl,

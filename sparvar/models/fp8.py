@@ -7,8 +7,8 @@ quantised per row (token) as they arrive, by the kernel that makes them where on
 (`fused.add_norm` with an FP8 output, the FFN's GELU in `fused.quantize_rows`), else by one
 quantising pass. The product is `torch._scaled_mm` with rowwise scales (torch's CUTLASS kernel
 on Hopper, a CPU kernel in recent torch: 2.13 here), with fast accumulation on the GPU as
-torchao's float8 inference has it; up to `TRITON_ROWS` rows (the early scales) it is our Triton
-kernel instead (kernels/fp8.py: `_scaled_mm` runs those on N / 128 programs). torchao's float8
+torchao's float8 inference has it, at every row count: a Triton kernel for the early scales' few
+rows never beat it on an H100 (benchmarks/kernels_notes.md) and was removed. torchao's float8
 inference would run the same `_scaled_mm`, but refuses to run on a CPU and would not fuse the
 quantisation with our norms; `sparvar bench fp8` times it beside ours on the GPU.
 `fp8_matmul_reference` (float32 of the same quantised numbers) is the oracle of the tests.
@@ -27,21 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparvar.errors import SparvarError
-from sparvar.kernels import use_kernels
 from sparvar.kernels.fp8 import (
     AMAX_FLOOR,
     FP8,
     FP8_MAX,
     Fp8Rows,
     fp8_matmul_reference,
-    fp8_matmul_triton,
     quantize_rows,
 )
-
-# Rows up to which a GPU runs the FP8 product in our Triton kernel rather than `_scaled_mm`: 64 is
-# `_scaled_mm`'s smallest row tile (read off torch's source, not measured); `sparvar bench fp8`
-# times both at every scale's row count, so a GPU run can move it.
-TRITON_ROWS = 64
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +57,9 @@ def cpu_takes_rowwise_scales() -> bool:
 
 def fp8_matmul(rows: Fp8Rows, weight, scale, bias, out_dtype, fast_accum: bool = True) -> torch.Tensor:
     """rows (..., K) x FP8 weight (N, K)^T with rowwise scales on both sides, + bias -> (..., N).
-    On a GPU, up to TRITON_ROWS rows run our Triton kernel, more run `_scaled_mm` (fast_accum:
-    its FP8 fast accumulation). A CPU torch without rowwise `_scaled_mm` computes the same numbers
-    in float32."""
+    Always `_scaled_mm` (fast_accum: its FP8 fast accumulation, on the GPU); a CPU torch without
+    rowwise `_scaled_mm` computes the same numbers in float32."""
     k = rows.data.shape[-1]
-    if use_kernels(rows.data) and rows.data.numel() <= TRITON_ROWS * k:
-        return fp8_matmul_triton(rows, weight, scale, bias, out_dtype)
     if rows.data.device.type == "cpu" and not cpu_takes_rowwise_scales():
         return fp8_matmul_reference(rows, weight, scale, bias, out_dtype)
     out = torch._scaled_mm(rows.data.reshape(-1, k), weight.t(), scale_a=rows.scale.reshape(-1, 1),
