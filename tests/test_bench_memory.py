@@ -39,7 +39,7 @@ NAMES = {setting: name for name, setting in SETTINGS.items()}
 def fake_proofs(monkeypatch, fails=(), rows=ROWS):
     """memory.prove over `rows` with loading and timing faked: a proof runs at its row's numbers
     nudged (peak + 0.01 GiB, latency x 1.1, so the summary shows which it took), except the
-    (model, setting) pairs in `fails`, which run out of memory.
+    (model, setting) pairs in `fails`, which run out of memory in their first replay.
     Returns (proofs, [(model, setting, card GiB) of each attempt])."""
     calls, cap = [], []
     monkeypatch.setattr(memory, "_load", lambda model, setting: (model, NAMES[setting]))
@@ -52,9 +52,9 @@ def fake_proofs(monkeypatch, fails=(), rows=ROWS):
         model, name = pipe
         calls.append((model, name, cap[-1]))
         if (model, name) in fails:
-            oom()
+            return memory._in_phase("first replay", oom)
         r = next(r for r in rows if r["model"] == model and r["setting"] == name)
-        return {"latency_s": r["latency_s"] * 1.1, "peak_gib": r["peak_gib"] + 0.01}
+        return {"latency_s": r["latency_s"] * 1.1, "peak_gib": r["peak_gib"] + 0.01, "reserved_gib": r["peak_gib"] + 1}
 
     monkeypatch.setattr(memory, "time_setting", time_setting)
     return memory.prove(rows, 1), calls
@@ -74,7 +74,8 @@ def test_a_failed_proof_falls_back_to_the_next_setting_and_only_proven_ones_coun
     proofs, calls = fake_proofs(monkeypatch, fails={("infinity-8b", "fp8 fp8-kv text-offload")})
     first, second = proofs["16g"]
     assert first["setting"] == "fp8 fp8-kv text-offload" and "latency_s" not in first
-    assert first["error"].startswith("OutOfMemoryError: CUDA out of memory") and first["card_gib"] == 16
+    assert first["error"].startswith("OutOfMemoryError: CUDA out of memory") and first["phase"] == "first replay"
+    assert "test_bench_memory.py" not in (first["where"] or "") and first["card_gib"] == 16
     assert second["setting"] == "fp8 fp8-kv block-stream" and second["peak_gib"] == pytest.approx(6.11)
     assert [len(proofs[c]) for c in memory.CARDS] == [1, 2, 1, 1]  # each card stops at its first that ran
     assert ("infinity-8b", "fp8 fp8-kv text-offload", 16) in calls
@@ -91,8 +92,8 @@ def test_a_failed_proof_falls_back_to_the_next_setting_and_only_proven_ones_coun
     assert s["8b_12g_peak_gib"] == pytest.approx(6.11) and s["2b_lowmem_peak_gib"] == pytest.approx(2.91)
 
     md = to_markdown({**provenance("c"), "title": "t", "rows": ROWS, "summary": s, "proofs": proofs})
-    assert "| 16g | 1 | fp8 fp8-kv text-offload | failed: OutOfMemoryError" in md
-    assert "| 16g | 2 | fp8 fp8-kv block-stream (picked) | ran, peak 6.11 GiB, 4.400 s |" in md
+    assert "| 16g | 1 | fp8 fp8-kv text-offload | failed in first replay" in md
+    assert "| 16g | 2 | fp8 fp8-kv block-stream (picked) | ran, peak 6.11 GiB (reserved 7.10), 4.400 s |" in md
     for card, name in s["settings"].items():  # the markdown's picks are the JSON's
         assert md.count(f"| {card} |") == len(proofs[card]) and f"| {name} (picked) |" in md
     assert "| 8b_16g_peak_gib | 6.110 |" in md
@@ -153,7 +154,41 @@ def test_markdown_lists_every_row():
     result = {**provenance("c"), "title": "t", "rows": ROWS, "summary": summarize(ROWS, {}), "proofs": {}}
     md = to_markdown(result)
     assert md.count("| infinity-") == len(ROWS) and "failed: OutOfMemoryError" in md
-    assert all(line.count("|") == 9 for line in md.splitlines() if line.startswith("| infinity-"))
+    assert all(line.count("|") == 10 for line in md.splitlines() if line.startswith("| infinity-"))
+
+
+def test_an_out_of_memory_error_keeps_its_numbers_and_drops_the_advice():
+    message = ("CUDA out of memory. Tried to allocate 224.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which "
+               "123.02 GiB is free. Including non-PyTorch memory, this process has 16.76 GiB memory in use. 16.00 GiB "
+               "allowed; Of the allocated memory 13.98 GiB is allocated by PyTorch, with 827.02 MiB allocated in "
+               "private pools (e.g., CUDA Graphs), and 1.85 GiB is reserved by PyTorch but unallocated. If reserved "
+               "but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    text = memory.describe_error(torch.OutOfMemoryError(message))
+    assert text.startswith("OutOfMemoryError: CUDA out of memory.")
+    assert text.endswith("1.85 GiB is reserved by PyTorch but unallocated.")
+    from sparvar.offload import OffloadedModule
+
+    with pytest.raises(RuntimeError) as raised:
+        memory._in_phase("eager warm-up", OffloadedModule, torch.nn.Linear(2, 2), "no-such-device")
+    assert raised.value.phase == "eager warm-up"
+    where = memory._where(raised.value)
+    assert where.startswith("offload.py:") and where.endswith(" __init__")  # sparvar's frame, not the bench's
+
+
+def test_free_memory_is_told_by_pool():
+    mib = 2**20
+    block = lambda size, state: {"size": size * mib, "state": state}  # noqa: E731
+    segments = [  # a split default segment (a freed 2 GiB buffer partly reused), a whole one, a graph pool's
+        {"total_size": 2048 * mib, "allocated_size": 400 * mib, "segment_pool_id": (0, 0),
+         "blocks": [block(400, "active_allocated"), block(1648, "inactive")]},
+        {"total_size": 224 * mib, "allocated_size": 224 * mib, "segment_pool_id": (0, 0),
+         "blocks": [block(224, "active_allocated")]},
+        {"total_size": 1024 * mib, "allocated_size": 200 * mib, "segment_pool_id": (1, 0),
+         "blocks": [block(200, "active_allocated"), block(824, "inactive")]},
+    ]
+    free = memory.free_by_pool(segments)
+    assert free == pytest.approx({"default_pool_free_gib": 1648 / 1024, "default_pool_largest_free_gib": 1648 / 1024,
+                                  "graph_pools_free_gib": 824 / 1024})
 
 
 def test_memory_bench_needs_a_gpu():

@@ -4,11 +4,15 @@ Infinity-2B and 8B, random weights, 1024x1024, batch 1 with CFG, attention `defa
 for its dense calls, as `sparvar bench e2e` mode d). Each
 setting combines a precision and an offload (load_pipeline) with a KV cache (GenerationConfig);
 its peak is `torch.cuda.max_memory_allocated` over the timed generations (loading excluded:
-random weights are drawn in bf16 on the card before they are quantised or moved). For each card
-size the settings whose peak leaves half a GiB of it free are proven, fastest first (2b_lowmem:
-lowest peak first), by running them again under `torch.cuda.set_per_process_memory_fraction` of
-the card size, until one runs (at most MAX_TRIES per card); only a setting whose proof ran is
-picked, and the card's summary keys are that proof's own peak and latency.
+random weights are drawn in bf16 on the card before they are quantised or moved), beside
+`max_memory_reserved` (what a per-process memory cap counts: the allocator's segments, the free
+blocks of the CUDA graphs' private pool among them, which replays use but `max_memory_allocated`
+does not count). For each card size the settings whose peak leaves half a GiB of it free are
+proven, fastest first (2b_lowmem: lowest peak first), by running them again under
+`torch.cuda.set_per_process_memory_fraction` of the card size, until one runs (at most MAX_TRIES
+per card); only a setting whose proof ran is picked, and the card's summary keys are that proof's
+own peak and latency. A failed proof keeps the phase and place it failed in and what the
+allocator held then.
 Run: sparvar bench memory [--models infinity-2b infinity-8b] [--out benchmarks]
 """
 
@@ -19,6 +23,7 @@ import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -60,28 +65,45 @@ CARDS = {"24g": ("infinity-8b", 24, False), "16g": ("infinity-8b", 16, True), "1
          "2b_lowmem": ("infinity-2b", 8, True)}
 
 
+WARM_UP = ("eager warm-up", "graph capture", "first replay")  # the generations before the timed ones (graphs)
+
+
+def _in_phase(phase: str, fn, *args):
+    """fn(*args); an exception leaves knowing the phase it came from (`phase` attribute)."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        if getattr(err, "phase", None) is None:
+            err.phase = phase
+        raise
+
+
 def time_setting(pipe, setting: Setting, repeats: int) -> dict:
     """Median latency, median time of each scale (the pipeline's CUDA events) and peak memory of
-    `repeats` generations after warm-up (and capture)."""
+    `repeats` generations after warm-up (and capture): allocated (`peak_gib`), reserved by the
+    allocator (`reserved_gib`, the CUDA graphs' private pool included), and the device's used
+    memory after them (`device_used_gib`: the CUDA context and anything else outside PyTorch too)."""
     from sparvar.sparsity import make_policy
 
     prompt, inputs = generation_inputs(pipe.spec)
     policy = make_policy("default", sdpa_backend="cudnn")  # as `sparvar bench e2e` mode d
     run = lambda seed: pipe([prompt], seed=seed, schedule=pipe.schedule(), attention=policy,  # noqa: E731
                             kv_cache=setting.kv_cache, cuda_graphs=setting.cuda_graphs, progress=False, **inputs)
-    for seed in range(3 if setting.cuda_graphs else 1):  # graphs: eager, capture, first replay
-        run(seed)
+    for seed, phase in enumerate(WARM_UP if setting.cuda_graphs else WARM_UP[:1]):
+        _in_phase(phase, run, seed)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, scales = [], []
     for seed in range(repeats):
         start = time.perf_counter()
-        scales.append(run(seed).scale_seconds)
+        scales.append(_in_phase(f"timed generation {seed + 1}", run, seed).scale_seconds)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    free, total = torch.cuda.mem_get_info()
     return {"latency_s": statistics.median(times), "latencies_s": times,
             "scale_s": [statistics.median(per_scale) for per_scale in zip(*scales)],
-            "peak_gib": torch.cuda.max_memory_allocated() / GIB}
+            "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+            "reserved_gib": torch.cuda.max_memory_reserved() / GIB, "device_used_gib": (total - free) / GIB}
 
 
 def _load(model: str, setting: Setting):
@@ -101,6 +123,55 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
+def describe_error(err: BaseException, limit: int = 600) -> str:
+    """`Type: message`, without PyTorch's advice after an out-of-memory message, at most `limit`
+    characters: long enough to keep the OOM message's reserved-but-unallocated figure."""
+    text = f"{type(err).__name__}: {err}"
+    text = text.split(" If reserved but unallocated memory is large")[0].strip()
+    return text[:limit]
+
+
+def _where(err: BaseException) -> str | None:
+    """The innermost two frames of sparvar's code (this bench's own left out) in the error's
+    traceback, innermost first: e.g. where a generation asked for the memory it did not get."""
+    here = []
+    for frame in traceback.extract_tb(err.__traceback__):
+        parts = Path(frame.filename).parts
+        inside = "/".join(parts[len(parts) - parts[::-1].index("sparvar"):]) if "sparvar" in parts else None
+        if inside and inside != "bench/memory.py":
+            here.append(f"{inside}:{frame.lineno} {frame.name}")
+    return " < ".join(reversed(here[-2:])) or None
+
+
+def free_by_pool(segments: list[dict]) -> dict:
+    """Free bytes (GiB) inside the allocator's segments (`torch.cuda.memory_snapshot()`): in the
+    default pool, its largest free block, and in private pools (CUDA graphs). Free blocks of the
+    default pool go back to CUDA only with their whole segment, and never during a graph capture;
+    a graph's pool keeps its own while the graph lives."""
+    default_free, largest, graph_free = 0, 0, 0
+    for segment in segments:
+        free = segment["total_size"] - segment["allocated_size"]
+        if tuple(segment.get("segment_pool_id") or (0, 0)) == (0, 0):
+            default_free += free
+            largest = max([largest] + [b["size"] for b in segment["blocks"] if b["state"] == "inactive"])
+        else:
+            graph_free += free
+    return {"default_pool_free_gib": default_free / GIB, "default_pool_largest_free_gib": largest / GIB,
+            "graph_pools_free_gib": graph_free / GIB}
+
+
+def _memory_at_error() -> dict:
+    """What the allocator holds while a failed run's tensors are still referenced (the traceback):
+    peaks since the cap was set, now, and the free bytes inside segments by pool."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"at_error": {"peak_gib": torch.cuda.max_memory_allocated() / GIB,
+                         "reserved_peak_gib": torch.cuda.max_memory_reserved() / GIB,
+                         "allocated_gib": torch.cuda.memory_allocated() / GIB,
+                         "reserved_gib": torch.cuda.memory_reserved() / GIB,
+                         **free_by_pool(torch.cuda.memory_snapshot())}}
+
+
 def bench(models: list[str], settings: dict[str, Setting], repeats: int) -> list[dict]:
     """One row per (model, setting); settings of one load share a pipeline."""
     rows = []
@@ -113,14 +184,15 @@ def bench(models: list[str], settings: dict[str, Setting], repeats: int) -> list
             try:
                 pipe = _load(model, settings[names[0]])
             except Exception as err:
-                rows += [{"model": model, "setting": n, **asdict(settings[n]), "error": f"load: {err}"} for n in names]
+                rows += [{"model": model, "setting": n, **asdict(settings[n]), "error": f"load: {describe_error(err)}"}
+                         for n in names]
                 traceback.print_exc()
             for name in names if pipe is not None else []:
                 row = {"model": model, "setting": name, **asdict(settings[name])}
                 try:
                     row.update(time_setting(pipe, settings[name], repeats))
                 except Exception as err:  # one failing setting must not lose the others' numbers
-                    row["error"] = f"{type(err).__name__}: {err}"[:300]
+                    row["error"] = describe_error(err)
                     traceback.print_exc()
                 pipe._graphs, pipe._cache, pipe._warm, pipe._policies = None, None, None, {}
                 _free()
@@ -144,7 +216,8 @@ def candidates(rows: list[dict], card: str) -> list[dict]:
 
 @contextlib.contextmanager
 def _capped(card_gib: float):
-    """This process's CUDA allocator held to card_gib, peak statistics counted from here."""
+    """This process's CUDA allocator held to card_gib (its reserved segments: the CUDA context and
+    other memory outside PyTorch are not counted), peak statistics counted from here."""
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * GIB / total))
     torch.cuda.reset_peak_memory_stats()
@@ -155,7 +228,9 @@ def _capped(card_gib: float):
 
 
 def prove_setting(model: str, name: str, card_gib: float, repeats: int) -> dict:
-    """One setting loaded afresh and timed as the bench does, under a cap of card_gib."""
+    """One setting loaded afresh and timed as the bench does, under a cap of card_gib; an error
+    keeps its phase (load, a warm-up generation, a timed one), where in sparvar it came from, and
+    what the allocator held then."""
     setting = SETTINGS[name]
     attempt = {"setting": name, "card_gib": card_gib}
     pipe = None
@@ -164,7 +239,8 @@ def prove_setting(model: str, name: str, card_gib: float, repeats: int) -> dict:
         with _capped(card_gib):
             attempt.update(time_setting(pipe, setting, repeats))
     except Exception as err:
-        attempt["error"] = f"{type(err).__name__}: {err}"[:300]
+        attempt.update(error=describe_error(err), phase=getattr(err, "phase", None) or "load", where=_where(err),
+                       **_memory_at_error())
         traceback.print_exc()
     finally:
         del pipe
@@ -225,19 +301,27 @@ def _fmt(x, spec=".3f"):
 
 
 def _told(attempt: dict) -> str:
-    """One attempt in a table cell: what it ran at, or how it failed."""
+    """One attempt in a table cell: what it ran at, or where and how it failed."""
     if "latency_s" in attempt:
-        return f"ran, peak {attempt['peak_gib']:.2f} GiB, {attempt['latency_s']:.3f} s"
-    return f"failed: {attempt['error']}".replace("|", "/")
+        return (f"ran, peak {attempt['peak_gib']:.2f} GiB (reserved {_fmt(attempt.get('reserved_gib'), '.2f')}), "
+                f"{attempt['latency_s']:.3f} s")
+    at = attempt.get("at_error")
+    held = (f" [allocator then: reserved {at['reserved_gib']:.2f} GiB, allocated {at['allocated_gib']:.2f}, "
+            f"free in the default pool {at['default_pool_free_gib']:.2f} (largest block "
+            f"{at['default_pool_largest_free_gib']:.2f}), free in CUDA graph pools {at['graph_pools_free_gib']:.2f}]"
+            if at else "")
+    where = f" at {attempt['where']}" if attempt.get("where") else ""
+    return f"failed in {attempt.get('phase') or '?'}{where}: {attempt['error']}{held}".replace("|", "/")
 
 
 def to_markdown(result: dict) -> str:
     lines = [*header(f"Memory settings: {result['title']}", result),
-             "| model | setting | precision | offload | KV cache | CUDA graphs | latency (s) | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | setting | precision | offload | KV cache | CUDA graphs | latency (s) | peak GiB "
+             "| reserved GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        cells = (f"{_fmt(r.get('latency_s'))} | {_fmt(r.get('peak_gib'), '.2f')}" if "error" not in r
-                 else f"failed: {r['error'][:80]} |")
+        cells = (f"{_fmt(r.get('latency_s'))} | {_fmt(r.get('peak_gib'), '.2f')} | {_fmt(r.get('reserved_gib'), '.2f')}"
+                 if "error" not in r else f"failed: {r['error'][:80]} | |")
         lines.append(f"| {r['model']} | {r['setting']} | {r['precision']} | {r['offload'] or '-'} | {r['kv_cache']} | "
                      f"{'yes' if r['cuda_graphs'] else 'no'} | {cells} |")
     lines += ["", "## Summary", "",
@@ -250,7 +334,8 @@ def to_markdown(result: dict) -> str:
               f"Per card, the settings whose peak (allocated) leaves {MARGIN_GIB} GiB of it free, fastest first "
               f"(2b_lowmem: lowest peak first), each loaded again and run as above under "
               f"`torch.cuda.set_per_process_memory_fraction` of the card size until one runs, at most "
-              f"{result.get('max_tries', MAX_TRIES)} per card.", ""]
+              f"{result.get('max_tries', MAX_TRIES)} per card. The cap holds the allocator's reserved memory, not the "
+              "CUDA context.", ""]
     measured = [card for card in CARDS if card in proofs]
     if measured:
         lines += ["| card | try | setting | proof |", "|---|---|---|---|"]
