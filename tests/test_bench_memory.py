@@ -191,6 +191,21 @@ def test_free_memory_is_told_by_pool():
                                   "graph_pools_free_gib": 824 / 1024})
 
 
+def test_text_offload_without_graphs_keeps_no_kv_cache_between_generations():
+    """What the `fp8 fp8-kv text-offload eager` setting counts on: with the text encoder offloaded and
+    no CUDA graphs, the KV cache is dropped before the decoder and the next text encoding."""
+    from sparvar.loading import load_pipeline
+
+    assert SETTINGS["fp8 fp8-kv text-offload eager"] == memory.Setting("fp8", "text", "fp8", cuda_graphs=False)
+    pipe = load_pipeline("infinity-tiny", device="cpu", random_weights=True, offload="text")
+    seen, text = [], pipe._text
+    pipe._text = lambda *args: seen.append(pipe._cache) or text(*args)
+    for seed in range(2):
+        pipe(["a boat"], seed=seed, kv_cache="fp8", progress=False)
+        assert pipe._cache is None
+    assert seen == [None, None]  # no cache on the device while the text encoder visits
+
+
 def test_memory_bench_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
