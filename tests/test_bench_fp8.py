@@ -106,6 +106,8 @@ def test_memory_settings_record_the_median_time_of_each_scale(monkeypatch):
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2 * memory.GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 3 * memory.GIB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (76 * memory.GIB, 80 * memory.GIB))
     monkeypatch.setattr("sparvar.sparsity.make_policy", lambda *a, **kw: None)
     per_scale = iter([[9.0, 9.0]] * 3 + [[1.0, 5.0], [3.0, 4.0], [2.0, 6.0]])  # three warm-ups (graphs) first
 
@@ -120,3 +122,4 @@ def test_memory_settings_record_the_median_time_of_each_scale(monkeypatch):
 
     row = memory.time_setting(Pipe(), memory.SETTINGS["bf16"], repeats=3)
     assert row["peak_gib"] == 2.0 and len(row["latencies_s"]) == 3 and row["scale_s"] == [2.0, 5.0]
+    assert row["reserved_gib"] == 3.0 and row["device_used_gib"] == 4.0
