@@ -11,6 +11,7 @@ reference where the log-sum-exp is asked for, and otherwise cpu on the CPU and g
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
 
 import torch
@@ -26,18 +27,10 @@ FA4_MIN_QUERIES = 2048
 
 
 @lru_cache(maxsize=None)
-def triton_available() -> bool:
+def importable(module: str) -> bool:
+    """Whether an optional package of a backend ("triton", "flash_attn.cute") is installed."""
     try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@lru_cache(maxsize=None)
-def fa4_available() -> bool:
-    try:
-        import flash_attn.cute  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
@@ -59,9 +52,9 @@ def resolve_backend(backend: str, q: torch.Tensor, table: BlockTable | None = No
         raise SparvarError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         if (q.is_cuda and prefers_fa4(q.shape, q.dtype, table, torch.cuda.get_device_capability(q.device), lse)
-                and fa4_available()):
+                and importable("flash_attn.cute")):
             return "fa4"
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available():
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and importable("triton"):
             return "triton"
         if lse:
             return "reference"
