@@ -126,3 +126,36 @@ def test_auto_runs_fa4_on_hopper_and_matches_the_reference_cuda():
     ref = reference_sparse_attention(q, k, v, table, 0.09)
     assert torch.isfinite(out).all()
     assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
+
+
+def test_dense_fa4_falls_back_to_sdpa_where_fa4_does_not_run():
+    """DenseAttention("fa4") on the CPU (or any GPU FA4 was not measured on) is SDPA's attention."""
+    from sparvar.attention.fa4 import fa4_measured_for, fa4_runs_here
+    from sparvar.attention.policy import AttentionCall, DenseAttention
+    from sparvar.schedules import infinity_schedule
+
+    assert fa4_measured_for(torch.Size((1, 2, 10, 128)), torch.bfloat16, (9, 0))
+    assert not fa4_measured_for(torch.Size((1, 2, 10, 128)), torch.bfloat16, (8, 9))
+    assert not fa4_measured_for(torch.Size((1, 2, 10, 80)), torch.float16, (9, 0))
+    q, k, v = (torch.randn(2, 3, n, 128) for n in (9, 30, 30))
+    assert not fa4_runs_here(q)
+    call = AttentionCall(layer=0, num_layers=1, scale=1, schedule=infinity_schedule(), softmax_scale=0.1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.1)
+    torch.testing.assert_close(DenseAttention("fa4")(q, k, v, call), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dense_fa4_matches_the_reference_cuda():
+    pytest.importorskip("flash_attn.cute")
+    from sparvar.attention.fa4 import fa4_runs_here
+    from sparvar.attention.policy import AttentionCall, DenseAttention
+    from sparvar.attention.tables import reference_attention
+    from sparvar.schedules import infinity_schedule
+
+    q, k, v = (torch.randn(2, 4, n, 128, device="cuda", dtype=torch.bfloat16) for n in (1600, 4121, 4121))
+    if not fa4_runs_here(q):
+        pytest.skip("FA4 runs on Hopper only")
+    call = AttentionCall(layer=0, num_layers=1, scale=10, schedule=infinity_schedule(), softmax_scale=0.09)
+    out = DenseAttention("fa4")(q, k, v, call)
+    ref = reference_attention(q, k, v, None, 0.09)[0]
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2

@@ -58,6 +58,20 @@ def fa4_block_sparsity(table: BlockTable) -> Fa4Blocks:
                      (table.q_block, table.key_block))
 
 
+def fa4_measured_for(q_shape: torch.Size, dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """Queries FA4 was measured on (benchmarks/hopper_2026-12-06/kernels_8b.md): a Hopper GPU
+    (compute capability 9.0), fp16/bf16, heads of 128."""
+    return capability == (9, 0) and dtype in (torch.float16, torch.bfloat16) and q_shape[-1] == 128
+
+
+def fa4_runs_here(q: torch.Tensor) -> bool:
+    """Whether FA4 would run for q on its device: a GPU it was measured on, flash-attn-4 installed."""
+    from sparvar.attention.sparse import importable
+
+    return (q.is_cuda and fa4_measured_for(q.shape, q.dtype, torch.cuda.get_device_capability(q.device))
+            and importable("flash_attn.cute"))
+
+
 def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: Fa4Blocks | None,
                   scale: float) -> torch.Tensor:
     """Attention of q (B, H, Lq, D) over k, v (B, H, Lk, D) through FA4: over the key blocks

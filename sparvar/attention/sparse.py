@@ -16,6 +16,7 @@ from functools import lru_cache
 
 import torch
 
+from sparvar.attention.fa4 import fa4_measured_for, fa4_runs_here
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
@@ -41,8 +42,8 @@ def prefers_fa4(q_shape: torch.Size, dtype: torch.dtype, table: BlockTable | Non
     """Whether "auto" runs FA4 for queries of q_shape (B, H, Lq, D) over `table` on a GPU of that
     compute capability: where it was measured faster than ours (Hopper, heads of 128, FA4_MIN_QUERIES
     queries or more) and has a form for the table (fa4.py); never for the log-sum-exp."""
-    return (table is not None and not lse and capability == (9, 0) and dtype in (torch.float16, torch.bfloat16)
-            and q_shape[-1] == 128 and q_shape[-2] >= FA4_MIN_QUERIES and table.key_block != 1
+    return (table is not None and not lse and fa4_measured_for(q_shape, dtype, capability)
+            and q_shape[-2] >= FA4_MIN_QUERIES and table.key_block != 1
             and table.q_block % 64 == 0 and table.key_block % 16 == 0 and table.key_block <= 128)
 
 
@@ -51,8 +52,7 @@ def resolve_backend(backend: str, q: torch.Tensor, table: BlockTable | None = No
     if backend not in BACKENDS:
         raise SparvarError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if (q.is_cuda and prefers_fa4(q.shape, q.dtype, table, torch.cuda.get_device_capability(q.device), lse)
-                and importable("flash_attn.cute")):
+        if fa4_runs_here(q) and prefers_fa4(q.shape, q.dtype, table, torch.cuda.get_device_capability(q.device), lse):
             return "fa4"
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and importable("triton"):
             return "triton"

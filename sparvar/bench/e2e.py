@@ -7,8 +7,10 @@ models, e.g. `--models hart-0.7b`, run those without token pruning: all but f, g
 edit a fixed picture, bench/common.py):
   a  as users run Infinity today: SDPA's default backend, a KV cache grown by concatenation,
      one PyTorch kernel per elementwise step
-  b  our best dense path: static KV cache, SDPA's cuDNN kernel, CUDA graphs per scale, fused
-     elementwise kernels (kernels/fused.py)
+  b  our best dense path: static KV cache, FlashAttention-4's dense kernel on Hopper where
+     flash-attn-4 is installed, else SDPA's cuDNN kernel (the same for the dense calls of c-i;
+     the result's `dense_kernel` says which ran), CUDA graphs per scale, fused elementwise
+     kernels (kernels/fused.py)
   c  SparVAR `paper` preset with CSLA on FlexAttention tables (how the paper ran it)
   d  SparVAR `default` preset on our Triton kernels
   e  (d) with the last two scales skipped
@@ -39,6 +41,7 @@ from typing import Callable
 import torch
 
 from sparvar import files
+from sparvar.attention.fa4 import fa4_runs_here
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.bench.common import command_line, generation_inputs, header, provenance, write
 from sparvar.errors import SparvarError
@@ -69,22 +72,23 @@ BASELINE_MODES = {"dense": Mode("static KV cache, SDPA default backend, no graph
 E2E_MODES = {
     "a": Mode("official-style: SDPA default backend, concatenated KV cache, no graphs, unfused ops",
               DenseAttention, GenerationConfig(kv_cache="concat"), fused=False),
-    "b": Mode("best dense: static KV cache, SDPA cuDNN, CUDA graphs, fused ops", _preset("dense", sdpa_backend="cudnn"),
+    "b": Mode("best dense: static KV cache, FA4 or SDPA cuDNN (dense_kernel), CUDA graphs, fused ops",
+              _preset("dense", sdpa_backend="fa4"),
               GRAPHS),
     "c": Mode("SparVAR paper preset, CSLA on FlexAttention, CUDA graphs",
-              _preset("paper", backend="flex", sdpa_backend="cudnn"), GRAPHS),
-    "d": Mode("SparVAR default preset, Triton kernels, CUDA graphs", _preset("default", sdpa_backend="cudnn"),
+              _preset("paper", backend="flex", sdpa_backend="fa4"), GRAPHS),
+    "d": Mode("SparVAR default preset, Triton kernels, CUDA graphs", _preset("default", sdpa_backend="fa4"),
               GRAPHS),
-    "e": Mode("(d) skipping the last 2 scales", _preset("default", sdpa_backend="cudnn"),
+    "e": Mode("(d) skipping the last 2 scales", _preset("default", sdpa_backend="fa4"),
               GenerationConfig(cuda_graphs=True, skip_last=2)),
-    "f": Mode("FastVAR token pruning on (b)", _preset("dense", sdpa_backend="cudnn"),
+    "f": Mode("FastVAR token pruning on (b)", _preset("dense", sdpa_backend="fa4"),
               GenerationConfig(cuda_graphs=True, prune="fastvar")),
-    "g": Mode("FastVAR as published: (f) skipping the last 2 scales", _preset("dense", sdpa_backend="cudnn"),
+    "g": Mode("FastVAR as published: (f) skipping the last 2 scales", _preset("dense", sdpa_backend="fa4"),
               GenerationConfig(cuda_graphs=True, prune="fastvar", skip_last=2)),
-    "h": Mode("(d) with FastVAR token pruning", _preset("default", sdpa_backend="cudnn"),
+    "h": Mode("(d) with FastVAR token pruning", _preset("default", sdpa_backend="fa4"),
               GenerationConfig(cuda_graphs=True, prune="fastvar")),
     "i": Mode("(d) with adaptive skip (demo thresholds; random weights: measures the cost of deciding)",
-              _preset("default", sdpa_backend="cudnn"), GenerationConfig(cuda_graphs=True, adaptive_skip=True)),
+              _preset("default", sdpa_backend="fa4"), GenerationConfig(cuda_graphs=True, adaptive_skip=True)),
 }
 
 
@@ -255,6 +259,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['mode']} | {r['latency_s']:.3f} | " + " | ".join(vs + parts)
                      + f" | {r['peak_gib']:.1f} |")
     lines += ["", "Modes:", ""] + [f"- {k}: {v}" for k, v in result["modes"].items()]
+    if result.get("dense_kernel"):
+        lines += ["", f"Dense calls of modes b-i ran on {result['dense_kernel']}."]
     ok = [r for r in result["rows"] if "scale_s" in r]
     if ok:
         lines += ["", "Per scale (transformer + sampling, ms):", ""]
@@ -323,6 +329,12 @@ def plot(result: dict, path: Path) -> None:
     files.whole(path, lambda part: fig.savefig(part, format="png", dpi=120))
 
 
+def dense_kernel() -> str:
+    """The kernel of the modes' dense calls on this GPU (DenseAttention "fa4")."""
+    probe = torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+    return "FlashAttention-4" if fa4_runs_here(probe) else "SDPA cuDNN"
+
+
 def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, title: str, command: str,
         official: str | None = None) -> dict:
     if not torch.cuda.is_available():
@@ -331,6 +343,7 @@ def run(models, modes: dict[str, Mode], repeats: int, out_dir: str, name: str, t
     result = {
         **provenance(command),
         "title": title,
+        "dense_kernel": dense_kernel(),
         "modes": {k: m.about for k, m in modes.items()} | ({"o": OFFICIAL_ABOUT} if official else {}),
         "rows": rows,
         "summary": _summary(rows),

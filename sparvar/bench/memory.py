@@ -1,7 +1,7 @@
 """Latency and peak GPU memory of the memory settings, all in one run on one card.
 
-Infinity-2B and 8B, random weights, 1024x1024, batch 1 with CFG, attention `default` (cuDNN SDPA
-for its dense calls, as `sparvar bench e2e` mode d). Each
+Infinity-2B and 8B, random weights, 1024x1024, batch 1 with CFG, attention `default` (its dense
+calls on FlashAttention-4 or SDPA cuDNN, as `sparvar bench e2e` mode d). Each
 setting combines a precision and an offload (load_pipeline) with a KV cache (GenerationConfig);
 its peak is `torch.cuda.max_memory_allocated` over the timed generations (loading excluded:
 random weights are drawn in bf16 on the card before they are quantised or moved), beside
@@ -89,7 +89,7 @@ def time_setting(pipe, setting: Setting, repeats: int) -> dict:
     from sparvar.sparsity import make_policy
 
     prompt, inputs = generation_inputs(pipe.spec)
-    policy = make_policy("default", sdpa_backend="cudnn")  # as `sparvar bench e2e` mode d
+    policy = make_policy("default", sdpa_backend="fa4")  # as `sparvar bench e2e` mode d
     run = lambda seed: pipe([prompt], seed=seed, schedule=pipe.schedule(), attention=policy,  # noqa: E731
                             kv_cache=setting.kv_cache, cuda_graphs=setting.cuda_graphs, progress=False, **inputs)
     for seed, phase in enumerate(WARM_UP if setting.cuda_graphs else WARM_UP[:1]):

@@ -30,7 +30,7 @@ def category(name: str) -> str:
     return next((c for c, pattern in CATEGORIES if re.search(pattern, low)), "elementwise/other")
 
 
-def profile(model: str, attention: str, precision: str = "auto", sdpa_backend: str = "cudnn") -> dict:
+def profile(model: str, attention: str, precision: str = "auto", sdpa_backend: str = "fa4") -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
