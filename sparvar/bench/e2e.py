@@ -12,7 +12,8 @@ edit a fixed picture, bench/common.py):
      the result's `dense_kernel` says which ran), CUDA graphs per scale, fused elementwise
      kernels (kernels/fused.py)
   c  SparVAR `paper` preset with CSLA on FlexAttention tables (how the paper ran it)
-  d  SparVAR `default` preset on our Triton kernels
+  d  SparVAR `default` preset on our Triton kernels (FlashAttention-4's for the block tables where
+     attention/sparse.py's `prefers_fa4` picks it: Hopper, flash-attn-4 installed)
   e  (d) with the last two scales skipped
   f  FastVAR-style token pruning (pruning.py) on (b)
   g  FastVAR as published: (f) with the last two scales skipped
@@ -77,8 +78,8 @@ E2E_MODES = {
               GRAPHS),
     "c": Mode("SparVAR paper preset, CSLA on FlexAttention, CUDA graphs",
               _preset("paper", backend="flex", sdpa_backend="fa4"), GRAPHS),
-    "d": Mode("SparVAR default preset, Triton kernels, CUDA graphs", _preset("default", sdpa_backend="fa4"),
-              GRAPHS),
+    "d": Mode("SparVAR default preset, Triton kernels (FA4 where prefers_fa4), CUDA graphs",
+              _preset("default", sdpa_backend="fa4"), GRAPHS),
     "e": Mode("(d) skipping the last 2 scales", _preset("default", sdpa_backend="fa4"),
               GenerationConfig(cuda_graphs=True, skip_last=2)),
     "f": Mode("FastVAR token pruning on (b)", _preset("dense", sdpa_backend="fa4"),

@@ -90,9 +90,10 @@ PRESETS: dict[str, Preset] = {
     # Chosen on the demo's calibration prompts (benchmarks/default_calibration.md, candidates in
     # tools/default_candidates.json): the highest PSNR at no more attention density than `paper`.
     "default": Preset(
-        "paper, but CS4A in layers 0-13 (paper 0-10; shallower models keep the share of 32) keeping its top 15% of keys (paper 20%) "
-        "and one local window of 7 (paper 7 and 9); a scale whose plan keeps over 40% of the blocks runs dense "
-        "(on an H200 FlexAttention beats cuDNN's dense kernel only below about 60% of the blocks)",
+        "paper, but CS4A in layers 0-13 (paper 0-10; shallower models keep the share of 32) keeping its "
+        "top 15% of keys (paper 20%) and one local window of 7 (paper 7 and 9); a scale whose plan keeps "
+        "over 40% of the blocks runs dense (on an H200 FlexAttention beats cuDNN's dense kernel only below "
+        "about 60% of the blocks)",
         SparVARConfig(cs4a_layers=14, topk=0.15, local_windows=(7,), max_density=0.4),
     ),
     "paper-remap": Preset(
