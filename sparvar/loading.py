@@ -15,7 +15,7 @@ from sparvar.checkpoint import load_strict, read_state_dict
 from sparvar.errors import SparvarError
 from sparvar.models.fp8 import quantize_blocks
 from sparvar.models.registry import ModelSpec, create_model, create_vae, get_spec, guess_model
-from sparvar.offload import BlockStream, OffloadedModule, move_except_blocks
+from sparvar.offload import BlockStream, OffloadedModule, layer_stack, move_except_blocks
 from sparvar.pipeline import Pipeline
 from sparvar.validation import check_offload, check_precision, default_dtype, resolve_device
 
@@ -108,5 +108,6 @@ def load_pipeline(
             encoder = family.text_encoder.random(spec.text, device, dtype, seed, spec.transformer.text_max_len)
         else:
             encoder = family.text_encoder.load(text_encoder, spec.text, device, dtype, spec.transformer.text_max_len)
-    text_offload = OffloadedModule(encoder.model, device) if encoder is not None and offload else None
+    text_offload = (OffloadedModule(encoder.model, device, layer_stack(encoder.model))
+                    if encoder is not None and offload else None)
     return Pipeline(spec, transformer, decoder, encoder, text_offload, precision, offload)

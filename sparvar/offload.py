@@ -1,8 +1,10 @@
 """Weights kept in CPU memory for cards too small for them (load_pipeline's `offload`).
 
-- "text": the T5 encoder lives in pinned CPU memory and is copied to the GPU for each encoding,
-  then dropped there (its weights never change, so nothing is copied back): the 2.4 GB of
-  Flan-T5-XL are free while the transformer runs.
+- "text": the text encoder lives in pinned CPU memory and visits the GPU for each encoding, its
+  stack of layers one layer at a time, then is dropped there (its weights never change, so
+  nothing is copied back): the 2.4 GB of Flan-T5-XL are free while the transformer runs, and
+  an encoding holds its embeddings and about one of its 24 layers on the card, not all of it
+  (docs/memory_proofs.md: the whole encoder's 2.28 GiB were what broke the 16 GiB cap).
 - "blocks": the same for T5, and the transformer blocks stream from pinned CPU memory through
   two device-resident blocks: while one computes, the next block's weights are copied into the
   other on a side stream. The rest of the transformer (embeddings, head) stays on the GPU.
@@ -20,10 +22,13 @@ import torch.nn as nn
 ALIGN = 256  # bytes; every tensor of a flat buffer starts at a multiple
 
 
-def _entries(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, bool]]:
-    """(owner, name, tensor, is_parameter) of every parameter and buffer, tied ones repeated."""
+def _entries(module: nn.Module, skip: frozenset[int] = frozenset()) -> list[tuple[nn.Module, str, torch.Tensor, bool]]:
+    """(owner, name, tensor, is_parameter) of every parameter and buffer, tied ones repeated;
+    modules whose id is in `skip` left out."""
     out = []
     for owner in module.modules():
+        if id(owner) in skip:
+            continue
         out += [(owner, n, p, True) for n, p in owner._parameters.items() if p is not None]
         out += [(owner, n, b, False) for n, b in owner._buffers.items() if b is not None]
     return out
@@ -32,10 +37,11 @@ def _entries(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, bool
 class FlatTensors:
     """A module's tensors packed into one byte buffer on `device` (pinned on the CPU when a GPU
     will read it), the module's parameters and buffers turned into views of it. `point(flat)`
-    turns them into views of another buffer of the same layout."""
+    turns them into views of another buffer of the same layout. Modules whose id is in `skip`
+    keep their own tensors."""
 
-    def __init__(self, module: nn.Module, device, pin: bool = False):
-        self.entries, self.layout, offsets, total = _entries(module), [], {}, 0
+    def __init__(self, module: nn.Module, device, pin: bool = False, skip: frozenset[int] = frozenset()):
+        self.entries, self.layout, offsets, total = _entries(module, skip), [], {}, 0
         for _, _, t, _ in self.entries:
             if id(t) not in offsets:  # a tied tensor keeps one place
                 offsets[id(t)] = total
@@ -61,19 +67,44 @@ class FlatTensors:
 
 
 class OffloadedModule:
-    """A module whose weights wait in CPU memory and visit `device` only while it works."""
+    """A module whose weights wait in CPU memory and visit `device` only while it works: each of
+    `layers` (its stack of layers, `layer_stack`) only while that layer runs, the rest from
+    `bring` to `release`."""
 
-    def __init__(self, module: nn.Module, device):
+    def __init__(self, module: nn.Module, device, layers: nn.ModuleList | None = None):
         self.device = torch.device(device)
-        self.store = FlatTensors(module.cpu(), "cpu", pin=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        layers = list(layers or [])
+        inside = frozenset(id(m) for layer in layers for m in layer.modules())
+        self.store = FlatTensors(module.cpu(), "cpu", pin=pin, skip=inside)
+        self.visiting = False
+        for layer in layers:
+            store = FlatTensors(layer, "cpu", pin=pin)
+            layer.register_forward_pre_hook(lambda _module, _args, store=store: self._visit(store))
+            layer.register_forward_hook(lambda _module, _args, _out, store=store: store.point(store.flat))
+
+    def _visit(self, store: FlatTensors) -> None:
+        """A store's weights onto the device during a visit: one copy, ordered before the kernels
+        that use them."""
+        if self.visiting:
+            store.point(store.flat.to(self.device, non_blocking=True))
 
     def bring(self) -> None:
-        """Weights onto the device: one copy, ordered before the kernels that use them."""
-        self.store.point(self.store.flat.to(self.device, non_blocking=True))
+        """The weights outside the layers onto the device (the layers come as they run)."""
+        self.visiting = True
+        self._visit(self.store)
 
     def release(self) -> None:
         """Back to the CPU copy; the device buffer is freed once the queued kernels are done."""
         self.store.point(self.store.flat)
+        self.visiting = False
+
+
+def layer_stack(module: nn.Module) -> nn.ModuleList | None:
+    """The module's stack of layers: its ModuleList holding the most parameters (T5's
+    `encoder.block`, Qwen2's `layers`), or None."""
+    stacks = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
 class BlockStream:

@@ -9,7 +9,7 @@ from helpers import same_generation
 from sparvar.cli import main as cli_main
 from sparvar.errors import SparvarError
 from sparvar.loading import load_pipeline
-from sparvar.offload import BlockStream, FlatTensors, OffloadedModule
+from sparvar.offload import BlockStream, FlatTensors, OffloadedModule, layer_stack
 
 ON_GPU = torch.cuda.is_available()
 
@@ -83,3 +83,41 @@ def test_offloaded_module_moves_nothing_back():
     store.bring()
     store.release()
     assert module.weight.data_ptr() - host < store.store.flat.numel()
+
+
+class _Stack(torch.nn.Module):
+    """A small encoder: an input projection, a stack of layers, a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 8)
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+                                          for _ in range(3))
+        self.small = torch.nn.ModuleList([torch.nn.Linear(8, 2)])
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+def test_offloaded_layers_visit_the_device_one_at_a_time():
+    """Each layer of the stack is on the device only while it runs; the rest from bring to
+    release; the output is the module's own ("meta" stands in for the GPU on the CPU)."""
+    module = _Stack()
+    expected = module(torch.ones(2, 4))
+    assert layer_stack(module) is module.layers  # the ModuleList holding the most parameters
+    store = OffloadedModule(module, "meta", layer_stack(module))
+    seen = []
+    for i, layer in enumerate(module.layers):
+        layer.register_forward_pre_hook(lambda _m, _a, i=i: seen.append(
+            (i, [next(other.parameters()).device.type for other in module.layers], module.norm.weight.device.type)))
+    store.bring()
+    assert module.embed.weight.is_meta and not module.layers[0][0].weight.is_meta
+    assert module(torch.ones(2, 4, device="meta")).is_meta
+    store.release()
+    assert seen == [(i, ["meta" if j == i else "cpu" for j in range(3)], "meta") for i in range(3)]
+    assert all(not p.is_meta for p in module.parameters())  # all back in CPU memory
+    torch.testing.assert_close(module(torch.ones(2, 4)), expected)
