@@ -25,27 +25,12 @@ if [ -z "$out" ]; then
 fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-start=$SECONDS
-budget=${BUDGET:-540}  # seconds for all steps: a 10-minute call less its start and the transfers
+. "$(dirname "$0")/bounded_steps.sh"
 
 pack() {  # the files the steps changed so far, in parts a device call brings back
     rm -f "$out"/measurements.tar.part-*
     git status --porcelain --untracked-files=all -- benchmarks docs sparvar | cut -c4- \
         | tar -cf - -T - | split -b 15M - "$out/measurements.tar.part-"
-}
-
-step() {  # step SECONDS COMMAND...: run it, bounded by SECONDS and by the call's budget, then pack
-    local limit=$1 left=$((budget - (SECONDS - start)))
-    shift
-    ((left < limit)) && limit=$left
-    if ((limit < 20)); then
-        echo "== skipped, ${left} s left in the call: $*"
-        return
-    fi
-    echo "== $* (at most ${limit} s)"
-    timeout "$limit" "$@" 2>&1 | grep -v "it/s]\|s/it]" | tail -40
-    echo "== status ${PIPESTATUS[0]}, $((SECONDS - start)) s into the call"
-    pack
 }
 
 case $stage in

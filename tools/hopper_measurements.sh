@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Issue 25's GPU measurements, re-recording benchmarks/e2e, kernels, memory, fp8 and profile on
+# one card in three device calls of under 10 minutes, back to back on one warm machine (its disk
+# keeps /tmp/site and /tmp/parts between calls). Steps are bounded (tools/bounded_steps.sh); after
+# each, OUT/results is packed into OUT/results.tar (a call brings back at most 8 files).
+# Unpack in the repository with `tar -xf DIR/results.tar -C benchmarks --strip-components 1`.
+#
+#   bash tools/hopper_measurements.sh a OUT   carry .whl/a: torchao; FP8 tests; bench fp8
+#   bash tools/hopper_measurements.sh b OUT   carry .whl/b: FlashAttention-4; its tests; bench e2e, kernels
+#   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b)
+#
+# The wheels come from tools/hopper_wheels.sh. A call carries at most 64 MiB with the working
+# tree: move the demo's weights out of the checkout for these calls (nothing here reads them):
+#   mkdir -p /tmp/aside && mv sparvar/assets/infinity_demo*.safetensors /tmp/aside/
+set -uo pipefail
+stage=${1:-}
+out=${2:-}
+case $stage in a | b | c) ;; *)
+    echo "error: the stage is a, b or c, not '$stage'" >&2
+    exit 2
+    ;;
+esac
+if [ -z "$out" ]; then
+    echo "error: give the output folder: tools/hopper_measurements.sh $stage OUT" >&2
+    exit 2
+fi
+results=$out/results
+mkdir -p "$results"
+export PYTHONUNBUFFERED=1
+. "$(dirname "$0")/bounded_steps.sh"
+
+pack() {  # everything the steps wrote so far, as one file
+    tar -cf "$out/results.tar" -C "$out" results
+}
+
+site=/tmp/site
+export PYTHONPATH=$site/nvidia_cutlass_dsl/dsl_packages:$site
+tests=(python3 -m pytest -q -o addopts= -p no:cacheprovider -p no:warnings)
+
+case $stage in
+a)
+    mkdir -p /tmp/parts && cp .whl/a/cu13.tar.xz.part-* /tmp/parts/ \
+        && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site \
+            .whl/a/torchao-*.whl || exit 1
+    step 120 "${tests[@]}" tests/test_fp8.py tests/test_bench_fp8.py
+    step 400 python3 -m sparvar bench fp8 --out "$results"
+    ;;
+b)
+    if [ ! -f /tmp/parts/cu13.tar.xz.part-aa ]; then
+        echo "error: a fresh machine: call a's part of the CuTe DSL wheel is gone; run stage a first" >&2
+        exit 3
+    fi
+    cat /tmp/parts/cu13.tar.xz.part-* .whl/b/cu13.tar.xz.part-* \
+        | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$site')" \
+        || exit 1
+    for wheel in .whl/b/*.whl; do python3 -m zipfile -e "$wheel" $site || exit 1; done
+    step 90 "${tests[@]}" tests/test_fa4.py tests/test_kernels.py
+    step 300 python3 -m sparvar bench e2e --repeats 3 --out "$results"
+    step 150 python3 -m sparvar bench kernels --out-dir "$results"
+    ;;
+c)
+    python3 -c "import flash_attn.cute" 2> /dev/null || echo "note: FlashAttention-4 is missing: stage b did not run on this machine"
+    step 360 python3 -m sparvar bench memory --out "$results"
+    step 150 python3 -m sparvar bench profile --precision auto fp8 --out "$results"
+    ;;
+esac
+ls -l "$out"
