@@ -14,7 +14,7 @@ def run(script: str, *args: str, budget: str = "0") -> subprocess.CompletedProce
                           env={**os.environ, "BUDGET": budget}, cwd=TOOLS.parent)
 
 
-def test_an_unknown_stage_is_one_line_and_writes_nothing(tmp_path):
+def test_demo_unknown_stage_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     done = run("demo_measurements.sh", "measure", str(out))
     assert done.returncode == 2
@@ -22,13 +22,13 @@ def test_an_unknown_stage_is_one_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_no_output_folder_is_one_line():
+def test_demo_no_output_folder_is_one_line():
     done = run("demo_measurements.sh", "calibrate")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: give the output folder: tools/demo_measurements.sh calibrate OUT"]
 
 
-def test_a_spent_budget_skips_every_step(tmp_path):
+def test_demo_steps_are_skipped_on_a_spent_budget(tmp_path):
     for stage, steps in (("calibrate", 4), ("evaluate", 2)):
         done = run("demo_measurements.sh", stage, str(tmp_path / stage))
         assert done.returncode == 0, done.stderr
