@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from sparvar.attention.fa4 import fa4_measured_for, fa4_runs_here
+from sparvar.attention.fa4 import fa4_measured_for
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
@@ -52,7 +52,8 @@ def resolve_backend(backend: str, q: torch.Tensor, table: BlockTable | None = No
     if backend not in BACKENDS:
         raise SparvarError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if fa4_runs_here(q) and prefers_fa4(q.shape, q.dtype, table, torch.cuda.get_device_capability(q.device), lse):
+        if (q.is_cuda and prefers_fa4(q.shape, q.dtype, table, torch.cuda.get_device_capability(q.device), lse)
+                and importable("flash_attn.cute")):
             return "fa4"
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and importable("triton"):
             return "triton"
