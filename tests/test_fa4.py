@@ -109,6 +109,16 @@ def test_auto_stays_off_fa4_on_the_cpu():
     assert resolve_backend("auto", torch.zeros(1, 1, 4096, 128, dtype=torch.bfloat16), table) == "cpu"
 
 
+def test_asking_for_fa4_where_it_cannot_run_is_one_line():
+    from sparvar.attention.sparse import sparse_attention
+
+    table = random_table(1, 1, 300, 300, 128, 128, density=0.5)
+    q = torch.zeros(1, 1, 300, 128, dtype=torch.bfloat16)
+    with pytest.raises(SparvarError, match="the fa4 backend runs on a Hopper GPU") as raised:
+        sparse_attention(q, q, q, table, 0.1, backend="fa4")
+    assert "\n" not in str(raised.value)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_runs_fa4_on_hopper_and_matches_the_reference_cuda():
     """Where flash-attn-4 is installed on a Hopper GPU, "auto" takes it for a CSLA-sized call, and

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from sparvar.attention.fa4 import fa4_measured_for
+from sparvar.attention.fa4 import fa4_measured_for, fa4_runs_here
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
 from sparvar.errors import SparvarError
 
@@ -62,6 +62,9 @@ def resolve_backend(backend: str, q: torch.Tensor, table: BlockTable | None = No
         return "cpu" if q.device.type == "cpu" else "gather"
     if backend == "flex" and table is not None and table.key_block == 1:
         return "gather"
+    if backend == "fa4" and not fa4_runs_here(q):
+        raise SparvarError("the fa4 backend runs on a Hopper GPU with flash-attn-4 installed, on fp16/bf16 "
+                           "heads of 128; use auto or triton here")
     return backend
 
 
