@@ -22,7 +22,7 @@ from sparvar.errors import SparvarError
 from sparvar.options import ArgumentParser, HelpFormatter
 from sparvar.schedules import infinity_schedule
 
-SECTIONS = ("sparse", "probe", "gather", "decision", "fp8", "warp_specialize")
+SECTIONS = ("sparse", "probe", "gather", "decision", "fp8", "warp_specialize", "quantise")
 SM = 1 / math.sqrt(HEAD_DIM)
 
 
@@ -178,6 +178,27 @@ def warp_specialize_configs(record, heads: int, scale: int) -> None:
                 record(scale=scale, table=name, variant=label, error=f"{type(err).__name__}: {err}"[:300])
 
 
+def quantise_configs(record, width: int = 3584, hidden: int = 14336) -> None:
+    """The FP8 blocks' quantising passes (`quantize_rows_triton`) at Infinity-8B's sizes: the
+    attention output (width, plain) and fc1's output (hidden, with GELU), at scale 8's and the last
+    scale's rows (batch 1 with CFG): chunk and warps, in GB/s of bf16 read plus FP8 written."""
+    from sparvar.kernels.fp8 import quantize_rows_reference, quantize_rows_triton
+
+    for k, gelu in ((width, False), (hidden, True)):
+        for rows in (288, 8192):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * 3
+            ref = quantize_rows_reference(x, gelu).data.float()
+            for chunk in (1024, 2048, 4096, 16384):  # 4096 for the width, 16384 for fc1's: a whole row
+                for warps in (2, 4, 8, 16):
+                    if chunk > 2 * k:
+                        continue
+                    fn = lambda: quantize_rows_triton(x, gelu, chunk=chunk, num_warps=warps)  # noqa: E731
+                    ms = time_ms(fn)
+                    changed = float((fn().data.float() != ref).float().mean())
+                    record(variant=f"quantise k{k}{' gelu' if gelu else ''} rows{rows} chunk{chunk} warps{warps}",
+                           ms=ms, gbps=rows * k * 3 / ms / 1e6, changed=changed)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="sparvar bench kernel-variants", description=__doc__.splitlines()[0],
                             formatter_class=HelpFormatter)
@@ -209,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         gather_configs(record, args.heads)
     if "decision" in sections:
         decision_configs(record, args.heads)
+    if "quantise" in sections:
+        quantise_configs(record)
 
 
 if __name__ == "__main__":

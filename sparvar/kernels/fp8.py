@@ -2,7 +2,7 @@
 
 The FP8 matmuls (models/fp8.py), the FP8 KV cache (kv_cache.py) and the FP8 attention options
 (kernels/sparse_attention.py) all keep values as `Fp8Rows`: x ~ data * scale, the scale of a row
-being amax(|row|) / 448. `quantize_rows` makes them in one pass (the FFN's GELU first, where
+being amax(|row|) / 448. `quantize_rows` makes them in one kernel (the FFN's GELU first, where
 asked), `dequantize_rows` reads the FP8 KV cache back; `_fp8_row` is the in-kernel step that
 kernels/fused.py's add/norm kernel also ends with, so a norm's output never exists in bf16.
 
@@ -28,6 +28,7 @@ except ImportError:  # CPU-only installs may lack triton; the reference path nee
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 AMAX_FLOOR = 1e-12  # an all-zero row gets this amax, so its scale stays finite and positive
+QUANTIZE_CHUNK, QUANTIZE_WARPS = 2048, 4  # quantize_rows_triton's launch (kernel-variants' "quantise" sweep)
 
 
 class Fp8Rows(NamedTuple):
@@ -51,20 +52,25 @@ def quantize_rows_reference(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
 
 def quantize_rows(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
     """x (..., K) -> FP8 rows with scale amax(|row|) / 448 each (tanh-GELU first, with `gelu`):
-    one pass over x where kernels run."""
+    one kernel where kernels run."""
     if use_kernels(x):
         return quantize_rows_triton(x, gelu)
     return quantize_rows_reference(x, gelu)
 
 
-def quantize_rows_triton(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
+def quantize_rows_triton(x: torch.Tensor, gelu: bool = False, chunk: int = QUANTIZE_CHUNK,
+                         num_warps: int | None = None) -> Fp8Rows:
+    """`chunk` elements of a row at a time, twice (amax, then the FP8 values): a program holds one
+    chunk, not the row, so many rows are in flight per SM (an FFN row of 14,336 held whole ran at
+    a third of the card's bandwidth, benchmarks/kernels_notes.md). num_warps: QUANTIZE_WARPS, fewer
+    for short rows (the FP8 KV cache's heads of 128)."""
     x = x.contiguous()
     k = x.shape[-1]
     data = torch.empty(x.shape, device=x.device, dtype=FP8)
     scale = torch.empty((*x.shape[:-1], 1), device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(k)
-    _quantize_rows_kernel[(x.numel() // k,)](x, data, scale, k, GELU=gelu, BLOCK=block,
-                                             num_warps=min(max(block // 512, 1), 16))
+    chunk = min(chunk, triton.next_power_of_2(k))
+    num_warps = num_warps or min(QUANTIZE_WARPS, max(chunk // 256, 1))
+    _quantize_rows_kernel[(x.numel() // k,)](x, data, scale, k, GELU=gelu, CHUNK=chunk, num_warps=num_warps)
     return Fp8Rows(data, scale)
 
 
@@ -96,22 +102,39 @@ if triton is not None:
     _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 
     @triton.jit
+    def _fp8_values(y, scale):
+        return tl.clamp(y / scale, -_FP8_MAX, _FP8_MAX)
+
+    @triton.jit
     def _fp8_row(y, SCALE):
         """y (float32, zeros past the row's end) divided by its scale amax / 448, which goes to SCALE."""
         scale = tl.maximum(tl.max(tl.abs(y), axis=0), _AMAX_FLOOR) / _FP8_MAX
         tl.store(SCALE, scale)
-        return tl.clamp(y / scale, -_FP8_MAX, _FP8_MAX)
+        return _fp8_values(y, scale)
 
-    @triton.jit(do_not_specialize=["K"])
-    def _quantize_rows_kernel(X, Q, SCALE, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < K
-        y = tl.load(X + row * K + cols, mask=ok, other=0.0).to(tl.float32)
+    @triton.jit
+    def _maybe_gelu(y, GELU: tl.constexpr):
         if GELU:  # tanh(u) = 1 - 2 / (1 + exp(2u)), which saturates cleanly at both ends
             u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
             y = 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
-        tl.store(Q + row * K + cols, _fp8_row(y, SCALE + row).to(Q.dtype.element_ty), mask=ok)
+        return y
+
+    @triton.jit
+    def _quantize_rows_kernel(X, Q, SCALE, K, GELU: tl.constexpr, CHUNK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        X += row * K
+        Q += row * K
+        cols = tl.arange(0, CHUNK)
+        amax = tl.zeros([CHUNK], tl.float32)
+        for start in range(0, K, CHUNK):  # GELU(0) = 0: lanes past K add nothing
+            y = _maybe_gelu(tl.load(X + start + cols, mask=start + cols < K, other=0.0).to(tl.float32), GELU)
+            amax = tl.maximum(amax, tl.abs(y))
+        scale = tl.maximum(tl.max(amax, axis=0), _AMAX_FLOOR) / _FP8_MAX
+        tl.store(SCALE + row, scale)
+        for start in range(0, K, CHUNK):  # the row again, from L2 now
+            ok = start + cols < K
+            y = _maybe_gelu(tl.load(X + start + cols, mask=ok, other=0.0).to(tl.float32), GELU)
+            tl.store(Q + start + cols, _fp8_values(y, scale).to(Q.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=["length"])
     def _dequantize_rows_kernel(SRC, SCALE, DST, length, src_sp, src_sl, scale_sp, dst_sp, dst_sl,
