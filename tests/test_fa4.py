@@ -169,3 +169,34 @@ def test_dense_fa4_matches_the_reference_cuda():
     out = DenseAttention("fa4")(q, k, v, call)
     ref = reference_attention(q, k, v, None, 0.09)[0]
     assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sparse", [True, False])
+def test_fa4_replays_in_a_cuda_graph_cuda(sparse):
+    """Generations capture each scale after an eager warm-up (graphs.py): FA4's calls, sparse by
+    "auto" and dense by DenseAttention("fa4"), must land in the graph, so that a replay on new
+    inputs gives what a fresh call gives (a kernel launched outside the capture would leave the
+    graph's output stale)."""
+    pytest.importorskip("flash_attn.cute")
+    from sparvar.attention.fa4 import fa4_runs_here
+    from sparvar.attention.policy import AttentionCall, DenseAttention
+    from sparvar.attention.sparse import sparse_attention
+    from sparvar.schedules import infinity_schedule
+
+    q, k, v = (torch.randn(2, 4, n, 128, device="cuda", dtype=torch.bfloat16) for n in (2304, 5000, 5000))
+    if not fa4_runs_here(q):
+        pytest.skip("FA4 runs on Hopper only")
+    table = random_table(2, 4, 2304, 5000, 128, 128, density=0.3, junk=10**6, device="cuda")
+    call = AttentionCall(layer=0, num_layers=1, scale=11, schedule=infinity_schedule(), softmax_scale=0.09)
+    attend = (lambda: sparse_attention(q, k, v, table, 0.09)) if sparse else (lambda: DenseAttention("fa4")(q, k, v, call))
+    attend()  # the warm-up: FA4 compiles here
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attend()
+    for t in (q, k, v):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, attend())

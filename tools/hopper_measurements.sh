@@ -35,6 +35,10 @@ pack() {  # everything the steps wrote so far, as one file
 
 site=/tmp/site
 export PYTHONPATH=$site/nvidia_cutlass_dsl/dsl_packages:$site
+
+generations_env() {  # COMMAND...: without the wheels (FA4) where stage b found FA4's tests failing here
+    if [ -f /tmp/fa4_failed ]; then PYTHONPATH= "$@"; else "$@"; fi
+}
 tests=(python3 -m pytest -q -o addopts= -p no:cacheprovider -p no:warnings)
 
 case $stage in
@@ -54,14 +58,20 @@ b)
         | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$site')" \
         || exit 1
     for wheel in .whl/b/*.whl; do python3 -m zipfile -e "$wheel" $site || exit 1; done
-    step 90 "${tests[@]}" tests/test_fa4.py tests/test_kernels.py
-    step 300 python3 -m sparvar bench e2e --repeats 3 --out "$results"
+    step 90 "${tests[@]}" tests/test_kernels.py
+    # generations take FA4 only if its tests pass on this card, CUDA-graph replay included
+    timeout 120 "${tests[@]}" tests/test_fa4.py 2>&1 | tail -15
+    if [ "${PIPESTATUS[0]}" != 0 ]; then
+        touch /tmp/fa4_failed
+        echo "note: FlashAttention-4's tests failed here: the generations below run without it"
+    fi
+    generations_env step 300 python3 -m sparvar bench e2e --repeats 3 --out "$results"
     step 150 python3 -m sparvar bench kernels --out-dir "$results"
     ;;
 c)
     python3 -c "import flash_attn.cute" 2> /dev/null || echo "note: FlashAttention-4 is missing: stage b did not run on this machine"
-    step 360 python3 -m sparvar bench memory --out "$results"
-    step 150 python3 -m sparvar bench profile --precision auto fp8 --out "$results"
+    generations_env step 360 python3 -m sparvar bench memory --out "$results"
+    generations_env step 150 python3 -m sparvar bench profile --precision auto fp8 --out "$results"
     ;;
 esac
 ls -l "$out"
