@@ -7,7 +7,10 @@
 #
 #   bash tools/hopper_measurements.sh a OUT   carry .whl/a: torchao; FP8 tests; bench fp8
 #   bash tools/hopper_measurements.sh b OUT   carry .whl/b: FlashAttention-4; its tests; bench e2e, kernels
-#   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b)
+#   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b; HART's too)
+#
+# Stage b runs FA4's tests first (CUDA-graph replay included); where they fail, the generations of
+# b and c run without the wheels, so a broken capture cannot make a wrong image or a false time.
 #
 # The wheels come from tools/hopper_wheels.sh. A call carries at most 64 MiB with the working
 # tree: move the demo's weights out of the checkout for these calls (nothing here reads them):
@@ -72,6 +75,8 @@ c)
     python3 -c "import flash_attn.cute" 2> /dev/null || echo "note: FlashAttention-4 is missing: stage b did not run on this machine"
     generations_env step 360 python3 -m sparvar bench memory --out "$results"
     generations_env step 150 python3 -m sparvar bench profile --precision auto fp8 --out "$results"
+    # HART's attention share of its GPU time: how far attention alone can take (d) over (b)
+    step 100 python3 -m sparvar bench profile --models hart-0.7b --attention dense default --out "$results/hart"
     ;;
 esac
 ls -l "$out"
