@@ -1,7 +1,8 @@
 """Where a generation's GPU time goes: kernel time by category, one generation under torch.profiler.
 
-Categories come from kernel names: matrix products (gemm), attention kernels (SDPA, Triton sparse,
-flex), normalisation, and the rest (elementwise, copies, sampling). Run after a warm-up, with the
+Categories come from kernel names: convolutions (the VAE's; cuDNN's, whose names would otherwise
+read as attention), attention kernels (SDPA, Triton sparse, flex, FA4), matrix products (gemm),
+normalisation, and the rest (elementwise, copies, sampling). Run after a warm-up, with the
 same settings as `sparvar bench e2e` mode d (or b with --attention dense).
 """
 
@@ -17,6 +18,7 @@ from sparvar.errors import SparvarError
 from sparvar.options import ArgumentParser, HelpFormatter
 
 CATEGORIES = (  # first match wins
+    ("conv", r"implicit_gemm|conv"),
     ("attention", r"flash|fmha|attention|cudnn|_attn|sparse_attention|colsum|flex"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|wgmma"),
     ("fp8 quantise", r"quantize_rows"),
