@@ -5,7 +5,7 @@
 # each, OUT/results is packed into OUT/results.tar (a call brings back at most 8 files).
 # Unpack in the repository with `tar -xf DIR/results.tar -C benchmarks --strip-components 1`.
 #
-#   bash tools/hopper_measurements.sh a OUT   carry .whl/a: torchao; FP8 tests; bench fp8
+#   bash tools/hopper_measurements.sh a OUT   carry .whl/a: torchao; FP8 tests; the quantising pass's sweep; bench fp8
 #   bash tools/hopper_measurements.sh b OUT   carry .whl/b: FlashAttention-4; its tests; bench e2e, kernels
 #   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b; HART's too)
 #
@@ -50,7 +50,9 @@ a)
         && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site \
             .whl/a/torchao-*.whl || exit 1
     step 120 "${tests[@]}" tests/test_fp8.py tests/test_bench_fp8.py
-    step 400 python3 -m sparvar bench fp8 --out "$results"
+    step 150 python3 -m sparvar bench kernel-variants --sections quantise --out "$results/kernel_variants_quantise.jsonl"
+    # the generations' latencies come from stage c's bench memory, with FA4 and every setting
+    step 300 python3 -m sparvar bench fp8 --no-scales --out "$results"
     ;;
 b)
     if [ ! -f /tmp/parts/cu13.tar.xz.part-aa ]; then
