@@ -72,7 +72,10 @@ def grid_window_mask(schedule: Schedule, q_scale: int, grid: tuple[int, int], si
 
 def window_mask(schedule: Schedule, q_scale: int, key_scale: int, side: int | None, device="cpu") -> torch.Tensor:
     """(n_q, n_key) bool: tokens of `key_scale` in the `side` x `side` window around each query's
-    projection; side None = every token, 0 = none."""
+    projection; side None = every token, 0 = none. A text prefix in scale 0's slot (HART's) has no
+    grid: any window but 0 keeps all of it."""
+    if key_scale == 0 and schedule.prefix is not None:
+        return torch.full((schedule.lengths[q_scale], schedule.prefix), side != 0, dtype=torch.bool, device=device)
     return grid_window_mask(schedule, q_scale, schedule.sizes[key_scale], side, device)
 
 

@@ -8,6 +8,7 @@ from sparvar.attention.cpu import cpu_sparse_attention
 from sparvar.attention.decision import attention_with_colsum, grouped_attention_colsum, reference_attention_colsum
 from sparvar.attention.sparse import resolve_backend, sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
+from sparvar.errors import SparvarError
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}  # relative: float32 exact, half types their rounding
 
@@ -108,3 +109,13 @@ def test_cpu_generation_agrees_with_the_reference_backend():
     assert modes == {"dense", "decision", "cs4a", "csla"}
     for key, (*_, out) in runs["auto"].items():
         assert rel_err(out, runs["reference"][key][3]) < 1e-5, key
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gather", "reference"])
+def test_a_table_planned_for_other_lengths_is_refused_on_every_backend(backend):
+    """A table for fewer keys than given would read them shifted: one line, not a wrong output."""
+    q, k = torch.randn(1, 2, 64, 64), torch.randn(1, 2, 132, 64)
+    table = random_table(1, 1, 64, 121, 64, 16, density=0.5)
+    with pytest.raises(SparvarError, match="table is for 64 queries x 121 keys, got 64 x 132") as raised:
+        sparse_attention(q, k, k, table, 0.1, backend=backend)
+    assert "\n" not in str(raised.value)

@@ -40,6 +40,23 @@ def test_token_density_matches_the_mask():
         assert abs(csla_token_density(s, scale, windows) - csla_token_mask(s, scale, windows).double().mean().item()) < 1e-12
 
 
+@pytest.mark.parametrize("first_window", [None, 3, 0])
+def test_a_text_prefix_in_scale_zeros_slot_is_kept_whole_or_not_at_all(first_window):
+    """HART's 300 text tokens fill scale 0's slot without a grid: the mask spans all of them
+    (kv_length), any window but 0 keeps them all, and the density counts them."""
+    from sparvar.models.registry import MODELS
+
+    s = MODELS["hart-0.7b"].schedule()
+    windows = (first_window, None, None, None, None, None, 0, 0, 1, 1, 3, 5, 7, 7)
+    for scale in (11, 13):
+        mask = csla_token_mask(s, scale, windows)
+        assert mask.shape == (s.lengths[scale], s.kv_length(scale))
+        text = mask[:, :300]
+        assert text.all() if first_window != 0 else not text.any()
+        assert mask[:, 300:304].all()  # the image's scale 1 (2 x 2), a sink
+        assert abs(csla_token_density(s, scale, windows) - mask.double().mean().item()) < 1e-12
+
+
 def test_paper_windows_see_sinks_and_local_cells():
     s = infinity_schedule()
     mask = csla_token_mask(s, 12, PAPER_CSLA_WINDOWS)

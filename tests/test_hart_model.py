@@ -118,13 +118,20 @@ def test_sparvar_runs_on_hart_with_the_text_kept_whole(tiny, monkeypatch):
     schedule = tiny.schedule()
     report = plan_report(tiny.transformer.cfg.depth, schedule, "paper")
     assert any(entry["mode"] == "csla" for layer in report["layers"] for entry in layer["scales"])
-    tables, sparse_attention = [], policy_module.sparse_attention
-    monkeypatch.setattr(policy_module, "sparse_attention",
-                        lambda q, k, v, table, *rest: tables.append(table) or sparse_attention(q, k, v, table, *rest))
+    tables, keys, sparse_attention = [], [], policy_module.sparse_attention
+
+    def recorded(q, k, v, table, *rest):
+        tables.append(table)
+        keys.append(k.shape[2])
+        return sparse_attention(q, k, v, table, *rest)
+
+    monkeypatch.setattr(policy_module, "sparse_attention", recorded)
     dense = tiny(["a red fox"], seed=0, progress=False)
     sparse = tiny(["a red fox"], seed=0, attention="paper", progress=False)
     text = schedule.lengths[0]  # scale 0's slot: the text prefix
-    assert tables and all(t.to_mask()[..., :text].all() for t in tables)  # every sparse query sees all the text
+    # planned for the real keys (the whole prefix: a table of one text column once ran on shifted keys)
+    assert tables and [t.kv_len for t in tables] == keys
+    assert all(t.to_mask()[..., :text].all() for t in tables)  # every sparse query sees all the text
     assert sparse.policy.stats()["total"]["saved_fraction"] > 0
     assert (sparse.pixels - dense.pixels).abs().mean() < 0.5
 

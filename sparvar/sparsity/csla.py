@@ -53,6 +53,8 @@ def _kept_pairs(schedule: Schedule, scale: int, grid: tuple[int, int], side: int
 @lru_cache(maxsize=256)
 def _token_density(schedule: Schedule, scale: int, windows: tuple, source_window: int | None) -> float:
     kept = sum(_kept_pairs(schedule, scale, schedule.sizes[i], windows[i]) for i in range(scale + 1))
+    if schedule.prefix is not None and windows[0] != 0:  # a text prefix is kept whole (layout.window_mask)
+        kept += schedule.lengths[scale] * (schedule.prefix - schedule.sizes[0][0] * schedule.sizes[0][1])
     if schedule.source is not None:
         kept += _kept_pairs(schedule, scale, schedule.source, source_window)
     return kept / (schedule.lengths[scale] * schedule.kv_length(scale))
