@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from sparvar.bench.common import PROMPT, command_line, header, provenance, write
+from sparvar.bench.common import command_line, generation_inputs, header, provenance, write
 from sparvar.errors import SparvarError
 from sparvar.options import ArgumentParser, HelpFormatter
 
@@ -40,12 +40,13 @@ def profile(model: str, attention: str, precision: str = "auto", sdpa_backend: s
     from sparvar.sparsity import make_policy
 
     pipe = load_pipeline(model, device="cuda", random_weights=True, precision=precision)
-    schedule = pipe.schedule("1:1", 1024)
+    prompt, inputs = generation_inputs(pipe.spec)  # as bench e2e: an editing model gets its picture
     policy = make_policy(attention, sdpa_backend=sdpa_backend)
-    pipe([PROMPT], schedule=schedule, attention=policy, progress=False)  # warm-up: compile, tables
+    run = lambda: pipe([prompt], schedule=pipe.schedule(), attention=policy, progress=False, **inputs)  # noqa: E731
+    run()  # warm-up: compile, tables
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out = pipe([PROMPT], schedule=schedule, attention=policy, progress=False)
+        out = run()
         torch.cuda.synchronize()
     totals, kernels = defaultdict(float), defaultdict(float)
     for event in prof.key_averages():
