@@ -82,6 +82,63 @@ def test_every_row_count_takes_scaled_mm_with_fast_accumulation(monkeypatch):
     assert calls == [(2, True), (64, True), (66, True), (3, False)]
 
 
+def test_cublaslt_refusing_the_product_is_one_line(monkeypatch):
+    import sparvar.models.fp8 as fp8
+
+    def refuse(*args, **kw):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmulAlgoGetHeuristic( "
+                           "ltHandle, computeDesc.descriptor(), ...)`")
+
+    monkeypatch.setattr(fp8, "cpu_takes_rowwise_scales", lambda: True)
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    wq, ws = quantize_weight(torch.randn(24, 32))
+    with pytest.raises(SparvarError, match=r"no FP8 kernel here for a 6 x 32 by 32 x 24 product") as raised:
+        fp8.fp8_matmul(quantize_rows(torch.randn(2, 3, 32)), wq, ws, None, torch.bfloat16)
+    assert "\n" not in str(raised.value) and "without --precision fp8" in str(raised.value)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # anything else is not ours to reword
+        fp8.fp8_matmul(quantize_rows(torch.randn(2, 3, 32)), wq, ws, None, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_fp8_matmul_runs_after_a_bf16_gemm_and_the_libraries_generations_import_cuda():
+    """On one H100 (2026-12-06) every FP8 product of `sparvar bench fp8` and `bench memory` failed in
+    cuBLASLt's heuristic (CUBLAS_STATUS_NOT_SUPPORTED) while this file's FP8 tests had passed in the
+    same call: those processes had run bf16 GEMMs and imported transformers (and, through it or
+    directly, torchao) first. A fresh process takes those steps one by one, trying the FP8 product
+    of the 8B's first scale after each; the first that breaks it names the cause."""
+    import subprocess
+    import sys
+
+    script = """
+import importlib, torch
+from sparvar.kernels.fp8 import quantize_rows
+from sparvar.models.fp8 import fp8_matmul, quantize_weight
+x = torch.randn(2, 3584, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(10752, 3584, device="cuda", dtype=torch.bfloat16)
+wq, ws = quantize_weight(w)
+def attempt(step):
+    try:
+        fp8_matmul(quantize_rows(x), wq, ws, None, torch.bfloat16)
+        torch.cuda.synchronize()
+        print(step, "ok", flush=True)
+    except Exception as err:
+        print(step, "FAILED", str(err)[:60], flush=True)
+attempt("fresh")
+torch.nn.functional.linear(x, w)
+attempt("after a bf16 GEMM")
+for module in ("transformers", "torchao"):
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        continue
+    attempt("after importing " + module)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    steps = [line for line in done.stdout.splitlines() if " ok" in line or " FAILED" in line]
+    assert steps and not [s for s in steps if "FAILED" in s], steps or done.stderr[-500:]
+
+
 @torch.no_grad()
 def test_fp8_linear_takes_rows_or_tensors_and_a_bias_override():
     linear = nn.Linear(64, 96)

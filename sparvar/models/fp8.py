@@ -62,9 +62,16 @@ def fp8_matmul(rows: Fp8Rows, weight, scale, bias, out_dtype, fast_accum: bool =
     k = rows.data.shape[-1]
     if rows.data.device.type == "cpu" and not cpu_takes_rowwise_scales():
         return fp8_matmul_reference(rows, weight, scale, bias, out_dtype)
-    out = torch._scaled_mm(rows.data.reshape(-1, k), weight.t(), scale_a=rows.scale.reshape(-1, 1),
-                           scale_b=scale.view(1, -1), bias=bias, out_dtype=out_dtype,
-                           use_fast_accum=fast_accum)
+    try:
+        out = torch._scaled_mm(rows.data.reshape(-1, k), weight.t(), scale_a=rows.scale.reshape(-1, 1),
+                               scale_b=scale.view(1, -1), bias=bias, out_dtype=out_dtype,
+                               use_fast_accum=fast_accum)
+    except RuntimeError as err:  # seen on an H100 (benchmarks/kernels_notes.md): one line, not a traceback
+        if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(err):
+            raise
+        raise SparvarError(f"cuBLASLt has no FP8 kernel here for a {rows.data.numel() // k} x {k} by {k} x "
+                           f"{weight.shape[0]} product with rowwise scales (CUBLAS_STATUS_NOT_SUPPORTED); "
+                           "run without --precision fp8") from None
     return out.view(*rows.data.shape[:-1], -1)
 
 
