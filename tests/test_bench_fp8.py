@@ -83,7 +83,8 @@ def test_a_layer_row_has_every_way_timed(monkeypatch):
     if not cpu_takes_rowwise_scales():
         pytest.skip("this torch's CPU _scaled_mm takes one scale per operand (torch 2.11)")
     monkeypatch.setattr(sparvar.bench.kernels, "time_ms", lambda fn: fn() is not None and 1.0)
-    row = fp8.bench_layer("ffn.fc2", 64, 48, "gelu", 4, lambda linear: linear, device="cpu")
+    row = fp8.bench_layer("ffn.fc2", 64, 48, "gelu", 4, device="cpu")
+    fp8.time_torchao(row, lambda linear: linear, device="cpu")
     timed = {key for key, value in row.items() if key.endswith("_ms") and value == 1.0}
     assert timed == {"bf16_ms", "quantise_ms", "scaled_mm_slow_ms", "scaled_mm_fast_ms", "torchao_ms"}
     assert {key for key in row if key.endswith("_ms")} == timed and 0 < row["fp8_rel_err"] < 0.1

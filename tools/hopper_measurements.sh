@@ -46,13 +46,15 @@ tests=(python3 -m pytest -q -o addopts= -p no:cacheprovider -p no:warnings)
 
 case $stage in
 a)
+    # torchao in its own folder, on bench fp8's path alone: every FP8 product of the processes that
+    # had imported it failed on one H100 (benchmarks/kernels_notes.md)
     mkdir -p /tmp/parts && cp .whl/a/cu13.tar.xz.part-* /tmp/parts/ \
-        && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site \
+        && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ao \
             .whl/a/torchao-*.whl || exit 1
-    step 120 "${tests[@]}" tests/test_fp8.py tests/test_bench_fp8.py
+    PYTHONPATH=/tmp/ao step 120 "${tests[@]}" tests/test_fp8.py tests/test_bench_fp8.py
     step 150 python3 -m sparvar bench kernel-variants --sections quantise --out "$results/kernel_variants_quantise.jsonl"
     # the generations' latencies come from stage c's bench memory, with FA4 and every setting
-    step 300 python3 -m sparvar bench fp8 --no-scales --out "$results"
+    PYTHONPATH=/tmp/ao step 300 python3 -m sparvar bench fp8 --no-scales --out "$results"
     ;;
 b)
     if [ ! -f /tmp/parts/cu13.tar.xz.part-aa ]; then

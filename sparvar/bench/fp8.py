@@ -9,9 +9,9 @@ triton.testing.do_bench, in ms:
               The norms quantise inside their own kernel and are not counted.
   scaled_mm   torch._scaled_mm with rowwise scales, fast accumulation off ("slow") and on
               ("fast": what `models.fp8.fp8_matmul` runs at every row count)
-  torchao     torchao's float8 inference (Float8DynamicActivationFloat8WeightConfig, PerRow) on the
-              same nn.Linear, its own activation quantisation included, eager; without torchao
-              one line says so and the column stays empty
+  torchao     torchao's float8 inference (Float8DynamicActivationFloat8WeightConfig, PerRow) on a
+              linear layer of the same shape, its own activation quantisation included, eager,
+              timed after all of ours; without torchao one line says so and the column stays empty
   rel err     `fp8_matmul`'s output against the float32 product of the bf16 operands
 Per scale, each way's sum over a block's layers times the depth: the matmul time of that scale
 (the cross-attention's text projection runs once per generation and is left out).
@@ -71,8 +71,8 @@ def _timed(fn) -> float | None:
         return None
 
 
-def bench_layer(name: str, k: int, n: int, quantise: str | None, rows: int, torchao, device="cuda") -> dict:
-    """One layer kind at one row count: every way of running it (None where one failed or is skipped)."""
+def bench_layer(name: str, k: int, n: int, quantise: str | None, rows: int, device="cuda") -> dict:
+    """One layer kind at one row count: each of our ways of running it (None where one failed)."""
     from sparvar.kernels.fp8 import quantize_rows
     from sparvar.kernels.fused import linear_gelu
     from sparvar.models.fp8 import fp8_matmul, quantize_weight
@@ -91,13 +91,18 @@ def bench_layer(name: str, k: int, n: int, quantise: str | None, rows: int, torc
             row[f"scaled_mm_{'fast' if fast else 'slow'}_ms"] = _timed(lambda fast=fast: torch._scaled_mm(
                 fp8_rows.data, weight.t(), scale_a=fp8_rows.scale, scale_b=scale.view(1, -1), bias=bias,
                 out_dtype=torch.bfloat16, use_fast_accum=fast))
-        if torchao is not None:
-            ao = torchao(torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16))
-            row["torchao_ms"] = _timed(lambda: ao(x))
         ref = F.linear(x.float(), linear.weight.float(), bias.float())
         out = fp8_matmul(fp8_rows, weight, scale, bias, torch.bfloat16).float()
         row["fp8_rel_err"] = float((out - ref).norm() / ref.norm())
     return row
+
+
+def time_torchao(row: dict, torchao, device="cuda") -> None:
+    """torchao's float8 inference on the row's layer shape, into row["torchao_ms"]."""
+    x = torch.randn(row["rows"], row["k"], device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ao = torchao(torch.nn.Linear(row["k"], row["n"], device=device, dtype=torch.bfloat16))
+        row["torchao_ms"] = _timed(lambda: ao(x))
 
 
 def fp8_ways(row: dict) -> dict[str, float | None]:
@@ -184,17 +189,21 @@ def run(model: str, scales: bool, repeats: int, out_dir: str, command: str) -> N
     if spec.family.fp8_layers != MODELS["infinity-8b"].family.fp8_layers:
         raise SparvarError(f"the FP8 benchmark knows Infinity's layers, not {spec.family.name}'s")
     torch.manual_seed(0)
-    torchao, torchao_version = load_torchao()
     layers = []
     for count in [2 * n for n in spec.schedule().lengths]:
         for name, (k, n, quantise) in layer_shapes(cfg.width, cfg.ffn_hidden).items():
-            layers.append(bench_layer(name, k, n, quantise, count, torchao))
+            layers.append(bench_layer(name, k, n, quantise, count))
             print(f"{name} x {count} rows: bf16 {_fmt(layers[-1]['bf16_ms'])} ms, "
                   f"FP8 {_fmt(layers[-1]['scaled_mm_fast_ms'])} ms", flush=True)
     generations = []
     if scales:
         settings = {name: memory.SETTINGS[name] for name in ("bf16", "fp8")}
         generations = memory.bench([model], settings, repeats)
+    # torchao last, after all of ours: on one H100 every FP8 product of a process that had imported
+    # it failed (benchmarks/kernels_notes.md), so its import must not cost our numbers
+    torchao, torchao_version = load_torchao()
+    for row in layers if torchao is not None else []:
+        time_torchao(row, torchao)
     by_scale = per_scale(layers, cfg.depth)
     summary = summarize(by_scale, generations)
     result = {**provenance(command), "model": model, "depth": cfg.depth, "torchao": torchao_version,
