@@ -81,9 +81,8 @@ def sparse_attention(
 
     Returns out, or (out, lse (B, H, Lq) float32) with return_lse (triton and reference only).
     """
-    if (table.q_len, table.kv_len) != (q.shape[2], k.shape[2]):  # a misplanned table must not run on
-        raise SparvarError(f"table is for {table.q_len} queries x {table.kv_len} keys, got "  # any backend
-                           f"{q.shape[2]} x {k.shape[2]}")
+    if (table.q_len, table.kv_len) != (q.shape[2], k.shape[2]):  # a misplanned table runs on no backend
+        raise SparvarError(f"table is for {table.q_len} queries x {table.kv_len} keys, got {q.shape[2]} x {k.shape[2]}")
     backend = resolve_backend(backend, q, table, return_lse)
     if backend == "triton":
         from sparvar.kernels.sparse_attention import triton_sparse_attention
