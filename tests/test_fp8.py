@@ -127,12 +127,14 @@ def attempt(step):
 attempt("fresh")
 torch.nn.functional.linear(x, w)
 attempt("after a bf16 GEMM")
-for module in ("transformers", "torchao"):
+loads = {"transformers' T5EncoderModel": lambda: importlib.import_module("transformers").T5EncoderModel,
+         "torchao": lambda: importlib.import_module("torchao")}
+for step, load in loads.items():  # what building Infinity's text encoder imports, then torchao itself
     try:
-        importlib.import_module(module)
-    except ImportError:
+        load()
+    except (ImportError, AttributeError):
         continue
-    attempt("after importing " + module)
+    attempt("after importing " + step)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     steps = [line for line in done.stdout.splitlines() if " ok" in line or " FAILED" in line]
