@@ -28,7 +28,10 @@ except ImportError:  # CPU-only installs may lack triton; the reference path nee
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 AMAX_FLOOR = 1e-12  # an all-zero row gets this amax, so its scale stays finite and positive
-QUANTIZE_CHUNK, QUANTIZE_WARPS = 2048, 4  # quantize_rows_triton's launch (kernel-variants' "quantise" sweep)
+# quantize_rows_triton's launch: the least total time over the four shapes of kernel-variants'
+# "quantise" sweep (one H100, benchmarks/kernel_variants_quantise.jsonl; at most 3% off the best
+# at 8,192 rows, 5-10% at 288)
+QUANTIZE_CHUNK, QUANTIZE_WARPS = 2048, 4
 
 
 class Fp8Rows(NamedTuple):
