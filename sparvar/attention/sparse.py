@@ -81,8 +81,7 @@ def sparse_attention(
 
     Returns out, or (out, lse (B, H, Lq) float32) with return_lse (triton and reference only).
     """
-    if (table.q_len, table.kv_len) != (q.shape[2], k.shape[2]):  # a misplanned table runs on no backend
-        raise SparvarError(f"table is for {table.q_len} queries x {table.kv_len} keys, got {q.shape[2]} x {k.shape[2]}")
+    table.check_fits(q, k)  # on every backend
     backend = resolve_backend(backend, q, table, return_lse)
     if backend == "triton":
         from sparvar.kernels.sparse_attention import triton_sparse_attention

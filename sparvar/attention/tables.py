@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparvar.errors import SparvarError
+
 
 @dataclass(frozen=True)
 class BlockTable:
@@ -30,6 +32,12 @@ class BlockTable:
                 f"table shapes {tuple(self.counts.shape)} / {tuple(self.indices.shape)} do not fit "
                 f"{nq} query blocks of {self.q_block}"
             )
+
+    def check_fits(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Refuse q (B, H, Lq, D) and k (B, H, Lk, D) of other lengths than planned: a table for
+        fewer keys would read them shifted."""
+        if (self.q_len, self.kv_len) != (q.shape[2], k.shape[2]):
+            raise SparvarError(f"table is for {self.q_len} queries x {self.kv_len} keys, got {q.shape[2]} x {k.shape[2]}")
 
     @property
     def num_q_blocks(self) -> int:

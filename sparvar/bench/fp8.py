@@ -120,15 +120,11 @@ def fp8_ways(row: dict) -> dict[str, float | None]:
             "fp8_best": plus(min(kernels, default=None)), "torchao": row.get("torchao_ms")}
 
 
-def by_row_count(rows: list[dict]) -> dict[int, list[dict]]:
-    """The layer rows of each row count (scale), in ascending order."""
-    return {count: [r for r in rows if r["rows"] == count] for count in sorted({r["rows"] for r in rows})}
-
-
 def per_scale(rows: list[dict], depth: int) -> list[dict]:
     """Per row count (scale): each way's time summed over a block's layers, times the depth, in ms."""
     out = []
-    for count, layers in by_row_count(rows).items():
+    for count in sorted({r["rows"] for r in rows}):
+        layers = [r for r in rows if r["rows"] == count]
         ways = [fp8_ways(r) for r in layers]
         totals = {"bf16": [r["bf16_ms"] for r in layers], **{w: [x[w] for x in ways] for w in ways[0]}}
         out.append({"rows": count, **{f"{w}_ms": None if None in v else depth * sum(v) for w, v in totals.items()}})

@@ -216,15 +216,14 @@ def _check_inputs(q, k, v, table: BlockTable, scale: float, scales=(None, None, 
     if not half <= {torch.float16, torch.bfloat16} or len(half) > 1:
         raise SparvarError(f"triton attention needs fp16 or bf16 q, k, v of one dtype (or FP8 ones with scales), "
                            f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    b, h, lq, d = q.shape
+    b, h, _, d = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[3] != d:
         raise SparvarError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
     if d not in (64, 128):
         raise SparvarError(f"triton attention supports head dims 64 and 128, got {d}")
     if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         raise SparvarError("triton attention needs the head dim of q, k and v to be contiguous")
-    if table.q_len != lq or table.kv_len != k.shape[2]:
-        raise SparvarError(f"table is for {table.q_len} queries x {table.kv_len} keys, got {lq} x {k.shape[2]}")
+    table.check_fits(q, k)
     tb, th = table.counts.shape[:2]
     if tb not in (1, b) or th not in (1, h):
         raise SparvarError(f"table leading dims {(tb, th)} do not broadcast to {(b, h)}")
