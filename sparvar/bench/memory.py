@@ -345,12 +345,13 @@ def to_markdown(result: dict) -> str:
     for card in measured:
         model, gib, _ = CARDS[card]
         attempts = proofs[card]
+        picked = proven(attempts)
         if not attempts:
             lines.append(f"| {card} | - | none of {model}'s settings peaks under {gib - MARGIN_GIB:g} GiB | - |")
         for i, attempt in enumerate(attempts, 1):
-            mark = " (picked)" if attempt is proven(attempts) else ""
+            mark = " (picked)" if attempt is picked else ""
             lines.append(f"| {card} | {i} | {attempt['setting']}{mark} | {_told(attempt)} |")
-        if attempts and proven(attempts) is None:
+        if attempts and picked is None:
             lines.append(f"| {card} | - | no proven setting in {len(attempts)} tries | - |")
     left = [card for card in CARDS if card not in proofs]
     if left:

@@ -50,11 +50,17 @@ def _kept_pairs(schedule: Schedule, scale: int, grid: tuple[int, int], side: int
     return int((layout.axis_window(py, grid[0], side).sum(1) * layout.axis_window(px, grid[1], side).sum(1)).sum())
 
 
+def _kept_pairs_of_scale(schedule: Schedule, scale: int, key_scale: int, side: int | None) -> int:
+    """_kept_pairs over key scale `key_scale`; a text prefix in scale 0's slot is kept whole by any
+    window but 0, as layout.window_mask keeps it."""
+    if key_scale == 0 and schedule.prefix is not None:
+        return schedule.lengths[scale] * schedule.prefix if side != 0 else 0
+    return _kept_pairs(schedule, scale, schedule.sizes[key_scale], side)
+
+
 @lru_cache(maxsize=256)
 def _token_density(schedule: Schedule, scale: int, windows: tuple, source_window: int | None) -> float:
-    kept = sum(_kept_pairs(schedule, scale, schedule.sizes[i], windows[i]) for i in range(scale + 1))
-    if schedule.prefix is not None and windows[0] != 0:  # a text prefix is kept whole (layout.window_mask)
-        kept += schedule.lengths[scale] * (schedule.prefix - schedule.sizes[0][0] * schedule.sizes[0][1])
+    kept = sum(_kept_pairs_of_scale(schedule, scale, i, windows[i]) for i in range(scale + 1))
     if schedule.source is not None:
         kept += _kept_pairs(schedule, scale, schedule.source, source_window)
     return kept / (schedule.lengths[scale] * schedule.kv_length(scale))
