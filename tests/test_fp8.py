@@ -100,6 +100,31 @@ def test_cublaslt_refusing_the_product_is_one_line(monkeypatch):
         fp8.fp8_matmul(quantize_rows(torch.randn(2, 3, 32)), wq, ws, None, torch.bfloat16)
 
 
+def test_a_bias_cublaslt_refuses_to_fuse_is_added_after_and_the_shape_remembered(monkeypatch):
+    import sparvar.models.fp8 as fp8
+
+    calls = []
+
+    def without_bias_only(a, b, *, bias=None, **kw):  # as cuBLASLt did for fc2 at 2 rows on one H100
+        calls.append(bias is not None)
+        if bias is not None and a.shape[0] == 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmulAlgoGetHeuristic(`")
+        out = (a.float() * kw["scale_a"]) @ (b.float() * kw["scale_b"])
+        return (out if bias is None else out + bias.float()).to(kw["out_dtype"])
+
+    monkeypatch.setattr(fp8, "cpu_takes_rowwise_scales", lambda: True)
+    monkeypatch.setattr(fp8, "_BIAS_REFUSED", set())
+    monkeypatch.setattr(torch, "_scaled_mm", without_bias_only)
+    wq, ws = quantize_weight(torch.randn(24, 32))
+    bias = torch.randn(24)
+    for rows in (quantize_rows(torch.randn(2, 32)), quantize_rows(torch.randn(3, 32))):
+        out = fp8.fp8_matmul(rows, wq, ws, bias, torch.float32)
+        assert torch.allclose(out, fp8_matmul_reference(rows, wq, ws, bias, torch.float32), atol=1e-5)
+    assert calls == [True, False, True]  # 2 rows: refused, then without; 3 rows: fused
+    fp8.fp8_matmul(quantize_rows(torch.randn(2, 32)), wq, ws, bias, torch.float32)
+    assert calls[3:] == [False]  # the refused shape goes straight to the product without its bias
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_fp8_matmul_runs_after_a_bf16_gemm_and_the_libraries_generations_import_cuda():
     """On one H100 (2026-12-06) every FP8 product of `sparvar bench fp8` and `bench memory` failed in
@@ -214,7 +239,8 @@ def test_precision_is_checked_in_one_line(capsys):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-@pytest.mark.parametrize("m,k,n", [(2, 2048, 6144), (64, 3584, 10752), (8192, 3584, 14336), (77, 14336, 3584)])
+@pytest.mark.parametrize("m,k,n", [(2, 2048, 6144), (64, 3584, 10752), (8192, 3584, 14336), (77, 14336, 3584),
+                                   (2, 14336, 3584)])
 def test_fp8_matmul_matches_the_float_reference_cuda(m, k, n):
     """`_scaled_mm` with fast accumulation at the 2B and 8B sizes, from the early scales' few rows
     to the last scale's thousands."""

@@ -55,23 +55,49 @@ def cpu_takes_rowwise_scales() -> bool:
     return True
 
 
+# Products (rows, K, N, device) whose bias cuBLASLt refused to fuse: their bias is added after.
+_BIAS_REFUSED: set[tuple] = set()
+
+
+def _refused(err: RuntimeError) -> bool:
+    return "CUBLAS_STATUS_NOT_SUPPORTED" in str(err)
+
+
 def fp8_matmul(rows: Fp8Rows, weight, scale, bias, out_dtype, fast_accum: bool = True) -> torch.Tensor:
     """rows (..., K) x FP8 weight (N, K)^T with rowwise scales on both sides, + bias -> (..., N).
     Always `_scaled_mm` (fast_accum: its FP8 fast accumulation, on the GPU); a CPU torch without
-    rowwise `_scaled_mm` computes the same numbers in float32."""
+    rowwise `_scaled_mm` computes the same numbers in float32. Where cuBLASLt refuses a product
+    with its bias fused (one H100: 2 rows by 14,336 x 3,584), the bias is added after; the first
+    such refusal, in the eager warm-up before any capture, is remembered per shape."""
     k = rows.data.shape[-1]
     if rows.data.device.type == "cpu" and not cpu_takes_rowwise_scales():
         return fp8_matmul_reference(rows, weight, scale, bias, out_dtype)
-    try:
-        out = torch._scaled_mm(rows.data.reshape(-1, k), weight.t(), scale_a=rows.scale.reshape(-1, 1),
-                               scale_b=scale.view(1, -1), bias=bias, out_dtype=out_dtype,
-                               use_fast_accum=fast_accum)
-    except RuntimeError as err:  # seen on an H100 (benchmarks/kernels_notes.md): one line, not a traceback
-        if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(err):
-            raise
-        raise SparvarError(f"cuBLASLt has no FP8 kernel here for a {rows.data.numel() // k} x {k} by {k} x "
-                           f"{weight.shape[0]} product with rowwise scales (CUBLAS_STATUS_NOT_SUPPORTED); "
-                           "run without --precision fp8") from None
+    data = rows.data.reshape(-1, k)
+    shape = (data.shape[0], k, weight.shape[0], data.device)
+
+    def product(fused_bias):
+        return torch._scaled_mm(data, weight.t(), scale_a=rows.scale.reshape(-1, 1), scale_b=scale.view(1, -1),
+                                bias=fused_bias, out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+    out = None
+    if bias is not None and shape not in _BIAS_REFUSED:
+        try:
+            out = product(bias)
+        except RuntimeError as err:
+            if not _refused(err):
+                raise
+            _BIAS_REFUSED.add(shape)
+    if out is None:
+        try:
+            out = product(None)
+        except RuntimeError as err:  # seen on an H100 (benchmarks/kernels_notes.md): one line, not a traceback
+            if not _refused(err):
+                raise
+            raise SparvarError(f"cuBLASLt has no FP8 kernel here for a {shape[0]} x {k} by {k} x {shape[2]} "
+                               "product with rowwise scales (CUBLAS_STATUS_NOT_SUPPORTED); run without "
+                               "--precision fp8") from None
+        if bias is not None:
+            out += bias
     return out.view(*rows.data.shape[:-1], -1)
 
 
