@@ -46,8 +46,7 @@ tests=(python3 -m pytest -q -o addopts= -p no:cacheprovider -p no:warnings)
 
 case $stage in
 a)
-    # torchao in its own folder, on bench fp8's path alone: every FP8 product of the processes that
-    # had imported it failed on one H100 (benchmarks/kernels_notes.md)
+    # torchao in its own folder, on the path of bench fp8 (its one user) and of the FP8 tests alone
     mkdir -p /tmp/parts && cp .whl/a/cu13.tar.xz.part-* /tmp/parts/ \
         && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ao \
             .whl/a/torchao-*.whl || exit 1

@@ -7,11 +7,12 @@ triton.testing.do_bench, in ms:
   quantise    the FP8 blocks' separate pass over the layer's input where they have one: the
               attention outputs into sa.proj and ca.proj, fc1's output into fc2 (with its GELU).
               The norms quantise inside their own kernel and are not counted.
-  scaled_mm   torch._scaled_mm with rowwise scales, fast accumulation off ("slow") and on
-              ("fast": what `models.fp8.fp8_matmul` runs at every row count)
+  scaled_mm   `models.fp8.fp8_matmul` (torch._scaled_mm with rowwise scales, the bias fused where
+              cuBLASLt takes it), fast accumulation off ("slow") and on ("fast": what the
+              blocks run at every row count)
   torchao     torchao's float8 inference (Float8DynamicActivationFloat8WeightConfig, PerRow) on a
-              linear layer of the same shape, its own activation quantisation included, eager,
-              timed after all of ours; without torchao one line says so and the column stays empty
+              linear layer of the same shape, its own activation quantisation included, eager;
+              without torchao one line says so and the column stays empty
   rel err     `fp8_matmul`'s output against the float32 product of the bf16 operands
 Per scale, each way's sum over a block's layers times the depth: the matmul time of that scale
 (the cross-attention's text projection runs once per generation and is left out).
@@ -88,9 +89,8 @@ def bench_layer(name: str, k: int, n: int, quantise: str | None, rows: int, devi
         if quantise:  # the pass reads the layer's input in bf16: for fc2, fc1's output
             row["quantise_ms"] = _timed(lambda: quantize_rows(x, gelu=quantise == "gelu"))
         for fast in (False, True):
-            row[f"scaled_mm_{'fast' if fast else 'slow'}_ms"] = _timed(lambda fast=fast: torch._scaled_mm(
-                fp8_rows.data, weight.t(), scale_a=fp8_rows.scale, scale_b=scale.view(1, -1), bias=bias,
-                out_dtype=torch.bfloat16, use_fast_accum=fast))
+            row[f"scaled_mm_{'fast' if fast else 'slow'}_ms"] = _timed(
+                lambda fast=fast: fp8_matmul(fp8_rows, weight, scale, bias, torch.bfloat16, fast_accum=fast))
         ref = F.linear(x.float(), linear.weight.float(), bias.float())
         out = fp8_matmul(fp8_rows, weight, scale, bias, torch.bfloat16).float()
         row["fp8_rel_err"] = float((out - ref).norm() / ref.norm())
@@ -195,8 +195,6 @@ def run(model: str, scales: bool, repeats: int, out_dir: str, command: str) -> N
     if scales:
         settings = {name: memory.SETTINGS[name] for name in ("bf16", "fp8")}
         generations = memory.bench([model], settings, repeats)
-    # torchao last, after all of ours: on one H100 every FP8 product of a process that had imported
-    # it failed (benchmarks/kernels_notes.md), so its import must not cost our numbers
     torchao, torchao_version = load_torchao()
     for row in layers if torchao is not None else []:
         time_torchao(row, torchao)
