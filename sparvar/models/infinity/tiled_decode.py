@@ -85,8 +85,10 @@ class TiledDecoder:
             if skip is not None:
                 res = skip.data[:, :, r0:r1].to(self.device, non_blocking=True)
                 y = y + (res if shortcut is None else shortcut(res))
-            sums[..., 0] += y.double().sum((2, 3))
-            sums[..., 1] += y.double().pow(2).sum((2, 3))
+            # per row in float32, then over rows in float64: no float64 copy of the band (1 GiB for
+            # a 1024-wide map of 128 channels, which once ran a 16 GiB card out of memory)
+            sums[..., 0] += y.sum(3, dtype=torch.float32).double().sum(2)
+            sums[..., 1] += torch.linalg.vector_norm(y, dim=3, dtype=torch.float32).double().square().sum(2)
             out[:, :, r0:r1].copy_(y, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the last bands' copies to `out`
