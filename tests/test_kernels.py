@@ -432,12 +432,15 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
 
 
 @pytest.mark.parametrize("name,pointers,constexprs,num_warps", [
-    ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", X_OUT="*fp32",
-                              OUT="*bf16", SCALE="*fp32", eps="fp32"),
-     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, QUANT=False, BLOCK=4096), 16),
-    ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", X_OUT="*fp32",
-                              OUT="*fp8e4nv", SCALE="*fp32", eps="fp32"),
-     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, QUANT=True, BLOCK=4096), 16),
+    ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", RMS_WEIGHT="*fp32",
+                              X_OUT="*fp32", OUT="*bf16", SCALE="*fp32", eps="fp32"),
+     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, RMS=False, QUANT=False, BLOCK=4096), 16),
+    ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", RMS_WEIGHT="*fp32",
+                              X_OUT="*fp32", OUT="*fp8e4nv", SCALE="*fp32", eps="fp32"),
+     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, RMS=False, QUANT=True, BLOCK=4096), 16),
+    ("_add_norm_kernel", dict(X="*fp32", BRANCH="*bf16", GATE="*fp32", MUL="*fp32", ADD="*fp32", RMS_WEIGHT="*bf16",
+                              X_OUT="*fp32", OUT="*bf16", SCALE="*fp32", eps="fp32"),
+     dict(HAS_BRANCH=True, HAS_GATE=True, NORM=True, RMS=True, QUANT=False, BLOCK=2048), 8),
     ("_quantize_rows_kernel", dict(X="*bf16", Q="*fp8e4nv", SCALE="*fp32"), dict(GELU=True, CHUNK=2048), 4),
     ("_dequantize_rows_kernel", dict(SRC="*fp8e4nv", SCALE="*fp32", DST="*bf16"), dict(D=128, BLOCK=32), 4),
     ("_qkv_heads_kernel", dict(QKV="*bf16", LOG_SCALE="*bf16", COS="*fp32", SIN="*fp32", Q="*bf16", K="*bf16",
@@ -470,14 +473,17 @@ def _vector(kind, b, c, gen):
 @pytest.mark.parametrize("b,n,c", [(2, 5, 96), (1, 1, 130), (3, 7, 64)])
 @pytest.mark.parametrize("branch,gate,mul", [(False, None, "item"), (True, "item", "shared"), (True, None, "item")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_add_norm_matches_reference(poisoned, b, n, c, branch, gate, mul, dtype):
+@pytest.mark.parametrize("rms", [False, True])
+def test_add_norm_matches_reference(poisoned, b, n, c, branch, gate, mul, dtype, rms):
+    """LayerNorm (Infinity, VAR) or RMSNorm with its weight (HART), then the modulation."""
     gen = torch.Generator().manual_seed(b * 1000 + n * 10 + c)
     x = (torch.randn(b, n, c, generator=gen) * 3 + 1).to(DEVICE)
     y = torch.randn(b, n, c, generator=gen).to(DEVICE, dtype) if branch else None
     g = _vector(gate, b, c, gen) if gate else None
     m, a = _vector(mul, b, c, gen), _vector(mul, b, c, gen)
-    new_x, out = kernels_fused.add_norm_triton(x, y, g, m, a, 1e-6, dtype)
-    ref_x, ref = kernels_fused.add_norm_reference(x, y, g, m, a, 1e-6, dtype)
+    w = _vector("shared", b, c, gen) if rms else None
+    new_x, out = kernels_fused.add_norm_triton(x, y, g, m, a, 1e-6, dtype, w)
+    ref_x, ref = kernels_fused.add_norm_reference(x, y, g, m, a, 1e-6, dtype, w)
     assert out.dtype == dtype and new_x.dtype == torch.float32
     torch.testing.assert_close(new_x, ref_x, rtol=1e-6, atol=1e-6)
     assert rel_err(out, ref) < BF16_TOL
@@ -612,6 +618,24 @@ def test_fused_kernels_match_their_reference_in_the_demo_model_cuda():
         slow, ref_image = pipe.transformer.forward_full(inputs, schedule, prep), pipe.vae.decode(z)
     assert rel_err(fast, slow) < 2e-2
     assert rel_err(image, ref_image) < 2e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@torch.inference_mode()
+def test_fused_kernels_match_their_reference_in_hart_blocks_cuda():
+    """HART's blocks (RMSNorm with its weight, through add_norm), kernels against their reference."""
+    from sparvar.kernels import reference_only
+    from sparvar.loading import load_pipeline
+
+    pipe = load_pipeline("hart-tiny", device="cuda", random_weights=True, dtype=torch.bfloat16)
+    schedule, width = pipe.schedule(), pipe.transformer.word_embed.in_features
+    gen = torch.Generator("cuda").manual_seed(0)
+    prep = pipe.transformer.prepare(pipe.encode(["a boat", "a red fox"]), guidance=True)
+    inputs = [torch.randn(4, n, width, generator=gen, device="cuda") for n in schedule.lengths[1:]]
+    fast = pipe.transformer.forward_full(inputs, schedule, prep)
+    with reference_only():
+        slow = pipe.transformer.forward_full(inputs, schedule, prep)
+    assert rel_err(fast, slow) < 2e-2
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")

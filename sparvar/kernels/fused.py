@@ -60,26 +60,30 @@ def _per_batch(t: torch.Tensor, batch: int, width: int) -> tuple[torch.Tensor, i
 
 
 # ---- residual add + LayerNorm + modulation ---------------------------------------------------
-def add_norm_reference(x, branch, gate, mul, add, eps: float, dtype):
+def add_norm_reference(x, branch, gate, mul, add, eps: float, dtype, rms_weight=None):
     if branch is not None:
         x = x + (branch * gate if gate is not None else branch.float())
-    normed = F.layer_norm(x, x.shape[-1:], eps=eps) * mul + add
+    if rms_weight is None:
+        normed = F.layer_norm(x, x.shape[-1:], eps=eps) * mul + add
+    else:  # HART's RMSNorm, then its modulation, in this order
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * rms_weight.float() * mul + add
     return x, quantize_rows_reference(normed) if dtype == FP8 else normed.to(dtype)
 
 
-def add_norm(x, branch, gate, mul, add, eps: float, dtype) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
+def add_norm(x, branch, gate, mul, add, eps: float, dtype, rms_weight=None) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """(x + branch * gate, (LayerNorm(x + branch * gate) * mul + add) in `dtype`).
 
     x: (B, n, C) float32; branch: (B, n, C) or None (then x is returned as it is); gate, mul,
     add: (B, 1, C) per item or (C,) for all; gate may be None (plain add). dtype FP8: the normed
-    rows come quantised (Fp8Rows), for an FP8 matmul.
+    rows come quantised (Fp8Rows), for an FP8 matmul. rms_weight (C,): RMSNorm with that weight
+    in place of the LayerNorm (HART's blocks).
     """
     if _residual_rows(x):
-        return add_norm_triton(x, branch, gate, mul, add, eps, dtype)
-    return add_norm_reference(x, branch, gate, mul, add, eps, dtype)
+        return add_norm_triton(x, branch, gate, mul, add, eps, dtype, rms_weight)
+    return add_norm_reference(x, branch, gate, mul, add, eps, dtype, rms_weight)
 
 
-def add_norm_triton(x, branch, gate, mul, add, eps: float, dtype):
+def add_norm_triton(x, branch, gate, mul, add, eps: float, dtype, rms_weight=None):
     """Without mul (and add, dtype), only the residual add: (x + branch * gate, None)."""
     b, n, c = x.shape
     x = x.contiguous()
@@ -92,10 +96,11 @@ def add_norm_triton(x, branch, gate, mul, add, eps: float, dtype):
     has_gate = gate is not None
     gate, stride_gate = _per_batch(gate, b, c) if has_gate else (x, 0)
     block = triton.next_power_of_2(c)
+    rms = rms_weight is not None
     _add_norm_kernel[(b * n,)](
-        x, x if branch is None else branch.contiguous(), gate, mul, add, new_x, out if norm else x, scale,
-        n, c, eps, stride_gate, stride_mul, stride_add,
-        HAS_BRANCH=branch is not None, HAS_GATE=has_gate, NORM=norm, QUANT=quant, BLOCK=block,
+        x, x if branch is None else branch.contiguous(), gate, mul, add, rms_weight.contiguous() if rms else x,
+        new_x, out if norm else x, scale, n, c, eps, stride_gate, stride_mul, stride_add,
+        HAS_BRANCH=branch is not None, HAS_GATE=has_gate, NORM=norm, RMS=rms, QUANT=quant, BLOCK=block,
         num_warps=min(max(block // 256, 1), 16),
     )
     return new_x, Fp8Rows(out, scale) if quant else out
@@ -223,9 +228,9 @@ if triton is not None:
     _LOG_100 = tl.constexpr(LOG_100)  # globals a kernel may read
 
     @triton.jit(do_not_specialize=["n"])
-    def _add_norm_kernel(X, BRANCH, GATE, MUL, ADD, X_OUT, OUT, SCALE, n, C, eps, stride_gate, stride_mul,
-                         stride_add, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
-                         QUANT: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_norm_kernel(X, BRANCH, GATE, MUL, ADD, RMS_WEIGHT, X_OUT, OUT, SCALE, n, C, eps, stride_gate,
+                         stride_mul, stride_add, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr,
+                         NORM: tl.constexpr, RMS: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         item = row // n
         cols = tl.arange(0, BLOCK)
@@ -238,12 +243,17 @@ if triton is not None:
             x = x + y
             tl.store(X_OUT + row * C + cols, x, mask=ok)
         if NORM:
-            mean = tl.sum(x, axis=0) / C
-            centred = tl.where(ok, x - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
+            if RMS:
+                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
+                y = x * rstd * tl.load(RMS_WEIGHT + cols, mask=ok, other=0.0).to(tl.float32)
+            else:
+                mean = tl.sum(x, axis=0) / C
+                centred = tl.where(ok, x - mean, 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
+                y = centred * rstd
             mul = tl.load(MUL + item * stride_mul + cols, mask=ok, other=0.0).to(tl.float32)
             add = tl.load(ADD + item * stride_add + cols, mask=ok, other=0.0).to(tl.float32)
-            y = centred * rstd * mul + add  # 0 past C
+            y = y * mul + add  # 0 past C
             if QUANT:
                 y = _fp8_row(y, SCALE + row)
             tl.store(OUT + row * C + cols, y.to(OUT.dtype.element_ty), mask=ok)

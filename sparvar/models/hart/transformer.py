@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kernels.fp8 import quantize_rows
+from sparvar.kernels.fused import add_norm, gated_add
 from sparvar.kv_cache import KVCache
 from sparvar.models.base import Attend, CachedAttend, ScaleTransformer, TransformerConfig
 from sparvar.models.fp8 import Fp8Linear, project
@@ -216,10 +217,14 @@ class Block(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
     def forward(self, x, mod, cos, sin, attend: Attend, layer: int):
+        """The norms, modulations and residual adds run fused (kernels/fused.py) where kernels run."""
         dtype = self.ada_lin[1].weight.dtype  # the model dtype: the projections' may be FP8
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
-        x = x + self.attn((self.ln_wo_grad(x) * (1 + scale1) + shift1).to(dtype), cos, sin, attend, layer).float() * gamma1
-        return x + self.ffn((self.ln_wo_grad(x) * (1 + scale2) + shift2).to(dtype)).float() * gamma2
+        gamma1, gamma2, mul1, mul2, shift1, shift2 = mod.unbind(2)  # mul: 1 + the adaLN's scale
+        norm = self.ln_wo_grad
+        _, normed = add_norm(x, None, None, mul1, shift1, norm.eps, dtype, rms_weight=norm.weight)
+        attended = self.attn(normed, cos, sin, attend, layer)
+        x, normed = add_norm(x, attended, gamma1, mul2, shift2, norm.eps, dtype, rms_weight=norm.weight)
+        return gated_add(x, self.ffn(normed), gamma2)
 
 
 class HeadNorm(nn.Module):
@@ -234,7 +239,7 @@ class Prepared:
     """Per-generation tensors that depend only on the text (batch already CFG-doubled)."""
 
     start: torch.Tensor  # (B, T, C) the embedded text: scale 0's input, float32
-    mods: torch.Tensor  # (depth, B, 1, 6, C) every block's adaLN: gamma1, gamma2, scale1, scale2, shift1, shift2
+    mods: torch.Tensor  # (depth, B, 1, 6, C) every block's adaLN: gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2
     head: torch.Tensor  # (B, 1, 2, C) the head's adaLN: scale, shift
     text_cos: torch.Tensor  # (B, T, D) 1D RoPE of the text
     text_sin: torch.Tensor
@@ -303,6 +308,7 @@ class HARTTransformer(ScaleTransformer):
             pooled = (text * weight / weight.sum(1).clamp(min=1)[:, None]).sum(1)
         mods = torch.stack([self.block(i).ada_lin(pooled.to(dtype)).float().view(-1, 1, 6, self.cfg.width)
                             for i in range(self.cfg.depth)])
+        mods[..., 2:4, :] += 1  # the norms' multipliers, 1 + scale, once per generation
         head = self.head_nm.ada_lin(text.max(1).values.to(dtype)).float().view(-1, 1, 2, self.cfg.width)
         cos, sin = text_rope(positions, self.cfg.head_dim)
         return Prepared(start=text, mods=mods, head=head, text_cos=cos, text_sin=sin, offsets=positions[:, -1].float())
