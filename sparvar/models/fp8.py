@@ -67,7 +67,7 @@ def fp8_matmul(rows: Fp8Rows, weight, scale, bias, out_dtype, fast_accum: bool =
     """rows (..., K) x FP8 weight (N, K)^T with rowwise scales on both sides, + bias -> (..., N).
     Always `_scaled_mm` (fast_accum: its FP8 fast accumulation, on the GPU); a CPU torch without
     rowwise `_scaled_mm` computes the same numbers in float32. Where cuBLASLt refuses a product
-    with its bias fused (one H100: 2 rows by 14,336 x 3,584), the bias is added after; the first
+    with its bias fused (one H100: 2 to 32 rows by 14,336 x 3,584), the bias is added after; the first
     such refusal, in the eager warm-up before any capture, is remembered per shape."""
     k = rows.data.shape[-1]
     if rows.data.device.type == "cpu" and not cpu_takes_rowwise_scales():
