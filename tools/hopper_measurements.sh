@@ -7,7 +7,8 @@
 #
 #   bash tools/hopper_measurements.sh a OUT   carry .whl/a: torchao; FP8 tests; the quantising pass's sweep; bench fp8
 #   bash tools/hopper_measurements.sh b OUT   carry .whl/b: FlashAttention-4; its tests; bench e2e, kernels
-#   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b; HART's too)
+#   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b; HART's too),
+#                                             bench kernels under CUDA graphs
 #
 # Stage b runs FA4's tests first (CUDA-graph replay included); where they fail, the generations of
 # b and c run without the wheels, so a broken capture cannot make a wrong image or a false time.
@@ -80,6 +81,8 @@ c)
     generations_env step 150 python3 -m sparvar bench profile --precision auto fp8 --out "$results"
     # HART's attention share of its GPU time: how far attention alone can take (d) over (b)
     step 100 python3 -m sparvar bench profile --models hart-0.7b --attention dense default --out "$results/hart"
+    # the kernels as generations run them, replayed from CUDA graphs (FA4's host launch cost left out)
+    step 150 python3 -m sparvar bench kernels --cuda-graphs --out-dir "$results/graphs"
     ;;
 esac
 ls -l "$out"

@@ -101,11 +101,15 @@ def make_inputs(heads: int, q_len: int, kv_len: int):
     return q, cache[0, :, :, :kv_len], cache[1, :, :, :kv_len]
 
 
-def time_ms(fn) -> float:
+def time_ms(fn, cuda_graph: bool = False) -> float:
+    """Median ms of fn: launched each time, or (cuda_graph) replayed from a CUDA graph, as the
+    generations run, which leaves out the host's cost of launching (FA4's Python launch path)."""
     import triton.testing
 
     fn()  # compile and warm before timing
     torch.cuda.synchronize()
+    if cuda_graph:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
@@ -123,9 +127,9 @@ def _sdpa(backend: str):
     return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend])
 
 
-def _try_time(fn) -> tuple[float | None, str | None]:
+def _try_time(fn, cuda_graph: bool) -> tuple[float | None, str | None]:
     try:
-        return time_ms(fn), None
+        return time_ms(fn, cuda_graph), None
     except Exception as e:  # a baseline that refuses these inputs is recorded, not fatal
         return None, f"{type(e).__name__}: {e}"[:300]
 
@@ -163,7 +167,7 @@ class _Flex:
         return self.fn(q, k, v, block_mask=mask, scale=scale)
 
 
-def time_rounds(contenders: dict) -> dict:
+def time_rounds(contenders: dict, cuda_graph: bool = False) -> dict:
     """Median ms of each contender, timed in ROUNDS interleaved passes (so clock drift under
     load hits every contender alike) and averaged; None plus the error for one that fails."""
     times, errors = {name: [] for name in contenders}, {}
@@ -172,7 +176,7 @@ def time_rounds(contenders: dict) -> dict:
             if name in errors:
                 continue
             with context():
-                ms, err = _try_time(fn)
+                ms, err = _try_time(fn, cuda_graph)
             if err:
                 errors[name] = err
             else:
@@ -213,7 +217,7 @@ def fa4_contenders(q, k, v, table: BlockTable, sm: float, dense: bool, ours: tor
     return contenders, facts
 
 
-def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False) -> list[dict]:
+def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False, cuda_graph: bool = False) -> list[dict]:
     """Rows for one (model, query scale): every table, our kernel vs Flex, FA4 (with `fa4`) and the
     SDPA backends."""
     from sparvar.kernels.sparse_attention import triton_sparse_attention
@@ -253,7 +257,7 @@ def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False) -> list
         if fa4:
             more, fa4_facts = fa4_contenders(q, k, v, table, sm, nominal == 1.0, ours)
             contenders.update(more)
-        t = time_rounds(contenders)
+        t = time_rounds(contenders, cuda_graph)
         ms, flex_ms, flash_ms, cudnn_ms, fa4_ms, fa4_dense_ms = (
             t[c][0] if c in t else None for c in ("triton", "flex", "sdpa_flash", "sdpa_cudnn", "fa4", "fa4_dense"))
         auto = "fa4" if fa4_ms is not None and resolve_backend("auto", q, table) == "fa4" else "triton"
@@ -281,7 +285,7 @@ def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False) -> list
     return rows
 
 
-def bench_decision(model: str) -> dict:
+def bench_decision(model: str, cuda_graph: bool = False) -> dict:
     from sparvar.kernels.decision import triton_attention_colsum
 
     heads = MODELS[model]
@@ -296,7 +300,7 @@ def bench_decision(model: str) -> dict:
         "triton": (lambda: triton_attention_colsum(q, k, v, DECISION_GROUP, sm), nullcontext),
         "sdpa_flash": (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sm),
                        lambda: _sdpa("flash")),
-    })
+    }, cuda_graph)
     ms, flash_ms = t["triton"][0], t["sdpa_flash"][0]
     rows_per_group = torch.tensor([min(DECISION_GROUP, q_len - g * DECISION_GROUP) for g in range(colsum.shape[2])],
                                   device=colsum.device, dtype=torch.float32)
@@ -360,7 +364,9 @@ def _fmt(x, spec=".3f"):
 def to_markdown(result: dict) -> str:
     lines = [
         *header("Attention kernel benchmark", result),
-        f"B={BATCH}, heads of {HEAD_DIM}, bf16, 128x128 blocks. Times (ms): medians of triton.testing.do_bench, "
+        f"B={BATCH}, heads of {HEAD_DIM}, bf16, 128x128 blocks. Times (ms): medians of triton.testing."
+        + ("do_bench_cudagraph (each call replayed from a CUDA graph, as in generations), "
+           if result.get("cuda_graphs") else "do_bench (each call launched from the host), ") +
         f"averaged over {ROUNDS} interleaved passes over the contenders of a row. "
         "TFLOP/s count computed blocks only (SDPA: all pairs).",
         "",
@@ -408,9 +414,9 @@ def to_markdown(result: dict) -> str:
 
 
 def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench kernels", models=tuple(MODELS),
-                     scales=SCALES) -> dict:
+                     scales=SCALES, cuda_graphs: bool = False) -> dict:
     """Run the comparisons of `models` and `scales`, write kernels.json and kernels.md under
-    out_dir, return the result."""
+    out_dir, return the result. cuda_graphs: time every contender replayed from a CUDA graph."""
     if not torch.cuda.is_available():
         raise SparvarError("the kernel benchmark needs a CUDA GPU")
     torch.manual_seed(0)
@@ -418,10 +424,10 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench 
     rows = []
     for model in models:
         for scale in scales:
-            rows += bench_sparse(model, scale, flex, fa4)
+            rows += bench_sparse(model, scale, flex, fa4, cuda_graphs)
     for model in models:
-        rows.append(bench_decision(model))
-    result = {**provenance(command), "rows": rows, "summary": summarize(rows)}
+        rows.append(bench_decision(model, cuda_graphs))
+    result = {**provenance(command), "cuda_graphs": cuda_graphs, "rows": rows, "summary": summarize(rows)}
     write(out_dir, "kernels", result, to_markdown(result))
     return result
 
@@ -434,8 +440,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales", nargs="+", type=int, default=list(SCALES), choices=SCALES,
                         help="query scales of the 1024x1024 schedule")
     parser.add_argument("--out-dir", default="benchmarks", help="folder for kernels.json and kernels.md")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time each call replayed from a CUDA graph, as generations run them, instead of "
+                             "launched from the host")
     args = parser.parse_args(argv)
-    run_kernel_bench(args.out_dir, command_line("sparvar bench kernels", argv), args.models, args.scales)
+    run_kernel_bench(args.out_dir, command_line("sparvar bench kernels", argv), args.models, args.scales,
+                     args.cuda_graphs)
 
 
 if __name__ == "__main__":
