@@ -444,7 +444,11 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     ("_quantize_rows_kernel", dict(X="*bf16", Q="*fp8e4nv", SCALE="*fp32"), dict(GELU=True, CHUNK=2048), 4),
     ("_dequantize_rows_kernel", dict(SRC="*fp8e4nv", SCALE="*fp32", DST="*bf16"), dict(D=128, BLOCK=32), 4),
     ("_qkv_heads_kernel", dict(QKV="*bf16", LOG_SCALE="*bf16", COS="*fp32", SIN="*fp32", Q="*bf16", K="*bf16",
-                               V="*bf16"), dict(HAS_ROPE=True, ROPE_PER_ROW=False, WRITE_V=True, D=128, BLOCK_H=32), 8),
+                               V="*bf16"), dict(NORMALIZE=True, HAS_ROPE=True, ROPE_HALF=False, ROPE_PER_ROW=False,
+                                                WRITE_V=True, D=128, BLOCK_H=32), 8),
+    ("_qkv_heads_kernel", dict(QKV="*bf16", LOG_SCALE="*bf16", COS="*fp32", SIN="*fp32", Q="*bf16", K="*bf16",
+                               V="*bf16"), dict(NORMALIZE=False, HAS_ROPE=True, ROPE_HALF=True, ROPE_PER_ROW=True,
+                                                WRITE_V=True, D=64, BLOCK_H=16), 4),
     ("_channel_sums_kernel", dict(X="*bf16", PIVOT="*fp32", SUMS="*fp32"), dict(CHUNK=256, BLOCK_P=32, BLOCK_C=128), 4),
     ("_norm_silu_kernel", dict(X="*bf16", OUT="*bf16", MEAN="*fp32", RSTD="*fp32", WEIGHT="*fp32", BIAS="*fp32"),
      dict(BLOCK_P=32, BLOCK_C=128), 4),
@@ -568,6 +572,32 @@ def test_qkv_heads_matches_reference(poisoned, b, n, heads, d, rope, dtype):
     assert k2.data_ptr() == slots[0].data_ptr() and torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
     assert cache[:, :, :, :3].isnan().all() and cache[:, :, :, 3 + n :].isnan().all()
     torch.testing.assert_close(k.float().norm(dim=-1), torch.ones(b, heads, n, device=DEVICE), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("b,n,heads,d", [(2, 5, 3, 64), (1, 1, 1, 16), (2, 9, 5, 128)])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("per_item", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qkv_heads_half_rotation_matches_reference(poisoned, b, n, heads, d, normalize, per_item, dtype):
+    """HART's RoPE (d pairs with d + D/2, angles for all D, per item or shared), with and without
+    the cosine normalisation."""
+    gen = torch.Generator().manual_seed(b * 100 + n * 10 + heads + d + normalize)
+    qkv = (torch.randn(b, n, 3 * heads * d, generator=gen) * 2).to(DEVICE, dtype)
+    scale = (torch.rand(heads, generator=gen) * 6 - 1).to(DEVICE) if normalize else None
+    angles = torch.rand(*((b,) if per_item else ()), n, d, generator=gen) * 20  # halves need not repeat
+    angles = (angles.cos().to(DEVICE), angles.sin().to(DEVICE))
+    ref_q, ref_k, ref_v = kernels_fused.qkv_heads_reference(qkv, heads, scale, angles, rope_half=True)
+    cache = torch.full((2, b, heads, n + 7, d), float("nan"), dtype=dtype, device=DEVICE)
+    slots = (cache[0, :, :, 3 : 3 + n], cache[1, :, :, 3 : 3 + n])
+    q, k, v = kernels_fused.qkv_heads_triton(qkv, heads, scale, angles, kv_out=slots, rope_half=True)
+    assert q.shape == k.shape == (b, heads, n, d) and q.dtype == k.dtype == dtype
+    assert rel_err(q, ref_q) < BF16_TOL and rel_err(k, ref_k) < BF16_TOL and torch.equal(v, ref_v)
+    assert k.data_ptr() == slots[0].data_ptr() and cache[:, :, :, :3].isnan().all()
+    x = qkv.float().view(b, n, 3, heads, d)[:, :, 0].transpose(1, 2)  # the rotation as HART's code writes it
+    cos, sin = (t[:, None] if per_item else t for t in angles)
+    if not normalize:
+        rotated = x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin
+        assert rel_err(q, rotated) < BF16_TOL
 
 
 def test_fused_dispatch_keeps_autograd_and_cpu_on_the_reference():

@@ -5,10 +5,10 @@ float32 residual stream: LayerNorm, adaLN modulation, gated residual adds, casts
 normalisation and RoPE. As one PyTorch kernel each they took more GPU time than attention in
 an Infinity-8B generation at 1024x1024 (benchmarks/profile.json). Here each group is one kernel:
 
-- `add_norm`: x + branch * gate (the residual add), then LayerNorm(x) * mul + add, cast to the
-  matmul dtype (`gated_add`: the add alone);
-- `qkv_heads`: the qkv projection split into heads, q and k L2-normalised, q scaled per head,
-  both rotated by RoPE;
+- `add_norm`: x + branch * gate (the residual add), then LayerNorm(x) * mul + add (or HART's
+  RMSNorm with its weight), cast to the matmul dtype (`gated_add`: the add alone);
+- `qkv_heads`: the qkv projection split into heads, q and k L2-normalised, q scaled per head
+  (cosine attention; optional for HART), both rotated by RoPE (adjacent pairs, or HART's halves);
 - `group_norm_silu`: the VAE decoders' GroupNorm + SiLU, in NCHW or channels_last (PyTorch's
   bf16 GroupNorm statistics kernel runs one thread block per group: 46 of the 84 ms of an 8B
   decode at 1024x1024);
@@ -114,34 +114,42 @@ def gated_add(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torc
 
 
 # ---- q, k, v heads with normalisation and RoPE -----------------------------------------------
-def qkv_heads_reference(qkv, heads: int, q_log_scale, rope):
+def qkv_heads_reference(qkv, heads: int, q_log_scale, rope, rope_half: bool = False):
     b, n, _ = qkv.shape
     q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q_scale = q_log_scale.float().clamp_max(LOG_100).exp()
-    q = F.normalize(q.float(), dim=-1) * q_scale.view(1, heads, 1, 1)
-    k = F.normalize(k.float(), dim=-1)
-    if rope is not None:
+    q, k = q.float(), k.float()
+    if q_log_scale is not None:
+        q_scale = q_log_scale.float().clamp_max(LOG_100).exp()
+        q = F.normalize(q, dim=-1) * q_scale.view(1, heads, 1, 1)
+        k = F.normalize(k, dim=-1)
+    if rope is not None and rope_half:
+        cos, sin = (t.float().unsqueeze(-3) if t.dim() == 3 else t.float() for t in rope)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    elif rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q.to(qkv.dtype), k.to(qkv.dtype), v
 
 
-def qkv_heads(qkv: torch.Tensor, heads: int, q_log_scale: torch.Tensor, rope, kv_out=None) -> tuple[torch.Tensor, ...]:
+def qkv_heads(qkv: torch.Tensor, heads: int, q_log_scale: torch.Tensor | None, rope, kv_out=None,
+              rope_half: bool = False) -> tuple[torch.Tensor, ...]:
     """q, k, v (B, H, n, D) of the qkv projection (B, n, 3C).
 
-    q and k are L2-normalised over D, q is multiplied by exp(min(q_log_scale, log 100)) (one per
-    head: the cosine attention's learned temperature), and with rope=(cos, sin) ((n, D/2) each,
-    or (B, 1, n, D/2) per item) adjacent pairs of both are rotated. kv_out: (B, H, n, D) views (the
-    KV cache's slots) the kernel writes k and v into, saving their copy; the reference returns
-    new tensors. The kernel puts q in (B, n, H, D) memory, so attention outputs of that layout
-    reach the out projection without a copy.
+    With q_log_scale, q and k are L2-normalised over D and q is multiplied by
+    exp(min(q_log_scale, log 100)) (one per head: the cosine attention's learned temperature);
+    None leaves them as they are. With rope=(cos, sin) ((n, D/2) each, or (B, 1, n, D/2) per item)
+    adjacent pairs of both are rotated; with rope_half (HART) dimension d pairs with d + D/2 as
+    x * cos + rotate_half(x) * sin, over angles (n, D) or (B, n, D) for all D dimensions. kv_out:
+    (B, H, n, D) views (the KV cache's slots) the kernel writes k and v into, saving their copy;
+    the reference returns new tensors. The kernel puts q in (B, n, H, D) memory, so attention
+    outputs of that layout reach the out projection without a copy.
     """
     d = qkv.shape[-1] // 3 // heads
     if use_kernels(qkv) and d >= 16 and not d & (d - 1):
-        return qkv_heads_triton(qkv, heads, q_log_scale, rope, kv_out)
-    return qkv_heads_reference(qkv, heads, q_log_scale, rope)
+        return qkv_heads_triton(qkv, heads, q_log_scale, rope, kv_out, rope_half)
+    return qkv_heads_reference(qkv, heads, q_log_scale, rope, rope_half)
 
 
-def qkv_heads_triton(qkv, heads: int, q_log_scale, rope, kv_out=None):
+def qkv_heads_triton(qkv, heads: int, q_log_scale, rope, kv_out=None, rope_half: bool = False):
     b, n, width3 = qkv.shape
     d = width3 // 3 // heads
     qkv = qkv.contiguous()
@@ -152,11 +160,15 @@ def qkv_heads_triton(qkv, heads: int, q_log_scale, rope, kv_out=None):
         k, v = kv_out
         if k.shape != (b, heads, n, d) or v.shape != k.shape or k.stride(3) != 1 or v.stride(3) != 1:
             raise ValueError(f"kv_out must be (B, H, n, D) = {(b, heads, n, d)} views with a contiguous D")
-    # angles per token of the scale (n, D/2), or per row (B, 1, n, D/2) where tokens were pruned per item
-    cos, sin = (t.float().reshape(-1, d // 2).contiguous() for t in rope) if rope is not None else (q, q)
+    # angles per token of the scale (n, D/2), or per row (B, 1, n, D/2) where tokens were pruned per
+    # item; for rope_half all D of them, per token or per row (HART's are per item)
+    width = d if rope_half else d // 2
+    cos, sin = (t.float().reshape(-1, width).contiguous() for t in rope) if rope is not None else (q, q)
+    normalize = q_log_scale is not None
     _qkv_heads_kernel[(b * n,)](
-        qkv, q_log_scale.contiguous(), cos, sin, q, k, v, n, heads, *k.stride()[:3], *v.stride()[:3],
-        HAS_ROPE=rope is not None, ROPE_PER_ROW=rope is not None and cos.shape[0] == b * n != n,
+        qkv, q_log_scale.contiguous() if normalize else q, cos, sin, q, k, v, n, heads, *k.stride()[:3],
+        *v.stride()[:3], NORMALIZE=normalize, HAS_ROPE=rope is not None, ROPE_HALF=rope_half,
+        ROPE_PER_ROW=rope is not None and cos.shape[0] == b * n != n,
         WRITE_V=kv_out is not None, D=d, BLOCK_H=triton.next_power_of_2(heads),
         num_warps=8 if heads * d >= 2048 else 4,
     )
@@ -216,6 +228,12 @@ def group_norm_silu_triton(x, groups: int, weight, bias, eps: float, pixels_per_
     return out
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[-x2, x1] of x's halves (x1, x2) over its last dimension."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of x (B, H, L, D) by the angles whose cos/sin are (L, D/2)."""
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -260,8 +278,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n"])
     def _qkv_heads_kernel(QKV, LOG_SCALE, COS, SIN, Q, K, V, n, H, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,
-                          HAS_ROPE: tl.constexpr, ROPE_PER_ROW: tl.constexpr, WRITE_V: tl.constexpr, D: tl.constexpr,
-                          BLOCK_H: tl.constexpr):
+                          NORMALIZE: tl.constexpr, HAS_ROPE: tl.constexpr, ROPE_HALF: tl.constexpr,
+                          ROPE_PER_ROW: tl.constexpr, WRITE_V: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # one token: all its heads as a (heads, D) tile
         item, token = row // n, row % n
         heads = tl.arange(0, BLOCK_H)[:, None]
@@ -271,12 +289,25 @@ if triton is not None:
         src = QKV + row * 3 * width + heads * D + dims
         q = tl.load(src, mask=ok, other=0.0).to(tl.float32)
         k = tl.load(src + width, mask=ok, other=0.0).to(tl.float32)
-        q_scale = tl.exp(tl.minimum(tl.load(LOG_SCALE + heads, mask=heads < H, other=0.0).to(tl.float32), _LOG_100))
-        q = q * (q_scale / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)[:, None])
-        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[:, None]
-        if HAS_ROPE:  # rotate pairs (2i, 2i+1) by angle i of this token
+        q_mul = tl.full((BLOCK_H, 1), 1.0, tl.float32)  # per head: the normalisation (and q's temperature)
+        k_norm = tl.full((BLOCK_H, 1), 1.0, tl.float32)
+        if NORMALIZE:
+            q_scale = tl.exp(tl.minimum(tl.load(LOG_SCALE + heads, mask=heads < H, other=0.0).to(tl.float32), _LOG_100))
+            q_mul = q_scale / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)[:, None]
+            k_norm = tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[:, None]
+            q = q * q_mul
+            k = k / k_norm
+        position = row if ROPE_PER_ROW else token
+        if HAS_ROPE and ROPE_HALF:  # x * cos + [-x2, x1] * sin: dimension d pairs with d + D/2
+            cos = tl.load(COS + position * D + dims)
+            sin = tl.load(SIN + position * D + dims)
+            partner = src - dims + (dims + D // 2) % D
+            sign = tl.where(dims < D // 2, -1.0, 1.0)
+            q_rot = tl.load(partner, mask=ok, other=0.0).to(tl.float32) * q_mul * sign
+            k_rot = tl.load(partner + width, mask=ok, other=0.0).to(tl.float32) / k_norm * sign
+            q, k = q * cos + q_rot * sin, k * cos + k_rot * sin
+        elif HAS_ROPE:  # rotate pairs (2i, 2i+1) by angle i of this token
             pairs = tl.arange(0, D // 2)[None, :]
-            position = row if ROPE_PER_ROW else token
             cos = tl.load(COS + position * (D // 2) + pairs)
             sin = tl.load(SIN + position * (D // 2) + pairs)
             q0, q1 = tl.split(tl.reshape(q, (BLOCK_H, D // 2, 2)))

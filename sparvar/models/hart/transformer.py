@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from sparvar.attention.policy import AttentionPolicy
 from sparvar.errors import SparvarError
 from sparvar.kernels.fp8 import quantize_rows
-from sparvar.kernels.fused import add_norm, gated_add
+from sparvar.kernels.fused import add_norm, gated_add, qkv_heads
 from sparvar.kv_cache import KVCache
 from sparvar.models.base import Attend, CachedAttend, ScaleTransformer, TransformerConfig
 from sparvar.models.fp8 import Fp8Linear, project
@@ -140,11 +140,6 @@ def _read_json(path: Path) -> dict:
         raise SparvarError(f"cannot read {path}: {err}") from None
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
 def inverse_frequencies(head_dim: int, stride: int, device) -> torch.Tensor:
     return 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, stride, dtype=torch.int64, device=device).float() / head_dim)
 
@@ -182,14 +177,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(c, c)
 
     def forward(self, x, cos, sin, attend: Attend, layer: int):
-        b, n, _ = x.shape
+        """Heads, the optional cosine normalisation and the half-rotation RoPE in one kernel
+        (fused.qkv_heads, which writes k and v into the cache's slots), where kernels run."""
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        q, k, v = project(x, self.qkv_proj, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.scale_mul_1H11 is not None:
-            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100)).exp()
-            k = F.normalize(k, dim=-1)
-        cos, sin = cos[:, None].to(v.dtype), sin[:, None].to(v.dtype)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        log_scale = None if self.scale_mul_1H11 is None else self.scale_mul_1H11.flatten()
+        q, k, v = qkv_heads(project(x, self.qkv_proj, bias), self.heads, log_scale, (cos, sin),
+                            attend.slots(layer, x.shape[1]), rope_half=True)
         return self.proj(attend(layer, q, k, v).transpose(1, 2).flatten(2))
 
 
