@@ -167,7 +167,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: HARTConfig):
         super().__init__()
         c = cfg.width
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.heads = cfg.heads
         self.qkv_proj = nn.Linear(c, 3 * c, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(c))
         self.v_bias = nn.Parameter(torch.zeros(c))
