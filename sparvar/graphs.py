@@ -62,7 +62,7 @@ class ScaleGraphs:
         self.transformer, self.schedule, self.cache, self.policy = transformer, schedule, cache, policy
         self.pruning = pruning
         self.prep = _clone(prep)
-        self.pool = torch.cuda.graph_pool_handle()  # shared: graphs replay in capture order
+        self.pool = torch.cuda.MemPool()  # shared: graphs replay in capture order
         # every scale's input is a view of one buffer sized for the largest: scales run one at a time
         batch, _, width = prep.start.shape
         self.input_buffer = prep.start.new_empty(batch * max(schedule.lengths[:num_scales]) * width)
@@ -78,13 +78,19 @@ class ScaleGraphs:
         """Condition tensors of a new generation into the captured buffers."""
         _copy_into(self.prep, prep)
 
+    def between_replays(self):
+        """A context routing allocations to the graphs' pool, for work that ends before the next
+        replay (the decoder): the pool's free blocks are the scales' temporaries, idle until then.
+        Nothing allocated inside may outlive it: a replay writes its temporaries where they were."""
+        return torch.cuda.use_mem_pool(self.pool)
+
     def run(self, scale: int, x: torch.Tensor) -> torch.Tensor:
         """Logits of `scale` for input x, capturing the scale's graph the first time."""
         if self.graphs[scale] is None:
             self.inputs[scale] = self.input_buffer[: x.numel()].view(x.shape)
             self.inputs[scale].copy_(x)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool.id):
                 self.outputs[scale] = self.transformer.forward_scale(
                     self.inputs[scale], scale, self.schedule, self.prep, self.cache, self.policy, self.pruning
                 )

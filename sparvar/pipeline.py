@@ -11,6 +11,7 @@ seam SparVAR fills.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -302,7 +303,9 @@ class Pipeline:
             cache = None
             if graphs is None:
                 self._cache = None
-        images = self._decode(summed, config.tiled_decode)
+        with graphs.between_replays() if graphs is not None else contextlib.nullcontext():
+            # the decoder takes the blocks the scales' graphs free; its images leave for the CPU here
+            images = self._decode(summed, config.tiled_decode).float().cpu()
         timer.mark("decode")
 
         seconds = timer.seconds()
@@ -318,7 +321,7 @@ class Pipeline:
         if config.image is not None:  # edits come back in the shapes of their source pictures
             sources = config.image * len(pictures) if len(config.image) == 1 else config.image
             pictures = [self.spec.family.source_image.restore(p, s.size) for p, s in zip(pictures, sources)]
-        return GenerationOutput(pictures, schedule, tokens, scale_seconds, stages, policy, used, images.float().cpu(),
+        return GenerationOutput(pictures, schedule, tokens, scale_seconds, stages, policy, used, images,
                                 labels)
 
     def _draw(self, k: int, logits: torch.Tensor, config: GenerationConfig, guidance: bool, weights: list[float],
