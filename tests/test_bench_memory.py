@@ -213,6 +213,27 @@ def test_memory_bench_needs_a_gpu():
         memory.run(["infinity-2b"], 1, "unused", "c")
 
 
+@pytest.mark.parametrize("users", [None, "max_split_size_mb:64"])
+def test_memory_bench_grows_expandable_segments_unless_the_user_set_the_allocator(monkeypatch, tmp_path, users):
+    """The 16 GiB proof ran only with expandable segments; a user's PYTORCH_CUDA_ALLOC_CONF is kept,
+    and the record names what ran."""
+    applied = []
+    if users is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", users)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", applied.append)
+    monkeypatch.setattr(memory, "bench", lambda *args: [])
+    monkeypatch.setattr(memory, "provenance", lambda command: {"card": "test", "date": "d", "torch": "t",
+                                                               "triton": None, "cuda": None, "commit": None,
+                                                               "command": command})
+    result = memory.run(["infinity-8b"], 1, str(tmp_path), "c")
+    assert result["allocator_conf"] == (users or "expandable_segments:True")
+    assert applied == ([] if users else ["expandable_segments:True"])
+    assert f"PYTORCH_CUDA_ALLOC_CONF={result['allocator_conf']}" in (tmp_path / "memory.md").read_text()
+
+
 @pytest.mark.slow
 def test_fp8_fidelity_rows_on_tiny_models(tmp_path):
     rows = fp8_fidelity.logit_rows("infinity-tiny", "cpu", None) + fp8_fidelity.logit_rows("var-tiny", "cpu", None)

@@ -12,13 +12,16 @@ proven, fastest first (2b_lowmem: lowest peak first), by running them again unde
 `torch.cuda.set_per_process_memory_fraction` of the card size, until one runs (at most MAX_TRIES
 per card); only a setting whose proof ran is picked, and the card's summary keys are that proof's
 own peak and latency. A failed proof keeps the phase and place it failed in and what the
-allocator held then.
+allocator held then. The allocator grows expandable segments (ALLOCATOR_CONF, unless
+PYTORCH_CUDA_ALLOC_CONF says otherwise): with fixed segments, 8B's 16 GiB pick failed its proof on
+fragmentation alone, its decoder asking 0.5 GiB that no free block held.
 Run: sparvar bench memory [--models infinity-2b infinity-8b] [--out benchmarks]
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 import traceback
@@ -34,6 +37,7 @@ from sparvar.options import ArgumentParser, HelpFormatter
 GIB = 2**30
 MARGIN_GIB = 0.5  # a setting fits a card of N GiB when its peak is at most N - 0.5
 MAX_TRIES = 3  # settings proven per card, fastest first, until one runs under the cap
+ALLOCATOR_CONF = "expandable_segments:True"
 
 
 @dataclass(frozen=True)
@@ -318,7 +322,9 @@ def _told(attempt: dict) -> str:
 
 
 def to_markdown(result: dict) -> str:
+    allocator = result.get("allocator_conf")  # records before it was set have none
     lines = [*header(f"Memory settings: {result['title']}", result),
+             *([f"CUDA allocator: `PYTORCH_CUDA_ALLOC_CONF={allocator}`.", ""] if allocator else []),
              "| model | setting | precision | offload | KV cache | CUDA graphs | latency (s) | peak GiB "
              "| reserved GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -366,10 +372,14 @@ def to_markdown(result: dict) -> str:
 def run(models: list[str], repeats: int, out_dir: str, command: str) -> dict:
     if not torch.cuda.is_available():
         raise SparvarError("the memory benchmark needs a CUDA GPU")
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # the user's own setting wins
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_CONF
+        torch.cuda.memory._set_allocator_settings(ALLOCATOR_CONF)  # also where CUDA has started already
     rows = bench(models, SETTINGS, repeats)
     proofs = prove(rows, repeats)
     result = {**provenance(command), "title": "random weights, 1024x1024, batch 1 with CFG, attention default",
-              "margin_gib": MARGIN_GIB, "max_tries": MAX_TRIES, "summary_numbers": "proof",
+              "margin_gib": MARGIN_GIB, "max_tries": MAX_TRIES,
+              "allocator_conf": os.environ["PYTORCH_CUDA_ALLOC_CONF"], "summary_numbers": "proof",
               "settings": {k: asdict(v) for k, v in SETTINGS.items()}, "rows": rows,
               "summary": summarize(rows, proofs), "proofs": proofs}
     write(out_dir, "memory", result, to_markdown(result))
