@@ -60,9 +60,10 @@ def test_markdown_shows_fa4_where_it_ran():
     assert "| 8b | 12 | random 100% | 0.20 | 1.0e-03 | 1.670 | 738 |" in md
     assert "| fa4_dense_s12_8b_tflops | 738.000 | - | - |" in md
     assert "| triton_csla_paper_s12_8b_vs_cudnn | 4.990 | - | - |" in md
-    assert "do_bench (each call launched from the host)" in md
+    assert "triton.testing.do_bench (each call launched from the host)" in md
     graphed = kernels.to_markdown({**result, "cuda_graphs": True})
-    assert "do_bench_cudagraph (each call replayed from a CUDA graph, as in generations)" in graphed
+    assert "one CUDA graph of 20 calls replayed 10 times, per call (each call replayed from a CUDA graph, as in generations)" \
+        in graphed
     assert "| 8b | 12 | random 25% | 0.250 | 1.000 | 500 |" in md and md.count(" 7.00 | fa4 |") == 1
 
 
