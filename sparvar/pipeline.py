@@ -48,11 +48,14 @@ def resolve_policy(attention: AttentionPolicy | str | None) -> AttentionPolicy:
 
 
 class StageTimer:
-    """Wall time between marks; CUDA events on the GPU, so timing adds no host synchronisation."""
+    """Wall time between marks; CUDA events on the GPU, so timing adds no host synchronisation.
+    On the GPU it also notes the allocator's peak so far at the end of a stage (a host-side counter)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         self.marks: list[tuple[str, object]] = []
+        self.peak_gib: dict[str, float] = {}
 
     def mark(self, name: str) -> None:
         if self.cuda:
@@ -61,6 +64,10 @@ class StageTimer:
             self.marks.append((name, event))
         else:
             self.marks.append((name, time.perf_counter()))
+
+    def note_peak(self, stage: str) -> None:
+        if self.cuda:
+            self.peak_gib[stage] = torch.cuda.max_memory_allocated(self.device) / 2**30
 
     def seconds(self) -> list[tuple[str, float]]:
         """(name, seconds since the previous mark) for every mark after the first."""
@@ -84,6 +91,9 @@ class GenerationOutput:
     scales_used: list[int] = field(default_factory=list)
     pixels: torch.Tensor | None = None  # the decoded images (B, 3, H, W) in [-1, 1], float32 on the CPU
     labels: list[int] | None = None  # the classes of class-conditional models (random ones as drawn)
+    # on a GPU: torch.cuda.max_memory_allocated (GiB, since its last reset) at the end of condition,
+    # transformer and decode, so a rise between two says which stage set the peak
+    stage_peak_gib: dict[str, float] = field(default_factory=dict)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -259,6 +269,7 @@ class Pipeline:
         condition, negative, labels = self._condition(conditions, config, draws, generators)
         prep = self.transformer.prepare(condition, guidance, negative)
         timer.mark("condition")
+        timer.note_peak("condition")
         graphs, num_scales = None, len(schedule) - config.skip_last
         # lean and FP8 caches keep no keys of the last scale that runs: none reads them
         cache = self._kv_cache(config.kv_cache, prep.start.shape[0], schedule.total, schedule.offsets[num_scales - 1])
@@ -297,6 +308,7 @@ class Pipeline:
             timer.mark(f"scale {k}")
             if stopped:
                 break
+        timer.note_peak("transformer")
         if self.text_offload is not None or self.transformer.stream is not None:
             # memory modes make the cache again for each generation, so that neither the decoder
             # nor the next text encoding meets it (captured graphs keep theirs)
@@ -307,6 +319,7 @@ class Pipeline:
             # the decoder takes the blocks the scales' graphs free; its images leave for the CPU here
             images = self._decode(summed, config.tiled_decode).float().cpu()
         timer.mark("decode")
+        timer.note_peak("decode")
 
         seconds = timer.seconds()
         scale_seconds = [s for name, s in seconds if name.startswith("scale")]
@@ -322,7 +335,7 @@ class Pipeline:
             sources = config.image * len(pictures) if len(config.image) == 1 else config.image
             pictures = [self.spec.family.source_image.restore(p, s.size) for p, s in zip(pictures, sources)]
         return GenerationOutput(pictures, schedule, tokens, scale_seconds, stages, policy, used, images,
-                                labels)
+                                labels, timer.peak_gib)
 
     def _draw(self, k: int, logits: torch.Tensor, config: GenerationConfig, guidance: bool, weights: list[float],
               draws: OfficialDraws | None, generators: list[torch.Generator]):

@@ -114,6 +114,7 @@ def test_memory_settings_record_the_median_time_of_each_scale(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (76 * memory.GIB, 80 * memory.GIB))
     monkeypatch.setattr("sparvar.sparsity.make_policy", lambda *a, **kw: None)
     per_scale = iter([[9.0, 9.0]] * 3 + [[1.0, 5.0], [3.0, 4.0], [2.0, 6.0]])  # three warm-ups (graphs) first
+    peaks = iter([{"transformer": 9.0}] * 3 + [{"transformer": 1.5}, {"transformer": 7.0}, {"transformer": 8.0}])
 
     class Pipe:
         spec = SimpleNamespace(family=SimpleNamespace(source_image=None))
@@ -122,8 +123,9 @@ def test_memory_settings_record_the_median_time_of_each_scale(monkeypatch):
             return None
 
         def __call__(self, *args, **kwargs):
-            return SimpleNamespace(scale_seconds=next(per_scale))
+            return SimpleNamespace(scale_seconds=next(per_scale), stage_peak_gib=next(peaks))
 
     row = memory.time_setting(Pipe(), memory.SETTINGS["bf16"], repeats=3)
     assert row["peak_gib"] == 2.0 and len(row["latencies_s"]) == 3 and row["scale_s"] == [2.0, 5.0]
     assert row["reserved_gib"] == 3.0 and row["device_used_gib"] == 4.0
+    assert row["stage_peak_gib"] == {"transformer": 1.5}  # the first timed generation's, after the reset

@@ -154,7 +154,9 @@ def test_markdown_lists_every_row():
     result = {**provenance("c"), "title": "t", "rows": ROWS, "summary": summarize(ROWS, {}), "proofs": {}}
     md = to_markdown(result)
     assert md.count("| infinity-") == len(ROWS) and "failed: OutOfMemoryError" in md
-    assert all(line.count("|") == 10 for line in md.splitlines() if line.startswith("| infinity-"))
+    assert all(line.count("|") == 11 for line in md.splitlines() if line.startswith("| infinity-"))
+    peaked = {**ROWS[0], "stage_peak_gib": {"condition": 16.0, "transformer": 29.5, "decode": 31.8}}
+    assert "| 0.640 | 31.80 | 29.50 | - |" in to_markdown({**result, "rows": [peaked]})  # the decoder set the peak
 
 
 def test_an_out_of_memory_error_keeps_its_numbers_and_drops_the_advice():

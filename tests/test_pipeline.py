@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import rel_err, tiny_pipeline
+from sparvar import load_pipeline
 from sparvar.attention.policy import AttentionPolicy, DenseAttention
 from sparvar.errors import SparvarError
 from sparvar.schedules import Schedule, infinity_schedule, parse_schedule
@@ -39,6 +40,18 @@ def test_item_seeds_do_not_depend_on_the_batch(pipe):
     assert torch.equal(batch.tokens[0][1:], alone.tokens[0])  # first scale: same draw
     assert len(batch.scale_seconds) == len(SCHEDULE)
     assert set(batch.stage_seconds) == {"condition", "transformer", "decode", "total"}
+    assert batch.stage_peak_gib == {}  # the CPU has no allocator peak to tell
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator's peak is CUDA's")
+def test_stage_peaks_rise_where_a_stage_allocates():
+    gpu = load_pipeline("infinity-tiny", device="cuda", dtype=torch.float32)
+    torch.cuda.reset_peak_memory_stats()
+    out = gpu(["a boat"], seed=1, progress=False)
+    peaks = out.stage_peak_gib
+    assert list(peaks) == ["condition", "transformer", "decode"]
+    assert 0 < peaks["condition"] < peaks["transformer"] <= peaks["decode"]
+    assert peaks["decode"] == torch.cuda.max_memory_allocated() / 2**30
 
 
 def test_guidance_one_runs_without_the_unconditional_half(pipe):

@@ -87,9 +87,10 @@ def _in_phase(phase: str, fn, *args):
 
 def time_setting(pipe, setting: Setting, repeats: int) -> dict:
     """Median latency, median time of each scale (the pipeline's CUDA events) and peak memory of
-    `repeats` generations after warm-up (and capture): allocated (`peak_gib`), reserved by the
-    allocator (`reserved_gib`, the CUDA graphs' private pool included), and the device's used
-    memory after them (`device_used_gib`: the CUDA context and anything else outside PyTorch too)."""
+    `repeats` generations after warm-up (and capture): allocated (`peak_gib`; `stage_peak_gib`, the
+    first generation's peak so far at the end of each stage), reserved by the allocator
+    (`reserved_gib`, the CUDA graphs' private pool included), and the device's used memory after
+    them (`device_used_gib`: the CUDA context and anything else outside PyTorch too)."""
     from sparvar.sparsity import make_policy
 
     prompt, inputs = generation_inputs(pipe.spec)
@@ -100,16 +101,17 @@ def time_setting(pipe, setting: Setting, repeats: int) -> dict:
         _in_phase(phase, run, seed)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times, scales = [], []
+    times, outputs = [], []
     for seed in range(repeats):
         start = time.perf_counter()
-        scales.append(_in_phase(f"timed generation {seed + 1}", run, seed).scale_seconds)
+        outputs.append(_in_phase(f"timed generation {seed + 1}", run, seed))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     free, total = torch.cuda.mem_get_info()
     return {"latency_s": statistics.median(times), "latencies_s": times,
-            "scale_s": [statistics.median(per_scale) for per_scale in zip(*scales)],
+            "scale_s": [statistics.median(per_scale) for per_scale in zip(*(o.scale_seconds for o in outputs))],
             "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+            "stage_peak_gib": outputs[0].stage_peak_gib,  # the first after the reset: which stage set the peak
             "reserved_gib": torch.cuda.max_memory_reserved() / GIB, "device_used_gib": (total - free) / GIB}
 
 
@@ -326,11 +328,12 @@ def to_markdown(result: dict) -> str:
     lines = [*header(f"Memory settings: {result['title']}", result),
              *([f"CUDA allocator: `PYTORCH_CUDA_ALLOC_CONF={allocator}`.", ""] if allocator else []),
              "| model | setting | precision | offload | KV cache | CUDA graphs | latency (s) | peak GiB "
-             "| reserved GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| peak before decode | reserved GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        cells = (f"{_fmt(r.get('latency_s'))} | {_fmt(r.get('peak_gib'), '.2f')} | {_fmt(r.get('reserved_gib'), '.2f')}"
-                 if "error" not in r else f"failed: {r['error'][:80]} | |")
+        before_decode = r.get("stage_peak_gib", {}).get("transformer")
+        cells = (f"{_fmt(r.get('latency_s'))} | {_fmt(r.get('peak_gib'), '.2f')} | {_fmt(before_decode, '.2f')} | "
+                 f"{_fmt(r.get('reserved_gib'), '.2f')}" if "error" not in r else f"failed: {r['error'][:80]} | | |")
         lines.append(f"| {r['model']} | {r['setting']} | {r['precision']} | {r['offload'] or '-'} | {r['kv_cache']} | "
                      f"{'yes' if r['cuda_graphs'] else 'no'} | {cells} |")
     lines += ["", "## Summary", "",
