@@ -6,6 +6,7 @@ from sparvar import layout
 from sparvar.attention.gather import gather_attention
 from sparvar.attention.sparse import sparse_attention
 from sparvar.attention.tables import BlockTable, reference_sparse_attention
+from sparvar.kernels.fused import add_upsampled_
 from sparvar.schedules import Schedule, infinity_schedule
 from sparvar.sparsity import cs4a
 
@@ -82,11 +83,12 @@ def test_compact_sorts_and_removes_duplicates_and_invalid():
     assert out[0, :3].tolist() == [0, 3, 5] and out[1, :3].tolist() == [1, 2, 7]
 
 
-def test_upsample_keeps_constants_and_identity():
+def test_the_residual_resize_keeps_constants_and_identity():
     x = torch.randn(2, 3, 20, 4)
-    assert torch.allclose(cs4a.upsample(x, (4, 5), (4, 5)), x)
+    assert torch.allclose(add_upsampled_(torch.zeros_like(x), x, (4, 5), (4, 5)), x)
     const = torch.ones(1, 1, 6, 2)
-    assert torch.allclose(cs4a.upsample(const, (2, 3), (5, 7)), torch.ones(1, 1, 35, 2))
+    twos = torch.full((1, 1, 35, 2), 2.0)
+    assert torch.allclose(add_upsampled_(torch.ones(1, 1, 35, 2), const, (2, 3), (5, 7)), twos)
 
 
 def test_gather_attention_matches_the_reference():

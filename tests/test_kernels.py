@@ -452,6 +452,8 @@ def test_compiled_kernels_build_for_hopper_after_interpreter_runs(tma):
     ("_channel_sums_kernel", dict(X="*bf16", PIVOT="*fp32", SUMS="*fp32"), dict(CHUNK=256, BLOCK_P=32, BLOCK_C=128), 4),
     ("_norm_silu_kernel", dict(X="*bf16", OUT="*bf16", MEAN="*fp32", RSTD="*fp32", WEIGHT="*fp32", BIAS="*fp32"),
      dict(BLOCK_P=32, BLOCK_C=128), 4),
+    ("_upsample_add_kernel", dict(OUT="*bf16", RES="*bf16", scale_y="fp32", scale_x="fp32"),
+     dict(D=128, BLOCK_T=32), 4),
 ])
 @pytest.mark.slow
 def test_fused_kernels_build_for_hopper(name, pointers, constexprs, num_warps):
@@ -648,6 +650,41 @@ def test_fused_kernels_match_their_reference_in_the_demo_model_cuda():
         slow, ref_image = pipe.transformer.forward_full(inputs, schedule, prep), pipe.vae.decode(z)
     assert rel_err(fast, slow) < 2e-2
     assert rel_err(image, ref_image) < 2e-2
+
+
+@pytest.mark.parametrize("src,dst,block_t", [((4, 5), (9, 13), 32), ((1, 1), (3, 2), 4), ((6, 6), (6, 6), 8),
+                                             ((7, 5), (3, 4), 4), ((5, 5), (8, 8), 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "tokens-major"])
+def test_add_upsampled_matches_reference(src, dst, block_t, dtype, layout):
+    """CS4A's residual resized and added in place, onto outputs in (B, H, L, D) memory or the
+    attention kernels' (B, L, H, D); token counts that fill no block of block_t, a 1x1 grid, the
+    same grid, and a smaller one."""
+    b, h, d = 2, 3, 32
+    gen = torch.Generator().manual_seed(src[0] * 100 + dst[0] * 10 + dst[1])
+    residual = torch.randn(b, h, src[0] * src[1], d, generator=gen).to(DEVICE, dtype)
+    n = dst[0] * dst[1]
+    out = torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype)
+    if layout == "tokens-major":
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    ref = kernels_fused.add_upsampled_reference_(out.clone(), residual, src, dst)
+    got = out.clone()
+    assert kernels_fused.add_upsampled_triton_(got, residual, src, dst, block_t) is got
+    assert got.stride() == out.stride() and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    else:  # a rounding step apart at most (the interpreter's casts to bf16 round differently)
+        assert rel_err(got, ref) < BF16_TOL
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=2 ** -6)
+
+
+def test_add_upsampled_refuses_grids_that_do_not_match_and_passes_empty_batches():
+    out, residual = torch.zeros(1, 2, 12, 16), torch.ones(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="does not resize onto"):
+        compiled_fused.add_upsampled_(out, residual, (2, 2), (3, 5))
+    assert torch.equal(compiled_fused.add_upsampled_(out, residual, (2, 2), (3, 4)), torch.ones(1, 2, 12, 16))
+    empty = torch.zeros(0, 2, 12, 16, device=DEVICE)
+    assert compiled_fused.add_upsampled_(empty, torch.zeros(0, 2, 4, 16, device=DEVICE), (2, 2), (4, 3)).numel() == 0
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")

@@ -149,11 +149,3 @@ def key_table(parts, batch: int, heads: int, q_len: int, group: int, kv_len: int
     valid = torch.cat([v.expand(batch, heads, g, v.shape[-1]) for _, v in parts], dim=-1)
     counts, indices = compact(idx, valid, kv_len)
     return BlockTable(counts, indices, group, 1, q_len, kv_len)
-
-
-def upsample(residual: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of per-token outputs (B, H, h*w, D) from grid `src` to grid `dst`."""
-    b, h, _, d = residual.shape
-    grid = residual.reshape(b * h, *src, d).permute(0, 3, 1, 2)
-    out = F.interpolate(grid.float(), size=dst, mode="bilinear", align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(b, h, dst[0] * dst[1], d).to(residual.dtype)

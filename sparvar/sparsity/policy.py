@@ -14,6 +14,7 @@ from sparvar.attention.decision import attention_with_colsum
 from sparvar.attention.policy import AttentionCall, AttentionPolicy, DenseAttention
 from sparvar.attention.sparse import sparse_attention
 from sparvar.errors import SparvarError
+from sparvar.kernels.fused import add_upsampled_
 from sparvar.sparsity import cs4a
 from sparvar.sparsity.csla import csla_block_table, csla_token_density
 from sparvar.sparsity.presets import Plan, SparVARConfig, make_plan
@@ -105,7 +106,7 @@ class SparVARPolicy(AttentionPolicy):
         out = self._sparse(q, k, v, table, call)
         if cfg.residual:
             src, dst = call.schedule.sizes[S], call.schedule.sizes[scale]
-            out = out + cs4a.upsample(self._residual[call.layer], src, dst)
+            out = add_upsampled_(out, self._residual[call.layer], src, dst)  # out is this call's own
         return out
 
     def stats(self) -> dict:
