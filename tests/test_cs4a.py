@@ -83,6 +83,22 @@ def test_compact_sorts_and_removes_duplicates_and_invalid():
     assert out[0, :3].tolist() == [0, 3, 5] and out[1, :3].tolist() == [1, 2, 7]
 
 
+@pytest.mark.parametrize("width,kv_len", [(1, 3), (7, 4), (40, 1000), (64, 50)])
+def test_compact_matches_a_set_per_list(width, kv_len):
+    """Random candidate lists with repeats, invalid entries and lists with nothing valid, against
+    sorted(set()) of each list, padded with zeros."""
+    gen = torch.Generator().manual_seed(width * 7 + kv_len)
+    idx = torch.randint(0, kv_len, (2, 3, 5, width), generator=gen)
+    valid = torch.rand(idx.shape, generator=gen) < 0.7
+    valid[0, 0, 0] = False
+    counts, out = cs4a.compact(idx, valid, kv_len)
+    assert counts.dtype == out.dtype == torch.int32 and out.shape == idx.shape
+    for row in range(idx[..., 0].numel()):
+        want = sorted(set(idx.view(-1, width)[row][valid.view(-1, width)[row]].tolist()))
+        assert counts.view(-1)[row] == len(want)
+        assert out.view(-1, width)[row].tolist() == want + [0] * (width - len(want))
+
+
 def test_the_residual_resize_keeps_constants_and_identity():
     x = torch.randn(2, 3, 20, 4)
     assert torch.allclose(add_upsampled_(torch.zeros_like(x), x, (4, 5), (4, 5)), x)

@@ -132,14 +132,16 @@ def select_keys(colsum: torch.Tensor, budget: int, mass: float | None = None):
 
 
 def compact(idx: torch.Tensor, valid: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate lists -> (counts int32, ascending unique indices int32, padded with 0)."""
-    end = torch.full_like(idx, kv_len)
-    v = torch.where(valid, idx, end).sort(dim=-1).values
-    dup = torch.zeros_like(valid)
-    dup[..., 1:] = v[..., 1:] == v[..., :-1]
-    v = torch.where(dup, end, v).sort(dim=-1).values
+    """Candidate lists -> (counts int32, ascending unique indices int32, padded with 0). One sort;
+    the kept keys then move to their places by a scatter (a second sort took as long as the first)."""
+    v = torch.where(valid, idx, kv_len).sort(dim=-1).values
     keep = v < kv_len
-    return keep.sum(dim=-1).to(torch.int32), torch.where(keep, v, 0).to(torch.int32)
+    keep[..., 1:] &= v[..., 1:] != v[..., :-1]
+    width = v.shape[-1]
+    place = torch.where(keep, keep.cumsum(dim=-1) - 1, width)  # the dropped all go to a spare column
+    out = torch.zeros((*v.shape[:-1], width + 1), dtype=torch.int32, device=v.device)
+    out.scatter_(-1, place, v.to(torch.int32))
+    return keep.sum(dim=-1, dtype=torch.int32), out[..., :width]
 
 
 def key_table(parts, batch: int, heads: int, q_len: int, group: int, kv_len: int) -> BlockTable:
