@@ -64,7 +64,8 @@ def test_key_remap_moves_keys_to_the_matching_finer_scale():
 def test_select_keys_top_k_and_mass():
     colsum = torch.tensor([[[[5.0, 1.0, 3.0, 0.5, 0.5] + [0.0] * 27]]])
     idx, valid = cs4a.select_keys(colsum, 16)
-    assert idx[..., :3].tolist() == [[[[0, 2, 1]]]] and valid.all()
+    picked = idx.flatten().tolist()  # in no order without `mass`
+    assert {0, 1, 2, 3, 4} <= set(picked) and len(set(picked)) == len(picked) == 16 and valid.all()
     peaked = torch.zeros(1, 1, 1, 64)
     peaked[..., 7] = 100.0
     peaked[..., 20:40] = 0.001

@@ -122,9 +122,10 @@ def select_keys(colsum: torch.Tensor, budget: int, mass: float | None = None):
     row's total (a per-head budget), at most `budget` and at least 16. Returns (indices
     (B, H, G, budget) int64, valid bool of the same shape).
     """
-    values, idx = torch.topk(colsum, budget, dim=-1)
-    if mass is None:
+    if mass is None:  # unordered: compact() sorts the lists anyway, and topk's own sort is a radix sort
+        idx = torch.topk(colsum, budget, dim=-1, sorted=False).indices
         return idx, torch.ones_like(idx, dtype=torch.bool)
+    values, idx = torch.topk(colsum, budget, dim=-1)
     before = torch.cumsum(values, dim=-1) - values  # mass of the keys ranked above each key
     need = before < mass * colsum.sum(dim=-1, keepdim=True)
     need[..., :16] = True
