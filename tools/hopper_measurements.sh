@@ -6,7 +6,8 @@
 # Unpack in the repository with `tar -xf DIR/results.tar -C benchmarks --strip-components 1`.
 #
 #   bash tools/hopper_measurements.sh a OUT   carry .whl/a: torchao; FP8 tests; the quantising pass's sweep; bench fp8
-#   bash tools/hopper_measurements.sh b OUT   carry .whl/b: FlashAttention-4; its tests; bench e2e, kernels
+#   bash tools/hopper_measurements.sh b OUT   carry .whl/b: FlashAttention-4; kernel, graph, policy and FA4 tests;
+#                                             bench e2e, kernels
 #   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b; HART's too),
 #                                             bench kernels under CUDA graphs
 #
@@ -65,7 +66,9 @@ b)
         | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$site')" \
         || exit 1
     for wheel in .whl/b/*.whl; do python3 -m zipfile -e "$wheel" $site || exit 1; done
-    step 90 "${tests[@]}" tests/test_kernels.py
+    # the kernels, and the paths that run them inside generations: CUDA graphs, stage peaks, CS4A
+    step 150 "${tests[@]}" tests/test_kernels.py tests/test_graphs.py tests/test_pipeline.py tests/test_policy.py \
+        tests/test_cs4a.py
     # generations take FA4 only if its tests pass on this card, CUDA-graph replay included
     timeout 120 "${tests[@]}" tests/test_fa4.py 2>&1 | tail -15
     if [ "${PIPESTATUS[0]}" != 0 ]; then

@@ -3,7 +3,8 @@
 - `sparse_attention`: attention over a BlockTable (attention/tables.py holds its reference);
 - `decision`: CS4A's decision pass, dense attention plus column sums of its probabilities
   (attention/decision.py holds its reference and the backend choice);
-- `fused`: the blocks' and decoders' elementwise work in few passes (add/norm, q/k heads, GroupNorm);
+- `fused`: the blocks' and decoders' elementwise work in few passes (add/norm, q/k heads, GroupNorm,
+  CS4A's residual resize and add);
 - `fp8`: FP8 rows, the one `FP8` dtype, for FP8 matmuls, the FP8 KV cache and FP8 attention.
 
 The elementwise kernels run on CUDA tensors outside autograd; elsewhere, and inside
