@@ -82,8 +82,10 @@ c)
     python3 -c "import flash_attn.cute" 2> /dev/null || echo "note: FlashAttention-4 is missing: stage b did not run on this machine"
     generations_env step 360 python3 -m sparvar bench memory --out "$results"
     generations_env step 150 python3 -m sparvar bench profile --precision auto fp8 --out "$results"
-    # HART's attention share of its GPU time: how far attention alone can take (d) over (b)
-    step 100 python3 -m sparvar bench profile --models hart-0.7b --attention dense default --out "$results/hart"
+    # HART's attention share of its GPU time (how far attention alone can take (d) over (b)), and
+    # what FP8 in HART's own layers takes off its matrix products
+    step 150 python3 -m sparvar bench profile --models hart-0.7b --attention dense default --precision auto fp8 \
+        --out "$results/hart"
     # the kernels as generations run them, replayed from CUDA graphs (FA4's host launch cost left out)
     step 150 python3 -m sparvar bench kernels --cuda-graphs --out-dir "$results/graphs"
     ;;
