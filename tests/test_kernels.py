@@ -657,16 +657,17 @@ def test_fused_kernels_match_their_reference_in_the_demo_model_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "tokens-major"])
 def test_add_upsampled_matches_reference(src, dst, block_t, dtype, layout):
-    """CS4A's residual resized and added in place, onto outputs in (B, H, L, D) memory or the
-    attention kernels' (B, L, H, D); token counts that fill no block of block_t, a 1x1 grid, the
-    same grid, and a smaller one."""
+    """CS4A's residual resized and added in place, outputs and residuals in (B, H, L, D) memory or
+    the attention kernels' (B, L, H, D); token counts that fill no block of block_t, a 1x1 grid,
+    the same grid, and a smaller one."""
     b, h, d = 2, 3, 32
     gen = torch.Generator().manual_seed(src[0] * 100 + dst[0] * 10 + dst[1])
     residual = torch.randn(b, h, src[0] * src[1], d, generator=gen).to(DEVICE, dtype)
     n = dst[0] * dst[1]
     out = torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype)
-    if layout == "tokens-major":
+    if layout == "tokens-major":  # both, as the decision scale's outputs leave the residual
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        residual = residual.transpose(1, 2).contiguous().transpose(1, 2)
     ref = kernels_fused.add_upsampled_reference_(out.clone(), residual, src, dst)
     got = out.clone()
     assert kernels_fused.add_upsampled_triton_(got, residual, src, dst, block_t) is got
