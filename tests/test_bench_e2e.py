@@ -36,6 +36,28 @@ def test_official_rows_give_speedups_and_render_without_stages():
     assert "2.50x" in d_line
 
 
+def test_rows_show_each_generations_host_time_outside_its_stages_and_in_the_collector():
+    row = _row("d", 0.66, outside_stages_s=[0.005, 0.031], gc_s=[0.0, 0.024])
+    text = markdown({**provenance("cmd"), "title": "t", "rows": [row], "modes": {"d": "d"}, "summary": {}})
+    d_line = next(line for line in text.splitlines() if line.startswith("| infinity-8b | d |"))
+    assert d_line.endswith("| 30.0 | 5 (0), 31 (24) |")
+
+
+def test_collector_time_counts_collections_made_inside_only():
+    import gc
+
+    from sparvar.bench.e2e import CollectorTime
+
+    gc.collect()
+    with CollectorTime() as inside:
+        pass
+    assert inside.seconds == 0.0
+    with CollectorTime() as inside:
+        gc.collect()
+    gc.collect()
+    assert inside.seconds > 0.0 and inside._note not in gc.callbacks
+
+
 CLONE = os.environ.get("SPARVAR_INFINITY_CLONE")
 
 

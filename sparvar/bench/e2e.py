@@ -25,13 +25,16 @@ edit a fixed picture, bench/common.py):
      (default backend); its own random init
 Every number is the median over `repeats` timed generations after warm-up (which also captures
 the graphs). Per-scale and per-stage times come from CUDA events recorded by the pipeline; the
-latency is the host clock around the whole call (image conversion included); the attention
+latency is the host clock around the whole call (image conversion included; each generation's
+host time outside the stages' events, and the garbage collector's part of it, are recorded beside
+it); the attention
 share comes from one extra eager generation with CUDA events around every attention call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 import traceback
@@ -119,15 +122,40 @@ class TimedAttention(AttentionPolicy):
         return out
 
 
-def timed_calls(call: Callable[[int], object], repeats: int) -> list[tuple[float, object]]:
-    """(host seconds, result) of call(0), call(1), ...: the GPU is idle before each and after."""
+class CollectorTime:
+    """Seconds Python's garbage collector runs while this is entered: a host pause inside a timed
+    generation that no CUDA event shows (it runs between the pipeline's stages or around them)."""
+
+    def __init__(self):
+        self.seconds, self._started = 0.0, None
+
+    def _note(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def __enter__(self):
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._note)
+
+
+def timed_calls(call: Callable[[int], object], repeats: int) -> list[tuple[float, float, object]]:
+    """(host seconds, seconds of it in garbage collection, result) of call(0), call(1), ...: the
+    GPU is idle before each and after."""
     runs = []
     for i in range(repeats):
         torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = call(i)
-        torch.cuda.synchronize()
-        runs.append((time.perf_counter() - start, out))
+        with CollectorTime() as collector:
+            start = time.perf_counter()
+            out = call(i)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        runs.append((seconds, collector.seconds, out))
     return runs
 
 
@@ -151,18 +179,22 @@ def _time_mode(pipe, mode: Mode, repeats: int, seed: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     runs = timed_calls(lambda i: run(seed + i, policy), repeats)
     median = statistics.median
-    longest = max(len(o.scale_seconds) for _, o in runs)  # adaptive skip may stop some runs earlier
-    scale_s = [median([o.scale_seconds[k] for _, o in runs if k < len(o.scale_seconds)]) for k in range(longest)]
+    longest = max(len(o.scale_seconds) for _, _, o in runs)  # adaptive skip may stop some runs earlier
+    scale_s = [median([o.scale_seconds[k] for _, _, o in runs if k < len(o.scale_seconds)]) for k in range(longest)]
     stats = policy.stats()
     return {
-        "latency_s": median([t for t, _ in runs]),
-        "latencies_s": [t for t, _ in runs],
-        "stages_s": {k: median([o.stage_seconds[k] for _, o in runs]) for k in runs[0][1].stage_seconds},
+        "latency_s": median([t for t, _, _ in runs]),
+        "latencies_s": [t for t, _, _ in runs],
+        # host time around the stages' CUDA events (checks, image conversion, pauses), and the
+        # garbage collector's share of each generation
+        "outside_stages_s": [t - o.stage_seconds["total"] for t, _, o in runs],
+        "gc_s": [g for _, g, _ in runs],
+        "stages_s": {k: median([o.stage_seconds[k] for _, _, o in runs]) for k in runs[0][2].stage_seconds},
         "scale_s": scale_s,
         "attention_scale_s_eager": attention_s,
         "attention_share_eager": sum(attention_s) / eager.stage_seconds["transformer"],
         "attention_flops_saved": stats["total"]["saved_fraction"] if stats else 0.0,
-        "scales_used": [o.scales_used[0] for _, o in runs],
+        "scales_used": [o.scales_used[0] for _, _, o in runs],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
 
@@ -182,7 +214,7 @@ def time_official(path: str, model: str, repeats: int, seed: int = 0) -> dict:
     official(prompt, spec.schedule(), seed, **inputs)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    latencies = [t for t, _ in timed_calls(lambda i: official(prompt, spec.schedule(), seed + i, **inputs), repeats)]
+    latencies = [t for t, _, _ in timed_calls(lambda i: official(prompt, spec.schedule(), seed + i, **inputs), repeats)]
     return {"latency_s": statistics.median(latencies), "latencies_s": latencies,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -243,12 +275,12 @@ def markdown(result: dict) -> str:
     lines = [
         *header(result["title"], result),
         "| model | mode | latency (s) | vs a | vs b | vs o | condition | transformer | decode | attention share (eager) "
-        "| peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak GiB | outside stages, ms (in gc) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | failed: {r['error'][:80]} ||||||||| ")
+            lines.append(f"| {r['model']} | {r['mode']} | failed: {r['error'][:80]} |||||||||| ")
             continue
         vs = [f"{r[k]:.2f}x" if k in r else "" for k in ("speedup_over_a", "speedup_over_b", "speedup_over_o")]
         if "stages_s" in r:
@@ -257,8 +289,10 @@ def markdown(result: dict) -> str:
                      f"{r['attention_share_eager']:.0%}"]
         else:  # the official code: its total only
             parts = ["-"] * 4
+        outside = ", ".join(f"{t * 1000:.0f} ({g * 1000:.0f})" for t, g in zip(r.get("outside_stages_s", []),
+                                                                             r.get("gc_s", [])))
         lines.append(f"| {r['model']} | {r['mode']} | {r['latency_s']:.3f} | " + " | ".join(vs + parts)
-                     + f" | {r['peak_gib']:.1f} |")
+                     + f" | {r['peak_gib']:.1f} | {outside} |")
     lines += ["", "Modes:", ""] + [f"- {k}: {v}" for k, v in result["modes"].items()]
     if result.get("dense_kernel"):
         lines += ["", f"Dense calls of modes b-i ran on {result['dense_kernel']}."]
