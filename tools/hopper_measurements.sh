@@ -3,7 +3,8 @@
 # one card in three device calls of under 10 minutes, back to back on one warm machine (its disk
 # keeps /tmp/site and /tmp/parts between calls). Steps are bounded (tools/bounded_steps.sh); after
 # each, OUT/results is packed into OUT/results.tar (a call brings back at most 8 files).
-# Unpack in the repository with `tar -xf DIR/results.tar -C benchmarks --strip-components 1`.
+# Unpack in the repository with `tar -xf DIR/results.tar -C benchmarks --strip-components 1`; stage c's
+# hart/profile.* are benchmarks/profile_hart.*, its graphs/kernels.* benchmarks/kernels_cuda_graphs.*.
 #
 #   bash tools/hopper_measurements.sh a OUT   carry .whl/a: torchao; FP8 tests; the quantising pass's sweep; bench fp8
 #   bash tools/hopper_measurements.sh b OUT   carry .whl/b: FlashAttention-4; kernel, graph, policy and FA4 tests;
