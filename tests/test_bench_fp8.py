@@ -112,6 +112,9 @@ def test_memory_settings_record_the_median_time_of_each_scale(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2 * memory.GIB)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 3 * memory.GIB)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (76 * memory.GIB, 80 * memory.GIB))
+    pool = {"total_size": memory.GIB // 2, "segment_pool_id": (1, 0)}
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: [{"total_size": memory.GIB, "segment_pool_id": (0, 0)},
+                                                                 pool])
     monkeypatch.setattr("sparvar.sparsity.make_policy", lambda *a, **kw: None)
     per_scale = iter([[9.0, 9.0]] * 3 + [[1.0, 5.0], [3.0, 4.0], [2.0, 6.0]])  # three warm-ups (graphs) first
     peaks = iter([{"transformer": 9.0}] * 3 + [{"transformer": 1.5}, {"transformer": 7.0}, {"transformer": 8.0}])
@@ -127,5 +130,5 @@ def test_memory_settings_record_the_median_time_of_each_scale(monkeypatch):
 
     row = memory.time_setting(Pipe(), memory.SETTINGS["bf16"], repeats=3)
     assert row["peak_gib"] == 2.0 and len(row["latencies_s"]) == 3 and row["scale_s"] == [2.0, 5.0]
-    assert row["reserved_gib"] == 3.0 and row["device_used_gib"] == 4.0
+    assert row["reserved_gib"] == 3.0 and row["device_used_gib"] == 4.0 and row["graph_pool_gib"] == 0.5
     assert row["stage_peak_gib"] == {"transformer": 1.5}  # the first timed generation's, after the reset

@@ -154,9 +154,11 @@ def test_markdown_lists_every_row():
     result = {**provenance("c"), "title": "t", "rows": ROWS, "summary": summarize(ROWS, {}), "proofs": {}}
     md = to_markdown(result)
     assert md.count("| infinity-") == len(ROWS) and "failed: OutOfMemoryError" in md
-    assert all(line.count("|") == 11 for line in md.splitlines() if line.startswith("| infinity-"))
-    peaked = {**ROWS[0], "stage_peak_gib": {"condition": 16.0, "transformer": 29.5, "decode": 31.8}}
-    assert "| 0.640 | 31.80 | 29.50 | - |" in to_markdown({**result, "rows": [peaked]})  # the decoder set the peak
+    assert all(line.count("|") == 12 for line in md.splitlines() if line.startswith("| infinity-"))
+    peaked = {**ROWS[0], "stage_peak_gib": {"condition": 16.0, "transformer": 29.5, "decode": 31.8},
+              "reserved_gib": 33.3, "graph_pool_gib": 3.25}
+    # the decoder set the peak; the graphs' pool is a column of its own
+    assert "| 0.640 | 31.80 | 29.50 | 33.30 | 3.25 |" in to_markdown({**result, "rows": [peaked]})
 
 
 def test_an_out_of_memory_error_keeps_its_numbers_and_drops_the_advice():
@@ -191,6 +193,7 @@ def test_free_memory_is_told_by_pool():
     free = memory.free_by_pool(segments)
     assert free == pytest.approx({"default_pool_free_gib": 1648 / 1024, "default_pool_largest_free_gib": 1648 / 1024,
                                   "graph_pools_free_gib": 824 / 1024})
+    assert memory.graph_pools_gib(segments) == 1.0 and memory.graph_pools_gib(segments[:2]) == 0.0
 
 
 def test_text_offload_without_graphs_keeps_no_kv_cache_between_generations():
