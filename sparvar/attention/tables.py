@@ -47,16 +47,19 @@ class BlockTable:
     def num_kv_units(self) -> int:
         return -(-self.kv_len // self.key_block)
 
-    def to_mask(self) -> torch.Tensor:
-        """Token mask (B|1, H|1, q_len, kv_len), True where a query may see a key."""
+    def unit_mask(self) -> torch.Tensor:
+        """Block mask (B|1, H|1, num_q_blocks, num_kv_units), True where a query block lists a key unit."""
         b, h, nq, m = self.indices.shape
         valid = torch.arange(m, device=self.indices.device) < self.counts[..., None].to(torch.long)
         units = torch.zeros(b, h, nq, self.num_kv_units + 1, dtype=torch.bool, device=self.indices.device)
         # invalid entries are routed to a spare column that is dropped afterwards
         idx = torch.where(valid, self.indices.to(torch.long), self.num_kv_units)
         units.scatter_(-1, idx, True)
-        units = units[..., : self.num_kv_units]
-        mask = units.repeat_interleave(self.key_block, dim=-1)[..., : self.kv_len]
+        return units[..., : self.num_kv_units]
+
+    def to_mask(self) -> torch.Tensor:
+        """Token mask (B|1, H|1, q_len, kv_len), True where a query may see a key."""
+        mask = self.unit_mask().repeat_interleave(self.key_block, dim=-1)[..., : self.kv_len]
         return mask.repeat_interleave(self.q_block, dim=-2)[..., : self.q_len, :]
 
     def density(self) -> torch.Tensor:
