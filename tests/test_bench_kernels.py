@@ -1,5 +1,5 @@
 """Bookkeeping of `sparvar bench kernels` on fake rows (its timings need a GPU): the summary of a
-partial run, FlashAttention-4's columns, and the one line said without flash-attn-4."""
+partial run, FlashAttention-4's and FlashInfer's columns, and the one line said without a package."""
 
 from __future__ import annotations
 
@@ -66,8 +66,27 @@ def test_markdown_shows_fa4_where_it_ran():
     assert "| 8b | 12 | random 25% | 0.250 | 1.000 | 500 |" in md and md.count(" 7.00 | fa4 |") == 1
 
 
-def test_a_missing_flash_attn_4_is_said_in_one_line(monkeypatch, capsys):
+def test_a_missing_package_is_said_in_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "flash_attn", None)
-    assert kernels.fa4_installed() is False
+    assert kernels.installed("flash_attn.cute", "flash-attn-4", "FA4") is False
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("flash-attn-4 is missing")
+    assert len(out) == 1 and out[0].startswith("flash-attn-4 is missing") and "no FA4 columns" in out[0]
+    assert kernels.installed("json", "json", "JSON") is True and capsys.readouterr().out == ""
+
+
+def test_flashinfer_rows_are_summarised_and_shown_apart_its_failures_too():
+    rows = [sparse(12, "random 25%", 0.25, 500.0, flashinfer_ms=0.7, flashinfer_tflops=560.0,
+                   flashinfer_first_call_s=40.0, flashinfer_rel_err_vs_triton=2e-3, flashinfer_speedup_vs_triton=1.43),
+            sparse(12, "random 50%", 0.50, 450.0, flashinfer_ms=None, flashinfer_tflops=None,
+                   flashinfer_first_call_s=None, flashinfer_rel_err_vs_triton=None, flashinfer_speedup_vs_triton=None,
+                   flashinfer_error="RuntimeError: nvcc failed"),
+            sparse(12, "paper CSLA (x)", None, 420.0, flashinfer_speedup_vs_flex=1.6, flashinfer_speedup_vs_sdpa_cudnn=6.5)]
+    s = kernels.summarize(rows)
+    assert s["flashinfer_min_tflops_density_25_to_50"] == 560.0 and s["flashinfer_csla_paper_s12_8b_vs_cudnn"] == 6.5
+    assert s["min_tflops_density_25_to_50"] == 450.0  # "auto" never runs FlashInfer
+    md = kernels.to_markdown({**provenance("c"), "rows": rows, "summary": s})
+    assert "| 8b | 12 | random 25% | 40.00 | 2.0e-03 | 0.700 | 560 | 1.43 |  |" in md
+    assert "| 8b | 12 | random 50% | - | - | - | - | - | RuntimeError: nvcc failed |" in md
+    assert "| flashinfer_csla_paper_s12_8b_vs_flex | 1.600 | - | - |" in md
+    without = kernels.to_markdown({**provenance("c"), "rows": ROWS, "summary": kernels.summarize(ROWS)})
+    assert "FlashInfer (`VariableBlockSparseAttentionWrapper`)" not in without

@@ -3,8 +3,10 @@
 Our Triton block-sparse kernel runs random block tables (5-100% density) and the paper's CSLA
 table; on each table it races FlexAttention and, where flash-attn-4 is installed,
 FlashAttention-4's block-sparse kernel (attention/fa4.py; its first call, which compiles, is
-timed apart, and its dense kernel runs on the 100% rows); the dense SDPA flash and cuDNN backends
-set the baseline. Without flash-attn-4 one line says so and its columns stay empty. The
+timed apart, and its dense kernel runs on the 100% rows) and, where flashinfer-python is
+installed, FlashInfer's (attention/flashinfer.py; its first call, which plans and compiles, timed
+apart likewise); the dense SDPA flash and cuDNN backends set the baseline. Without either package
+one line says so and its columns stay empty. The
 decision-scale kernel (dense attention + column sums) races SDPA flash at scale 10.
 Effective TFLOP/s count only the (query, key) pairs of computed blocks.
 Run: sparvar bench kernels [--models 2b 8b] [--scales 10 11 12] [--out-dir benchmarks]
@@ -12,6 +14,7 @@ Run: sparvar bench kernels [--models 2b 8b] [--scales 10 11 12] [--out-dir bench
 
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 import time
@@ -44,12 +47,12 @@ TARGETS = {  # summary key -> (comparison, bound)
 }
 
 
-def fa4_installed() -> bool:
-    """Whether flash-attn-4 imports; says in one line why not."""
+def installed(module: str, package: str, columns: str) -> bool:
+    """Whether `module` imports; says in one line why not."""
     try:
-        import flash_attn.cute  # noqa: F401
+        importlib.import_module(module)
     except ImportError as err:
-        print(f"flash-attn-4 is missing ({err}): no FA4 columns (benchmarks/kernels_notes.md: how to carry it)",
+        print(f"{package} is missing ({err}): no {columns} columns (benchmarks/kernels_notes.md: how to carry it)",
               flush=True)
         return False
     return True
@@ -239,9 +242,29 @@ def fa4_contenders(q, k, v, table: BlockTable, sm: float, dense: bool, ours: tor
     return contenders, facts
 
 
-def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False, cuda_graph: bool = False) -> list[dict]:
-    """Rows for one (model, query scale): every table, our kernel vs Flex, FA4 (with `fa4`) and the
-    SDPA backends."""
+def flashinfer_contenders(q, k, v, table: BlockTable, sm: float, ours: torch.Tensor) -> tuple[dict, dict]:
+    """FlashInfer on `table`: the contender if it ran, and the seconds of its first call (its plan
+    and JIT compile included), its error against our kernel's output `ours`, or why it failed."""
+    from sparvar.attention.flashinfer import flashinfer_runner
+
+    planned = {}
+
+    def first():
+        planned["attend"] = flashinfer_runner(q, k, table, sm)
+        return planned["attend"](q, k, v)
+
+    out, seconds, err = _first_call(first)
+    facts = {"flashinfer_first_call_s": seconds,
+             "flashinfer_rel_err_vs_triton": None if out is None else rel_err(out, ours)}
+    if err:
+        return {}, {**facts, "flashinfer_error": err}
+    return {"flashinfer": (lambda: planned["attend"](q, k, v), nullcontext)}, facts
+
+
+def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False, cuda_graph: bool = False,
+                 flashinfer: bool = False) -> list[dict]:
+    """Rows for one (model, query scale): every table, our kernel vs Flex, FA4 (with `fa4`),
+    FlashInfer (with `flashinfer`) and the SDPA backends."""
     from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     heads = MODELS[model]
@@ -279,9 +302,14 @@ def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False, cuda_gr
         if fa4:
             more, fa4_facts = fa4_contenders(q, k, v, table, sm, nominal == 1.0, ours)
             contenders.update(more)
+        flashinfer_facts = {}
+        if flashinfer:
+            more, flashinfer_facts = flashinfer_contenders(q, k, v, table, sm, ours)
+            contenders.update(more)
         t = time_rounds(contenders, cuda_graph)
-        ms, flex_ms, flash_ms, cudnn_ms, fa4_ms, fa4_dense_ms = (
-            t[c][0] if c in t else None for c in ("triton", "flex", "sdpa_flash", "sdpa_cudnn", "fa4", "fa4_dense"))
+        ms, flex_ms, flash_ms, cudnn_ms, fa4_ms, fa4_dense_ms, fi_ms = (
+            t[c][0] if c in t else None
+            for c in ("triton", "flex", "sdpa_flash", "sdpa_cudnn", "fa4", "fa4_dense", "flashinfer"))
         auto = "fa4" if fa4_ms is not None and resolve_backend("auto", q, table) == "fa4" else "triton"
         rows.append({
             "kind": "sparse", "model": model, "heads": heads, "scale": scale, "q_len": q_len,
@@ -302,6 +330,11 @@ def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False, cuda_gr
             "fa4_speedup_vs_sdpa_flash": fa4_ms and flash_ms and flash_ms / fa4_ms,
             "fa4_speedup_vs_triton": fa4_ms and ms / fa4_ms,
             **fa4_facts,
+            "flashinfer_ms": fi_ms, "flashinfer_tflops": fi_ms and tflops(pairs, heads, fi_ms),
+            "flashinfer_speedup_vs_flex": fi_ms and flex_ms and flex_ms / fi_ms,
+            "flashinfer_speedup_vs_sdpa_cudnn": fi_ms and cudnn_ms and cudnn_ms / fi_ms,
+            "flashinfer_speedup_vs_triton": fi_ms and ms / fi_ms,
+            **flashinfer_facts,
             "errors": {c: t[c][2] for c in t if t[c][2]},
         })
     return rows
@@ -337,17 +370,19 @@ def bench_decision(model: str, cuda_graph: bool = False) -> dict:
 
 def result_of(row: dict, contender: str, what: str):
     """`what` ("tflops", "speedup_vs_flex", ...) of `contender` in a sparse row: "triton" (ours), "fa4",
-    or "auto" (the one the backend "auto" ran there; ours in rows recorded before it was noted)."""
+    "flashinfer", or "auto" (the one the backend "auto" ran there; ours in rows recorded before it
+    was noted)."""
     if contender == "auto":
         contender = row.get("auto_backend", "triton")
-    if contender == "fa4":
-        return row.get(f"fa4_{what}")
+    if contender in ("fa4", "flashinfer"):
+        return row.get(f"{contender}_{what}")
     return row.get("triton_tflops" if what == "tflops" else what)
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The targets' keys for what the backend "auto" runs on each table, then ours ("triton_") and
-    FA4's ("fa4_") alone; each None where its rows were not run (--models, --scales)."""
+    """The targets' keys for what the backend "auto" runs on each table, then ours ("triton_"),
+    FA4's ("fa4_") and FlashInfer's ("flashinfer_") alone; each None where its rows were not run
+    (--models, --scales, a package missing)."""
     sparse = [r for r in rows if r["kind"] == "sparse"]
     s12 = [r for r in sparse if r["model"] == "8b" and r["scale"] == 12]
     paper = next((r for r in s12 if r["table"].startswith("paper")), {})
@@ -367,7 +402,7 @@ def summarize(rows: list[dict]) -> dict:
         "decision_time_over_sdpa_flash": decision.get("time_over_sdpa_flash"),
         "fa4_dense_s12_8b_tflops": dense.get("fa4_dense_tflops"),
     }
-    for prefix, contender in [("", "auto"), ("triton_", "triton"), ("fa4_", "fa4")]:
+    for prefix, contender in [("", "auto"), ("triton_", "triton"), ("fa4_", "fa4"), ("flashinfer_", "flashinfer")]:
         summary[f"{prefix}csla_paper_s12_8b_vs_flex"] = result_of(paper, contender, "speedup_vs_flex")
         summary[f"{prefix}csla_paper_s12_8b_vs_cudnn"] = result_of(paper, contender, "speedup_vs_sdpa_cudnn")
         summary[f"{prefix}min_tflops_density_10_to_50"] = lowest(contender, (0.10, 0.25, 0.50))
@@ -417,6 +452,16 @@ def to_markdown(result: dict) -> str:
         lines += [f"| {r['model']} | {r['scale']} | {r['table']} | {r['fa4_first_call_s']:.2f} | "
                   f"{r['fa4_rel_err_vs_triton']:.1e} | {_fmt(r.get('fa4_dense_ms'))} | "
                   f"{_fmt(r.get('fa4_dense_tflops'), '.0f')} |" for r in fa4]
+    flashinfer = [r for r in result["rows"] if "flashinfer_first_call_s" in r]
+    if flashinfer:
+        lines += ["", ("FlashInfer (`VariableBlockSparseAttentionWrapper`) on the same tables: its first call (plan "
+                       "and JIT compile), its error against our kernel's output, its time:"), "",
+                  "| model | scale | table | first call s | rel err vs ours | ms | TFLOP/s | vs ours | failed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['scale']} | {r['table']} | {_fmt(r['flashinfer_first_call_s'], '.2f')} | "
+                  f"{_fmt(r['flashinfer_rel_err_vs_triton'], '.1e')} | {_fmt(r['flashinfer_ms'])} | "
+                  f"{_fmt(r['flashinfer_tflops'], '.0f')} | {_fmt(r['flashinfer_speedup_vs_triton'], '.2f')} | "
+                  f"{r.get('flashinfer_error', '')[:80]} |" for r in flashinfer]
     lines += ["", "Decision scale (dense attention + column sums per group of "
               f"{DECISION_GROUP}) vs SDPA flash:", "",
               "| model | scale | triton ms | SDPA flash ms | time ratio |", "|---|---|---|---|---|"]
@@ -426,13 +471,15 @@ def to_markdown(result: dict) -> str:
                          f"{r['time_over_sdpa_flash']:.2f} |")
     s = result["summary"]
     lines += ["", "## Summary", "", "The targets' keys measure what the backend `auto` runs on each table (the last "
-              "column above); `triton_` keys measure our kernel alone, `fa4_` keys FA4 alone.", "",
+              "column above); `triton_` keys measure our kernel alone, `fa4_` keys FA4 alone, `flashinfer_` keys "
+              "FlashInfer alone.", "",
               f"Paper table: {s['paper_table']}. Lowest effective TFLOP/s of the 10-50% rows at "
               f"scale 12 alone: {_fmt(s['min_tflops_density_10_to_50_scale12'], '.0f')}.", "",
               "| metric | value | target | met |", "|---|---|---|---|"]
     for key in TARGETS:
         lines.append(f"| {key} | {_fmt(s[key])} | {s['targets'][key]} | {'yes' if s['met'][key] else 'NO'} |")
-    lines += [f"| {key} | {_fmt(v)} | - | - |" for key, v in s.items() if key.startswith(("triton_", "fa4_"))]
+    lines += [f"| {key} | {_fmt(v)} | - | - |" for key, v in s.items()
+              if key.startswith(("triton_", "fa4_", "flashinfer_"))]
     return "\n".join(lines) + "\n"
 
 
@@ -443,11 +490,13 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench 
     if not torch.cuda.is_available():
         raise SparvarError("the kernel benchmark needs a CUDA GPU")
     torch.manual_seed(0)
-    flex, fa4 = _Flex(), fa4_installed()
+    flex = _Flex()
+    fa4 = installed("flash_attn.cute", "flash-attn-4", "FA4")
+    flashinfer = installed("flashinfer.sparse", "flashinfer-python", "FlashInfer")
     rows = []
     for model in models:
         for scale in scales:
-            rows += bench_sparse(model, scale, flex, fa4, cuda_graphs)
+            rows += bench_sparse(model, scale, flex, fa4, cuda_graphs, flashinfer)
     for model in models:
         rows.append(bench_decision(model, cuda_graphs))
     result = {**provenance(command), "cuda_graphs": cuda_graphs, "rows": rows, "summary": summarize(rows)}
