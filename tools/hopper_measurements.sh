@@ -11,6 +11,8 @@
 #                                             bench e2e, kernels
 #   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b; HART's too),
 #                                             bench kernels under CUDA graphs
+#   bash tools/hopper_measurements.sh d OUT   carry .whl/c, after b: FlashInfer; its test; bench kernels with it
+#                                             (results/flashinfer/kernels.* are benchmarks/kernels_flashinfer.*)
 #
 # Stage b runs FA4's tests first (CUDA-graph replay included); where they fail, the generations of
 # b and c run without the wheels, so a broken capture cannot make a wrong image or a false time.
@@ -21,8 +23,8 @@
 set -uo pipefail
 stage=${1:-}
 out=${2:-}
-case $stage in a | b | c) ;; *)
-    echo "error: the stage is a, b or c, not '$stage'" >&2
+case $stage in a | b | c | d) ;; *)
+    echo "error: the stage is a, b, c or d, not '$stage'" >&2
     exit 2
     ;;
 esac
@@ -89,6 +91,21 @@ c)
         --out "$results/hart"
     # the kernels as generations run them, replayed from CUDA graphs (FA4's host launch cost left out)
     step 150 python3 -m sparvar bench kernels --cuda-graphs --out-dir "$results/graphs"
+    ;;
+d)
+    if [ ! -d $site/tvm_ffi ]; then
+        echo "error: a fresh machine: stage b's tvm-ffi is gone; run stages a and b first" >&2
+        exit 3
+    fi
+    xz -dc .whl/c/flashinfer.tar.xz | tar -xf - -C $site || exit 1
+    for wheel in .whl/c/*.whl; do
+        case $(basename "$wheel") in ninja-*) ;; *) python3 -m zipfile -e "$wheel" $site || exit 1 ;; esac
+    done
+    # FlashInfer's JIT runs the ninja executable: pip keeps its file modes and writes bin/ninja
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ninja .whl/c/ninja-*.whl || exit 1
+    export PATH=/tmp/ninja/bin:$PATH
+    step 200 "${tests[@]}" tests/test_flashinfer.py
+    step 330 python3 -m sparvar bench kernels --out-dir "$results/flashinfer"
     ;;
 esac
 ls -l "$out"

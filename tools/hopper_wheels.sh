@@ -4,12 +4,15 @@
 # CuTe DSL for `sparvar bench kernels`. The DSL's CUDA 13 wheel (90 MB) is more than one call
 # carries, so its files travel as an xz tarball (61 MiB) in two parts: the first with torchao in
 # OUT/a (call A), the second with the other wheels in OUT/b (call B, on the same warm machine).
+# FlashInfer for the same bench goes in OUT/c (call D, after B, whose tvm-ffi it imports): its 101 MB
+# wheel holds 717 MB of sources, 26 MB as an xz tarball, with the wheels its import and its JIT
+# build need beyond the device's torch (nvidia-ml-py, ninja, requests and its own).
 # Usage, from the repository root: tools/hopper_wheels.sh [OUT]   (default .whl, which git ignores)
 set -euo pipefail
 out=${1:-.whl}
 cache=$out/cache
-rm -rf "$out/a" "$out/b"
-mkdir -p "$cache" "$out/a" "$out/b"
+rm -rf "$out/a" "$out/b" "$out/c"
+mkdir -p "$cache" "$out/a" "$out/b" "$out/c"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$cache" \
@@ -32,4 +35,20 @@ for wheel in "$cache"/*.whl; do
         *) cp "$wheel" "$out/b/" ;;
     esac
 done
-du -sh "$out/a" "$out/b"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d "$cache/c" \
+    flashinfer-python==0.7.4 nvidia-ml-py==13.615.71 ninja==1.13.2 requests==2.34.2 charset-normalizer==3.5.3 \
+    idna==3.21 urllib3==2.8.0 certifi==2026.10.19.post1
+if [ ! -f "$cache/flashinfer.tar.xz" ]; then
+    files=$(mktemp -d)
+    python3 -m zipfile -e "$cache"/c/flashinfer_python-0.7.4-*.whl "$files"
+    tar -C "$files" -cf - . | xz -6 -T0 > "$cache/flashinfer.tar.xz.tmp"
+    mv "$cache/flashinfer.tar.xz.tmp" "$cache/flashinfer.tar.xz"
+    rm -rf "$files"
+fi
+cp "$cache/flashinfer.tar.xz" "$out/c/"
+for wheel in "$cache"/c/*.whl; do
+    case $(basename "$wheel") in flashinfer_python-*) ;; *) cp "$wheel" "$out/c/" ;; esac
+done
+du -sh "$out/a" "$out/b" "$out/c"
