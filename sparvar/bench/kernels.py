@@ -172,11 +172,10 @@ class _Flex:
         from torch.nn.attention.flex_attention import BlockMask
 
         # every listed block is computed whole: pass them as full blocks, no partial ones;
-        # Flex wants one index column per key block
         # Flex wants one index column per key block. The mask_mod states the same blocks for
         # Flex's paths that ignore the block list (eager); the kernel skips it on full blocks.
         indices = torch.nn.functional.pad(table.indices, (0, table.num_kv_units - table.indices.shape[-1]))
-        dense = table.to_mask()[0, 0, :: table.q_block, :: table.key_block].contiguous()
+        dense = table.unit_mask()[0, 0].contiguous()
         qb, kb = table.q_block, table.key_block
 
         def in_table(b, h, q_idx, kv_idx):
