@@ -154,6 +154,11 @@ def _where(err: BaseException) -> str | None:
     return " < ".join(reversed(here[-2:])) or None
 
 
+def _private(segment: dict) -> bool:
+    """Whether a `torch.cuda.memory_snapshot()` segment belongs to a private pool (CUDA graphs')."""
+    return tuple(segment.get("segment_pool_id") or (0, 0)) != (0, 0)
+
+
 def free_by_pool(segments: list[dict]) -> dict:
     """Free bytes (GiB) inside the allocator's segments (`torch.cuda.memory_snapshot()`): in the
     default pool, its largest free block, and in private pools (CUDA graphs). Free blocks of the
@@ -162,7 +167,7 @@ def free_by_pool(segments: list[dict]) -> dict:
     default_free, largest, graph_free = 0, 0, 0
     for segment in segments:
         free = segment["total_size"] - segment["allocated_size"]
-        if tuple(segment.get("segment_pool_id") or (0, 0)) == (0, 0):
+        if not _private(segment):
             default_free += free
             largest = max([largest] + [b["size"] for b in segment["blocks"] if b["state"] == "inactive"])
         else:
@@ -175,7 +180,7 @@ def graph_pools_gib(segments: list[dict]) -> float:
     """GiB the allocator holds in private pools (`torch.cuda.memory_snapshot()` segments): the CUDA
     graphs' pool, where the scales' working memory lives and the decoder allocates between replays.
     Replayed graphs allocate nothing, so the allocated peak never shows that working memory."""
-    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id") or (0, 0)) != (0, 0)) / GIB
+    return sum(s["total_size"] for s in segments if _private(s)) / GIB
 
 
 def _memory_at_error() -> dict:
