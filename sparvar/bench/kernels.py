@@ -3,11 +3,11 @@
 Our Triton block-sparse kernel runs random block tables (5-100% density) and the paper's CSLA
 table; on each table it races FlexAttention and, where flash-attn-4 is installed,
 FlashAttention-4's block-sparse kernel (attention/fa4.py; its first call, which compiles, is
-timed apart, and its dense kernel runs on the 100% rows) and, where flashinfer-python is
-installed, FlashInfer's (attention/flashinfer.py; its first call, which plans and compiles, timed
-apart likewise); the dense SDPA flash and cuDNN backends set the baseline. Without either package
-one line says so and its columns stay empty. The
-decision-scale kernel (dense attention + column sums) races SDPA flash at scale 10.
+timed apart, and its dense kernel runs on the 100% rows) and, where flashinfer-python or tilelang
+is installed, FlashInfer's block-sparse wrapper (attention/flashinfer.py) and our kernel written in
+TileLang (attention/tilelang.py), each planned per table with its first call (plan and JIT
+compile) timed apart likewise; the dense SDPA flash and cuDNN backends set the baseline. Without a
+package one line says so and its columns stay empty. The decision-scale kernel (dense attention + column sums) races SDPA flash at scale 10.
 Effective TFLOP/s count only the (query, key) pairs of computed blocks.
 Run: sparvar bench kernels [--models 2b 8b] [--scales 10 11 12] [--out-dir benchmarks]
 """
@@ -44,6 +44,11 @@ TARGETS = {  # summary key -> (comparison, bound)
     "min_tflops_density_25_to_50": (">=", 600.0),
     "dense_vs_sdpa_flash": (">=", 1.0),
     "decision_time_over_sdpa_flash": ("<=", 1.3),
+}
+# Libraries planned once per table, raced where installed: name -> (module, package, what runs)
+LIBRARIES = {
+    "flashinfer": ("flashinfer.sparse", "flashinfer-python", "FlashInfer (`VariableBlockSparseAttentionWrapper`)"),
+    "tilelang": ("tilelang", "tilelang", "TileLang (our kernel written in it, attention/tilelang.py)"),
 }
 
 
@@ -241,29 +246,38 @@ def fa4_contenders(q, k, v, table: BlockTable, sm: float, dense: bool, ours: tor
     return contenders, facts
 
 
-def flashinfer_contenders(q, k, v, table: BlockTable, sm: float, ours: torch.Tensor) -> tuple[dict, dict]:
-    """FlashInfer on `table`: the contender if it ran, and the seconds of its first call (its plan
-    and JIT compile included), its error against our kernel's output `ours`, or why it failed."""
-    from sparvar.attention.flashinfer import flashinfer_runner
+def _runner(library: str):
+    """The function that plans `library` (a LIBRARIES key) for a table: (q, k, table, scale) -> attend."""
+    if library == "flashinfer":
+        from sparvar.attention.flashinfer import flashinfer_runner
+        return flashinfer_runner
+    from sparvar.attention.tilelang import tilelang_runner
+    return tilelang_runner
 
+
+def library_contenders(library: str, q, k, v, table: BlockTable, sm: float,
+                       ours: torch.Tensor) -> tuple[dict, dict]:
+    """`library` (a LIBRARIES key) on `table`: the contender if it ran, and the seconds of its first
+    call (its plan and JIT compile included), its error against our kernel's output `ours`, or why
+    it failed."""
     planned = {}
 
     def first():
-        planned["attend"] = flashinfer_runner(q, k, table, sm)
+        planned["attend"] = _runner(library)(q, k, table, sm)
         return planned["attend"](q, k, v)
 
     out, seconds, err = _first_call(first)
-    facts = {"flashinfer_first_call_s": seconds,
-             "flashinfer_rel_err_vs_triton": None if out is None else rel_err(out, ours)}
+    facts = {f"{library}_first_call_s": seconds,
+             f"{library}_rel_err_vs_triton": None if out is None else rel_err(out, ours)}
     if err:
-        return {}, {**facts, "flashinfer_error": err}
-    return {"flashinfer": (lambda: planned["attend"](q, k, v), nullcontext)}, facts
+        return {}, {**facts, f"{library}_error": err}
+    return {library: (lambda: planned["attend"](q, k, v), nullcontext)}, facts
 
 
 def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False, cuda_graph: bool = False,
-                 flashinfer: bool = False) -> list[dict]:
-    """Rows for one (model, query scale): every table, our kernel vs Flex, FA4 (with `fa4`),
-    FlashInfer (with `flashinfer`) and the SDPA backends."""
+                 libraries: tuple[str, ...] = ()) -> list[dict]:
+    """Rows for one (model, query scale): every table, our kernel vs Flex, FA4 (with `fa4`), the
+    `libraries` (LIBRARIES keys) and the SDPA backends."""
     from sparvar.kernels.sparse_attention import triton_sparse_attention
 
     heads = MODELS[model]
@@ -301,14 +315,21 @@ def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False, cuda_gr
         if fa4:
             more, fa4_facts = fa4_contenders(q, k, v, table, sm, nominal == 1.0, ours)
             contenders.update(more)
-        flashinfer_facts = {}
-        if flashinfer:
-            more, flashinfer_facts = flashinfer_contenders(q, k, v, table, sm, ours)
+        library_facts = {}
+        for library in libraries:
+            more, facts = library_contenders(library, q, k, v, table, sm, ours)
             contenders.update(more)
+            library_facts.update(facts)
         t = time_rounds(contenders, cuda_graph)
-        ms, flex_ms, flash_ms, cudnn_ms, fa4_ms, fa4_dense_ms, fi_ms = (
-            t[c][0] if c in t else None
-            for c in ("triton", "flex", "sdpa_flash", "sdpa_cudnn", "fa4", "fa4_dense", "flashinfer"))
+        ms, flex_ms, flash_ms, cudnn_ms, fa4_ms, fa4_dense_ms = (
+            t[c][0] if c in t else None for c in ("triton", "flex", "sdpa_flash", "sdpa_cudnn", "fa4", "fa4_dense"))
+        for library in libraries:
+            lib_ms = t[library][0] if library in t else None
+            library_facts.update({
+                f"{library}_ms": lib_ms, f"{library}_tflops": lib_ms and tflops(pairs, heads, lib_ms),
+                f"{library}_speedup_vs_flex": lib_ms and flex_ms and flex_ms / lib_ms,
+                f"{library}_speedup_vs_sdpa_cudnn": lib_ms and cudnn_ms and cudnn_ms / lib_ms,
+                f"{library}_speedup_vs_triton": lib_ms and ms / lib_ms})
         auto = "fa4" if fa4_ms is not None and resolve_backend("auto", q, table) == "fa4" else "triton"
         rows.append({
             "kind": "sparse", "model": model, "heads": heads, "scale": scale, "q_len": q_len,
@@ -329,11 +350,7 @@ def bench_sparse(model: str, scale: int, flex: _Flex, fa4: bool = False, cuda_gr
             "fa4_speedup_vs_sdpa_flash": fa4_ms and flash_ms and flash_ms / fa4_ms,
             "fa4_speedup_vs_triton": fa4_ms and ms / fa4_ms,
             **fa4_facts,
-            "flashinfer_ms": fi_ms, "flashinfer_tflops": fi_ms and tflops(pairs, heads, fi_ms),
-            "flashinfer_speedup_vs_flex": fi_ms and flex_ms and flex_ms / fi_ms,
-            "flashinfer_speedup_vs_sdpa_cudnn": fi_ms and cudnn_ms and cudnn_ms / fi_ms,
-            "flashinfer_speedup_vs_triton": fi_ms and ms / fi_ms,
-            **flashinfer_facts,
+            **library_facts,
             "errors": {c: t[c][2] for c in t if t[c][2]},
         })
     return rows
@@ -369,19 +386,19 @@ def bench_decision(model: str, cuda_graph: bool = False) -> dict:
 
 def result_of(row: dict, contender: str, what: str):
     """`what` ("tflops", "speedup_vs_flex", ...) of `contender` in a sparse row: "triton" (ours), "fa4",
-    "flashinfer", or "auto" (the one the backend "auto" ran there; ours in rows recorded before it
+    a LIBRARIES key, or "auto" (the one the backend "auto" ran there; ours in rows recorded before it
     was noted)."""
     if contender == "auto":
         contender = row.get("auto_backend", "triton")
-    if contender in ("fa4", "flashinfer"):
+    if contender == "fa4" or contender in LIBRARIES:
         return row.get(f"{contender}_{what}")
     return row.get("triton_tflops" if what == "tflops" else what)
 
 
 def summarize(rows: list[dict]) -> dict:
     """The targets' keys for what the backend "auto" runs on each table, then ours ("triton_"),
-    FA4's ("fa4_") and FlashInfer's ("flashinfer_") alone; each None where its rows were not run
-    (--models, --scales, a package missing)."""
+    FA4's ("fa4_") and each library's ("flashinfer_", "tilelang_") alone; each None where its rows
+    were not run (--models, --scales, a package missing)."""
     sparse = [r for r in rows if r["kind"] == "sparse"]
     s12 = [r for r in sparse if r["model"] == "8b" and r["scale"] == 12]
     paper = next((r for r in s12 if r["table"].startswith("paper")), {})
@@ -401,7 +418,8 @@ def summarize(rows: list[dict]) -> dict:
         "decision_time_over_sdpa_flash": decision.get("time_over_sdpa_flash"),
         "fa4_dense_s12_8b_tflops": dense.get("fa4_dense_tflops"),
     }
-    for prefix, contender in [("", "auto"), ("triton_", "triton"), ("fa4_", "fa4"), ("flashinfer_", "flashinfer")]:
+    for prefix, contender in [("", "auto"), ("triton_", "triton"), ("fa4_", "fa4"),
+                              *((f"{library}_", library) for library in LIBRARIES)]:
         summary[f"{prefix}csla_paper_s12_8b_vs_flex"] = result_of(paper, contender, "speedup_vs_flex")
         summary[f"{prefix}csla_paper_s12_8b_vs_cudnn"] = result_of(paper, contender, "speedup_vs_sdpa_cudnn")
         summary[f"{prefix}min_tflops_density_10_to_50"] = lowest(contender, (0.10, 0.25, 0.50))
@@ -451,16 +469,18 @@ def to_markdown(result: dict) -> str:
         lines += [f"| {r['model']} | {r['scale']} | {r['table']} | {r['fa4_first_call_s']:.2f} | "
                   f"{r['fa4_rel_err_vs_triton']:.1e} | {_fmt(r.get('fa4_dense_ms'))} | "
                   f"{_fmt(r.get('fa4_dense_tflops'), '.0f')} |" for r in fa4]
-    flashinfer = [r for r in result["rows"] if "flashinfer_first_call_s" in r]
-    if flashinfer:
-        lines += ["", ("FlashInfer (`VariableBlockSparseAttentionWrapper`) on the same tables: its first call (plan "
-                       "and JIT compile), its error against our kernel's output, its time:"), "",
+    for library, (_, _, what) in LIBRARIES.items():
+        ran = [r for r in result["rows"] if f"{library}_first_call_s" in r]
+        if not ran:
+            continue
+        lines += ["", (f"{what} on the same tables: its first call (plan and JIT compile), its error against our "
+                       "kernel's output, its time:"), "",
                   "| model | scale | table | first call s | rel err vs ours | ms | TFLOP/s | vs ours | failed |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['scale']} | {r['table']} | {_fmt(r['flashinfer_first_call_s'], '.2f')} | "
-                  f"{_fmt(r['flashinfer_rel_err_vs_triton'], '.1e')} | {_fmt(r['flashinfer_ms'])} | "
-                  f"{_fmt(r['flashinfer_tflops'], '.0f')} | {_fmt(r['flashinfer_speedup_vs_triton'], '.2f')} | "
-                  f"{r.get('flashinfer_error', '')[:80]} |" for r in flashinfer]
+        lines += [f"| {r['model']} | {r['scale']} | {r['table']} | {_fmt(r[f'{library}_first_call_s'], '.2f')} | "
+                  f"{_fmt(r[f'{library}_rel_err_vs_triton'], '.1e')} | {_fmt(r[f'{library}_ms'])} | "
+                  f"{_fmt(r[f'{library}_tflops'], '.0f')} | {_fmt(r[f'{library}_speedup_vs_triton'], '.2f')} | "
+                  f"{r.get(f'{library}_error', '')[:80]} |" for r in ran]
     lines += ["", "Decision scale (dense attention + column sums per group of "
               f"{DECISION_GROUP}) vs SDPA flash:", "",
               "| model | scale | triton ms | SDPA flash ms | time ratio |", "|---|---|---|---|---|"]
@@ -471,14 +491,14 @@ def to_markdown(result: dict) -> str:
     s = result["summary"]
     lines += ["", "## Summary", "", "The targets' keys measure what the backend `auto` runs on each table (the last "
               "column above); `triton_` keys measure our kernel alone, `fa4_` keys FA4 alone, `flashinfer_` keys "
-              "FlashInfer alone.", "",
+              "FlashInfer alone, `tilelang_` keys our TileLang kernel alone.", "",
               f"Paper table: {s['paper_table']}. Lowest effective TFLOP/s of the 10-50% rows at "
               f"scale 12 alone: {_fmt(s['min_tflops_density_10_to_50_scale12'], '.0f')}.", "",
               "| metric | value | target | met |", "|---|---|---|---|"]
     for key in TARGETS:
         lines.append(f"| {key} | {_fmt(s[key])} | {s['targets'][key]} | {'yes' if s['met'][key] else 'NO'} |")
     lines += [f"| {key} | {_fmt(v)} | - | - |" for key, v in s.items()
-              if key.startswith(("triton_", "fa4_", "flashinfer_"))]
+              if key.startswith(("triton_", "fa4_", *(f"{library}_" for library in LIBRARIES)))]
     return "\n".join(lines) + "\n"
 
 
@@ -491,11 +511,12 @@ def run_kernel_bench(out_dir: str = "benchmarks", command: str = "sparvar bench 
     torch.manual_seed(0)
     flex = _Flex()
     fa4 = installed("flash_attn.cute", "flash-attn-4", "FA4")
-    flashinfer = installed("flashinfer.sparse", "flashinfer-python", "FlashInfer")
+    libraries = tuple(name for name, (module, package, _) in LIBRARIES.items()
+                      if installed(module, package, name))
     rows = []
     for model in models:
         for scale in scales:
-            rows += bench_sparse(model, scale, flex, fa4, cuda_graphs, flashinfer)
+            rows += bench_sparse(model, scale, flex, fa4, cuda_graphs, libraries)
     for model in models:
         rows.append(bench_decision(model, cuda_graphs))
     result = {**provenance(command), "cuda_graphs": cuda_graphs, "rows": rows, "summary": summarize(rows)}

@@ -1,0 +1,80 @@
+"""The TileLang kernel (attention/tilelang.py): its table inputs checked on the CPU against the
+tables' token masks; its build for Hopper where tilelang and nvcc are installed; its output against
+the float32 reference on a GPU where tilelang is installed (`sparvar bench kernels` races it there)."""
+
+import shutil
+
+import pytest
+import torch
+
+from helpers import random_table
+from sparvar.attention.tables import BlockTable
+from sparvar.attention.tilelang import tilelang_tables
+from sparvar.errors import SparvarError
+
+
+def covered_mask(counts: torch.Tensor, indices: torch.Tensor, table: BlockTable) -> torch.Tensor:
+    """The (B, H, Lq, Lk) mask the kernel computes: the first `count` listed key units of each row."""
+    listed = torch.arange(indices.shape[-1]) < counts[..., None]
+    units = torch.zeros(*counts.shape, table.num_kv_units + 1, dtype=torch.bool)
+    units.scatter_(-1, torch.where(listed, indices.long(), table.num_kv_units), True)
+    tokens = units[..., :-1].repeat_interleave(table.key_block, dim=-1)[..., : table.kv_len]
+    return tokens.repeat_interleave(table.q_block, dim=-2)[..., : table.q_len, :]
+
+
+@pytest.mark.parametrize("tb,th,b,h,q_len,kv_len,q_block,key_block,density", [
+    (1, 1, 2, 28, 4096, 10521, 128, 128, 0.165),  # 8B scale 12 with CFG, one table for all
+    (2, 3, 2, 3, 200, 300, 64, 64, 0.5),  # per item and head; neither length a multiple of its block
+    (1, 2, 3, 2, 130, 129, 128, 16, 0.3),  # the last key block one token long; broadcast over the batch
+    (2, 1, 2, 4, 64, 1000, 64, 128, 1.0),
+])
+def test_tilelang_inputs_cover_exactly_the_tables_mask(tb, th, b, h, q_len, kv_len, q_block, key_block, density):
+    """Random tables: unsorted entries, junk past each count, empty query blocks."""
+    table = random_table(tb, th, q_len, kv_len, q_block, key_block, density=density, junk=10**6, seed=q_len + kv_len)
+    counts, indices = tilelang_tables(table, b, h)
+    nq, units = table.num_q_blocks, table.num_kv_units
+    assert counts.shape == (b, h, nq) and indices.shape == (b, h, nq, units)
+    assert counts.dtype == indices.dtype == torch.int32 and counts.is_contiguous() and indices.is_contiguous()
+    assert int(indices.min()) >= 0 and int(indices.max()) < units  # no junk left for the pipeline to load
+    assert torch.equal(covered_mask(counts, indices, table), table.to_mask().expand(b, h, q_len, kv_len))
+
+
+def test_tables_the_tilelang_kernel_cannot_take_are_refused():
+    gathered = BlockTable(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 1, dtype=torch.int32),
+                          192, 1, 300, 50)
+    with pytest.raises(SparvarError, match="gathered key lists"):
+        tilelang_tables(gathered, 1, 1)
+    with pytest.raises(SparvarError, match="does not fit 2 x 4"):
+        tilelang_tables(random_table(1, 3, 256, 512, 128, 128), 2, 4)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_tilelang_kernel_builds_for_hopper():
+    """The kernel lowers to Hopper's TMA and wgmma and nvcc compiles it (no GPU needed)."""
+    pytest.importorskip("tilelang")
+    from sparvar.attention.tilelang import _kernel
+
+    source = _kernel(1, 2, 200, 129, 64, 64, 64, 0.1, "bfloat16", "sm_90a").get_kernel_source()
+    assert "tma_load" in source and "wgmma" in source
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,d,q_block,key_block,q_len,kv_len", [
+    (torch.bfloat16, 128, 128, 128, 700, 1500),
+    (torch.float16, 128, 128, 64, 4096, 10521),  # 8B scale 12's lengths, blocks of 64 keys
+    (torch.bfloat16, 64, 64, 64, 130, 129),  # HART's heads; one key in the last block
+])
+def test_tilelang_matches_the_reference_cuda(dtype, d, q_block, key_block, q_len, kv_len):
+    """Per-head random tables with empty query blocks, against the float32 reference."""
+    pytest.importorskip("tilelang")
+    from sparvar.attention.tables import reference_sparse_attention
+    from sparvar.attention.tilelang import tilelang_runner
+
+    b, h = 2, 3
+    table = random_table(1, h, q_len, kv_len, q_block, key_block, density=0.4, junk=10**6, device="cuda")
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for n in (q_len, kv_len, kv_len))
+    out = tilelang_runner(q, k, table, 0.09)(q, k, v)
+    ref = reference_sparse_attention(q, k, v, table, 0.09)
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
+    empty = ~table.to_mask().expand(b, h, q_len, kv_len).any(-1)
+    assert (out[empty] == 0).all()
