@@ -37,8 +37,8 @@ def test_demo_steps_are_skipped_on_a_spent_budget(tmp_path):
 
 def test_hopper_bad_arguments_are_one_line_and_write_nothing(tmp_path):
     out = tmp_path / "out"
-    done = run("hopper_measurements.sh", "e", str(out))
-    assert (done.returncode, done.stderr.strip().splitlines()) == (2, ["error: the stage is a, b, c or d, not 'e'"])
+    done = run("hopper_measurements.sh", "f", str(out))
+    assert (done.returncode, done.stderr.strip().splitlines()) == (2, ["error: the stage is a, b, c, d or e, not 'f'"])
     done = run("hopper_measurements.sh", "c")
     assert (done.returncode, done.stderr.strip().splitlines()) == (
         2, ["error: give the output folder: tools/hopper_measurements.sh c OUT"])

@@ -11,8 +11,10 @@
 #                                             bench e2e, kernels
 #   bash tools/hopper_measurements.sh c OUT   nothing to carry: bench memory, profile (FA4 as in b; HART's too),
 #                                             bench kernels under CUDA graphs
-#   bash tools/hopper_measurements.sh d OUT   carry .whl/c, after b: FlashInfer; its test; bench kernels with it
-#                                             (results/flashinfer/kernels.* are benchmarks/kernels_flashinfer.*)
+#   bash tools/hopper_measurements.sh d OUT   carry .whl/c, after b: FlashInfer; its test
+#   bash tools/hopper_measurements.sh e OUT   carry .whl/d, after d: TileLang; its test; bench kernels with FA4,
+#                                             FlashInfer and TileLang (results/libraries/kernels.* are
+#                                             benchmarks/kernels_libraries.*)
 #
 # Stage b runs FA4's tests first (CUDA-graph replay included); where they fail, the generations of
 # b and c run without the wheels, so a broken capture cannot make a wrong image or a false time.
@@ -23,8 +25,8 @@
 set -uo pipefail
 stage=${1:-}
 out=${2:-}
-case $stage in a | b | c | d) ;; *)
-    echo "error: the stage is a, b, c or d, not '$stage'" >&2
+case $stage in a | b | c | d | e) ;; *)
+    echo "error: the stage is a, b, c, d or e, not '$stage'" >&2
     exit 2
     ;;
 esac
@@ -43,6 +45,10 @@ pack() {  # everything the steps wrote so far, as one file
 
 site=/tmp/site
 export PYTHONPATH=$site/nvidia_cutlass_dsl/dsl_packages:$site
+# TileLang's own folder goes first: its tvm-ffi (0.1.12, which it pins) serves FA4 and FlashInfer too
+[ -d /tmp/tilelang ] && export PYTHONPATH=/tmp/tilelang:$PYTHONPATH
+# FlashInfer's JIT runs the ninja executable, which stage d installs here
+export PATH=/tmp/ninja/bin:$PATH
 
 generations_env() {  # COMMAND...: without the wheels (FA4) where stage b found FA4's tests failing here
     if [ -f /tmp/fa4_failed ]; then PYTHONPATH= "$@"; else "$@"; fi
@@ -103,9 +109,17 @@ d)
     done
     # FlashInfer's JIT runs the ninja executable: pip keeps its file modes and writes bin/ninja
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ninja .whl/c/ninja-*.whl || exit 1
-    export PATH=/tmp/ninja/bin:$PATH
-    step 200 "${tests[@]}" tests/test_flashinfer.py
-    step 330 python3 -m sparvar bench kernels --out-dir "$results/flashinfer"
+    step 300 "${tests[@]}" tests/test_flashinfer.py
+    ;;
+e)
+    if [ ! -d /tmp/ninja ]; then
+        echo "error: stage d's FlashInfer is not on this machine; run stages a, b and d first" >&2
+        exit 3
+    fi
+    mkdir -p /tmp/tilelang && xz -dc .whl/d/tilelang.tar.xz | tar -xf - -C /tmp/tilelang || exit 1
+    export PYTHONPATH=/tmp/tilelang:$PYTHONPATH
+    step 200 "${tests[@]}" tests/test_tilelang.py tests/test_flashinfer.py
+    step 400 python3 -m sparvar bench kernels --out-dir "$results/libraries"
     ;;
 esac
 ls -l "$out"

@@ -6,13 +6,16 @@
 # OUT/a (call A), the second with the other wheels in OUT/b (call B, on the same warm machine).
 # FlashInfer for the same bench goes in OUT/c (call D, after B, whose tvm-ffi it imports): its 101 MB
 # wheel holds 717 MB of sources, 26 MB as an xz tarball, with the wheels its import and its JIT
-# build need beyond the device's torch (nvidia-ml-py, ninja, requests and its own).
+# build need beyond the device's torch (nvidia-ml-py, ninja, requests and its own). TileLang for the
+# same bench goes in OUT/d (call E, after D): its wheel, z3 (whose library its compiler links) and
+# the tvm-ffi it pins (0.1.12; FA4 and FlashInfer accept it), unpacked and packed as one xz tarball
+# (40 MB).
 # Usage, from the repository root: tools/hopper_wheels.sh [OUT]   (default .whl, which git ignores)
 set -euo pipefail
 out=${1:-.whl}
 cache=$out/cache
-rm -rf "$out/a" "$out/b" "$out/c"
-mkdir -p "$cache" "$out/a" "$out/b" "$out/c"
+rm -rf "$out/a" "$out/b" "$out/c" "$out/d"
+mkdir -p "$cache" "$out/a" "$out/b" "$out/c" "$out/d"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$cache" \
@@ -51,4 +54,17 @@ cp "$cache/flashinfer.tar.xz" "$out/c/"
 for wheel in "$cache"/c/*.whl; do
     case $(basename "$wheel") in flashinfer_python-*) ;; *) cp "$wheel" "$out/c/" ;; esac
 done
-du -sh "$out/a" "$out/b" "$out/c"
+if [ ! -f "$cache/tilelang.tar.xz" ]; then
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_12_x86_64 -d "$cache/d" \
+        tilelang==0.1.15 z3-solver==4.15.4.0 apache-tvm-ffi==0.1.12 ml-dtypes==0.7.0 cloudpickle==3.1.3 \
+        psutil==7.2.2 tqdm==4.70.1
+    files=$(mktemp -d)
+    for wheel in "$cache"/d/*.whl; do python3 -m zipfile -e "$wheel" "$files"; done
+    tar -C "$files" -cf - --exclude=__pycache__ . | xz -9 -T0 > "$cache/tilelang.tar.xz.tmp"
+    mv "$cache/tilelang.tar.xz.tmp" "$cache/tilelang.tar.xz"
+    rm -rf "$files"
+fi
+cp "$cache/tilelang.tar.xz" "$out/d/"
+du -sh "$out/a" "$out/b" "$out/c" "$out/d"
