@@ -112,10 +112,7 @@ d)
     step 300 "${tests[@]}" tests/test_flashinfer.py
     ;;
 e)
-    if [ ! -d /tmp/ninja ]; then
-        echo "error: stage d's FlashInfer is not on this machine; run stages a, b and d first" >&2
-        exit 3
-    fi
+    [ -d /tmp/ninja ] || echo "note: stages a, b and d did not run on this machine: no FA4 or FlashInfer columns"
     mkdir -p /tmp/tilelang && xz -dc .whl/d/tilelang.tar.xz | tar -xf - -C /tmp/tilelang || exit 1
     export PYTHONPATH=/tmp/tilelang:$PYTHONPATH
     step 200 "${tests[@]}" tests/test_tilelang.py tests/test_flashinfer.py
