@@ -160,6 +160,22 @@ def random_table(b: int, h: int, q_len: int, kv_len: int, q_block: int, key_bloc
     return BlockTable(counts.int().to(device), indices.int().to(device), q_block, key_block, q_len, kv_len)
 
 
+# Tables whose translation into a library's inputs must cover exactly the table's mask:
+# (the table's batch and heads, the inputs' batch and heads, q_len, kv_len, q_block, key_block, density)
+AWKWARD_TABLES = [
+    (1, 1, 2, 28, 4096, 10521, 128, 128, 0.165),  # 8B scale 12 with CFG, one table for all
+    (2, 3, 2, 3, 200, 300, 64, 64, 0.5),  # per item and head; neither length a multiple of its block
+    (1, 2, 3, 2, 130, 129, 128, 16, 0.3),  # the last key block one token long; broadcast over the batch
+    (2, 1, 2, 4, 64, 1000, 64, 128, 1.0),
+]
+
+
+def gathered_table() -> BlockTable:
+    """A table of single keys (key_block 1, CS4A's gathered form), which block libraries refuse."""
+    return BlockTable(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 1, dtype=torch.int32),
+                      192, 1, 300, 50)
+
+
 # ---- measures ---------------------------------------------------------------------------------------
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float32 (0 where both are all zeros, as for tables that list nothing)."""

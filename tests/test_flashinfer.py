@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import random_table
+from helpers import AWKWARD_TABLES, gathered_table, random_table
 from sparvar.attention.flashinfer import flashinfer_blocks
-from sparvar.attention.tables import BlockTable
 from sparvar.errors import SparvarError
 
 
@@ -21,12 +20,7 @@ def flashinfer_token_mask(blocks, batch: int, heads: int) -> torch.Tensor:
     return tokens.view(batch, heads, *tokens.shape[1:])
 
 
-@pytest.mark.parametrize("tb,th,b,h,q_len,kv_len,q_block,key_block,density", [
-    (1, 1, 2, 28, 4096, 10521, 128, 128, 0.165),  # 8B scale 12 with CFG, one table for all
-    (2, 3, 2, 3, 200, 300, 64, 64, 0.5),  # per item and head; neither length a multiple of its block
-    (1, 2, 3, 2, 130, 129, 128, 16, 0.3),  # the last key block one token long; broadcast over the batch
-    (2, 1, 2, 4, 64, 1000, 64, 128, 1.0),
-])
+@pytest.mark.parametrize("tb,th,b,h,q_len,kv_len,q_block,key_block,density", AWKWARD_TABLES)
 def test_flashinfer_inputs_cover_exactly_the_tables_mask(tb, th, b, h, q_len, kv_len, q_block, key_block, density):
     """Random tables: unsorted entries, junk past each count, empty query blocks."""
     table = random_table(tb, th, q_len, kv_len, q_block, key_block, density=density, junk=10**6, seed=q_len + kv_len)
@@ -40,10 +34,8 @@ def test_flashinfer_inputs_cover_exactly_the_tables_mask(tb, th, b, h, q_len, kv
 
 
 def test_tables_flashinfer_cannot_take_are_refused():
-    gathered = BlockTable(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 1, dtype=torch.int32),
-                          192, 1, 300, 50)
     with pytest.raises(SparvarError, match="gathered key lists"):
-        flashinfer_blocks(gathered, 1, 1)
+        flashinfer_blocks(gathered_table(), 1, 1)
     with pytest.raises(SparvarError, match="does not fit 2 x 4"):
         flashinfer_blocks(random_table(1, 3, 256, 512, 128, 128), 2, 4)
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import random_table
+from helpers import AWKWARD_TABLES, gathered_table, random_table
 from sparvar.attention.tables import BlockTable
 from sparvar.attention.tilelang import tilelang_tables
 from sparvar.errors import SparvarError
@@ -22,12 +22,7 @@ def covered_mask(counts: torch.Tensor, indices: torch.Tensor, table: BlockTable)
     return tokens.repeat_interleave(table.q_block, dim=-2)[..., : table.q_len, :]
 
 
-@pytest.mark.parametrize("tb,th,b,h,q_len,kv_len,q_block,key_block,density", [
-    (1, 1, 2, 28, 4096, 10521, 128, 128, 0.165),  # 8B scale 12 with CFG, one table for all
-    (2, 3, 2, 3, 200, 300, 64, 64, 0.5),  # per item and head; neither length a multiple of its block
-    (1, 2, 3, 2, 130, 129, 128, 16, 0.3),  # the last key block one token long; broadcast over the batch
-    (2, 1, 2, 4, 64, 1000, 64, 128, 1.0),
-])
+@pytest.mark.parametrize("tb,th,b,h,q_len,kv_len,q_block,key_block,density", AWKWARD_TABLES)
 def test_tilelang_inputs_cover_exactly_the_tables_mask(tb, th, b, h, q_len, kv_len, q_block, key_block, density):
     """Random tables: unsorted entries, junk past each count, empty query blocks."""
     table = random_table(tb, th, q_len, kv_len, q_block, key_block, density=density, junk=10**6, seed=q_len + kv_len)
@@ -40,12 +35,26 @@ def test_tilelang_inputs_cover_exactly_the_tables_mask(tb, th, b, h, q_len, kv_l
 
 
 def test_tables_the_tilelang_kernel_cannot_take_are_refused():
-    gathered = BlockTable(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 1, dtype=torch.int32),
-                          192, 1, 300, 50)
     with pytest.raises(SparvarError, match="gathered key lists"):
-        tilelang_tables(gathered, 1, 1)
+        tilelang_tables(gathered_table(), 1, 1)
     with pytest.raises(SparvarError, match="does not fit 2 x 4"):
         tilelang_tables(random_table(1, 3, 256, 512, 128, 128), 2, 4)
+
+
+def test_inputs_the_tilelang_kernel_cannot_take_are_one_line():
+    """Checked before any build: dtypes, a head not stored contiguously, block and head sizes."""
+    from sparvar.attention.tilelang import tilelang_runner
+
+    table = random_table(1, 1, 256, 300, 128, 128)
+    q, k = torch.zeros(1, 1, 256, 128, dtype=torch.bfloat16), torch.zeros(1, 1, 300, 128, dtype=torch.bfloat16)
+    with pytest.raises(SparvarError, match="fp16 or bf16 inputs of one dtype"):
+        tilelang_runner(q.float(), k.float(), table, 0.1)
+    with pytest.raises(SparvarError, match="last stride 1"):
+        tilelang_runner(q, torch.zeros(1, 1, 128, 300, dtype=torch.bfloat16).transpose(-1, -2), table, 0.1)
+    with pytest.raises(SparvarError, match="query blocks of 64 or 128"):
+        tilelang_runner(q, k, random_table(1, 1, 256, 300, 32, 128), 0.1)
+    with pytest.raises(SparvarError, match="table is for 256 queries x 300 keys"):
+        tilelang_runner(q, k[:, :, :200], table, 0.1)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -54,7 +63,7 @@ def test_tilelang_kernel_builds_for_hopper():
     pytest.importorskip("tilelang")
     from sparvar.attention.tilelang import _kernel
 
-    source = _kernel(1, 2, 200, 129, 64, 64, 64, 0.1, "bfloat16", "sm_90a").get_kernel_source()
+    source = _kernel(1, 2, 200, 129, 64, 64, 64, 0.1, "bfloat16", "sm_90a", (2 * 200 * 64, 200 * 64, 64, 1), (2 * 300 * 64, 300 * 64, 64, 1)).get_kernel_source()
     assert "tma_load" in source and "wgmma" in source
 
 
@@ -65,14 +74,18 @@ def test_tilelang_kernel_builds_for_hopper():
     (torch.bfloat16, 64, 64, 64, 130, 129),  # HART's heads; one key in the last block
 ])
 def test_tilelang_matches_the_reference_cuda(dtype, d, q_block, key_block, q_len, kv_len):
-    """Per-head random tables with empty query blocks, against the float32 reference."""
+    """Per-head random tables with empty query blocks, k and v views of a longer cache, against the
+    float32 reference."""
     pytest.importorskip("tilelang")
     from sparvar.attention.tables import reference_sparse_attention
     from sparvar.attention.tilelang import tilelang_runner
 
     b, h = 2, 3
     table = random_table(1, h, q_len, kv_len, q_block, key_block, density=0.4, junk=10**6, device="cuda")
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for n in (q_len, kv_len, kv_len))
+    q = torch.randn(b, h, q_len, d, device="cuda", dtype=dtype)
+    cache = torch.randn(2, b, h, kv_len + 37, d, device="cuda", dtype=dtype)  # k, v: views, as of a KV cache
+    cache[:, :, :, kv_len:] = float("nan")  # past the keys: must never be read into the output
+    k, v = cache[0, :, :, :kv_len], cache[1, :, :, :kv_len]
     out = tilelang_runner(q, k, table, 0.09)(q, k, v)
     ref = reference_sparse_attention(q, k, v, table, 0.09)
     assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2

@@ -47,8 +47,9 @@ def tilelang_tables(table: BlockTable, batch: int, heads: int) -> tuple[torch.Te
 
 @lru_cache(maxsize=None)
 def _kernel(b: int, h: int, lq: int, lk: int, d: int, q_block: int, key_block: int, scale: float, dtype: str,
-            arch: str):
-    """The kernel for one shape, compiled for `arch` ("sm_90a"): (Q, K, V, counts, indices) -> output."""
+            arch: str, q_strides: tuple[int, ...], kv_strides: tuple[int, ...]):
+    """The kernel for one shape and layout (q's strides; k's and v's, which may be length views of a
+    longer cache), compiled for `arch` ("sm_90a"): (Q, K, V, counts, indices) -> output."""
     import tilelang
     import tilelang.language as T
 
@@ -58,8 +59,8 @@ def _kernel(b: int, h: int, lq: int, lk: int, d: int, q_block: int, key_block: i
     ragged = lk % bn != 0
 
     @T.prim_func
-    def attend(Q: T.Tensor((b, h, lq, d), dtype), K: T.Tensor((b, h, lk, d), dtype),
-               V: T.Tensor((b, h, lk, d), dtype), Counts: T.Tensor((b, h, nq), "int32"),
+    def attend(Q: T.StridedTensor((b, h, lq, d), q_strides, dtype), K: T.StridedTensor((b, h, lk, d), kv_strides, dtype),
+               V: T.StridedTensor((b, h, lk, d), kv_strides, dtype), Counts: T.Tensor((b, h, nq), "int32"),
                Indices: T.Tensor((b, h, nq, units), "int32"), Out: T.Tensor((b, h, lq, d), dtype)):
         with T.Kernel(nq, h, b, threads=2 * bm) as (qb, head, item):
             q_s = T.alloc_shared((bm, d), dtype)
@@ -110,11 +111,14 @@ def _kernel(b: int, h: int, lq: int, lk: int, d: int, q_block: int, key_block: i
 
 def tilelang_runner(q: torch.Tensor, k: torch.Tensor, table: BlockTable,
                     softmax_scale: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The kernel built for `table` and the shapes of q (B, H, Lq, D) and k (B, H, Lk, D): a function
-    of contiguous (q, k, v) giving the attention output (B, H, Lq, D). Needs CUDA and the package."""
+    """The kernel built for `table` and the shapes and strides of q (B, H, Lq, D) and k (B, H, Lk, D):
+    a function of (q, k, v) so laid out (v as k) giving the attention output (B, H, Lq, D), dense.
+    Needs CUDA and the package."""
     table.check_fits(q, k)
     if q.dtype not in DTYPES or k.dtype != q.dtype:
         raise SparvarError(f"the TileLang kernel runs fp16 or bf16 inputs of one dtype, not {q.dtype} and {k.dtype}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise SparvarError("the TileLang kernel reads heads stored contiguously (last stride 1)")
     if table.q_block not in (64, 128) or table.key_block % 16 or table.key_block > 128 or q.shape[-1] not in (64, 128):
         raise SparvarError(f"the TileLang kernel runs query blocks of 64 or 128, key blocks of 16-128 in steps "
                            f"of 16 and heads of 64 or 128, not {table.q_block}, {table.key_block} and {q.shape[-1]}")
@@ -123,5 +127,5 @@ def tilelang_runner(q: torch.Tensor, k: torch.Tensor, table: BlockTable,
     major, minor = torch.cuda.get_device_capability(q.device)
     arch = f"sm_{major}{minor}" + ("a" if major >= 9 else "")  # Hopper's wgmma and TMA need sm_90a
     kernel = _kernel(b, h, lq, k.shape[2], d, table.q_block, table.key_block, float(softmax_scale),
-                     DTYPES[q.dtype], arch)
+                     DTYPES[q.dtype], arch, q.stride(), k.stride())
     return lambda q, k, v: kernel(q, k, v, counts, indices)
