@@ -115,7 +115,7 @@ e)
     [ -d /tmp/ninja ] || echo "note: stages a, b and d did not run on this machine: no FA4 or FlashInfer columns"
     mkdir -p /tmp/tilelang && xz -dc .whl/d/tilelang.tar.xz | tar -xf - -C /tmp/tilelang || exit 1
     export PYTHONPATH=/tmp/tilelang:$PYTHONPATH
-    step 200 "${tests[@]}" tests/test_tilelang.py tests/test_flashinfer.py
+    step 150 "${tests[@]}" tests/test_tilelang.py
     step 400 python3 -m sparvar bench kernels --out-dir "$results/libraries"
     ;;
 esac
