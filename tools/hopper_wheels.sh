@@ -9,7 +9,7 @@
 # build need beyond the device's torch (nvidia-ml-py, ninja, requests and its own). TileLang for the
 # same bench goes in OUT/d (call E, after D): its wheel, z3 (whose library its compiler links) and
 # the tvm-ffi it pins (0.1.12; FA4 and FlashInfer accept it), unpacked and packed as one xz tarball
-# (40 MB).
+# (45 MB).
 # Usage, from the repository root: tools/hopper_wheels.sh [OUT]   (default .whl, which git ignores)
 set -euo pipefail
 out=${1:-.whl}
