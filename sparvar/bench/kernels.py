@@ -7,7 +7,8 @@ timed apart, and its dense kernel runs on the 100% rows) and, where flashinfer-p
 is installed, FlashInfer's block-sparse wrapper (attention/flashinfer.py) and our kernel written in
 TileLang (attention/tilelang.py), each planned per table with its first call (plan and JIT
 compile) timed apart likewise; the dense SDPA flash and cuDNN backends set the baseline. Without a
-package one line says so and its columns stay empty. The decision-scale kernel (dense attention + column sums) races SDPA flash at scale 10.
+package one line says so and its columns stay empty. The decision-scale kernel (dense attention +
+column sums) races SDPA flash at scale 10.
 Effective TFLOP/s count only the (query, key) pairs of computed blocks.
 Run: sparvar bench kernels [--models 2b 8b] [--scales 10 11 12] [--out-dir benchmarks]
 """
