@@ -63,7 +63,8 @@ def test_tilelang_kernel_builds_for_hopper():
     pytest.importorskip("tilelang")
     from sparvar.attention.tilelang import _kernel
 
-    source = _kernel(1, 2, 200, 129, 64, 64, 64, 0.1, "bfloat16", "sm_90a", (2 * 200 * 64, 200 * 64, 64, 1), (2 * 300 * 64, 300 * 64, 64, 1)).get_kernel_source()
+    q_strides, kv_strides = (2 * 200 * 64, 200 * 64, 64, 1), (2 * 300 * 64, 300 * 64, 64, 1)  # k, v: views
+    source = _kernel(1, 2, 200, 129, 64, 64, 64, 0.1, "bfloat16", "sm_90a", q_strides, kv_strides).get_kernel_source()
     assert "tma_load" in source and "wgmma" in source
 
 
@@ -82,8 +83,10 @@ def test_tilelang_matches_the_reference_cuda(dtype, d, q_block, key_block, q_len
 
     b, h = 2, 3
     table = random_table(1, h, q_len, kv_len, q_block, key_block, density=0.4, junk=10**6, device="cuda")
-    q = torch.randn(b, h, q_len, d, device="cuda", dtype=dtype)
-    cache = torch.randn(2, b, h, kv_len + 37, d, device="cuda", dtype=dtype)  # k, v: views, as of a KV cache
+    gen = torch.Generator("cuda").manual_seed(q_len + kv_len)
+    q = torch.randn(b, h, q_len, d, device="cuda", dtype=dtype, generator=gen)
+    # k, v: length views, as of a KV cache
+    cache = torch.randn(2, b, h, kv_len + 37, d, device="cuda", dtype=dtype, generator=gen)
     cache[:, :, :, kv_len:] = float("nan")  # past the keys: must never be read into the output
     k, v = cache[0, :, :, :kv_len], cache[1, :, :, :kv_len]
     out = tilelang_runner(q, k, table, 0.09)(q, k, v)

@@ -59,7 +59,8 @@ def _kernel(b: int, h: int, lq: int, lk: int, d: int, q_block: int, key_block: i
     ragged = lk % bn != 0
 
     @T.prim_func
-    def attend(Q: T.StridedTensor((b, h, lq, d), q_strides, dtype), K: T.StridedTensor((b, h, lk, d), kv_strides, dtype),
+    def attend(Q: T.StridedTensor((b, h, lq, d), q_strides, dtype),
+               K: T.StridedTensor((b, h, lk, d), kv_strides, dtype),
                V: T.StridedTensor((b, h, lk, d), kv_strides, dtype), Counts: T.Tensor((b, h, nq), "int32"),
                Indices: T.Tensor((b, h, nq, units), "int32"), Out: T.Tensor((b, h, lq, d), dtype)):
         with T.Kernel(nq, h, b, threads=2 * bm) as (qb, head, item):
