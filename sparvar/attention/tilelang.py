@@ -5,8 +5,9 @@ beside FlashAttention-4 and FlashInfer); no generation runs it.
 One program per (query block, head, batch item) walks its table row as FlashAttention does: for
 each listed key block, the scores by a matrix product, the online softmax in registers (base 2),
 then the values' product. On Hopper, TileLang lowers the loop to a producer warp group that loads
-K and V by TMA a few blocks ahead and two consumer warp groups on wgmma. Keys past the sequence's
-end in its last block score -inf; a query block that lists nothing writes zeros.
+K and V by TMA a few blocks ahead and two consumer warp groups on wgmma; the query tile is loaded
+by all threads before they split. Keys past the sequence's end in its last block score -inf; a
+query block that lists nothing writes zeros.
 
 TileLang compiles with nvcc at first use; a kernel is built per shape (batch, heads, lengths, head
 dim, blocks, dtype, scale), and every row's list is padded to all key units, so the tables of one
@@ -76,7 +77,9 @@ def _kernel(b: int, h: int, lq: int, lk: int, d: int, q_block: int, key_block: i
             rescale = T.alloc_fragment((bm,), acc)
             block_sum = T.alloc_fragment((bm,), acc)
             row_sum = T.alloc_fragment((bm,), acc)
-            T.copy(Q[item, head, qb * bm:(qb + 1) * bm, :], q_s)
+            # not by TMA: a query block that lists nothing never waits for that load, and its output
+            # tile shares q_s's memory, so the load could land on its zeros (or after it exits)
+            T.copy(Q[item, head, qb * bm:(qb + 1) * bm, :], q_s, annotations={"disable_tma": True})
             T.fill(out, 0)
             T.fill(row_sum, 0)
             T.fill(row_max, -T.infinity(acc))
