@@ -21,15 +21,6 @@ _block_masks: dict[tuple[int, bool], object] = {}  # (id(table), eager) -> Block
 _compiled = None
 
 
-def _dense_blocks(table: BlockTable) -> torch.Tensor:
-    """(B|1, H|1, num_q_blocks, num_kv_blocks) bool: which blocks the table lists."""
-    b, h, nq, m = table.indices.shape
-    valid = torch.arange(m, device=table.indices.device) < table.counts[..., None]
-    idx = torch.where(valid, table.indices.long(), table.num_kv_units)
-    dense = torch.zeros(b, h, nq, table.num_kv_units + 1, dtype=torch.bool, device=idx.device)
-    return dense.scatter_(-1, idx, True)[..., : table.num_kv_units]
-
-
 def block_mask(table: BlockTable, eager: bool = False):
     """The BlockMask of `table` (cached while the table lives); `eager` adds the per-token mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -46,7 +37,7 @@ def block_mask(table: BlockTable, eager: bool = False):
     kb, qb, nk = table.key_block, table.q_block, table.num_kv_units
     mask_mod = None
     if eager:
-        dense = _dense_blocks(table)
+        dense = table.unit_mask()
         per_b, per_h = int(dense.shape[0] > 1), int(dense.shape[1] > 1)  # 0 broadcasts
 
         def mask_mod(b, h, q_idx, kv_idx):
