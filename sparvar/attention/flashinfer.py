@@ -48,10 +48,8 @@ def flashinfer_blocks(table: BlockTable, batch: int, heads: int) -> FlashInferBl
     if table.key_block == 1:
         raise SparvarError("FlashInfer's block-sparse wrapper has no form for gathered key lists (key_block 1); "
                            "use the triton backend for them")
+    table.check_spans(batch, heads)
     units = table.unit_mask()
-    if units.shape[0] not in (1, batch) or units.shape[1] not in (1, heads):
-        raise SparvarError(f"a table for {units.shape[0]} x {units.shape[1]} (batch x heads) does not fit "
-                           f"{batch} x {heads}")
     mask = units.expand(batch, heads, *units.shape[2:]).reshape(batch * heads, *units.shape[2:]).contiguous()
     rows = _sizes(table.q_len, table.q_block, table.num_q_blocks, batch * heads, units.device)
     cols = _sizes(table.kv_len, table.key_block, table.num_kv_units, batch * heads, units.device)

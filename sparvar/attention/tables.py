@@ -39,6 +39,13 @@ class BlockTable:
         if (self.q_len, self.kv_len) != (q.shape[2], k.shape[2]):
             raise SparvarError(f"table is for {self.q_len} queries x {self.kv_len} keys, got {q.shape[2]} x {k.shape[2]}")
 
+    def check_spans(self, batch: int, heads: int) -> None:
+        """Refuse a table whose (B|1, H|1) leading dims neither match nor broadcast over `batch` x
+        `heads`, for libraries that take it expanded."""
+        b, h = self.counts.shape[:2]
+        if b not in (1, batch) or h not in (1, heads):
+            raise SparvarError(f"a table for {b} x {h} (batch x heads) does not fit {batch} x {heads}")
+
     @property
     def num_q_blocks(self) -> int:
         return self.counts.shape[-1]

@@ -35,9 +35,8 @@ def tilelang_tables(table: BlockTable, batch: int, heads: int) -> tuple[torch.Te
     if table.key_block == 1:
         raise SparvarError("the TileLang kernel has no form for gathered key lists (key_block 1); "
                            "use the triton backend for them")
-    b, h, nq, m = table.indices.shape
-    if b not in (1, batch) or h not in (1, heads):
-        raise SparvarError(f"a table for {b} x {h} (batch x heads) does not fit {batch} x {heads}")
+    table.check_spans(batch, heads)
+    nq, m = table.indices.shape[2:]
     units = table.num_kv_units
     listed = torch.arange(m, device=table.indices.device) < table.counts[..., None].to(torch.long)
     indices = torch.where(listed, table.indices, 0).to(torch.int32)[..., :units]
