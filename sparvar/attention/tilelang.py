@@ -77,8 +77,9 @@ def _kernel(b: int, h: int, lq: int, lk: int, d: int, q_block: int, key_block: i
             block_sum = T.alloc_fragment((bm,), acc)
             row_sum = T.alloc_fragment((bm,), acc)
             # not by TMA: a query block that lists nothing never waits for that load, and its output
-            # tile shares q_s's memory, so the load could land on its zeros (or after it exits)
-            T.copy(Q[item, head, qb * bm:(qb + 1) * bm, :], q_s, annotations={"disable_tma": True})
+            # tile shares q_s's memory, so the load could land on its zeros (or after it exits);
+            # 16 bytes a load, which TileLang otherwise drops to 2 where the threads do not divide the tile
+            T.copy(Q[item, head, qb * bm:(qb + 1) * bm, :], q_s, coalesced_width=8, annotations={"disable_tma": True})
             T.fill(out, 0)
             T.fill(row_sum, 0)
             T.fill(row_max, -T.infinity(acc))
