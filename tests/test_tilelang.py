@@ -2,6 +2,7 @@
 tables' token masks; its build for Hopper where tilelang and nvcc are installed; its output against
 the float32 reference on a GPU where tilelang is installed (`sparvar bench kernels` races it there)."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -14,12 +15,9 @@ from sparvar.errors import SparvarError
 
 
 def covered_mask(counts: torch.Tensor, indices: torch.Tensor, table: BlockTable) -> torch.Tensor:
-    """The (B, H, Lq, Lk) mask the kernel computes: the first `count` listed key units of each row."""
-    listed = torch.arange(indices.shape[-1]) < counts[..., None]
-    units = torch.zeros(*counts.shape, table.num_kv_units + 1, dtype=torch.bool)
-    units.scatter_(-1, torch.where(listed, indices.long(), table.num_kv_units), True)
-    tokens = units[..., :-1].repeat_interleave(table.key_block, dim=-1)[..., : table.kv_len]
-    return tokens.repeat_interleave(table.q_block, dim=-2)[..., : table.q_len, :]
+    """The (B, H, Lq, Lk) mask the kernel computes: the first `count` listed key units of each row,
+    which is what a table of those counts and indices covers."""
+    return dataclasses.replace(table, counts=counts, indices=indices).to_mask()
 
 
 @pytest.mark.parametrize("tb,th,b,h,q_len,kv_len,q_block,key_block,density", AWKWARD_TABLES)
